@@ -1,0 +1,153 @@
+"""Typed configs for the three parts of a SAIL-VL model.
+
+Defaults are InternViT-300M-448px, the SAIL-VL projector and Qwen2.5-1.5B (DESIGN.md section 4).
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from sail_megatron.config.errors import ConfigError
+
+
+@dataclass
+class VisionConfig:
+    """InternViT vision encoder."""
+
+    hidden_size: int = 1024
+    """Width of the ViT residual stream."""
+    num_layers: int = 24
+    """Layers in the released encoder (the checkpoint holds all of them)."""
+    num_attention_heads: int = 16
+    ffn_hidden_size: int = 4096
+    image_size: int = 448
+    """Side of one square tile in pixels."""
+    patch_size: int = 14
+    layernorm_epsilon: float = 1e-6
+    select_layer: int = -1
+    """Which hidden state feeds the projector, Python-indexed over [embeddings, layer 1, ..., layer N]
+    as in InternVL (-1: last layer; SAIL-VL uses -4). Layers after it are not built."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth, rising linearly to this value over the built layers (InternViT: 0.1)."""
+    layer_scale_init: float = 0.1
+    """Initial value of the layer-scale vectors ls1/ls2 for freshly initialized encoders."""
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_built_layers(self) -> int:
+        """Layers up to and including `select_layer`."""
+        return self.select_layer if self.select_layer >= 0 else self.num_layers + 1 + self.select_layer
+
+    def validate(self, prefix: str = "model.vision") -> None:
+        _positive(self, prefix, "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"{prefix}.hidden_size", f"{self.hidden_size} is not divisible by "
+                              f"num_attention_heads={self.num_attention_heads}",
+                              "choose a hidden size that is a multiple of the head count")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"{prefix}.image_size", f"{self.image_size} is not a multiple of "
+                              f"patch_size={self.patch_size}", "use a tile size made of whole patches")
+        if not 1 <= self.num_built_layers <= self.num_layers:
+            raise ConfigError(f"{prefix}.select_layer",
+                              f"{self.select_layer} leaves {self.num_built_layers} of {self.num_layers} layers",
+                              f"use a value in [1, {self.num_layers}] or [{-self.num_layers}, -1]")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"{prefix}.drop_path_rate", f"{self.drop_path_rate} is outside [0, 1)",
+                              "use 0.0 to disable or a small rate such as 0.1")
+
+
+@dataclass
+class ProjectorConfig:
+    """Pixel shuffle followed by LayerNorm -> Linear -> GELU -> Linear (InternVL `mlp1`)."""
+
+    downsample_ratio: float = 0.5
+    """Pixel-shuffle scale: 0.5 merges 2x2 patches, so 1024 patches become 256 tokens."""
+    ps_version: str = "v2"
+    """'v1' leaves the shuffled grid transposed (as early InternVL checkpoints were trained), 'v2' does not."""
+    layernorm_epsilon: float = 1e-5
+
+    @property
+    def merge_factor(self) -> int:
+        """Patches merged into one token along each side."""
+        return round(1 / self.downsample_ratio)
+
+    def validate(self, vision: VisionConfig, prefix: str = "model.projector") -> None:
+        if self.ps_version not in ("v1", "v2"):
+            raise ConfigError(f"{prefix}.ps_version", f"unknown version {self.ps_version!r}", "use 'v1' or 'v2'")
+        if abs(self.merge_factor * self.downsample_ratio - 1.0) > 1e-9:
+            raise ConfigError(f"{prefix}.downsample_ratio", f"{self.downsample_ratio} is not 1/k for an integer k",
+                              "use 0.5 (SAIL-VL) or another 1/k")
+        grid = vision.image_size // vision.patch_size
+        if grid % self.merge_factor:
+            raise ConfigError(f"{prefix}.downsample_ratio", f"the {grid}x{grid} patch grid does not split into "
+                              f"{self.merge_factor}x{self.merge_factor} blocks",
+                              "choose image_size/patch_size divisible by 1/downsample_ratio")
+
+
+@dataclass
+class LanguageConfig:
+    """Qwen2.5 decoder."""
+
+    hidden_size: int = 1536
+    num_layers: int = 28
+    num_attention_heads: int = 12
+    num_query_groups: int = 2
+    """Key/value heads (GQA)."""
+    ffn_hidden_size: int = 8960
+    vocab_size: int = 151936
+    """Rows of the released embedding (Megatron may pad it for TP; export strips the padding)."""
+    rope_theta: float = 1_000_000.0
+    norm_epsilon: float = 1e-6
+    tie_word_embeddings: bool = False
+    """SAIL-VL-2B has an untied lm_head; read `tie_word_embeddings` from the HF config.json."""
+    max_position_embeddings: int = 32768
+    make_vocab_size_divisible_by: int = 128
+
+    @property
+    def kv_channels(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self, prefix: str = "model.language") -> None:
+        _positive(self, prefix, "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
+                  "ffn_hidden_size", "vocab_size")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"{prefix}.hidden_size", f"{self.hidden_size} is not divisible by "
+                              f"num_attention_heads={self.num_attention_heads}", "fix the head count")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(f"{prefix}.num_query_groups", f"{self.num_attention_heads} heads do not split into "
+                              f"{self.num_query_groups} groups", "use a divisor of num_attention_heads")
+
+
+@dataclass
+class ModelConfig:
+    """A whole SAIL-VL model: vision encoder -> pixel shuffle + projector -> language model."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    image_context_token_id: Optional[int] = None
+    """Id of `<IMG_CONTEXT>`; set from the tokenizer at run time, never hard-coded."""
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Language tokens one image tile becomes (256 for 448px tiles at ratio 0.5)."""
+        return self.vision.num_patches // self.projector.merge_factor ** 2
+
+    def validate(self) -> None:
+        self.vision.validate()
+        self.projector.validate(self.vision)
+        self.language.validate()
+        tid = self.image_context_token_id
+        if tid is not None and not 0 <= tid < self.language.vocab_size:
+            raise ConfigError("model.image_context_token_id", f"{tid} is outside the vocabulary "
+                              f"[0, {self.language.vocab_size})", "look the id up in the tokenizer")
+
+
+def _positive(cfg, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{prefix}.{name}", f"must be a positive integer, got {value!r}",
+                              "set a positive integer")

@@ -1,0 +1,59 @@
+"""How a model is laid out over processes: tensor, pipeline and data parallelism."""
+
+from dataclasses import dataclass
+
+from sail_megatron.config.errors import ConfigError
+from sail_megatron.config.model import ModelConfig
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout; data parallelism is whatever the world size leaves over."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    """Shard LayerNorm/dropout activations of the language model along the sequence (needs TP > 1)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduce with the backward pass (GPU clusters)."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the next forward (GPU clusters)."""
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // self.model_parallel_size
+
+    def validate(self, model: ModelConfig, world_size: int) -> None:
+        """Check the layout against the model and the number of processes; raises ConfigError."""
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        for name, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"parallel.{name}", f"must be a positive integer, got {value!r}", "set it to 1 or more")
+        if world_size % (tp * pp):
+            raise ConfigError("parallel", f"world size {world_size} is not divisible by TP*PP = {tp}*{pp}",
+                              f"launch a multiple of {tp * pp} processes or change TP/PP")
+        lang, vision = model.language, model.vision
+        checks = [
+            ("model.language.num_attention_heads", lang.num_attention_heads),
+            ("model.language.num_query_groups", lang.num_query_groups),
+            ("model.language.ffn_hidden_size", lang.ffn_hidden_size),
+            ("model.language.hidden_size", lang.hidden_size),  # the projector splits it over TP
+            ("model.vision.num_attention_heads", vision.num_attention_heads),
+            ("model.vision.ffn_hidden_size", vision.ffn_hidden_size),
+        ]
+        for name, value in checks:
+            if value % tp:
+                raise ConfigError(name, f"{value} is not divisible by tensor_model_parallel_size={tp}",
+                                  "choose a TP size that divides it")
+        if lang.num_layers % pp:
+            raise ConfigError("parallel.pipeline_model_parallel_size",
+                              f"{lang.num_layers} language layers do not split evenly over {pp} stages",
+                              "choose a PP size that divides model.language.num_layers")
+        if self.sequence_parallel and tp == 1:
+            raise ConfigError("parallel.sequence_parallel", "needs tensor_model_parallel_size > 1",
+                              "turn it off or raise TP")

@@ -1,0 +1,49 @@
+"""Numeric precision: parameter dtype, mixed precision and Transformer Engine FP8."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from sail_megatron.config.errors import ConfigError
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_FP8_FORMATS = ("hybrid", "e4m3")
+_FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+
+
+@dataclass
+class PrecisionConfig:
+    """Training precision. bf16 on GPUs; fp32 on the CPU."""
+
+    dtype: str = "bf16"
+    """Compute dtype of the model: 'bf16', 'fp16' or 'fp32' (main weights and grads stay fp32)."""
+    fp8: Optional[str] = None
+    """Transformer Engine FP8 format for linear layers: None, 'hybrid' (E4M3 fwd / E5M2 bwd) or 'e4m3'."""
+    fp8_recipe: str = "delayed"
+    """TE scaling recipe: 'delayed', 'tensorwise', 'mxfp8' (Blackwell) or 'blockwise'."""
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
+    fp8_vision: bool = False
+    """Also run the ViT's linear layers in FP8 (off by default: the ViT is small and precision-sensitive)."""
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    def validate(self, has_cuda: bool, has_te: bool) -> None:
+        if self.dtype not in _DTYPES:
+            raise ConfigError("precision.dtype", f"unknown dtype {self.dtype!r}", f"use one of {sorted(_DTYPES)}")
+        if self.dtype != "fp32" and not has_cuda:
+            raise ConfigError("precision.dtype", f"{self.dtype} training needs a GPU", "use precision.dtype=fp32 on the CPU")
+        if self.fp8 is None:
+            return
+        if self.fp8 not in _FP8_FORMATS:
+            raise ConfigError("precision.fp8", f"unknown FP8 format {self.fp8!r}", f"use one of {_FP8_FORMATS} or null")
+        if self.fp8_recipe not in _FP8_RECIPES:
+            raise ConfigError("precision.fp8_recipe", f"unknown recipe {self.fp8_recipe!r}", f"use one of {_FP8_RECIPES}")
+        if not (has_cuda and has_te):
+            raise ConfigError("precision.fp8", "FP8 needs Transformer Engine and a CUDA GPU",
+                              "install transformer-engine (pip install 'sail-megatron[te]') or set precision.fp8=null")
+        if self.dtype == "fp32":
+            raise ConfigError("precision.fp8", "FP8 runs inside bf16/fp16 mixed precision", "set precision.dtype=bf16")

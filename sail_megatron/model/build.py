@@ -1,0 +1,29 @@
+"""Builds this process's pipeline stage of a SAIL-VL model from configs."""
+
+import logging
+
+from megatron.core import parallel_state
+
+from sail_megatron.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig
+from sail_megatron.model.sail_vl import SailVLModel
+from sail_megatron.model.specs import build_specs
+from sail_megatron.model.transformer_configs import build_part_configs
+from sail_megatron.platform.backends import log_backends_once
+
+logger = logging.getLogger(__name__)
+
+
+def build_model(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig) -> SailVLModel:
+    """The stage of the model that this rank holds; needs megatron-core's parallel state."""
+    backends = log_backends_once()
+    model.validate()
+    if model.image_context_token_id is None:
+        raise ConfigError("model.image_context_token_id", "is not set",
+                          "set it from the tokenizer's <IMG_CONTEXT> id before building the model")
+    specs = build_specs(backends.layer_backend)
+    configs = build_part_configs(model, parallel, precision, backends)
+    return SailVLModel(
+        model, configs, specs,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
+    )

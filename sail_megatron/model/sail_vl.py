@@ -1,0 +1,104 @@
+"""The SAIL-VL model: InternViT -> pixel shuffle -> projector -> merged into Qwen2.5's embeddings.
+
+One pipeline stage's piece of it: the first stage holds the vision encoder, the projector and the
+token embedding; the last holds the output layer; layers split evenly in between.
+"""
+
+from typing import Optional
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+
+from sail_megatron.config import ModelConfig
+from sail_megatron.model.pixel_shuffle import pixel_shuffle
+from sail_megatron.model.projector import VisionProjector
+from sail_megatron.model.specs import ModelSpecs
+from sail_megatron.model.transformer_configs import PartConfigs
+from sail_megatron.model.vision import InternViTModel
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron pads the vocabulary so every TP shard is equal and aligned."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def merge_vision_embeddings(text: torch.Tensor, vision: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+    """Write vision tokens into the `<IMG_CONTEXT>` slots of the text embeddings.
+
+    text [s, b, h]; vision [n, h] in (sample, position) order; image_mask [b, s] with n True entries.
+    """
+    n_slots = int(image_mask.sum())
+    if n_slots != vision.shape[0]:
+        raise ValueError(f"the batch has {n_slots} <IMG_CONTEXT> tokens but the images give "
+                         f"{vision.shape[0]} vision tokens: tile count and token expansion disagree")
+    merged = text.transpose(0, 1).clone()  # [b, s, h]: row-major order matches the vision order
+    merged[image_mask] = vision.to(merged.dtype)
+    return merged.transpose(0, 1).contiguous()
+
+
+class SailVLModel(MegatronModule):
+    """One pipeline stage of a SAIL-VL model."""
+
+    def __init__(self, model: ModelConfig, configs: PartConfigs, specs: ModelSpecs,
+                 pre_process: bool = True, post_process: bool = True):
+        super().__init__(config=configs.language)
+        self.model_config = model
+        self.model_type = ModelType.encoder_or_decoder  # read by the pipeline schedules
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.sequence_parallel = configs.language.sequence_parallel
+        if pre_process:
+            self.vision_model = InternViTModel(configs.vision, specs.vision_layer, model.vision)
+            shuffled_width = model.vision.hidden_size * model.projector.merge_factor ** 2
+            self.projector = VisionProjector(configs.projector, specs.projector_norm, specs.projector_mlp, shuffled_width)
+        lang = model.language
+        self.language_model = GPTModel(
+            config=configs.language,
+            transformer_layer_spec=specs.language_layer,
+            vocab_size=padded_vocab_size(lang.vocab_size, lang.make_vocab_size_divisible_by,
+                                         configs.language.tensor_model_parallel_size),
+            max_sequence_length=lang.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=lang.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(lang.rope_theta),
+            # Vision tokens are merged first; we scatter to sequence-parallel ranks after that.
+            scatter_embedding_sequence_parallel=False,
+        )
+        # Pipeline schedules read these from the model they drive.
+        self.share_embeddings_and_output_weights = self.language_model.share_embeddings_and_output_weights
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tiles [T, 3, S, S] -> language-space vision tokens [T * tokens_per_tile, hidden]."""
+        vision_trains = any(p.requires_grad for p in self.vision_model.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and vision_trains):
+            features = self.vision_model(pixel_values)
+        shuffled = pixel_shuffle(features, self.model_config.projector.downsample_ratio,
+                                 self.model_config.projector.ps_version)
+        return self.projector(shuffled).flatten(0, 1)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, packed_seq_params: Optional[PackedSeqParams] = None):
+        """Returns per-token losses [b, s] on the last stage when `labels` is given, logits otherwise,
+        and the hidden states for the next stage elsewhere."""
+        decoder_input = None
+        if self.pre_process:
+            embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
+            if pixel_values is not None and pixel_values.shape[0] > 0:
+                image_mask = input_ids == self.model_config.image_context_token_id
+                embeddings = merge_vision_embeddings(embeddings, self.encode_images(pixel_values), image_mask)
+            if self.sequence_parallel:
+                embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
+            decoder_input = embeddings
+        return self.language_model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                   decoder_input=decoder_input, labels=labels, packed_seq_params=packed_seq_params)

@@ -1,0 +1,94 @@
+"""Every layer spec of the model, in one place.
+
+This module is the one swap point between backends: Transformer Engine layers (fused LayerNorm+linear,
+TE attention, FP8) when TE and CUDA are present, megatron-core's local layers otherwise. Model code
+only builds what a spec names.
+"""
+
+from dataclasses import dataclass
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
+
+from sail_megatron.model.vision_layer import LayerScaleTransformerLayer
+
+
+@dataclass(frozen=True)
+class ModelSpecs:
+    """The layer specs one SAIL-VL model is built from."""
+
+    backend: str
+    vision_layer: ModuleSpec
+    projector_norm: ModuleSpec
+    projector_mlp: MLPSubmodules
+    language_layer: ModuleSpec
+
+
+def _provider(backend: str) -> BackendSpecProvider:
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        return TESpecProvider()
+    if backend == "local":
+        return LocalSpecProvider()
+    raise ValueError(f"unknown layer backend {backend!r}: use 'te' or 'local'")
+
+
+def _mlp(provider: BackendSpecProvider) -> MLPSubmodules:
+    """fc1 with the pre-norm folded in where the backend can fuse it."""
+    fc1 = provider.column_parallel_layer_norm_linear() if provider.fuse_layernorm_and_linear() else None
+    return MLPSubmodules(linear_fc1=fc1 or provider.column_parallel_linear(),
+                         linear_fc2=provider.row_parallel_linear())
+
+
+def vision_layer_spec(provider: BackendSpecProvider) -> ModuleSpec:
+    """Bidirectional pre-norm ViT layer with InternViT's layer scale and drop path."""
+    fused = provider.fuse_layernorm_and_linear()
+    norm = IdentityOp if fused else provider.layer_norm(rms_norm=False)
+    qkv = provider.column_parallel_layer_norm_linear() if fused else provider.column_parallel_linear()
+    return ModuleSpec(
+        module=LayerScaleTransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.no_mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=qkv,
+                    core_attention=provider.core_attention(),
+                    linear_proj=provider.row_parallel_linear(),
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(module=MLP, submodules=_mlp(provider)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def language_layer_spec(backend: str) -> ModuleSpec:
+    """Qwen2.5 decoder layer: RMSNorm, GQA with qkv bias, SwiGLU."""
+    if backend == "te":
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+    return get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm")
+
+
+def build_specs(backend: str) -> ModelSpecs:
+    provider = _provider(backend)
+    fused = provider.fuse_layernorm_and_linear()
+    return ModelSpecs(
+        backend=backend,
+        vision_layer=vision_layer_spec(provider),
+        # TE folds the projector's LayerNorm into fc1 (TELayerNormColumnParallelLinear).
+        projector_norm=IdentityOp if fused else provider.layer_norm(rms_norm=False),
+        projector_mlp=_mlp(provider),
+        language_layer=language_layer_spec(backend),
+    )

@@ -1,0 +1,86 @@
+"""Our typed configs -> megatron-core TransformerConfigs, one per model part.
+
+Backend-dependent switches (fusions, CPU initialization, FP8) are decided here from the detected
+backends, so the model code never branches on them.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from sail_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig
+from sail_megatron.platform.backends import Backends
+
+
+@dataclass(frozen=True)
+class PartConfigs:
+    vision: TransformerConfig
+    projector: TransformerConfig
+    language: TransformerConfig
+
+
+def _common(parallel: ParallelConfig, precision: PrecisionConfig, backends: Backends) -> dict:
+    dtype = precision.torch_dtype
+    gpu = backends.cuda
+    fused_wgrad = gpu and (backends.transformer_engine or backends.apex)
+    return dict(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        init_method_std=0.02,
+        # CPU runs initialise on the host; GPU runs initialise in place on the device.
+        use_cpu_initialization=not gpu,
+        # Fused kernels exist only on GPUs (and some only with apex/TE); the CPU takes the plain ops.
+        bias_activation_fusion=gpu,
+        bias_dropout_fusion=gpu,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=gpu and backends.transformer_engine,
+        gradient_accumulation_fusion=fused_wgrad,
+        persist_layer_norm=gpu and backends.apex,
+    )
+
+
+def _fp8(precision: PrecisionConfig, enabled: bool) -> dict:
+    if precision.fp8 is None or not enabled:
+        return {}
+    return dict(fp8=precision.fp8, fp8_recipe=precision.fp8_recipe,
+                fp8_amax_history_len=precision.fp8_amax_history_len,
+                fp8_amax_compute_algo=precision.fp8_amax_compute_algo)
+
+
+def build_part_configs(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
+                       backends: Backends) -> PartConfigs:
+    common = _common(parallel, precision, backends)
+    v, lang = model.vision, model.language
+    vision_common = {**common, "pipeline_model_parallel_size": 1}  # the ViT lives whole on stage 0
+    vision = TransformerConfig(
+        num_layers=v.num_built_layers, hidden_size=v.hidden_size, num_attention_heads=v.num_attention_heads,
+        ffn_hidden_size=v.ffn_hidden_size, normalization="LayerNorm", layernorm_epsilon=v.layernorm_epsilon,
+        add_bias_linear=True, add_qkv_bias=True, gated_linear_unit=False, activation_func=F.gelu,
+        sequence_parallel=False, **vision_common, **_fp8(precision, precision.fp8_vision),
+    )
+    projector = TransformerConfig(
+        # The projector has no attention; megatron-core only asks that the head count divide by TP.
+        num_layers=1, hidden_size=lang.hidden_size, ffn_hidden_size=lang.hidden_size,
+        num_attention_heads=parallel.tensor_model_parallel_size,
+        normalization="LayerNorm", layernorm_epsilon=model.projector.layernorm_epsilon,
+        add_bias_linear=True, gated_linear_unit=False, activation_func=F.gelu,
+        sequence_parallel=False, **vision_common, **_fp8(precision, precision.fp8_vision),
+    )
+    language = TransformerConfig(
+        num_layers=lang.num_layers, hidden_size=lang.hidden_size, num_attention_heads=lang.num_attention_heads,
+        num_query_groups=lang.num_query_groups, ffn_hidden_size=lang.ffn_hidden_size, kv_channels=lang.kv_channels,
+        normalization="RMSNorm", layernorm_epsilon=lang.norm_epsilon,
+        add_bias_linear=False, add_qkv_bias=True, gated_linear_unit=True, activation_func=F.silu,
+        sequence_parallel=parallel.sequence_parallel, calculate_per_token_loss=True,
+        **common, **_fp8(precision, True),
+    )
+    return PartConfigs(vision=vision, projector=projector, language=language)

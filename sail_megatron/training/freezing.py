@@ -1,0 +1,28 @@
+"""Freezing by stage: only the trainable parts get gradients (and so optimizer state)."""
+
+from typing import Dict, List
+
+import torch
+
+from sail_megatron.config import FreezeConfig
+
+# Top-level submodule of SailVLModel that holds each part.
+PART_MODULES = {"vision": "vision_model", "projector": "projector", "language": "language_model"}
+
+
+def parameters_by_part(model: torch.nn.Module) -> Dict[str, List[torch.nn.Parameter]]:
+    """This stage's parameters grouped by part (a later pipeline stage has no vision or projector)."""
+    groups = {}
+    for part, attr in PART_MODULES.items():
+        module = getattr(model, attr, None)
+        groups[part] = list(module.parameters()) if module is not None else []
+    return groups
+
+
+def apply_freezing(model: torch.nn.Module, freeze: FreezeConfig) -> None:
+    """Set requires_grad per part. Call before wrapping in DDP: megatron-core's DDP and optimizer
+    only allocate gradient buffers and state for parameters that require gradients."""
+    freeze.validate()
+    for part, params in parameters_by_part(model).items():
+        for p in params:
+            p.requires_grad_(part in freeze.trainable)

@@ -1,0 +1,78 @@
+"""One optimizer step under megatron-core's pipeline schedules, with a per-token masked loss."""
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator, List
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from sail_megatron.data.batch import Batch
+
+
+def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Sum of the trained tokens' losses and their count. The schedules divide the gradients by the
+    total count over micro-batches and data-parallel ranks (`calculate_per_token_loss`), so every
+    trained token weighs the same however the samples were batched."""
+    mask = loss_mask.float()
+    loss_sum = (per_token_loss.float() * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
+    batch = next(data_iterator).to(_device_of(model))
+    output = model(batch.tokens, batch.position_ids, None, pixel_values=batch.pixel_values, labels=batch.labels)
+    return output, partial(masked_token_loss, batch.loss_mask)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@dataclass
+class StepResult:
+    loss: float
+    """Mean loss per trained token over the global batch."""
+    trained_tokens: int
+    grad_norm: float
+    skipped: bool
+
+
+def reduce_loss_reports(reports: List[dict]) -> torch.Tensor:
+    """[loss sum, token count] over micro-batches and data-parallel ranks, on every rank."""
+    total = torch.zeros(2, dtype=torch.float64, device=_device_for_collectives())
+    for report in reports:
+        total += report["lm loss"].to(total)
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    # Only the last pipeline stage computed losses; share them along the pipeline.
+    dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+    return total
+
+
+def _device_for_collectives() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def train_step(model_chunks: List[torch.nn.Module], optimizer: MegatronOptimizer, scheduler,
+               data_iterator: Iterator[Batch], num_microbatches: int, seq_length: int,
+               micro_batch_size: int) -> StepResult:
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    forward_backward = get_forward_backward_func()
+    reports = forward_backward(
+        forward_step_func=forward_step, data_iterator=data_iterator, model=model_chunks,
+        num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    update_ok, grad_norm, _ = optimizer.step()
+    if update_ok:
+        scheduler.step(increment=1)
+    loss_sum, tokens = reduce_loss_reports(reports).tolist()
+    return StepResult(loss=loss_sum / max(tokens, 1.0), trained_tokens=int(tokens),
+                      grad_norm=float(grad_norm or 0.0), skipped=not update_ok)

@@ -1,0 +1,38 @@
+"""sail-megatron: a megatron-core trainer for SAIL-VL style vision-language models."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="sail-megatron",
+    version="0.1.0",
+    description="High-throughput distributed trainer for SAIL-VL style VLMs on megatron-core",
+    python_requires=">=3.10",
+    packages=find_packages(include=["sail_megatron", "sail_megatron.*"]) + ["sail_megatron.kernels"],
+    # Triton kernels live in the top-level kernels/ folder but install as sail_megatron.kernels.
+    package_dir={"sail_megatron.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.6",
+        # Tested: megatron-core 0.16.1 (the newest release that supports Python 3.11).
+        "megatron-core>=0.16,<0.17",
+        "megatron-energon>=7.0",
+        "nvidia-dali-cuda120>=2.0",
+        "triton>=3.0",
+        "transformers>=4.50",
+        "safetensors",
+        "tensorboard",
+        "pyyaml",
+        "numpy",
+        "einops",
+        "pillow",
+    ],
+    extras_require={
+        # Transformer Engine: FP8 and fused layers on H100 (preinstalled in NGC containers).
+        "te": ["transformer-engine[pytorch]>=2.0"],
+        "dev": ["pytest>=8", "scikit-image"],
+    },
+    entry_points={
+        "console_scripts": [
+            "sail-demo=sail_megatron.demo:main",
+        ],
+    },
+)
