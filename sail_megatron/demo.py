@@ -75,21 +75,23 @@ def main(argv=None) -> None:
         print(f"demo: preset={args.preset} world={env.world_size} TP={args.tp} PP={args.pp} DP={dp_size} "
               f"global_batch={global_batch} seq_length={args.seq_length} trainable={freeze.trainable}", flush=True)
 
-    first_loss = last_loss = None
+    losses = []
     for step in range(1, args.steps + 1):
         start = time.perf_counter()
         result = train_step(chunks, optimizer, scheduler, data, args.num_microbatches, args.seq_length,
                             args.micro_batch_size)
         elapsed = time.perf_counter() - start
-        first_loss = result.loss if first_loss is None else first_loss
-        last_loss = result.loss
+        losses.append(result.loss)
         if env.is_main:
-            tokens = global_batch * args.seq_length
+            slots = global_batch * args.seq_length
             print(f"step {step:4d}/{args.steps} | loss {result.loss:.4f} | grad norm {result.grad_norm:.3f} | "
                   f"lr {scheduler.get_lr(optimizer.param_groups[0]):.2e} | {elapsed * 1000:.0f} ms | "
-                  f"{tokens / elapsed:,.0f} tokens/s | {global_batch / elapsed:.1f} samples/s", flush=True)
+                  f"{slots / elapsed:,.0f} token slots/s ({result.trained_tokens / elapsed:,.0f} trained) | "
+                  f"{global_batch / elapsed:.1f} samples/s", flush=True)
     if env.is_main:
-        print(f"demo: loss {first_loss:.4f} -> {last_loss:.4f} over {args.steps} steps", flush=True)
+        k = max(1, min(5, len(losses) // 2))
+        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+        print(f"demo: mean loss of the first {k} steps {first:.4f} -> last {k} steps {last:.4f}", flush=True)
     dist.barrier()
     destroy_distributed()
 

@@ -1,0 +1,209 @@
+"""Every config check raises ConfigError naming the dotted field and giving a fix."""
+
+from dataclasses import replace
+
+import pytest
+
+from sail_megatron.config import (ConfigError, FreezeConfig, LanguageConfig, ModelConfig, ParallelConfig,
+                                  PrecisionConfig, ProjectorConfig, VisionConfig)
+from sail_megatron.model.presets import PRESETS, get_preset
+
+
+def assert_config_error(call, field: str) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        call()
+    exc = info.value
+    assert exc.field == field, f"expected field {field!r}, got {exc.field!r}: {exc}"
+    assert str(exc).startswith(f"{field}: ")
+    assert "Fix:" in str(exc)
+    return exc
+
+
+def with_vision(preset: str = "sail-vl-2b", **changes) -> ModelConfig:
+    cfg = get_preset(preset)
+    cfg.vision = replace(cfg.vision, **changes)
+    return cfg
+
+
+def with_language(preset: str = "sail-vl-2b", **changes) -> ModelConfig:
+    cfg = get_preset(preset)
+    cfg.language = replace(cfg.language, **changes)
+    return cfg
+
+
+def tiny_tp4(**vision_changes) -> ModelConfig:
+    """Tiny, with a language model that splits over TP=4 (4 heads, 4 groups, ffn 160, hidden 64)."""
+    cfg = with_language("tiny", num_query_groups=4)
+    cfg.vision = replace(cfg.vision, **vision_changes)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------ parallel
+
+@pytest.mark.parametrize("model,tp,pp,world,field", [
+    # 12 language heads over TP=5
+    (lambda: get_preset("sail-vl-2b"), 5, 1, 5, "model.language.num_attention_heads"),
+    # 12 heads split over TP=4, but the 2 KV groups do not
+    (lambda: get_preset("sail-vl-2b"), 4, 1, 4, "model.language.num_query_groups"),
+    (lambda: with_language("tiny", num_query_groups=4, ffn_hidden_size=162), 4, 1, 4,
+     "model.language.ffn_hidden_size"),
+    # language splits over TP=4, the 2 vision heads do not
+    (lambda: tiny_tp4(num_attention_heads=2), 4, 1, 4, "model.vision.num_attention_heads"),
+    (lambda: tiny_tp4(ffn_hidden_size=130), 4, 1, 4, "model.vision.ffn_hidden_size"),
+    # 28 language layers over PP=5
+    (lambda: get_preset("sail-vl-2b"), 1, 5, 5, "parallel.pipeline_model_parallel_size"),
+    # world size not a multiple of TP*PP
+    (lambda: get_preset("sail-vl-2b"), 2, 1, 3, "parallel"),
+    (lambda: get_preset("tiny"), 2, 2, 6, "parallel"),
+    (lambda: get_preset("tiny"), 0, 1, 1, "parallel.tensor_model_parallel_size"),
+    (lambda: get_preset("tiny"), 1, 0, 1, "parallel.pipeline_model_parallel_size"),
+], ids=["lang-heads", "query-groups", "lang-ffn", "vision-heads", "vision-ffn", "pp-layers",
+        "world-tp", "world-tp-pp", "tp-zero", "pp-zero"])
+def test_parallel_layout_errors(model, tp, pp, world, field):
+    cfg = model()
+    cfg.validate()  # the model itself is fine; only the layout is not
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    assert_config_error(lambda: parallel.validate(cfg, world), field)
+
+
+def test_sequence_parallel_needs_tp():
+    parallel = ParallelConfig(tensor_model_parallel_size=1, sequence_parallel=True)
+    assert_config_error(lambda: parallel.validate(get_preset("tiny"), 1), "parallel.sequence_parallel")
+    ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True).validate(get_preset("tiny"), 2)
+
+
+def test_valid_layouts():
+    ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2).validate(get_preset("tiny"), 4)
+    ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2).validate(get_preset("tiny"), 8)
+    ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=4).validate(get_preset("sail-vl-2b"), 8)
+    ParallelConfig(tensor_model_parallel_size=4, pipeline_model_parallel_size=2).validate(get_preset("sail-vl-8b"), 16)
+    ParallelConfig().validate(get_preset("sail-vl-2b"), 3)  # DP=3
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+@pytest.mark.parametrize("select_layer", [0, 25, -25])
+def test_select_layer_out_of_range(select_layer):
+    cfg = with_vision(select_layer=select_layer)
+    assert cfg.vision.num_layers == 24
+    assert_config_error(cfg.validate, "model.vision.select_layer")
+
+
+@pytest.mark.parametrize("select_layer,built", [(-24, 1), (24, 24), (-1, 24), (1, 1), (-4, 21)])
+def test_select_layer_in_range(select_layer, built):
+    cfg = with_vision(select_layer=select_layer)
+    cfg.validate()
+    assert cfg.vision.num_built_layers == built
+
+
+@pytest.mark.parametrize("rate", [1.0, 1.5, -0.1])
+def test_drop_path_rate_out_of_range(rate):
+    assert_config_error(with_vision(drop_path_rate=rate).validate, "model.vision.drop_path_rate")
+
+
+def test_image_size_not_multiple_of_patch():
+    assert_config_error(with_vision(image_size=450).validate, "model.vision.image_size")
+
+
+def test_vision_hidden_not_divisible_by_heads():
+    assert_config_error(with_vision(num_attention_heads=12).validate, "model.vision.hidden_size")
+
+
+@pytest.mark.parametrize("name", ["hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size"])
+def test_vision_sizes_must_be_positive(name):
+    assert_config_error(with_vision(**{name: 0}).validate, f"model.vision.{name}")
+
+
+def test_unknown_ps_version():
+    cfg = get_preset("sail-vl-2b")
+    cfg.projector = ProjectorConfig(ps_version="v3")
+    assert_config_error(cfg.validate, "model.projector.ps_version")
+
+
+@pytest.mark.parametrize("ratio,image_size", [
+    (0.5, 14 * 7),  # a 7x7 patch grid does not split into 2x2 blocks
+    (0.25, 14 * 6),  # 6x6 into 4x4
+    (0.3, 448),  # not 1/k
+], ids=["odd-grid", "grid-vs-quarter", "not-1-over-k"])
+def test_downsample_ratio(ratio, image_size):
+    cfg = with_vision(image_size=image_size)
+    cfg.projector = ProjectorConfig(downsample_ratio=ratio)
+    assert_config_error(cfg.validate, "model.projector.downsample_ratio")
+
+
+def test_language_errors():
+    assert_config_error(with_language(num_query_groups=5).validate, "model.language.num_query_groups")
+    assert_config_error(with_language(num_attention_heads=7).validate, "model.language.hidden_size")
+    assert_config_error(with_language(vocab_size=0).validate, "model.language.vocab_size")
+    assert_config_error(lambda: LanguageConfig(num_layers=-1).validate(prefix="lm"), "lm.num_layers")
+
+
+@pytest.mark.parametrize("token_id", [-1, 151936, 10**6])
+def test_image_context_token_outside_vocab(token_id):
+    cfg = get_preset("sail-vl-2b")
+    cfg.image_context_token_id = token_id
+    assert_config_error(cfg.validate, "model.image_context_token_id")
+
+
+def test_image_context_token_inside_vocab():
+    cfg = get_preset("sail-vl-2b")
+    for token_id in (0, 151935):
+        cfg.image_context_token_id = token_id
+        cfg.validate()
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_validate(name):
+    get_preset(name).validate()
+    ModelConfig().validate()
+    VisionConfig().validate()
+
+
+# ------------------------------------------------------------------------------------------ precision
+
+def test_bf16_without_cuda():
+    assert_config_error(lambda: PrecisionConfig(dtype="bf16").validate(has_cuda=False, has_te=False),
+                        "precision.dtype")
+    assert_config_error(lambda: PrecisionConfig(dtype="fp16").validate(has_cuda=False, has_te=True),
+                        "precision.dtype")
+
+
+def test_unknown_dtype():
+    assert_config_error(lambda: PrecisionConfig(dtype="fp64").validate(has_cuda=True, has_te=True),
+                        "precision.dtype")
+
+
+def test_fp8_without_te():
+    assert_config_error(lambda: PrecisionConfig(dtype="bf16", fp8="hybrid").validate(has_cuda=True, has_te=False),
+                        "precision.fp8")
+    assert_config_error(lambda: PrecisionConfig(dtype="bf16", fp8="e4m3").validate(has_cuda=False, has_te=True),
+                        "precision.dtype")  # the dtype check comes first without a GPU
+
+
+def test_fp8_errors():
+    assert_config_error(lambda: PrecisionConfig(dtype="bf16", fp8="e5m2").validate(has_cuda=True, has_te=True),
+                        "precision.fp8")
+    assert_config_error(lambda: PrecisionConfig(dtype="bf16", fp8="hybrid", fp8_recipe="nope").validate(
+        has_cuda=True, has_te=True), "precision.fp8_recipe")
+    assert_config_error(lambda: PrecisionConfig(dtype="fp32", fp8="hybrid").validate(has_cuda=True, has_te=True),
+                        "precision.fp8")
+
+
+def test_valid_precision():
+    PrecisionConfig(dtype="fp32").validate(has_cuda=False, has_te=False)
+    PrecisionConfig(dtype="bf16").validate(has_cuda=True, has_te=False)
+    PrecisionConfig(dtype="bf16", fp8="hybrid").validate(has_cuda=True, has_te=True)
+    PrecisionConfig(dtype="fp16", fp8="e4m3", fp8_recipe="tensorwise").validate(has_cuda=True, has_te=True)
+
+
+# --------------------------------------------------------------------------------------------- freeze
+
+@pytest.mark.parametrize("trainable", [["vision", "llm"], ["mlp1"], []], ids=["one-unknown", "unknown", "empty"])
+def test_freeze_errors(trainable):
+    assert_config_error(FreezeConfig(trainable=trainable).validate, "freeze.trainable")
+
+
+@pytest.mark.parametrize("trainable", [["projector"], ["vision", "projector"], ["vision", "projector", "language"]])
+def test_freeze_valid(trainable):
+    FreezeConfig(trainable=trainable).validate()
+    FreezeConfig().validate()

@@ -1,0 +1,132 @@
+"""Rank functions for the parallel-layout tests (module level so spawned ranks can import them)."""
+
+from typing import Dict, List, Optional
+
+import torch
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from sail_megatron.config import FreezeConfig, ParallelConfig, PrecisionConfig
+from sail_megatron.data.synthetic import IMG_CONTEXT, SyntheticConfig, SyntheticImageCaptions
+from sail_megatron.model.build import build_model
+from sail_megatron.model.presets import get_preset
+from sail_megatron.platform import destroy_distributed, init_distributed
+from sail_megatron.training.freezing import apply_freezing
+from sail_megatron.training.optimizer import OptimConfig, build_optimizer, build_scheduler, wrap_ddp
+from sail_megatron.training.step import masked_token_loss, train_step
+
+SEQ, MBS = 96, 2
+
+
+def _setup(tp: int = 1, pp: int = 1, seed: int = 1234):
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    init_distributed(parallel, seed=seed)
+    cfg = get_preset("tiny")
+    cfg.image_context_token_id = IMG_CONTEXT
+    model = build_model(cfg, parallel, PrecisionConfig(dtype="fp32"))
+    return cfg, parallel, model
+
+
+def _data(cfg, micro_batch_size: int = MBS) -> SyntheticImageCaptions:
+    return SyntheticImageCaptions(SyntheticConfig(
+        seq_length=SEQ, micro_batch_size=micro_batch_size, image_size=cfg.vision.image_size,
+        tokens_per_tile=cfg.tokens_per_tile, vocab_size=cfg.language.vocab_size, seed=7))
+
+
+def _fixed_batch(cfg):
+    return next(_data(cfg).micro_batches(0, 1, 1))
+
+
+def _run_schedule(model, batch, forward_only: bool, with_labels: bool) -> Optional[torch.Tensor]:
+    """One micro-batch through the pipeline schedule; returns the last stage's output (full vocab)."""
+    captured = {}
+
+    def step(data_iterator, m):
+        b = next(data_iterator)
+        out = m(b.tokens, b.position_ids, None, pixel_values=b.pixel_values,
+                labels=b.labels if with_labels else None)
+
+        def loss_fn(output):
+            if with_labels:
+                captured["out"] = output.detach().clone()
+                return masked_token_loss(b.loss_mask, output)
+            captured["out"] = tensor_parallel.gather_from_tensor_model_parallel_region(output.detach()).clone()
+            return output.sum() * 0.0, torch.tensor(1, dtype=torch.int), {}
+
+        return out, loss_fn
+
+    get_forward_backward_func()(forward_step_func=step, data_iterator=iter([batch]), model=[model],
+                                num_microbatches=1, seq_length=SEQ, micro_batch_size=MBS, forward_only=forward_only)
+    return captured.get("out")
+
+
+def _load(model, directory: str) -> None:
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), directory))
+
+
+def _grads_into_params(model) -> None:
+    for p in model.parameters():
+        p.data.copy_(p.grad if p.grad is not None else torch.zeros_like(p))
+
+
+def reference_run(weights_dir: str) -> Dict:
+    """World 1: save the initial weights, then return losses, logits and gradients by name."""
+    cfg, _, model = _setup()
+    try:
+        dist_checkpointing.save(model.sharded_state_dict(), weights_dir)
+        batch = _fixed_batch(cfg)
+        logits = _run_schedule(model, batch, forward_only=True, with_labels=False)
+        losses = _run_schedule(model, batch, forward_only=False, with_labels=True)
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        return {"logits": logits, "losses": losses, "grads": grads}
+    finally:
+        destroy_distributed()
+
+
+def layout_run(tp: int, pp: int, weights_dir: str, grads_dir: str) -> Dict:
+    """Same weights and batch under TP x PP; gradients are written as a (reshardable) checkpoint."""
+    cfg, _, model = _setup(tp, pp)
+    try:
+        _load(model, weights_dir)
+        batch = _fixed_batch(cfg)
+        logits = _run_schedule(model, batch, forward_only=True, with_labels=False)
+        losses = _run_schedule(model, batch, forward_only=False, with_labels=True)
+        _grads_into_params(model)
+        dist_checkpointing.save(model.sharded_state_dict(), grads_dir)
+        report = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+        return {"logits": logits, "losses": losses} if report else None
+    finally:
+        destroy_distributed()
+
+
+def read_full_checkpoint(directory: str) -> Dict[str, torch.Tensor]:
+    """World 1: a checkpoint saved under any layout, as full tensors by parameter name."""
+    _, _, model = _setup()
+    try:
+        _load(model, directory)
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+    finally:
+        destroy_distributed()
+
+
+def train_steps(steps: int, num_microbatches: int, trainable: Optional[List[str]] = None, tp: int = 1,
+                pp: int = 1) -> Dict:
+    """Train the tiny model with DDP and the distributed optimizer; return initial and final weights
+    (rank 0's stage) and how many parameters the optimizer holds state for."""
+    cfg, parallel, model = _setup(tp, pp)
+    try:
+        apply_freezing(model, FreezeConfig(trainable=trainable or ["vision", "projector", "language"]))
+        initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+        chunks = [wrap_ddp(model, parallel)]
+        optim = OptimConfig(lr=1e-3, warmup_steps=0, decay_steps=100)
+        optimizer = build_optimizer(chunks, optim, parallel, PrecisionConfig(dtype="fp32"))
+        scheduler = build_scheduler(optimizer, optim)
+        data = _data(cfg).micro_batches(parallel_state.get_data_parallel_rank(),
+                                        parallel_state.get_data_parallel_world_size(), num_microbatches)
+        losses = [train_step(chunks, optimizer, scheduler, data, num_microbatches, SEQ, MBS).loss
+                  for _ in range(steps)]
+        final = {n: p.detach().clone() for n, p in model.named_parameters()}
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        return {"initial": initial, "final": final, "losses": losses, "trained": trained}
+    finally:
+        destroy_distributed()
