@@ -20,5 +20,7 @@ class FreezeConfig:
         unknown = [p for p in self.trainable if p not in MODEL_PARTS]
         if unknown:
             raise ConfigError("freeze.trainable", f"unknown parts {unknown}", f"use names from {list(MODEL_PARTS)}")
+        if len(set(self.trainable)) != len(self.trainable):
+            raise ConfigError("freeze.trainable", f"{self.trainable} names a part twice", "list each part once")
         if not self.trainable:
             raise ConfigError("freeze.trainable", "nothing would train", "name at least one part")

@@ -41,7 +41,8 @@ class VisionConfig:
         return self.select_layer if self.select_layer >= 0 else self.num_layers + 1 + self.select_layer
 
     def validate(self, prefix: str = "model.vision") -> None:
-        _positive(self, prefix, "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size")
+        _positive(self, prefix, "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
+                  "image_size", "patch_size")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"{prefix}.hidden_size", f"{self.hidden_size} is not divisible by "
                               f"num_attention_heads={self.num_attention_heads}",
@@ -74,6 +75,9 @@ class ProjectorConfig:
         return round(1 / self.downsample_ratio)
 
     def validate(self, vision: VisionConfig, prefix: str = "model.projector") -> None:
+        if not 0 < self.downsample_ratio <= 1:
+            raise ConfigError(f"{prefix}.downsample_ratio", f"{self.downsample_ratio} is outside (0, 1]",
+                              "use 0.5 (SAIL-VL) or another 1/k")
         if self.ps_version not in ("v1", "v2"):
             raise ConfigError(f"{prefix}.ps_version", f"unknown version {self.ps_version!r}", "use 'v1' or 'v2'")
         if abs(self.merge_factor * self.downsample_ratio - 1.0) > 1e-9:
@@ -111,7 +115,7 @@ class LanguageConfig:
 
     def validate(self, prefix: str = "model.language") -> None:
         _positive(self, prefix, "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
-                  "ffn_hidden_size", "vocab_size")
+                  "ffn_hidden_size", "vocab_size", "make_vocab_size_divisible_by")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"{prefix}.hidden_size", f"{self.hidden_size} is not divisible by "
                               f"num_attention_heads={self.num_attention_heads}", "fix the head count")
@@ -148,6 +152,6 @@ class ModelConfig:
 def _positive(cfg, prefix: str, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
-        if not isinstance(value, int) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{prefix}.{name}", f"must be a positive integer, got {value!r}",
                               "set a positive integer")

@@ -34,7 +34,7 @@ class ParallelConfig:
         for name, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"parallel.{name}", f"must be a positive integer, got {value!r}", "set it to 1 or more")
-        if world_size % (tp * pp):
+        if world_size < 1 or world_size % (tp * pp):
             raise ConfigError("parallel", f"world size {world_size} is not divisible by TP*PP = {tp}*{pp}",
                               f"launch a multiple of {tp * pp} processes or change TP/PP")
         lang, vision = model.language, model.vision
@@ -42,7 +42,6 @@ class ParallelConfig:
             ("model.language.num_attention_heads", lang.num_attention_heads),
             ("model.language.num_query_groups", lang.num_query_groups),
             ("model.language.ffn_hidden_size", lang.ffn_hidden_size),
-            ("model.language.hidden_size", lang.hidden_size),  # the projector splits it over TP
             ("model.vision.num_attention_heads", vision.num_attention_heads),
             ("model.vision.ffn_hidden_size", vision.ffn_hidden_size),
         ]

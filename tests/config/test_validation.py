@@ -207,3 +207,36 @@ def test_freeze_errors(trainable):
 def test_freeze_valid(trainable):
     FreezeConfig(trainable=trainable).validate()
     FreezeConfig().validate()
+
+
+# Gaps found while writing these tests: each must be a ConfigError, never a crash later.
+@pytest.mark.parametrize("field_name,value", [("patch_size", 0), ("image_size", 0), ("hidden_size", True)])
+def test_vision_sizes_must_be_positive_integers(field_name, value):
+    vision = VisionConfig(**{field_name: value})
+    with pytest.raises(ConfigError) as e:
+        vision.validate()
+    assert e.value.field == f"model.vision.{field_name}"
+
+
+def test_downsample_ratio_zero():
+    with pytest.raises(ConfigError) as e:
+        ProjectorConfig(downsample_ratio=0).validate(VisionConfig())
+    assert e.value.field == "model.projector.downsample_ratio"
+
+
+def test_world_size_zero():
+    with pytest.raises(ConfigError) as e:
+        ParallelConfig().validate(get_preset("tiny"), 0)
+    assert e.value.field == "parallel"
+
+
+def test_vocab_divisor_positive():
+    with pytest.raises(ConfigError) as e:
+        LanguageConfig(make_vocab_size_divisible_by=0).validate()
+    assert e.value.field == "model.language.make_vocab_size_divisible_by"
+
+
+def test_duplicate_trainable_part():
+    with pytest.raises(ConfigError) as e:
+        FreezeConfig(trainable=["projector", "projector"]).validate()
+    assert e.value.field == "freeze.trainable"

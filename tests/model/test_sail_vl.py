@@ -1,0 +1,76 @@
+"""The model's structure and attention masks, the vision merge, drop path."""
+
+import pytest
+import torch
+
+from sail_megatron.model.sail_vl import merge_vision_embeddings, padded_vocab_size
+from sail_megatron.model.vision_layer import drop_path
+from tests.helpers.multiprocess import run_on_ranks
+from tests.model import workers
+
+
+def test_structure_and_attention_masks():
+    (r,) = run_on_ranks(workers.structure_and_masks, 1)
+    assert r["vision_layers"] == 3
+    assert r["causal_before"] == 0.0, "a later token changed earlier logits: the LM is not causal"
+    assert r["causal_after"] > 0.0
+    assert r["vision_first_patch_moves"] > 0.0, "the ViT must attend bidirectionally"
+    assert r["identity_error"] < 1e-6, "with layer scale 0 each ViT layer must be the identity"
+
+
+@pytest.mark.parametrize("select_layer,built", [(-1, 3), (-2, 2), (1, 1), (3, 3)])
+def test_select_layer_truncates_the_encoder(select_layer, built):
+    (n,) = run_on_ranks(workers.select_layer_count, 1, select_layer)
+    assert n == built
+
+
+def test_frozen_vision_gets_no_gradient_and_projector_does():
+    (r,) = run_on_ranks(workers.frozen_vision_builds_no_graph, 1)
+    assert r["shape"] == (2 * 16, 64)
+    assert r["projector_grad"] and not r["vision_grad"]
+
+
+def test_merge_places_vision_tokens_in_sample_order():
+    s, b, h = 6, 2, 3
+    text = torch.zeros(s, b, h)
+    mask = torch.zeros(b, s, dtype=torch.bool)
+    mask[0, [1, 2]] = True
+    mask[1, [0, 5]] = True
+    vision = torch.arange(4 * h, dtype=torch.float).reshape(4, h) + 1
+    merged = merge_vision_embeddings(text, vision, mask)
+    assert torch.equal(merged[1, 0], vision[0]) and torch.equal(merged[2, 0], vision[1])
+    assert torch.equal(merged[0, 1], vision[2]) and torch.equal(merged[5, 1], vision[3])
+    assert merged[~mask.T].abs().sum() == 0, "text positions must keep their embeddings"
+
+
+def test_merge_rejects_count_mismatch():
+    mask = torch.zeros(1, 4, dtype=torch.bool)
+    mask[0, :3] = True
+    with pytest.raises(ValueError, match="3 <IMG_CONTEXT> tokens but the images give 2"):
+        merge_vision_embeddings(torch.zeros(4, 1, 2), torch.zeros(2, 2), mask)
+
+
+def test_merge_gradient_flows_to_vision_only_at_image_slots():
+    text = torch.randn(5, 1, 2, requires_grad=True)
+    vision = torch.randn(2, 2, requires_grad=True)
+    mask = torch.tensor([[False, True, False, True, False]])
+    merge_vision_embeddings(text, vision, mask).sum().backward()
+    assert torch.equal(vision.grad, torch.ones(2, 2))
+    assert torch.equal(text.grad[:, 0, 0], torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0]))
+
+
+def test_drop_path_drops_whole_tiles_and_rescales():
+    torch.manual_seed(0)
+    x = torch.ones(10, 4000, 3)  # [s, tiles, h]
+    y = drop_path(x, 0.25, training=True)
+    per_tile = y[0, :, 0]
+    assert set(per_tile.unique().tolist()) <= {0.0, torch.tensor(1 / 0.75).item()}
+    assert torch.equal(y, y[:1].expand_as(y)), "a tile is kept or dropped whole"
+    assert abs(float((per_tile == 0).float().mean()) - 0.25) < 0.03
+    assert torch.equal(drop_path(x, 0.25, training=False), x)
+
+
+def test_padded_vocab():
+    assert padded_vocab_size(151936, 128, 1) == 151936
+    assert padded_vocab_size(151936, 128, 8) == 152576  # next multiple of 128 * 8
+    assert padded_vocab_size(500, 64, 2) == 512

@@ -1,0 +1,76 @@
+"""Single-rank checks of the built model (spawned, so megatron-core's state stays out of pytest)."""
+
+import torch
+
+from sail_megatron.config import ParallelConfig, PrecisionConfig
+from sail_megatron.data.synthetic import IMG_CONTEXT
+from sail_megatron.model.build import build_model
+from sail_megatron.model.presets import get_preset
+from sail_megatron.platform import destroy_distributed, init_distributed
+
+
+def _tiny(select_layer: int = -1):
+    init_distributed(ParallelConfig(), seed=5)
+    cfg = get_preset("tiny")
+    cfg.vision.select_layer = select_layer
+    cfg.image_context_token_id = IMG_CONTEXT
+    return cfg, build_model(cfg, ParallelConfig(), PrecisionConfig(dtype="fp32")).eval()
+
+
+def structure_and_masks() -> dict:
+    cfg, model = _tiny()
+    try:
+        out = {"vision_layers": len(model.vision_model.decoder.layers)}
+        # Language attention is causal: a change at position t moves logits at t.. only.
+        ids = torch.randint(16, 500, (1, 32))
+        pos = torch.arange(32)[None]
+        with torch.no_grad():
+            base = model(ids, pos, None)
+            changed = ids.clone()
+            changed[0, 20] = (changed[0, 20] + 1) % 500 + 16
+            moved = model(changed, pos, None)
+        diff = (moved - base).abs().amax(-1)[0]
+        out["causal_before"] = float(diff[:20].max())
+        out["causal_after"] = float(diff[20:].min())
+        # Vision attention is bidirectional: the last patch influences the first.
+        pixels = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size)
+        with torch.no_grad():
+            v0 = model.vision_model(pixels)
+            pixels[..., -14:, -14:] += 1.0
+            v1 = model.vision_model(pixels)
+        out["vision_first_patch_moves"] = float((v1[0, 0] - v0[0, 0]).abs().max())
+        # Layer scale 0 makes every ViT layer the identity: output = patch + position embeddings.
+        with torch.no_grad():
+            for layer in model.vision_model.decoder.layers:
+                layer.ls1.zero_()
+                layer.ls2.zero_()
+            vm = model.vision_model
+            emb = vm.patch_embedding(pixels).flatten(2).transpose(1, 2) + vm.position_embedding[:, 1:]
+            out["identity_error"] = float((vm(pixels) - emb).abs().max())
+        return out
+    finally:
+        destroy_distributed()
+
+
+def select_layer_count(select_layer: int) -> int:
+    _, model = _tiny(select_layer)
+    try:
+        return len(model.vision_model.decoder.layers)
+    finally:
+        destroy_distributed()
+
+
+def frozen_vision_builds_no_graph() -> dict:
+    cfg, model = _tiny()
+    try:
+        model.train()
+        for p in model.vision_model.parameters():
+            p.requires_grad_(False)
+        pixels = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size)
+        tokens = model.encode_images(pixels)
+        tokens.sum().backward()
+        return {"shape": tuple(tokens.shape),
+                "projector_grad": all(p.grad is not None for p in model.projector.parameters()),
+                "vision_grad": any(p.grad is not None for p in model.vision_model.parameters())}
+    finally:
+        destroy_distributed()
