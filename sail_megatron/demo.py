@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-length", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--fp8", choices=["hybrid", "e4m3"], default=None,
+                   help="Transformer Engine FP8 for the language model's linear layers (GPU + TE only)")
     p.add_argument("--trainable", default="vision,projector,language",
                    help="comma-separated parts that train (vision, projector, language)")
     return p.parse_args(argv)
@@ -45,7 +47,7 @@ def main(argv=None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lines dump whole configs
     parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
-    precision = PrecisionConfig(dtype="bf16" if detect_backends().cuda else "fp32")
+    precision = PrecisionConfig(dtype="bf16" if detect_backends().cuda else "fp32", fp8=args.fp8)
     freeze = FreezeConfig(trainable=[p for p in args.trainable.split(",") if p])
     model_cfg = get_preset(args.preset)
     model_cfg.image_context_token_id = IMG_CONTEXT
