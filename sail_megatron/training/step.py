@@ -11,6 +11,7 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from sail_megatron.data.batch import Batch
+from sail_megatron.platform import read_dist_env
 
 
 def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -45,17 +46,13 @@ class StepResult:
 
 def reduce_loss_reports(reports: List[dict]) -> torch.Tensor:
     """[loss sum, token count] over micro-batches and data-parallel ranks, on every rank."""
-    total = torch.zeros(2, dtype=torch.float64, device=_device_for_collectives())
+    total = torch.zeros(2, dtype=torch.float64, device=read_dist_env().device)
     for report in reports:
         total += report["lm loss"].to(total)
     dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     # Only the last pipeline stage computed losses; share them along the pipeline.
     dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
     return total
-
-
-def _device_for_collectives() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def train_step(model_chunks: List[torch.nn.Module], optimizer: MegatronOptimizer, scheduler,
