@@ -45,6 +45,7 @@ def _common(parallel: ParallelConfig, precision: PrecisionConfig, backends: Back
         apply_rope_fusion=gpu and backends.transformer_engine,
         gradient_accumulation_fusion=fused_wgrad,
         persist_layer_norm=gpu and backends.apex,
+        cuda_graph_scope=[],  # megatron-core 0.16 default "full" is deprecated (same meaning)
     )
 
 
