@@ -33,6 +33,7 @@ setup(
     entry_points={
         "console_scripts": [
             "sail-demo=sail_megatron.demo:main",
+            "sail-data=sail_megatron.data.cli:main",
         ],
     },
 )

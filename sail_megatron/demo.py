@@ -1,8 +1,8 @@
 """A tiny real SAIL-VL training run: `torchrun --nproc-per-node 4 -m sail_megatron.demo --tp 2 --pp 2`.
 
 Builds the model stage of every rank, wraps it in megatron-core DDP with the distributed optimizer,
-and trains on synthetic image-caption micro-batches under the pipeline schedule, printing the loss
-and throughput of every step.
+and trains under the pipeline schedule on prepared shards (`--data`, e.g. the demo dataset from
+`sail-data demo`) or on synthetic image-caption micro-batches, printing loss and throughput per step.
 """
 
 import argparse
@@ -13,7 +13,11 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from sail_megatron.config import FreezeConfig, ParallelConfig, PrecisionConfig
+from sail_megatron.config.data import DataConfig
+from sail_megatron.data.decode import BatchMaterializer, build_tile_decoder
+from sail_megatron.data.loader import build_train_loader
 from sail_megatron.data.synthetic import IMG_CONTEXT, SyntheticConfig, SyntheticImageCaptions
+from sail_megatron.data.tokenizer import load_tokenizer
 from sail_megatron.model.build import build_model
 from sail_megatron.model.presets import get_preset
 from sail_megatron.platform import destroy_distributed, detect_backends, init_distributed, read_dist_env
@@ -33,6 +37,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-length", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--data", default=None, help="prepared dataset folder or blend YAML (default: synthetic data)")
+    p.add_argument("--tokenizer", default=None, help="local tokenizer folder (required with --data)")
+    p.add_argument("--max-tiles", type=int, default=4, help="tiles per image (plus a thumbnail)")
+    p.add_argument("--decoder", default="auto", choices=["auto", "dali", "pil"])
+    p.add_argument("--num-workers", type=int, default=1, help="loader worker processes per rank")
     p.add_argument("--fp8", choices=["hybrid", "e4m3"], default=None,
                    help="Transformer Engine FP8 for the language model's linear layers (GPU + TE only)")
     p.add_argument("--trainable", default="vision,projector,language",
@@ -50,7 +59,18 @@ def main(argv=None) -> None:
     precision = PrecisionConfig(dtype="bf16" if detect_backends().cuda else "fp32", fp8=args.fp8)
     freeze = FreezeConfig(trainable=[p for p in args.trainable.split(",") if p])
     model_cfg = get_preset(args.preset)
-    model_cfg.image_context_token_id = IMG_CONTEXT
+    tokenizer = None
+    if args.data:
+        if not args.tokenizer:
+            raise SystemExit("--data needs --tokenizer (the demo dataset's is DIR/raw/tokenizer)")
+        tokenizer = load_tokenizer(args.tokenizer)
+        if args.preset == "tiny":  # the toy model takes the toy tokenizer's vocabulary
+            model_cfg.language.vocab_size = tokenizer.vocab_size
+        elif tokenizer.vocab_size > model_cfg.language.vocab_size:
+            raise SystemExit(f"tokenizer has {tokenizer.vocab_size} tokens, the model {model_cfg.language.vocab_size}")
+        model_cfg.image_context_token_id = tokenizer.ids.img_context
+    else:
+        model_cfg.image_context_token_id = IMG_CONTEXT
     # Every check runs before any process group exists, so a bad layout fails fast on all ranks.
     model_cfg.validate()
     parallel.validate(model_cfg, env.world_size)
@@ -66,12 +86,23 @@ def main(argv=None) -> None:
     optimizer = build_optimizer(chunks, optim, parallel, precision)
     scheduler = build_scheduler(optimizer, optim)
 
-    data_cfg = SyntheticConfig(seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
-                               image_size=model_cfg.vision.image_size, tokens_per_tile=model_cfg.tokens_per_tile,
-                               vocab_size=model_cfg.language.vocab_size, seed=args.seed)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    data = SyntheticImageCaptions(data_cfg).micro_batches(dp_rank, dp_size, args.num_microbatches)
+    materializer = None
+    if tokenizer is not None:
+        data_cfg = DataConfig(path=args.data, tokenizer=args.tokenizer, seq_length=args.seq_length,
+                              micro_batch_size=args.micro_batch_size, max_tiles=args.max_tiles,
+                              num_workers=args.num_workers, decoder=args.decoder)
+        loader = build_train_loader(data_cfg, tokenizer, model_cfg.vision.image_size, model_cfg.tokens_per_tile,
+                                    dp_rank, dp_size, seed=args.seed)
+        materializer = BatchMaterializer(build_tile_decoder(args.decoder, env.device), model_cfg.vision.image_size,
+                                         env.device)
+        data = (materializer(raw) for raw in loader)
+    else:
+        synthetic = SyntheticConfig(seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+                                    image_size=model_cfg.vision.image_size, tokens_per_tile=model_cfg.tokens_per_tile,
+                                    vocab_size=model_cfg.language.vocab_size, seed=args.seed)
+        data = SyntheticImageCaptions(synthetic).micro_batches(dp_rank, dp_size, args.num_microbatches)
     global_batch = args.micro_batch_size * args.num_microbatches * dp_size
     if env.is_main:
         print(f"demo: preset={args.preset} world={env.world_size} TP={args.tp} PP={args.pp} DP={dp_size} "
@@ -94,6 +125,9 @@ def main(argv=None) -> None:
         k = max(1, min(5, len(losses) // 2))
         first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
         print(f"demo: mean loss of the first {k} steps {first:.4f} -> last {k} steps {last:.4f}", flush=True)
+        if materializer is not None:
+            print(f"demo: data: skipped {dict(materializer.skipped) or 'none'}, "
+                  f"converted {dict(materializer.conversions) or 'none'}", flush=True)
     dist.barrier()
     destroy_distributed()
 

@@ -1,0 +1,47 @@
+"""Data pipeline config: where the shards are, how images are tiled, how sequences are built."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+from sail_megatron.config.errors import ConfigError
+
+DECODERS = ("auto", "dali", "pil")
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """A folder prepared by `sail-data prepare`, or an energon metadataset YAML blending several."""
+    tokenizer: str = ""
+    """A local Hugging Face tokenizer folder with <img>, </img> and <IMG_CONTEXT> tokens."""
+    seq_length: int = 4096
+    micro_batch_size: int = 1
+    min_tiles: int = 1
+    max_tiles: int = 6
+    """SAIL-VL trains with up to 6 tiles per image (10-12 in evaluation, up to 24 for documents)."""
+    use_thumbnail: bool = True
+    max_pixels: int = 64_000_000
+    """Images whose header claims more pixels are skipped (decompression bombs)."""
+    system_prompt: Optional[str] = None
+    num_workers: int = 2
+    shuffle_buffer_size: int = 100
+    max_samples_per_sequence: int = 100
+    """Samples read from one shard in a row before energon switches shards (shuffle quality)."""
+    decoder: str = "auto"
+    """Tile decoder: 'dali' (device 'mixed' with CUDA, 'cpu' otherwise), 'pil' (reference), 'auto' (DALI if installed)."""
+
+    def validate(self) -> None:
+        if not self.path:
+            raise ConfigError("data.path", "is empty", "point it at a prepared dataset folder or a blend YAML")
+        if not self.tokenizer:
+            raise ConfigError("data.tokenizer", "is empty", "point it at a local Hugging Face tokenizer folder")
+        for name in ("seq_length", "micro_batch_size", "min_tiles", "max_tiles", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name}", f"must be positive, got {getattr(self, name)}", "set a positive value")
+        if self.min_tiles > self.max_tiles:
+            raise ConfigError("data.min_tiles", f"{self.min_tiles} exceeds max_tiles={self.max_tiles}",
+                              "keep min_tiles <= max_tiles")
+        if self.num_workers < 0:
+            raise ConfigError("data.num_workers", "must be >= 0", "use 0 to load in the training process")
+        if self.decoder not in DECODERS:
+            raise ConfigError("data.decoder", f"unknown decoder {self.decoder!r}", f"use one of {DECODERS}")

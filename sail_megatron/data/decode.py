@@ -1,0 +1,69 @@
+"""Turns a loader micro-batch (text + encoded images) into the model's Batch on the device.
+
+The decoder is chosen once ('dali': device 'mixed' with CUDA, 'cpu' otherwise; 'pil': the reference).
+An image that still fails to decode here (the workers only read headers) costs its sample's loss,
+never the step: its tiles become zeros, the sample's loss mask is cleared, and it is counted and logged.
+"""
+
+import importlib.util
+import logging
+from collections import Counter
+from typing import Callable, List
+
+import torch
+
+from sail_megatron.data.batch import Batch
+from sail_megatron.data.decode_pil import PilTileDecoder
+from sail_megatron.data.image_io import ImageError
+from sail_megatron.data.task_encoder import RawBatch
+from sail_megatron.data.tiling import TilePlan
+
+logger = logging.getLogger(__name__)
+
+TileDecoder = Callable[[List[bytes], List[TilePlan], int], torch.Tensor]
+
+
+def build_tile_decoder(kind: str, device: torch.device, dtype: torch.dtype = torch.float32) -> TileDecoder:
+    if kind == "auto":
+        kind = "dali" if importlib.util.find_spec("nvidia.dali") is not None else "pil"
+    if kind == "dali":
+        from sail_megatron.data.decode_dali import DaliTileDecoder
+
+        return DaliTileDecoder(device, dtype=dtype)
+    if kind == "pil":
+        pil = PilTileDecoder()
+        return lambda images, plans, tile_size: pil(images, plans, tile_size).to(device, dtype)
+    raise ValueError(f"unknown tile decoder {kind!r}: use 'dali', 'pil' or 'auto'")
+
+
+class BatchMaterializer:
+    """RawBatch -> Batch, keeping the running counts of skipped and converted samples."""
+
+    def __init__(self, decoder: TileDecoder, tile_size: int, device: torch.device):
+        self.decoder, self.tile_size, self.device = decoder, tile_size, torch.device(device)
+        self.skipped: Counter = Counter()
+        self.conversions: Counter = Counter()
+
+    def _decode_each(self, raw: RawBatch, loss_mask: torch.Tensor) -> torch.Tensor:
+        """Slow path after a batch-level failure: decode image by image to isolate the bad ones."""
+        parts = []
+        for image, plan, owner in zip(raw.images, raw.plans, raw.image_sample):
+            try:
+                parts.append(self.decoder([image], [plan], self.tile_size))
+            except (ImageError, RuntimeError, OSError, ValueError) as e:
+                self.skipped["decode_failed"] += 1
+                logger.warning("image of sample %s failed to decode (%s); its loss is masked", raw.keys[owner], e)
+                loss_mask[owner] = 0.0
+                parts.append(torch.zeros(plan.num_tiles, 3, self.tile_size, self.tile_size, device=self.device))
+        return torch.cat(parts)
+
+    def __call__(self, raw: RawBatch) -> Batch:
+        self.skipped.update(raw.skipped)
+        self.conversions.update(raw.conversions)
+        loss_mask = raw.loss_mask.clone()
+        try:
+            pixels = self.decoder(raw.images, raw.plans, self.tile_size)
+        except (ImageError, RuntimeError, OSError, ValueError):
+            pixels = self._decode_each(raw, loss_mask)
+        return Batch(tokens=raw.tokens, labels=raw.labels, loss_mask=loss_mask, position_ids=raw.position_ids,
+                     pixel_values=pixels).to(self.device)

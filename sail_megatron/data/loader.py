@@ -1,0 +1,31 @@
+"""Builds the energon training loader for one data-parallel rank."""
+
+from typing import Optional
+
+from megatron.energon import SavableDataLoader, WorkerConfig, get_savable_loader, get_train_dataset
+
+from sail_megatron.config.data import DataConfig
+from sail_megatron.data.task_encoder import SailVLTaskEncoder
+from sail_megatron.data.tokenizer import Tokenizer
+
+
+def build_train_loader(cfg: DataConfig, tokenizer: Tokenizer, tile_size: int, tokens_per_tile: int,
+                       data_parallel_rank: int = 0, data_parallel_size: int = 1, seed: int = 0,
+                       state: Optional[dict] = None) -> SavableDataLoader:
+    """An endless, shuffled, savable loader of RawBatch. Ranks of one data-parallel replica (its TP
+    and PP peers) build the same loader and so read the same micro-batches.
+    `state` (from `loader.save_state_rank()`) resumes exactly where that loader stood."""
+    cfg.validate()
+    worker_config = WorkerConfig(rank=data_parallel_rank, world_size=data_parallel_size,
+                                 num_workers=cfg.num_workers, seed_offset=seed)
+    dataset = get_train_dataset(
+        cfg.path, worker_config=worker_config, batch_size=cfg.micro_batch_size,
+        shuffle_buffer_size=cfg.shuffle_buffer_size, max_samples_per_sequence=cfg.max_samples_per_sequence,
+        task_encoder=SailVLTaskEncoder(cfg, tokenizer, tile_size, tokens_per_tile),
+    )
+    loader = get_savable_loader(dataset)
+    if state is not None:
+        loader.restore_state_rank(state)
+    return loader
+
+
