@@ -25,6 +25,7 @@ class DataConfig:
     system_prompt: Optional[str] = None
     num_workers: int = 2
     shuffle_buffer_size: int = 100
+    """Samples mixed across shard streams; 0 disables it (shard order and in-shard order still shuffle)."""
     max_samples_per_sequence: int = 100
     """Samples read from one shard in a row before energon switches shards (shuffle quality)."""
     decoder: str = "auto"

@@ -20,7 +20,7 @@ def build_train_loader(cfg: DataConfig, tokenizer: Tokenizer, tile_size: int, to
                                  num_workers=cfg.num_workers, seed_offset=seed)
     dataset = get_train_dataset(
         cfg.path, worker_config=worker_config, batch_size=cfg.micro_batch_size,
-        shuffle_buffer_size=cfg.shuffle_buffer_size, max_samples_per_sequence=cfg.max_samples_per_sequence,
+        shuffle_buffer_size=cfg.shuffle_buffer_size or None, max_samples_per_sequence=cfg.max_samples_per_sequence,
         task_encoder=SailVLTaskEncoder(cfg, tokenizer, tile_size, tokens_per_tile),
     )
     loader = get_savable_loader(dataset)

@@ -1,0 +1,156 @@
+"""The energon loader end to end: bad shard entries skipped and counted (no worker dies, no valid
+sample lost), exact resume from a saved loader state, weighted blends, decode failures."""
+
+import json
+import logging
+from collections import Counter
+
+import pytest
+import torch
+
+from sail_megatron.config.data import DataConfig
+from sail_megatron.data.blend import write_blend
+from sail_megatron.data.decode import BatchMaterializer, build_tile_decoder
+from sail_megatron.data.loader import build_train_loader
+from sail_megatron.data.prepare import _ShardWriter, run_energon_prepare
+from sail_megatron.data.task_encoder import RawBatch
+from sail_megatron.data.tiling import TilePlan
+from sail_megatron.data.tokenizer import build_demo_tokenizer, load_tokenizer
+from tests.data import bad_inputs
+
+TILE, PER_TILE = 56, 4
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    texts = ["what is this picture", "a picture of noise", "the caption says hello"] * 10
+    return build_demo_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=300)
+
+
+def _conversation(text="<image>\nwhat is this picture"):
+    return {"kind": "conversation", "turns": [{"role": "user", "text": text},
+                                              {"role": "assistant", "text": "a picture of noise"}]}
+
+
+def _write(out, entries):
+    """Shards written directly, bypassing prepare's checks, as another tool might have made them."""
+    out.mkdir()
+    writer = _ShardWriter(out, shard_size=3)
+    for meta, images in entries:
+        writer.write({**meta, "num_images": len(images)}, images)
+    writer.close()
+    run_energon_prepare(out, "1,0,0")
+    return out
+
+
+@pytest.fixture(scope="module")
+def bad_shards(tmp_path_factory):
+    entries, valid = [], 0
+    for name, (data, ext, reason) in bad_inputs.cases().items():
+        entries.append(({**_conversation(), "id": name}, [(data, ext)]))
+        valid += reason is None
+    entries.append(({**_conversation("<image> and <image>"), "id": "placeholder_mismatch"},
+                    [(bad_inputs.cases()["good"][0], "jpg")]))
+    entries.append(({"id": "broken_json"}, []))  # no kind/turns
+    entries.append(({**_conversation("no image here"), "id": "text_only"}, []))
+    return _write(tmp_path_factory.mktemp("shards") / "bad", entries), valid + 1
+
+
+def _loader(path, tokenizer_dir, num_workers=0, shuffle=0, state=None):
+    cfg = DataConfig(path=str(path), tokenizer=str(tokenizer_dir), seq_length=128, micro_batch_size=1,
+                     max_tiles=4, num_workers=num_workers, shuffle_buffer_size=shuffle)
+    return build_train_loader(cfg, load_tokenizer(tokenizer_dir), TILE, PER_TILE, state=state)
+
+
+def test_bad_entries_are_skipped_and_counted(bad_shards, tokenizer_dir, caplog):
+    path, n_valid = bad_shards
+    caplog.set_level(logging.WARNING, logger="sail_megatron.data.task_encoder")
+    it = iter(_loader(path, tokenizer_dir))
+    batches = [next(it) for _ in range(n_valid + 1)]  # one epoch, plus one batch carrying the last counts
+    keys = [b.keys[0] for b in batches[:n_valid]]
+    assert len(set(keys)) == n_valid, "every valid sample exactly once per epoch"
+    skipped = sum((Counter(b.skipped) for b in batches), Counter())
+    expected = Counter(r for _, _, r in bad_inputs.cases().values() if r)
+    expected.update(malformed=2)
+    for reason, n in expected.items():
+        assert n <= skipped[reason] <= 2 * n, (reason, skipped)
+    assert set(skipped) == set(expected)
+    assert any("bad/shard-" in r.message and "image_truncated" in r.message for r in caplog.records)
+
+
+def test_worker_process_survives_bad_entries(bad_shards, tokenizer_dir):
+    path, n_valid = bad_shards
+    it = iter(_loader(path, tokenizer_dir, num_workers=1))
+    batches = [next(it) for _ in range(2 * n_valid)]
+    assert len({b.keys[0] for b in batches}) == n_valid
+    assert sum(sum(b.skipped.values()) for b in batches) >= 1
+
+
+def test_valid_odd_images_decode_to_tiles(bad_shards, tokenizer_dir):
+    path, n_valid = bad_shards
+    it = iter(_loader(path, tokenizer_dir))
+    materialize = BatchMaterializer(build_tile_decoder("auto", torch.device("cpu")), TILE, torch.device("cpu"))
+    for _ in range(n_valid):
+        batch = materialize(next(it))
+        ctx = int((batch.tokens == load_tokenizer(tokenizer_dir).ids.img_context).sum())
+        assert ctx == batch.pixel_values.shape[0] * PER_TILE
+        assert torch.isfinite(batch.pixel_values).all()
+
+
+@pytest.fixture(scope="module")
+def two_datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("blend")
+    good = bad_inputs.cases()["good"][0]
+    caption = {"kind": "caption", "turns": [{"role": "caption", "text": "the caption says hello"}]}
+    _write(root / "captions", [({**caption, "id": f"c{i}"}, [(good, "jpg")]) for i in range(12)])
+    _write(root / "sft", [({**_conversation(), "id": f"s{i}"}, [(good, "jpg")]) for i in range(12)])
+    return root
+
+
+def test_resume_from_saved_state_gives_the_same_batches(two_datasets, tokenizer_dir):
+    path = two_datasets / "sft"
+    loader = _loader(path, tokenizer_dir, num_workers=1, shuffle=8)
+    it = iter(loader)
+    for _ in range(5):
+        next(it)
+    state = loader.save_state_rank()
+    expected = [next(it) for _ in range(6)]
+    resumed = iter(_loader(path, tokenizer_dir, num_workers=1, shuffle=8, state=state))
+    got = [next(resumed) for _ in range(6)]
+    assert [b.keys for b in got] == [b.keys for b in expected]
+    assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(got, expected))
+
+
+def test_blend_mixes_both_datasets(two_datasets, tokenizer_dir):
+    blend = write_blend(two_datasets / "blend.yaml", {"captions": 3.0, "sft": 1.0})
+    it = iter(_loader(blend, tokenizer_dir, shuffle=8))
+    sources = Counter(next(it).keys[0].split("/")[0] for _ in range(80))
+    assert set(sources) == {"captions", "sft"}
+    assert sources["captions"] > sources["sft"], sources
+
+
+def test_blend_rejects_unprepared_folder(tmp_path):
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(FileNotFoundError, match="sail-data prepare"):
+        write_blend(tmp_path / "b.yaml", {"raw": 1.0})
+
+
+def test_decode_failure_masks_only_that_sample():
+    good = bad_inputs.cases()["good"][0]
+
+    def decoder(images, plans, tile_size):
+        if any(img == b"bad" for img in images):
+            raise RuntimeError("decoder error")
+        return torch.ones(sum(p.num_tiles for p in plans), 3, tile_size, tile_size)
+
+    raw = RawBatch(keys=["a", "b"], tokens=torch.zeros(2, 8, dtype=torch.long), labels=torch.zeros(2, 8, dtype=torch.long),
+                   loss_mask=torch.ones(2, 8), position_ids=torch.zeros(2, 8, dtype=torch.long),
+                   images=[good, b"bad"], plans=[TilePlan(1, 1, False), TilePlan(2, 1, True)], image_sample=[0, 1],
+                   skipped={"image_empty": 2})
+    materialize = BatchMaterializer(decoder, TILE, torch.device("cpu"))
+    batch = materialize(raw)
+    assert batch.pixel_values.shape[0] == 1 + 3
+    assert batch.pixel_values[0].eq(1).all() and batch.pixel_values[1:].eq(0).all()
+    assert batch.loss_mask[0].sum() == 8 and batch.loss_mask[1].sum() == 0
+    assert materialize.skipped == {"decode_failed": 1, "image_empty": 2}
+    assert raw.loss_mask.sum() == 16, "the loader's batch is not modified"
