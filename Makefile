@@ -4,6 +4,8 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
+DEMO_DATA ?= demo_data
+
 .PHONY: demo test venv clean
 
 venv: $(STAMP)
@@ -15,12 +17,17 @@ $(STAMP): requirements.txt requirements-dev.txt setup.py
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# A tiny SAIL-VL trained on the CPU by 4 processes: tensor parallel 2 x pipeline parallel 2.
-demo: $(STAMP)
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 4 -m sail_megatron.demo --tp 2 --pp 2 --steps 40
+# The embedded demo dataset: real photos from scikit-image, captions and conversations, a tokenizer.
+$(DEMO_DATA)/blend.yaml: $(STAMP)
+	$(VENV)/bin/sail-data demo --out $(DEMO_DATA) --overwrite
+
+# A tiny SAIL-VL trained on the CPU by 4 processes (tensor parallel 2 x pipeline parallel 2) on the demo data.
+demo: $(STAMP) $(DEMO_DATA)/blend.yaml
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 4 -m sail_megatron.demo --tp 2 --pp 2 --steps 40 \
+		--data $(DEMO_DATA)/blend.yaml --tokenizer $(DEMO_DATA)/raw/tokenizer --seq-length 256 --lr 3e-3
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info $(DEMO_DATA)

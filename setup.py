@@ -24,11 +24,13 @@ setup(
         "numpy",
         "einops",
         "pillow",
+        "tqdm",
+        "scikit-image",  # its bundled photographs make the embedded demo dataset
     ],
     extras_require={
         # Transformer Engine: FP8 and fused layers on H100 (preinstalled in NGC containers).
         "te": ["transformer-engine[pytorch]>=2.0"],
-        "dev": ["pytest>=8", "scikit-image"],
+        "dev": ["pytest>=8"],
     },
     entry_points={
         "console_scripts": [
