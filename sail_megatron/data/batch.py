@@ -1,6 +1,7 @@
 """The micro-batch the model consumes."""
 
 from dataclasses import dataclass, fields
+from typing import Optional
 
 import torch
 
@@ -14,9 +15,19 @@ class Batch:
     loss_mask: torch.Tensor  # [b, s] float, 1 where the target is trained on
     position_ids: torch.Tensor  # [b, s] int64
     pixel_values: torch.Tensor  # [tiles, 3, S, S] normalized float
+    cu_seqlens: Optional[torch.Tensor] = None  # [n+1] int32 sample boundaries of a packed row (b == 1)
+    max_seqlen: int = 0  # longest packed sample (RoPE table length)
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device, non_blocking=True)
+        return Batch(**moved)
+
+    @property
+    def is_packed(self) -> bool:
+        return self.cu_seqlens is not None
 
     @property
     def num_tiles(self) -> int:
@@ -25,4 +36,7 @@ class Batch:
     @staticmethod
     def collate(batches: "list[Batch]") -> "Batch":
         """Stack single-sample batches along b (tiles concatenate in sample order)."""
-        return Batch(**{f.name: torch.cat([getattr(b, f.name) for b in batches]) for f in fields(Batch)})
+        if any(b.is_packed for b in batches):
+            raise ValueError("packed rows are already micro-batches; they do not collate")
+        return Batch(**{f.name: torch.cat([getattr(b, f.name) for b in batches])
+                        for f in fields(Batch) if f.name not in ("cu_seqlens", "max_seqlen")})

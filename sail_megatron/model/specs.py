@@ -17,6 +17,7 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
+from sail_megatron.model.packed_attention import PackedDotProductAttention
 from sail_megatron.model.vision_layer import LayerScaleTransformerLayer
 
 
@@ -75,10 +76,13 @@ def vision_layer_spec(provider: BackendSpecProvider) -> ModuleSpec:
 
 
 def language_layer_spec(backend: str) -> ModuleSpec:
-    """Qwen2.5 decoder layer: RMSNorm, GQA with qkv bias, SwiGLU."""
+    """Qwen2.5 decoder layer: RMSNorm, GQA with qkv bias, SwiGLU; packed (THD) attention either way:
+    TE's attention takes THD natively, the local spec gets our packed core attention."""
     if backend == "te":
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
-    return get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    return spec
 
 
 def build_specs(backend: str) -> ModelSpecs:

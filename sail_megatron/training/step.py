@@ -2,12 +2,13 @@
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator, List
+from typing import Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from sail_megatron.data.batch import Batch
@@ -25,9 +26,19 @@ def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
+def packed_seq_params(batch: Batch) -> Optional[PackedSeqParams]:
+    """THD parameters of a packed row: attention and RoPE restart at every sample boundary."""
+    if not batch.is_packed:
+        return None
+    cu = batch.cu_seqlens.to(torch.int32)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen)
+
+
 def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
     batch = next(data_iterator).to(_device_of(model))
-    output = model(batch.tokens, batch.position_ids, None, pixel_values=batch.pixel_values, labels=batch.labels)
+    output = model(batch.tokens, batch.position_ids, None, pixel_values=batch.pixel_values, labels=batch.labels,
+                   packed_seq_params=packed_seq_params(batch))
     return output, partial(masked_token_loss, batch.loss_mask)
 
 

@@ -1,0 +1,74 @@
+"""Core attention for packed (THD) sequences on megatron-core's local layer spec.
+
+megatron-core's local DotProductAttention refuses packed sequences; only Transformer Engine's takes
+them. This subclass keeps the local behaviour for ordinary batches and, given `packed_seq_params`
+(qkv_format 'thd'), attends within each packed sample only, causally: SDPA under a block-diagonal
+causal mask on the CPU (the reference), flex_attention's document masking on CUDA.
+"""
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+
+def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[t] index of the packed sample each position belongs to."""
+    positions = torch.arange(total, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True)
+
+
+def document_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[t, t] bool, True where query i may attend to key j: same sample and j <= i."""
+    seg = segment_ids(cu_seqlens, total)
+    causal = torch.ones(total, total, dtype=torch.bool, device=cu_seqlens.device).tril_()
+    return causal & (seg[:, None] == seg[None, :])
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_document_attention(q, k, v, cu_seqlens, scale):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seg = segment_ids(cu_seqlens, q.shape[2])
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (seg[q_idx] == seg[kv_idx]) & (kv_idx <= q_idx)
+
+    block_mask = create_block_mask(mask_mod, None, None, q.shape[2], q.shape[2], device=q.device)
+    return _compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale,
+                                      enable_gqa=q.shape[1] != k.shape[1])
+
+
+class PackedDotProductAttention(DotProductAttention):
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params: PackedSeqParams = None):
+        if packed_seq_params is None:
+            return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                   attention_bias=attention_bias, packed_seq_params=None)
+        if packed_seq_params.qkv_format != "thd":
+            raise ValueError(f"packed attention takes qkv_format 'thd', got {packed_seq_params.qkv_format!r}")
+        # THD: query [t, heads, d]; key/value [t, groups, d] (GQA) -> SDPA's [1, heads, t, d].
+        total = query.shape[0]
+        q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))
+        cu = packed_seq_params.cu_seqlens_q
+        dropout = self.attention_dropout.p if self.training else 0.0
+        if q.is_cuda and dropout == 0.0:
+            out = _flex_document_attention(q, k, v, cu, self.softmax_scale)
+        else:
+            if k.shape[1] != q.shape[1]:
+                k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+                v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+            mask = document_causal_mask(cu, total)
+            with tensor_parallel.get_cuda_rng_tracker().fork():  # dropout differs per TP rank, as in megatron
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                     scale=self.softmax_scale)
+        return out.squeeze(0).permute(1, 0, 2).reshape(total, -1)  # [t, heads * d]
