@@ -13,7 +13,8 @@ from sail_megatron.model.presets import get_preset
 from sail_megatron.platform import destroy_distributed, init_distributed
 from sail_megatron.training.freezing import apply_freezing
 from sail_megatron.training.optimizer import OptimConfig, build_optimizer, build_scheduler, wrap_ddp
-from sail_megatron.training.step import masked_token_loss, train_step
+from sail_megatron.data.batch import Batch
+from sail_megatron.training.step import masked_token_loss, packed_seq_params, train_step
 
 SEQ, MBS = 96, 2
 
@@ -44,7 +45,7 @@ def _run_schedule(model, batch, forward_only: bool, with_labels: bool) -> Option
     def step(data_iterator, m):
         b = next(data_iterator)
         out = m(b.tokens, b.position_ids, None, pixel_values=b.pixel_values,
-                labels=b.labels if with_labels else None)
+                labels=b.labels if with_labels else None, packed_seq_params=packed_seq_params(b))
 
         def loss_fn(output):
             if with_labels:
@@ -56,7 +57,8 @@ def _run_schedule(model, batch, forward_only: bool, with_labels: bool) -> Option
         return out, loss_fn
 
     get_forward_backward_func()(forward_step_func=step, data_iterator=iter([batch]), model=[model],
-                                num_microbatches=1, seq_length=SEQ, micro_batch_size=MBS, forward_only=forward_only)
+                                num_microbatches=1, seq_length=batch.tokens.shape[1],
+                                micro_batch_size=batch.tokens.shape[0], forward_only=forward_only)
     return captured.get("out")
 
 
@@ -128,5 +130,44 @@ def train_steps(steps: int, num_microbatches: int, trainable: Optional[List[str]
         final = {n: p.detach().clone() for n, p in model.named_parameters()}
         trained = {n for n, p in model.named_parameters() if p.requires_grad}
         return {"initial": initial, "final": final, "losses": losses, "trained": trained}
+    finally:
+        destroy_distributed()
+
+
+def _packing_case(cfg):
+    """Three samples (one or two images each) as one packed row and as rows of their own, padded to the
+    packed length (causal attention: padding after a sample cannot change it)."""
+    src = _data(cfg, micro_batch_size=1)
+    samples = [src.sample(i) for i in (3, 4, 5)]
+    lengths = [min(int((s.tokens != 0).sum()) + 1, SEQ) for s in samples]
+    total = sum(lengths)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    packed = Batch(tokens=torch.cat([s.tokens[0, :n] for s, n in zip(samples, lengths)])[None],
+                   labels=torch.cat([s.labels[0, :n] for s, n in zip(samples, lengths)])[None],
+                   loss_mask=torch.cat([s.loss_mask[0, :n] for s, n in zip(samples, lengths)])[None],
+                   position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
+                   pixel_values=torch.cat([s.pixel_values for s in samples]), cu_seqlens=cu, max_seqlen=max(lengths))
+
+    def alone(s, n):
+        pad = lambda t: torch.nn.functional.pad(t[:, :n], (0, total - n))
+        return Batch(tokens=pad(s.tokens), labels=pad(s.labels), loss_mask=pad(s.loss_mask),
+                     position_ids=torch.arange(total)[None], pixel_values=s.pixel_values)
+
+    return packed, [alone(s, n) for s, n in zip(samples, lengths)], cu
+
+
+def packed_vs_alone(tp: int, pp: int, weights_dir: str) -> Optional[Dict]:
+    """Per-sample logits and losses, packed and alone, under TP x PP (same weights for every layout)."""
+    cfg, _, model = _setup(tp, pp)
+    try:
+        _load(model, weights_dir)
+        model.eval()
+        packed, alone, cu = _packing_case(cfg)
+        out = {"cu": cu, "packed_logits": _run_schedule(model, packed, True, False),
+               "packed_losses": _run_schedule(model, packed, True, True),
+               "alone_logits": [_run_schedule(model, b, True, False) for b in alone],
+               "alone_losses": [_run_schedule(model, b, True, True) for b in alone]}
+        last = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+        return out if last else None
     finally:
         destroy_distributed()
