@@ -24,7 +24,8 @@ $(DEMO_DATA)/blend.yaml: $(STAMP)
 # A tiny SAIL-VL trained on the CPU by 4 processes (tensor parallel 2 x pipeline parallel 2) on the demo data.
 demo: $(STAMP) $(DEMO_DATA)/blend.yaml
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 4 -m sail_megatron.demo --tp 2 --pp 2 --steps 40 \
-		--data $(DEMO_DATA)/blend.yaml --tokenizer $(DEMO_DATA)/raw/tokenizer --seq-length 256 --lr 3e-3
+		--data $(DEMO_DATA)/blend.yaml --tokenizer $(DEMO_DATA)/raw/tokenizer --seq-length 512 \
+		--micro-batch-size 1 --num-microbatches 4 --lr 3e-3
 
 test: $(STAMP)
 	$(PY) -m pytest -q

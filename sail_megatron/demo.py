@@ -40,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="prepared dataset folder or blend YAML (default: synthetic data)")
     p.add_argument("--tokenizer", default=None, help="local tokenizer folder (required with --data)")
     p.add_argument("--max-tiles", type=int, default=4, help="tiles per image (plus a thumbnail)")
+    p.add_argument("--no-packing", action="store_true",
+                   help="one sample per row, padded (default with --data: pack samples into rows, micro-batch 1)")
+    p.add_argument("--max-tiles-per-pack", type=int, default=24)
     p.add_argument("--decoder", default="auto", choices=["auto", "dali", "pil"])
     p.add_argument("--num-workers", type=int, default=1, help="loader worker processes per rank")
     p.add_argument("--fp8", choices=["hybrid", "e4m3"], default=None,
@@ -92,7 +95,9 @@ def main(argv=None) -> None:
     if tokenizer is not None:
         data_cfg = DataConfig(path=args.data, tokenizer=args.tokenizer, seq_length=args.seq_length,
                               micro_batch_size=args.micro_batch_size, max_tiles=args.max_tiles,
-                              num_workers=args.num_workers, decoder=args.decoder)
+                              num_workers=args.num_workers, decoder=args.decoder, packing=not args.no_packing,
+                              max_tiles_per_pack=args.max_tiles_per_pack)
+        data_cfg.validate()
         loader = build_train_loader(data_cfg, tokenizer, model_cfg.vision.image_size, model_cfg.tokens_per_tile,
                                     dp_rank, dp_size, seed=args.seed)
         materializer = BatchMaterializer(build_tile_decoder(args.decoder, env.device), model_cfg.vision.image_size,
@@ -106,7 +111,7 @@ def main(argv=None) -> None:
     global_batch = args.micro_batch_size * args.num_microbatches * dp_size
     if env.is_main:
         print(f"demo: preset={args.preset} world={env.world_size} TP={args.tp} PP={args.pp} DP={dp_size} "
-              f"global_batch={global_batch} seq_length={args.seq_length} trainable={freeze.trainable}", flush=True)
+              f"rows per step={global_batch} seq_length={args.seq_length} trainable={freeze.trainable}", flush=True)
 
     losses = []
     for step in range(1, args.steps + 1):
@@ -120,7 +125,7 @@ def main(argv=None) -> None:
             print(f"step {step:4d}/{args.steps} | loss {result.loss:.4f} | grad norm {result.grad_norm:.3f} | "
                   f"lr {scheduler.get_lr(optimizer.param_groups[0]):.2e} | {elapsed * 1000:.0f} ms | "
                   f"{slots / elapsed:,.0f} token slots/s ({result.trained_tokens / elapsed:,.0f} trained) | "
-                  f"{global_batch / elapsed:.1f} samples/s", flush=True)
+                  f"{global_batch / elapsed:.1f} rows/s", flush=True)
     if env.is_main:
         k = max(1, min(5, len(losses) // 2))
         first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k

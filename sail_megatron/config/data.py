@@ -22,6 +22,12 @@ class DataConfig:
     use_thumbnail: bool = True
     max_pixels: int = 64_000_000
     """Images whose header claims more pixels are skipped (decompression bombs)."""
+    packing: bool = True
+    """Pack several samples into each row (THD attention, per-sample RoPE); micro_batch_size must be 1."""
+    max_tiles_per_pack: int = 64
+    """Vision tiles one packed row may carry: bounds the ViT's memory and balances its work."""
+    packing_buffer_size: int = 256
+    """Samples planned together; larger buffers fill rows better (the last pack of a buffer is partial)."""
     system_prompt: Optional[str] = None
     num_workers: int = 2
     shuffle_buffer_size: int = 100
@@ -36,12 +42,16 @@ class DataConfig:
             raise ConfigError("data.path", "is empty", "point it at a prepared dataset folder or a blend YAML")
         if not self.tokenizer:
             raise ConfigError("data.tokenizer", "is empty", "point it at a local Hugging Face tokenizer folder")
-        for name in ("seq_length", "micro_batch_size", "min_tiles", "max_tiles", "max_pixels"):
+        for name in ("seq_length", "micro_batch_size", "min_tiles", "max_tiles", "max_pixels", "max_tiles_per_pack",
+                     "packing_buffer_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name}", f"must be positive, got {getattr(self, name)}", "set a positive value")
         if self.min_tiles > self.max_tiles:
             raise ConfigError("data.min_tiles", f"{self.min_tiles} exceeds max_tiles={self.max_tiles}",
                               "keep min_tiles <= max_tiles")
+        if self.packing and self.micro_batch_size != 1:
+            raise ConfigError("data.micro_batch_size", f"is {self.micro_batch_size} with packing on",
+                              "use micro_batch_size=1 (a packed row holds many samples) or set data.packing=false")
         if self.num_workers < 0:
             raise ConfigError("data.num_workers", "must be >= 0", "use 0 to load in the training process")
         if self.decoder not in DECODERS:

@@ -53,7 +53,8 @@ class BatchMaterializer:
             except (ImageError, RuntimeError, OSError, ValueError) as e:
                 self.skipped["decode_failed"] += 1
                 logger.warning("image of sample %s failed to decode (%s); its loss is masked", raw.keys[owner], e)
-                loss_mask[owner] = 0.0
+                row, start, end = raw.spans[owner]  # only that sample's span: a packed row holds others
+                loss_mask[row, start:end] = 0.0
                 parts.append(torch.zeros(plan.num_tiles, 3, self.tile_size, self.tile_size, device=self.device))
         return torch.cat(parts)
 
@@ -66,4 +67,4 @@ class BatchMaterializer:
         except (ImageError, RuntimeError, OSError, ValueError):
             pixels = self._decode_each(raw, loss_mask)
         return Batch(tokens=raw.tokens, labels=raw.labels, loss_mask=loss_mask, position_ids=raw.position_ids,
-                     pixel_values=pixels).to(self.device)
+                     pixel_values=pixels, cu_seqlens=raw.cu_seqlens, max_seqlen=raw.max_seqlen).to(self.device)

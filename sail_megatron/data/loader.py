@@ -5,7 +5,7 @@ from typing import Optional
 from megatron.energon import SavableDataLoader, WorkerConfig, get_savable_loader, get_train_dataset
 
 from sail_megatron.config.data import DataConfig
-from sail_megatron.data.task_encoder import SailVLTaskEncoder
+from sail_megatron.data.task_encoder import build_task_encoder
 from sail_megatron.data.tokenizer import Tokenizer
 
 
@@ -21,7 +21,8 @@ def build_train_loader(cfg: DataConfig, tokenizer: Tokenizer, tile_size: int, to
     dataset = get_train_dataset(
         cfg.path, worker_config=worker_config, batch_size=cfg.micro_batch_size,
         shuffle_buffer_size=cfg.shuffle_buffer_size or None, max_samples_per_sequence=cfg.max_samples_per_sequence,
-        task_encoder=SailVLTaskEncoder(cfg, tokenizer, tile_size, tokens_per_tile),
+        packing_buffer_size=cfg.packing_buffer_size if cfg.packing else None,
+        task_encoder=build_task_encoder(cfg, tokenizer, tile_size, tokens_per_tile, seed=seed),
     )
     loader = get_savable_loader(dataset)
     if state is not None:

@@ -1,4 +1,5 @@
-"""energon task encoder: cooked shard samples -> tokenized, padded micro-batches with image bytes.
+"""energon task encoders: cooked shard samples -> tokenized micro-batches with image bytes, either
+packed (several samples per row, THD with cu_seqlens; the default) or padded (one sample per row).
 
 Runs in loader workers and never decodes pixels: grids come from the image headers, so every
 sample's token and tile counts are known here. Pixels are decoded per micro-batch by the tile
@@ -10,7 +11,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from megatron.energon import Cooker, SkipSample, TaskEncoder, stateless
@@ -18,6 +19,7 @@ from megatron.energon import Cooker, SkipSample, TaskEncoder, stateless
 from sail_megatron.config.data import DataConfig
 from sail_megatron.data.chat_template import ChatTemplate, SkipReason
 from sail_megatron.data.image_io import ImageError, read_image_size
+from sail_megatron.data.packing import plan_packs
 from sail_megatron.data.sample import EncodedSample, MalformedSample, VLSample, cook_vl_sample
 from sail_megatron.data.tiling import TilePlan, plan_tiles
 from sail_megatron.data.tokenizer import Tokenizer
@@ -36,9 +38,12 @@ class RawBatch:
     position_ids: torch.Tensor  # [b, s] int64
     images: List[bytes]  # every image of every sample, in order
     plans: List[TilePlan]  # one per image
-    image_sample: List[int]  # index in the batch of the sample each image belongs to
+    image_sample: List[int]  # index (into keys/spans) of the sample each image belongs to
+    spans: List[Tuple[int, int, int]] = field(default_factory=list)  # per sample: (row, start, end) in [b, s]
     skipped: Dict[str, int] = field(default_factory=dict)  # samples skipped by the worker since its last batch
     conversions: Dict[str, int] = field(default_factory=dict)  # counted fixes (dropped rounds, truncations)
+    cu_seqlens: Optional[torch.Tensor] = None  # [n+1] int32 sample boundaries when b == 1 is a packed row
+    max_seqlen: int = 0
 
     @property
     def num_tiles(self) -> int:
@@ -53,7 +58,9 @@ def sample_id(sample: VLSample) -> str:
     return f"{Path(str(sources[0].dataset_path)).name}/{sources[0].shard_name}/{sample.__key__}"
 
 
-class SailVLTaskEncoder(TaskEncoder[VLSample, EncodedSample, RawBatch, RawBatch]):
+class _SailVLEncoding(TaskEncoder[VLSample, EncodedSample, RawBatch, RawBatch]):
+    """What both encoders share: cooking, tokenizing from headers, counted skips."""
+
     cookers = [Cooker(cook_vl_sample)]
     decoder = None  # keep image bytes encoded: decoding happens per micro-batch on the device
 
@@ -70,8 +77,7 @@ class SailVLTaskEncoder(TaskEncoder[VLSample, EncodedSample, RawBatch, RawBatch]
         logger.warning("skipping sample %s: %s: %s", sample_id(sample), reason, detail)
         raise SkipSample()
 
-    @stateless
-    def encode_sample(self, sample: VLSample) -> EncodedSample:
+    def _encode(self, sample: VLSample) -> EncodedSample:
         cfg = self.cfg
         if sample.kind == "malformed":
             self._skip(sample, "malformed", sample.turns[0][1])
@@ -86,29 +92,100 @@ class SailVLTaskEncoder(TaskEncoder[VLSample, EncodedSample, RawBatch, RawBatch]
             self._skip(sample, e.reason, str(e))
         except MalformedSample as e:
             self._skip(sample, "malformed", str(e))
+        if encoded.num_tiles > cfg.max_tiles_per_pack:
+            self._skip(sample, "too_many_tiles", f"{encoded.num_tiles} tiles > max_tiles_per_pack={cfg.max_tiles_per_pack}")
         self._conversions.update(encoded.notes)
         encoded.key = sample_id(sample)
         return encoded
 
-    def batch(self, samples: List[EncodedSample]) -> RawBatch:
-        s = self.cfg.seq_length
-        b = len(samples)
+    def _raw_batch(self, rows: List[List[EncodedSample]]) -> RawBatch:
+        """Rows of samples (one sample per row when padded, several when packed) -> RawBatch [b, s]."""
+        s, b = self.cfg.seq_length, len(rows)
         tokens = torch.full((b, s), self.pad_id, dtype=torch.long)
         labels = torch.full((b, s), self.pad_id, dtype=torch.long)
         loss_mask = torch.zeros(b, s)
-        images, plans, owners = [], [], []
-        for i, smp in enumerate(samples):
-            n = smp.num_tokens
-            tokens[i, :n], labels[i, :n], loss_mask[i, :n] = smp.tokens, smp.labels, smp.loss_mask.float()
-            images += smp.images
-            plans += smp.plans
-            owners += [i] * len(smp.images)
-        batch = RawBatch(keys=[smp.key for smp in samples], tokens=tokens, labels=labels, loss_mask=loss_mask,
-                         position_ids=torch.arange(s).expand(b, s).contiguous(), images=images, plans=plans,
-                         image_sample=owners, skipped=dict(self._skipped), conversions=dict(self._conversions))
+        position_ids = torch.zeros(b, s, dtype=torch.long)
+        keys, images, plans, owners, spans = [], [], [], [], []
+        for i, row in enumerate(rows):
+            offset = 0
+            for smp in row:
+                n = smp.num_tokens
+                span = slice(offset, offset + n)
+                tokens[i, span], labels[i, span], loss_mask[i, span] = smp.tokens, smp.labels, smp.loss_mask.float()
+                position_ids[i, span] = torch.arange(n)  # RoPE restarts at every sample
+                owners += [len(keys)] * len(smp.images)
+                keys.append(smp.key)
+                spans.append((i, offset, offset + n))
+                images += smp.images
+                plans += smp.plans
+                offset += n
+            position_ids[i, offset:] = torch.arange(s - offset)
+        batch = RawBatch(keys=keys, tokens=tokens, labels=labels, loss_mask=loss_mask, position_ids=position_ids,
+                         images=images, plans=plans, image_sample=owners, spans=spans, skipped=dict(self._skipped),
+                         conversions=dict(self._conversions))
         self._skipped.clear()
         self._conversions.clear()
         return batch
 
     def encode_batch(self, batch: RawBatch) -> RawBatch:
         return batch
+
+
+class PaddedTaskEncoder(_SailVLEncoding):
+    """One sample per row, padded to seq_length (the baseline packing is measured against)."""
+
+    @stateless
+    def encode_sample(self, sample: VLSample) -> EncodedSample:
+        return self._encode(sample)
+
+    def batch(self, samples: List[EncodedSample]) -> RawBatch:
+        return self._raw_batch([[smp] for smp in samples])
+
+
+class PackedTaskEncoder(_SailVLEncoding):
+    """Several samples per row under a joint budget of seq_length tokens and max_tiles_per_pack
+    tiles, planned over a buffer of samples by `plan_packs` (vision work balanced across packs)."""
+
+    def __init__(self, *args, seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seed = seed
+        self._plans = 0
+
+    @stateless
+    def preencode_sample(self, sample: VLSample) -> EncodedSample:
+        return self._encode(sample)
+
+    def select_samples_to_pack(self, samples: List[EncodedSample]) -> List[List[EncodedSample]]:
+        plan = plan_packs([s.num_tokens for s in samples], [s.num_tiles for s in samples],
+                          self.cfg.seq_length, self.cfg.max_tiles_per_pack, seed=self.seed + self._plans)
+        self._plans += 1
+        for i in plan.oversized:  # cannot happen after _encode's checks; never drop silently if it does
+            self._skipped["oversized"] += 1
+            logger.warning("skipping sample %s: oversized for the pack budgets", samples[i].key)
+        return [[samples[i] for i in pack] for pack in plan.packs]
+
+    @stateless
+    def postencode_sample(self, sample: EncodedSample) -> EncodedSample:
+        return sample
+
+    def pack_selected_samples(self, samples: List[EncodedSample]) -> List[EncodedSample]:
+        return samples
+
+    def batch(self, packs: List[List[EncodedSample]]) -> RawBatch:
+        if len(packs) != 1:
+            raise ValueError(f"packed training takes one packed row per micro-batch, got {len(packs)}")
+        batch = self._raw_batch(packs)
+        lengths = [smp.num_tokens for smp in packs[0]]
+        used = sum(lengths)
+        if used < self.cfg.seq_length:
+            lengths.append(self.cfg.seq_length - used)  # the tail padding is a segment of its own
+        batch.cu_seqlens = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+        batch.max_seqlen = max(lengths)
+        return batch
+
+
+def build_task_encoder(cfg: DataConfig, tokenizer: Tokenizer, tile_size: int, tokens_per_tile: int,
+                       seed: int = 0) -> _SailVLEncoding:
+    if cfg.packing:
+        return PackedTaskEncoder(cfg, tokenizer, tile_size, tokens_per_tile, seed=seed)
+    return PaddedTaskEncoder(cfg, tokenizer, tile_size, tokens_per_tile)

@@ -56,9 +56,10 @@ def bad_shards(tmp_path_factory):
     return _write(tmp_path_factory.mktemp("shards") / "bad", entries), valid + 1
 
 
-def _loader(path, tokenizer_dir, num_workers=0, shuffle=0, state=None):
+def _loader(path, tokenizer_dir, num_workers=0, shuffle=0, state=None, packing=False, buffer=256):
     cfg = DataConfig(path=str(path), tokenizer=str(tokenizer_dir), seq_length=128, micro_batch_size=1,
-                     max_tiles=4, num_workers=num_workers, shuffle_buffer_size=shuffle)
+                     max_tiles=4, num_workers=num_workers, shuffle_buffer_size=shuffle, packing=packing,
+                     max_tiles_per_pack=16, packing_buffer_size=buffer)
     return build_train_loader(cfg, load_tokenizer(tokenizer_dir), TILE, PER_TILE, state=state)
 
 
@@ -146,7 +147,7 @@ def test_decode_failure_masks_only_that_sample():
     raw = RawBatch(keys=["a", "b"], tokens=torch.zeros(2, 8, dtype=torch.long), labels=torch.zeros(2, 8, dtype=torch.long),
                    loss_mask=torch.ones(2, 8), position_ids=torch.zeros(2, 8, dtype=torch.long),
                    images=[good, b"bad"], plans=[TilePlan(1, 1, False), TilePlan(2, 1, True)], image_sample=[0, 1],
-                   skipped={"image_empty": 2})
+                   spans=[(0, 0, 8), (1, 0, 8)], skipped={"image_empty": 2})
     materialize = BatchMaterializer(decoder, TILE, torch.device("cpu"))
     batch = materialize(raw)
     assert batch.pixel_values.shape[0] == 1 + 3
@@ -154,3 +155,26 @@ def test_decode_failure_masks_only_that_sample():
     assert batch.loss_mask[0].sum() == 8 and batch.loss_mask[1].sum() == 0
     assert materialize.skipped == {"decode_failed": 1, "image_empty": 2}
     assert raw.loss_mask.sum() == 16, "the loader's batch is not modified"
+
+
+def test_packed_rows_hold_every_valid_sample_once(bad_shards, tokenizer_dir):
+    path, n_valid = bad_shards
+    it = iter(_loader(path, tokenizer_dir, packing=True, buffer=n_valid))  # one buffer = one epoch
+    keys, rows = [], 0
+    materialize = BatchMaterializer(build_tile_decoder("pil", torch.device("cpu")), TILE, torch.device("cpu"))
+    ctx_id = load_tokenizer(tokenizer_dir).ids.img_context
+    while len(keys) < n_valid:
+        raw = next(it)
+        rows += 1
+        assert raw.tokens.shape == (1, 128)
+        cu = raw.cu_seqlens.tolist()
+        assert cu[0] == 0 and cu[-1] == 128 and len(cu) >= len(raw.keys) + 1
+        for (row, start, end), (a, b) in zip(raw.spans, zip(cu, cu[1:])):
+            assert (row, start, end) == (0, a, b), "spans follow cu_seqlens"
+            assert raw.position_ids[0, start] == 0 and raw.position_ids[0, end - 1] == end - start - 1
+        assert raw.num_tiles <= 16
+        batch = materialize(raw)
+        assert int((batch.tokens == ctx_id).sum()) == batch.pixel_values.shape[0] * PER_TILE
+        keys += raw.keys
+    assert len(keys) == n_valid == len(set(keys)), "each valid sample exactly once in the epoch's packs"
+    assert rows < n_valid, "rows hold several samples"
