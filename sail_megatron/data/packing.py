@@ -3,32 +3,41 @@
 Each sample costs `tokens` slots of the language model and `tiles` passes of the vision encoder. A
 pack (one micro-batch) holds at most `seq_length` tokens and `max_tiles` tiles. Packing by tokens
 alone (first-fit-decreasing) fills slots well but can put 10x the tiles in one micro-batch as in
-another, so the slowest vision encoder sets every step's pace. `plan_packs` fixes the pack count
-from the token budget and spreads tiles over those packs:
+another, and the slowest vision encoder sets every step's pace.
 
-1. K = max(ceil(total tokens / seq_length), ceil(total tiles / max_tiles)) empty packs.
-2. Tile-carrying samples, decreasing tiles (LPT scheduling): each goes to the pack with the fewest
-   tiles that still has token and tile room (most free tokens among equals); a new pack opens only
-   when none has room. Packs are kept in one max-heap of free tokens per tile level, so a placement
-   scans only the occupied levels, which LPT keeps within (largest sample's tiles + 1) of each other.
-3. Text-only samples, decreasing tokens, by best fit (the pack with the least free tokens that still
-   fits); a new pack opens when none fits. "Smallest free >= t" is the lowest set bit of a Python
-   int bitmask over free-token values, so it is one C-level shift, not a Python loop.
-4. If step 3 opened packs (they have no tiles), move small tile samples from the heaviest packs
-   into packs with fewer tiles and room for them while that lowers the maximum.
-5. Shuffle the pack order with the seed so the trainer does not see all heavy packs first.
+Algorithm. m = total tiles / ceil(total tokens / seq_length) is the mean tiles per pack if tokens
+pack perfectly; the pack count is essentially fixed by the token budget, so m is what balance aims
+at. Packs get a hard tile cap C <= max_tiles and are filled by a two-dimensional best fit:
+samples, largest first by their scarcer budget (max of tokens / seq_length and tiles / C), go to the
+pack minimising (token room left) / seq_length + |tiles after - m| / max(m, 1); a pack opens when none
+can take the sample. Text-only samples thus fill packs that already hold their share of tiles, tile
+samples go where tiles are missing, and packs end near both budgets. Max/mean is then about C / m,
+so C is the smallest cap (never below the largest sample's tiles or ceil(min_utilization * m))
+whose plan keeps `min_utilization` of the token slots; if none does, the plan with the best
+utilization wins. C is searched upward +1, +2, +4, ... then by bisection: 1-2 plans on real data.
+Finally the pack order is shuffled with the seed.
 
-Complexity for N samples, K packs, tile levels spanned d (<= largest sample's tiles + 1) and
-W = seq_length / 64 machine words: O(N log N) to sort, O(N_tiles * (d + log K)) for step 2,
-O(N_text * W) word operations for step 3 (W = 64 at seq_length 4096), O(K log K + moves * d)
-for step 4. 100k samples plan in well under a second in CPython.
+Why not "tile samples by LPT, then text by best fit" (the first idea, measured): LPT leaves every
+pack with about the same token gap, which long text-only samples cannot use, and with chunky tile
+counts (1, 3-9) it cannot level packs to within one tile. On the tests' SFT-like data it kept 94.0%
+of token slots at max/mean 1.13 (88.6% and 1.25 with longer texts); this planner keeps 99.9% at 1.06.
+Integer tiles bound any plan: max/mean >= ceil(m') / m' for the plan's mean m'. Weak spot: when a
+tile costs few tokens (16-64) and packs fill exactly, the greedy can leave max/mean well above C / m
+(still far below first-fit-decreasing's).
+
+Complexity per plan, N samples: O(N log N) to sort, then per sample a scan of the tile levels
+0..C cheapest-penalty first with early exit (usually 1-3 levels), each a shift of a Python-int
+bitmask of free-token values (seq_length / 64 machine words, done in C): O(N * C * seq_length / 64)
+word operations worst case, ~4 us per sample at seq_length 4096. Measured: 100k SFT-like samples
+in 0.45 s (one plan), 0.7 s when the search needs two (CPython 3.11, one core).
 """
 
 from __future__ import annotations
 
-import heapq
+import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from itertools import chain
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -37,6 +46,8 @@ __all__ = ["PackPlan", "plan_packs", "balance_across_ranks"]
 
 @dataclass
 class PackPlan:
+    """Which samples go into which micro-batch, and which samples fit nowhere."""
+
     packs: list[list[int]] = field(default_factory=list)
     """Sample indices per pack; every sample within both budgets appears exactly once."""
     oversized: list[int] = field(default_factory=list)
@@ -46,11 +57,18 @@ class PackPlan:
     def num_packs(self) -> int:
         return len(self.packs)
 
+    def _per_pack(self, counts: Sequence[int]) -> list[int]:
+        if not self.packs:
+            return []
+        values = np.asarray(counts, dtype=np.int64)[np.fromiter(chain.from_iterable(self.packs), np.int64)]
+        owner = np.repeat(np.arange(len(self.packs)), [len(pack) for pack in self.packs])
+        return np.bincount(owner, weights=values, minlength=len(self.packs)).astype(np.int64).tolist()
+
     def tokens_per_pack(self, token_counts: Sequence[int]) -> list[int]:
-        return [int(sum(token_counts[i] for i in pack)) for pack in self.packs]
+        return self._per_pack(token_counts)
 
     def tiles_per_pack(self, tile_counts: Sequence[int]) -> list[int]:
-        return [int(sum(tile_counts[i] for i in pack)) for pack in self.packs]
+        return self._per_pack(tile_counts)
 
     def token_utilization(self, token_counts: Sequence[int], seq_length: int) -> float:
         """Packed tokens / (packs * seq_length); 1.0 with no packs (no slot is wasted)."""
@@ -83,31 +101,83 @@ def _as_counts(values: Sequence[int], name: str) -> np.ndarray:
 
 
 class _FreeIndex:
-    """Packs keyed by free tokens; `take(t)` removes the pack with the least free tokens >= t."""
+    """Packs keyed by free tokens. Bit f of `mask` is set iff some pack has exactly f free tokens, so
+    "least free >= t" is the lowest set bit of mask >> t: one C-level operation, no Python loop."""
+
+    __slots__ = ("mask", "by_free")
 
     def __init__(self) -> None:
-        self._mask = 0  # bit f set <=> some pack has exactly f free tokens
-        self._by_free: dict[int, list[int]] = {}
+        self.mask = 0
+        self.by_free: dict[int, dict[int, None]] = {}  # insertion-ordered: deterministic picks
 
     def add(self, pack: int, free: int) -> None:
-        bucket = self._by_free.get(free)
+        bucket = self.by_free.get(free)
         if bucket is None:
-            self._by_free[free] = [pack]
-            self._mask |= 1 << free
+            self.by_free[free] = {pack: None}
+            self.mask |= 1 << free
         else:
-            bucket.append(pack)
+            bucket[pack] = None
 
-    def take(self, need: int) -> int | None:
-        above = self._mask >> need
-        if not above:
-            return None
-        free = need + (above & -above).bit_length() - 1
-        bucket = self._by_free[free]
-        pack = bucket.pop()
+    def pop(self, free: int) -> int:
+        bucket = self.by_free[free]
+        pack = next(iter(bucket))
+        del bucket[pack]
         if not bucket:
-            del self._by_free[free]
-            self._mask ^= 1 << free
+            del self.by_free[free]
+            self.mask ^= 1 << free
         return pack
+
+
+def _best_fit(order: list[int], tok: list[int], til: list[int], seq_length: int, cap: int,
+              target: float) -> list[list[int]]:
+    """Two-dimensional best fit of `order` into packs of seq_length tokens and `cap` tiles.
+
+    A sample goes to the pack minimising (token room left) / seq_length + |tiles after - target| /
+    target, so text fills packs that hold their share of tiles and tile samples go where tiles are
+    missing. Every sample must fit alone (tokens <= seq_length, tiles <= cap).
+    """
+    members: list[list[int]] = []
+    free: list[int] = []
+    load: list[int] = []
+    levels = [_FreeIndex() for _ in range(cap + 1)]  # levels[L]: packs holding exactly L tiles
+    token_weight = 1.0 / seq_length
+    tile_weight = 1.0 / max(target, 1.0)
+    # For each sample tile count v: the admissible levels, cheapest tile penalty first.
+    scan = [sorted((abs(level + v - target) * tile_weight, level) for level in range(cap - v + 1))
+            for v in range(cap + 1)]
+    for i in order:
+        t, v = tok[i], til[i]
+        best_score, best_level, best_free = math.inf, -1, -1
+        for penalty, level in scan[v]:
+            if penalty >= best_score:
+                break  # token room only adds to the score
+            above = levels[level].mask >> t
+            if above:
+                f = t + (above & -above).bit_length() - 1
+                score = (f - t) * token_weight + penalty
+                if score < best_score:
+                    best_score, best_level, best_free = score, level, f
+        if best_level < 0:  # nothing can take it: open a pack rather than break a budget
+            pack = len(members)
+            members.append([])
+            free.append(seq_length)
+            load.append(0)
+        else:
+            pack = levels[best_level].pop(best_free)
+        members[pack].append(i)
+        free[pack] -= t
+        load[pack] += v
+        levels[load[pack]].add(pack, free[pack])
+    return members
+
+
+def _plan_with_cap(tokens: np.ndarray, tiles: np.ndarray, fits: np.ndarray, tie: np.ndarray, seq_length: int,
+                   cap: int, target: float) -> list[list[int]]:
+    """Packs of the samples `fits` under a tile cap; larger samples first, by the scarcer budget
+    (max of tokens / seq_length and tiles / cap, then their sum, then the seeded tie-break)."""
+    token_share, tile_share = tokens[fits] / seq_length, tiles[fits] / max(cap, 1)
+    order = fits[np.lexsort((tie[fits], -(token_share + tile_share), -np.maximum(token_share, tile_share)))]
+    return _best_fit(order.tolist(), tokens.tolist(), tiles.tolist(), seq_length, cap, target)
 
 
 def plan_packs(
@@ -116,10 +186,14 @@ def plan_packs(
     seq_length: int,
     max_tiles: int,
     seed: int = 0,
+    *,
+    min_utilization: float = 0.97,
 ) -> PackPlan:
     """Group samples into packs of <= seq_length tokens and <= max_tiles tiles, tiles balanced.
 
-    Deterministic for (inputs, seed): the seed only orders equal samples and shuffles the packs.
+    `min_utilization` is the share of token slots the tile cap may not push the plan below (see the
+    module docstring). Deterministic for (inputs, seed): the seed only orders samples with equal
+    counts and shuffles the pack order, so heavy packs are not all seen first.
     """
     tokens = _as_counts(token_counts, "token_counts")
     tiles = _as_counts(tile_counts, "tile_counts")
@@ -129,114 +203,59 @@ def plan_packs(
         raise ValueError(f"seq_length must be >= 1, got {seq_length}")
     if max_tiles < 0:
         raise ValueError(f"max_tiles must be >= 0, got {max_tiles}")
+    if not 0.0 <= min_utilization <= 1.0:
+        raise ValueError(f"min_utilization must be in [0, 1], got {min_utilization}")
 
     rng = np.random.default_rng(seed)
-    tie = rng.permutation(tokens.size)  # seeded order among samples with equal keys
+    tie = rng.permutation(tokens.size)  # seeded order among samples with equal counts
     too_big = (tokens > seq_length) | (tiles > max_tiles)
     oversized = np.flatnonzero(too_big).tolist()
-    fits = ~too_big
-    if not fits.any():
+    fits = np.flatnonzero(~too_big)
+    if fits.size == 0:
         return PackPlan([], oversized)
 
+    til = tiles.tolist()
     total_tokens = int(tokens[fits].sum())
     total_tiles = int(tiles[fits].sum())
-    k = max(1, -(-total_tokens // seq_length), -(-total_tiles // max_tiles) if max_tiles else 0)
-    tok = tokens.tolist()
-    til = tiles.tolist()
-    members: list[list[int]] = [[] for _ in range(k)]
-    free = [seq_length] * k
-    load = [0] * k  # tiles per pack
+    largest = int(tiles[fits].max())
+    smallest = int(tiles[fits][tiles[fits] > 0].min()) if total_tiles else 0
+    # Mean tiles per pack if the tokens packed perfectly: the packer's tile target, and the search
+    # starts at min_utilization * mean since a lower cap cannot keep min_utilization of the slots.
+    mean = total_tiles / max(1, math.ceil(total_tokens / seq_length))
+    low = min(max_tiles, max(largest, math.ceil(min_utilization * mean - 1e-9)))
 
-    # Step 2: LPT over tile levels. levels[L] is a max-heap (by free tokens) of packs holding L tiles.
-    vision = np.flatnonzero(fits & (tiles > 0))
-    vision = vision[np.lexsort((tie[vision], -tokens[vision], -tiles[vision]))]
-    levels: list[list[tuple[int, int]]] = [[] for _ in range(max_tiles + 1)]
-    levels[0] = [(-seq_length, p) for p in range(k)]  # sorted, hence already a heap
-    lo = hi = 0  # lowest and highest level that may hold packs
-    for i in vision.tolist():
-        t, v = tok[i], til[i]
-        pack = -1
-        for level in range(lo, min(hi, max_tiles - v) + 1):
-            heap = levels[level]
-            if heap and -heap[0][0] >= t:
-                pack = heapq.heappop(heap)[1]
-                break
-        if pack < 0:  # no pack has room: open one rather than break a budget
-            pack = len(members)
-            members.append([])
-            free.append(seq_length)
-            load.append(0)
-        members[pack].append(i)
-        free[pack] -= t
-        load[pack] += v
-        heapq.heappush(levels[load[pack]], (-free[pack], pack))
-        lo, hi = min(lo, load[pack]), max(hi, load[pack])  # a new pack may sit below lo
-        while not levels[lo]:
-            lo += 1
+    def plan(cap: int) -> tuple[list[list[int]], float, bool]:
+        members = _plan_with_cap(tokens, tiles, fits, tie, seq_length, cap, mean)
+        utilization = total_tokens / (len(members) * seq_length)
+        # The cap binds if some pack could not take even the smallest tile sample any more.
+        binding = total_tiles > 0 and max(sum(til[i] for i in m) for m in members) + smallest > cap
+        return members, utilization, binding
 
-    # Step 3: best-fit-decreasing for text-only samples into whatever token room is left.
-    text = np.flatnonzero(fits & (tiles == 0))
-    text = text[np.lexsort((tie[text], -tokens[text]))]
-    index = _FreeIndex()
-    for p in range(len(members)):
-        index.add(p, free[p])
-    opened = False
-    for i in text.tolist():
-        t = tok[i]
-        pack = index.take(t)
-        if pack is None:
-            pack = len(members)
-            members.append([])
-            free.append(seq_length)
-            load.append(0)
-            opened = True
-        members[pack].append(i)
-        free[pack] -= t
-        index.add(pack, free[pack])
+    tried: dict[int, tuple[list[list[int]], float, bool]] = {}
+    cap, step, failed, good = low, 1, low - 1, None
+    while True:  # gallop upward to the first cap that keeps min_utilization
+        tried[cap] = plan(cap)
+        _, utilization, binding = tried[cap]
+        if utilization >= min_utilization:
+            good = cap
+            break
+        failed = cap
+        if not binding or cap == max_tiles:
+            break  # a larger cap would not change what limits utilization
+        cap, step = min(max_tiles, cap + step), step * 2
+    while good is not None and good - failed > 1:  # bisect between the last failure and success
+        mid = (failed + good) // 2
+        tried[mid] = plan(mid)
+        if tried[mid][1] >= min_utilization:
+            good = mid
+        else:
+            failed = mid
+    chosen: Optional[int] = good
+    if chosen is None:  # unreachable target: best utilization, then fewer packs, then smaller cap
+        chosen = max(tried, key=lambda c: (tried[c][1], -len(tried[c][0]), -c))
 
-    if opened and total_tiles:
-        _rebalance(members, free, load, tok, til, max_tiles)
-
-    packs = [sorted(m) for m in members if m]
+    packs = [sorted(m) for m in tried[chosen][0]]
     return PackPlan([packs[j] for j in rng.permutation(len(packs)).tolist()], oversized)
-
-
-def _rebalance(members: list[list[int]], free: list[int], load: list[int], tok: list[int],
-               til: list[int], max_tiles: int) -> None:
-    """Lower the heaviest pack's tiles by moving one of its tile samples to a lighter pack with room.
-
-    Packs opened for text in step 3 hold no tiles, so the mean fell while the maximum stayed; moving
-    the smallest tile sample of a maximal pack to the lightest pack that can take it (and ends below
-    the old maximum) undoes that. Stops at the first maximal pack that cannot shed a sample.
-    """
-    # Light packs ordered by (tiles, pack); candidates are scanned in that order, cheapest first.
-    while True:
-        top = max(load)
-        heavy = [p for p, l in enumerate(load) if l == top]
-        floor = min(load)
-        if top - floor <= 1:
-            return
-        for p in heavy:
-            moved = False
-            for i in sorted((i for i in members[p] if til[i]), key=lambda i: (til[i], tok[i], i)):
-                v, t = til[i], tok[i]
-                if floor + v >= top:
-                    break  # even the lightest pack would end at or above the current maximum
-                best = -1
-                for q, l in enumerate(load):
-                    if l + v < top and free[q] >= t and l + v <= max_tiles and (best < 0 or l < load[best]):
-                        best = q
-                if best >= 0:
-                    members[p].remove(i)
-                    members[best].append(i)
-                    free[p] += t
-                    free[best] -= t
-                    load[p] -= v
-                    load[best] += v
-                    moved = True
-                    break
-            if not moved:
-                return
 
 
 def balance_across_ranks(packs: Sequence[Sequence[int]], tile_counts: Sequence[int],
@@ -244,9 +263,9 @@ def balance_across_ranks(packs: Sequence[Sequence[int]], tile_counts: Sequence[i
     """Split one global step's packs into `num_groups` groups of equal size with balanced tiles.
 
     Groups are (data-parallel rank, micro-batch) slots. Packs go in decreasing tile order, one per
-    group per round, heaviest remaining pack to the lightest group (LPT with a cardinality
-    constraint); ties go to the lower pack / group index, so the result is deterministic.
-    O(P log P) for P packs.
+    group per round, the heaviest remaining pack to the lightest group (LPT with equal group
+    sizes); ties go to the lower pack / group index, so the result is deterministic.
+    O(P log P + P log G) for P packs and G groups.
     """
     if num_groups < 1:
         raise ValueError(f"num_groups must be >= 1, got {num_groups}")
