@@ -3,6 +3,11 @@
 Interpreter note: `@triton.jit` picks compiled vs interpreted *when the decorator runs*, i.e. when a kernel
 module is imported (triton.knobs reads TRITON_INTERPRET at that moment). So TRITON_INTERPRET=1 must be in
 the environment before `sail_megatron.kernels.<module>` is first imported; setting it later has no effect.
+
+Kernels here use only Triton builtins and their own @triton.jit helpers, never the library's @jit helpers
+(tl.cdiv, tl.zeros, tl.sum, tl.cumsum, ...): those are decorated when `triton` itself is imported, so
+when something (megatron-core, torch) imported triton before TRITON_INTERPRET was set, as in a full test run,
+they stay compiled and the interpreter cannot call them. Our own helpers get re-decorated with our modules.
 """
 
 from __future__ import annotations
@@ -49,13 +54,21 @@ def block_size(n: int, cap: int) -> int:
 
 
 @triton.jit
+def add_combine(a, b):
+    """Combine function for tl.reduce / tl.associative_scan sums (instead of tl.sum / tl.cumsum, see above)."""
+    return a + b
+
+
+@triton.jit
 def cast_rne(x, dtype: tl.constexpr):
     """Cast a float block to `dtype`, rounding to nearest even exactly as torch's `.to()` does.
 
     Why not plain `.to()`: the CPU interpreter truncates fp32 -> bf16 (the GPU rounds to nearest even),
     so interpreted tests would not be bit-exact. Rounding by hand on the bits is the same on both.
     """
-    if dtype == tl.bfloat16:
+    if x.dtype == dtype:
+        return x
+    elif dtype == tl.bfloat16:
         f = x.to(tl.float32)  # exact from fp16/bf16/fp32
         bits = f.to(tl.uint32, bitcast=True)
         rounded = bits + 0x7FFF + ((bits >> 16) & 1)  # round half to even on the 16 dropped bits

@@ -57,7 +57,8 @@ def _merge_bwd_kernel(grad_ptr, src_ptr, grad_text_ptr, grad_vision_ptr, N, H, s
     rows64 = rows.to(tl.int64)[:, None]
     g = tl.load(grad_ptr + rows64 * s_grad + cols[None, :], mask=ok)
     if WRITE_TEXT:
-        tl.store(grad_text_ptr + rows64 * s_gt + cols[None, :], tl.where(is_vis, tl.zeros_like(g), g), mask=ok)
+        zero = tl.full([BLOCK_R, BLOCK_H], 0, g.dtype)
+        tl.store(grad_text_ptr + rows64 * s_gt + cols[None, :], tl.where(is_vis, zero, g), mask=ok)
     if WRITE_VISION:
         dst = grad_vision_ptr + src.to(tl.int64)[:, None] * s_gv + cols[None, :]
         tl.store(dst, cast_rne(g, grad_vision_ptr.dtype.element_ty), mask=ok & is_vis)
@@ -131,7 +132,8 @@ def _validate(text: torch.Tensor, vision: torch.Tensor, positions: torch.Tensor)
             raise ValueError("merge_vision: positions must be unique and sorted ascending")
 
 
-def merge_vision(text: torch.Tensor, vision: torch.Tensor, positions: torch.Tensor, impl: Impl = "auto") -> torch.Tensor:
+def merge_vision(text: torch.Tensor, vision: torch.Tensor, positions: torch.Tensor,
+                 impl: Impl = "auto") -> torch.Tensor:
     """text [N, H], vision [M, H], positions [M] -> [N, H] in text's dtype, differentiable in text and vision."""
     _validate(text, vision, positions)
     if not use_triton(impl, _merge_fwd_kernel, text, vision, positions):

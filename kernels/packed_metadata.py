@@ -3,7 +3,7 @@
 The image positions have a data-dependent length M, so the Triton path is two-pass:
   pass 1 (one program per block of tokens): position ids, and the number of image tokens in the block;
   scan:   exclusive prefix sum of the per-block counts (torch.cumsum on the device, a few hundred ints);
-  pass 2: each block writes its image indices at its offset + the in-block rank (tl.cumsum).
+  pass 2: each block writes its image indices at its offset + the in-block rank (an inclusive scan).
 Allocating the [M] output needs M on the host: one sync, as in torch.nonzero. Pass `num_image_tokens`
 (e.g. tiles * tokens_per_tile, known to the data loader) to skip it; the path then has no host round trip.
 """
@@ -14,9 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from sail_megatron.kernels._common import Impl, check_same_device, use_triton
+from sail_megatron.kernels._common import Impl, add_combine, block_size, check_same_device, use_triton
 
-_BLOCK = 1024  # tokens per program; the scan in between then covers N/1024 counts
+_MAX_BLOCK = 1024  # tokens per program; the scan in between then covers N/1024 counts
 
 
 def packed_metadata_reference(tokens: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -37,7 +37,7 @@ def _positions_and_count_kernel(tokens_ptr, cu_ptr, pos_ptr, counts_ptr, N, B, s
     ok = offs < N
     # Vectorised binary search for the sample of each token: the last s in [0, B) with cu[s] <= i.
     # Invariant cu[lo] <= i (cu[0] == 0); empty samples (cu[s] == cu[s+1]) are skipped by "last".
-    lo = tl.zeros([BLOCK], dtype=tl.int32)
+    lo = tl.full([BLOCK], 0, dtype=tl.int32)
     hi = tl.full([BLOCK], B - 1, dtype=tl.int32)
     for _ in range(search_steps):
         mid = (lo + hi + 1) // 2
@@ -47,7 +47,7 @@ def _positions_and_count_kernel(tokens_ptr, cu_ptr, pos_ptr, counts_ptr, N, B, s
     start = tl.load(cu_ptr + lo)
     tl.store(pos_ptr + offs, (offs - start).to(tl.int64), mask=ok)
     is_img = (tl.load(tokens_ptr + offs, mask=ok) == image_token_id) & ok
-    tl.store(counts_ptr + tl.program_id(0), tl.sum(is_img.to(tl.int32), axis=0))
+    tl.store(counts_ptr + tl.program_id(0), tl.reduce(is_img.to(tl.int32), 0, add_combine))
 
 
 @triton.jit
@@ -55,7 +55,7 @@ def _write_image_positions_kernel(tokens_ptr, block_start_ptr, out_ptr, N, M, im
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     is_img = ((tl.load(tokens_ptr + offs, mask=ok) == image_token_id) & ok).to(tl.int32)
-    rank = tl.cumsum(is_img, axis=0) - is_img  # exclusive in-block rank keeps the output ascending
+    rank = tl.associative_scan(is_img, 0, add_combine) - is_img  # exclusive in-block rank: output stays ascending
     dst = tl.load(block_start_ptr + tl.program_id(0)) + rank
     tl.store(out_ptr + dst, offs.to(tl.int64), mask=(is_img > 0) & (dst < M))  # dst < M: a too-small hint
 
@@ -64,13 +64,14 @@ def _packed_metadata_triton(tokens: torch.Tensor, cu_seqlens: torch.Tensor, imag
                             num_image_tokens: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     n, dev = tokens.numel(), tokens.device
     position_ids = torch.empty(n, dtype=torch.int64, device=dev)
-    n_blocks = triton.cdiv(n, _BLOCK)
+    block = block_size(n, _MAX_BLOCK)  # smaller only for short inputs (N < 1024)
+    n_blocks = triton.cdiv(n, block)
     counts = torch.empty(n_blocks, dtype=torch.int64, device=dev)
     b = cu_seqlens.numel() - 1
     if n:
         steps = max(1, (b - 1).bit_length())  # ceil(log2(B)) halvings of [0, B)
         _positions_and_count_kernel[(n_blocks,)](tokens, cu_seqlens, position_ids, counts, n, b, steps,
-                                                 image_token_id, BLOCK=_BLOCK)
+                                                 image_token_id, BLOCK=block)
     block_start = torch.cumsum(counts, 0) - counts
     m = int(counts.sum()) if num_image_tokens is None else num_image_tokens  # the one host sync, if no hint
     # -1 fill with a hint: if it is larger than the true count, the tail is recognisably invalid, not garbage.
@@ -80,7 +81,7 @@ def _packed_metadata_triton(tokens: torch.Tensor, cu_seqlens: torch.Tensor, imag
         image_positions = torch.full((m,), -1, dtype=torch.int64, device=dev)
     if n and m:
         _write_image_positions_kernel[(n_blocks,)](tokens, block_start, image_positions, n, m, image_token_id,
-                                                   BLOCK=_BLOCK)
+                                                   BLOCK=block)
     return position_ids, image_positions
 
 

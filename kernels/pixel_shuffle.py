@@ -32,10 +32,9 @@ def pixel_shuffle_reference(x: torch.Tensor, downsample_ratio: float = 0.5, ps_v
 
 
 @triton.jit
-def _pixel_shuffle_kernel(x_ptr, o_ptr, sxb, sxt, sxc, sob, sot, soc, T_out, C_out, c, g, G, k,
+def _pixel_shuffle_kernel(x_ptr, o_ptr, sxb, sxt, sxc, sob, sot, soc, T_out, n_tb, C_out, c, g, G, k,
                           V2: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr):
     # Tiles walk the output [n, T_out, C_out]; program 0-axis = (tile, token block), 1-axis = channel block.
-    n_tb = tl.cdiv(T_out, BLOCK_T)
     b = (tl.program_id(0) // n_tb).to(tl.int64)
     t = (tl.program_id(0) % n_tb) * BLOCK_T + tl.arange(0, BLOCK_T)
     q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -63,8 +62,9 @@ def _launch(x: torch.Tensor, o: torch.Tensor, g: int, k: int, v2: bool, backward
         return
     block_q = block_size(c_out, 1024)
     block_t = block_size(max(1, 4096 // block_q), triton.next_power_of_2(t_out))
-    grid = (n * triton.cdiv(t_out, block_t), triton.cdiv(c_out, block_q))
-    _pixel_shuffle_kernel[grid](x, o, *x.stride(), *o.stride(), t_out, c_out, x.shape[2], g, g // k, k,
+    n_tb = triton.cdiv(t_out, block_t)  # token blocks per tile
+    grid = (n * n_tb, triton.cdiv(c_out, block_q))
+    _pixel_shuffle_kernel[grid](x, o, *x.stride(), *o.stride(), t_out, n_tb, c_out, x.shape[2], g, g // k, k,
                                 V2=v2, BACKWARD=backward, BLOCK_T=block_t, BLOCK_Q=block_q)
 
 
