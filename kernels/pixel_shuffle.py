@@ -18,7 +18,7 @@ PS_VERSIONS: tuple[str, ...] = ("v1", "v2")
 
 
 def pixel_shuffle_reference(x: torch.Tensor, downsample_ratio: float = 0.5, ps_version: str = "v2") -> torch.Tensor:
-    """InternVL's pixel shuffle, copied line for line (sail_megatron.model.pixel_shuffle)."""
+    """InternVL's pixel shuffle, copied line for line."""
     n, num_patches, c = x.shape
     g = int(round(num_patches ** 0.5))
     r = downsample_ratio

@@ -101,7 +101,7 @@ def main(argv=None) -> None:
         loader = build_train_loader(data_cfg, tokenizer, model_cfg.vision.image_size, model_cfg.tokens_per_tile,
                                     dp_rank, dp_size, seed=args.seed)
         materializer = BatchMaterializer(build_tile_decoder(args.decoder, env.device), model_cfg.vision.image_size,
-                                         env.device)
+                                         env.device, model_cfg.tokens_per_tile, tokenizer.ids.img_context)
         data = (materializer(raw) for raw in loader)
     else:
         synthetic = SyntheticConfig(seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,

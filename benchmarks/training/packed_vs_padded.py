@@ -45,7 +45,8 @@ def run_mode(packing: bool, args, tokenizer) -> dict:
                               micro_batch_size=mbs, max_tiles=4, num_workers=1, packing=packing,
                               max_tiles_per_pack=args.max_tiles_per_pack)
         loader = build_train_loader(data_cfg, tokenizer, cfg.vision.image_size, cfg.tokens_per_tile, seed=args.seed)
-        materialize = BatchMaterializer(build_tile_decoder("auto", env.device), cfg.vision.image_size, env.device)
+        materialize = BatchMaterializer(build_tile_decoder("auto", env.device), cfg.vision.image_size, env.device,
+                                        cfg.tokens_per_tile, tokenizer.ids.img_context)
         counted = {"tokens": 0, "samples": 0, "tiles": 0}
 
         def batches():

@@ -8,7 +8,7 @@ never the step: its tiles become zeros, the sample's loss mask is cleared, and i
 import importlib.util
 import logging
 from collections import Counter
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 
@@ -39,8 +39,10 @@ def build_tile_decoder(kind: str, device: torch.device, dtype: torch.dtype = tor
 class BatchMaterializer:
     """RawBatch -> Batch, keeping the running counts of skipped and converted samples."""
 
-    def __init__(self, decoder: TileDecoder, tile_size: int, device: torch.device):
+    def __init__(self, decoder: TileDecoder, tile_size: int, device: torch.device,
+                 tokens_per_tile: Optional[int] = None, image_token_id: Optional[int] = None):
         self.decoder, self.tile_size, self.device = decoder, tile_size, torch.device(device)
+        self.tokens_per_tile, self.image_token_id = tokens_per_tile, image_token_id
         self.skipped: Counter = Counter()
         self.conversions: Counter = Counter()
 
@@ -58,7 +60,18 @@ class BatchMaterializer:
                 parts.append(torch.zeros(plan.num_tiles, 3, self.tile_size, self.tile_size, device=self.device))
         return torch.cat(parts)
 
+    def _check_expansion(self, raw: RawBatch) -> None:
+        """Tiles and image tokens must agree; checked here on host tensors so the model need not sync."""
+        if self.image_token_id is None:
+            return
+        slots = int((raw.tokens == self.image_token_id).sum())
+        if slots != raw.num_tiles * self.tokens_per_tile:
+            raise ValueError(f"batch {raw.keys}: {slots} image tokens for {raw.num_tiles} tiles x "
+                             f"{self.tokens_per_tile} tokens; the task encoder and the model disagree on "
+                             "tokens_per_tile or the tile plan")
+
     def __call__(self, raw: RawBatch) -> Batch:
+        self._check_expansion(raw)
         self.skipped.update(raw.skipped)
         self.conversions.update(raw.conversions)
         loss_mask = raw.loss_mask.clone()

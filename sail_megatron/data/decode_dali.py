@@ -1,5 +1,6 @@
 """NVIDIA DALI tile decoder: decode + bicubic resize on the device ('mixed': nvJPEG on the GPU;
-'cpu' elsewhere), then tiles are cut and normalized with tensor ops on the same device.
+'cpu' elsewhere), then tiles are cut and normalized in one pass on the same device (the
+tile-normalization Triton kernel on CUDA, its reference on the CPU).
 
 Images DALI would decode differently from the reference (alpha, palette, CMYK, 16-bit) go to the PIL
 reference path, so both decoders give the same picture for every input.
@@ -12,8 +13,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sail_megatron.data.decode_pil import PilTileDecoder, normalize_tiles
+from sail_megatron.data.decode_pil import PilTileDecoder
 from sail_megatron.data.tiling import TilePlan
+from sail_megatron.kernels.tile_normalize import normalize_hwc, tiles_from_grid
 
 _DALI_MODES = {"RGB", "L"}  # modes DALI and the reference decode alike
 
@@ -74,6 +76,7 @@ class DaliTileDecoder:
         return torch.from_numpy(np.array(t))
 
     def _decode_with_dali(self, images: List[bytes], plans: List[TilePlan], tile_size: int) -> List[torch.Tensor]:
+        """Normalized tiles [num_tiles, 3, S, S] per image."""
         pipe = self._pipeline(len(images), tile_size)
         pipe.feed_input("encoded", [np.frombuffer(b, dtype=np.uint8) for b in images])
         pipe.feed_input("width", [np.float32(p.cols * tile_size) for p in plans])
@@ -82,10 +85,9 @@ class DaliTileDecoder:
         out = []
         for i, plan in enumerate(plans):
             grid = self._to_torch(grids, i)  # [rows*S, cols*S, 3] uint8
-            s = tile_size
-            tiles = grid.view(plan.rows, s, plan.cols, s, 3).permute(0, 2, 4, 1, 3).reshape(-1, 3, s, s)
+            tiles = tiles_from_grid(grid, plan.rows, plan.cols, tile_size, dtype=self.dtype)
             if plan.thumbnail:
-                tiles = torch.cat([tiles, self._to_torch(thumbs, i).permute(2, 0, 1)[None]])
+                tiles = torch.cat([tiles, normalize_hwc(self._to_torch(thumbs, i)[None], dtype=self.dtype)])
             out.append(tiles)
         return out
 
@@ -98,7 +100,7 @@ class DaliTileDecoder:
         if fast:
             for i, tiles in zip(fast, self._decode_with_dali([images[i] for i in fast], [plans[i] for i in fast],
                                                             tile_size)):
-                per_image[i] = normalize_tiles(tiles, self.dtype)
+                per_image[i] = tiles
         for i in (i for i, s in enumerate(special) if s):
             per_image[i] = self._reference([images[i]], [plans[i]], tile_size).to(self.device, self.dtype)
         return torch.cat(per_image)

@@ -14,7 +14,9 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from sail_megatron.config import ModelConfig
-from sail_megatron.model.pixel_shuffle import pixel_shuffle
+from sail_megatron.kernels.merge_vision import merge_vision
+from sail_megatron.kernels.packed_metadata import packed_metadata
+from sail_megatron.kernels.pixel_shuffle import pixel_shuffle
 from sail_megatron.model.projector import VisionProjector
 from sail_megatron.model.specs import ModelSpecs
 from sail_megatron.model.transformer_configs import PartConfigs
@@ -27,18 +29,26 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def merge_vision_embeddings(text: torch.Tensor, vision: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+def merge_vision_embeddings(text: torch.Tensor, vision: torch.Tensor, input_ids: torch.Tensor,
+                            image_token_id: int) -> torch.Tensor:
     """Write vision tokens into the `<IMG_CONTEXT>` slots of the text embeddings.
 
-    text [s, b, h]; vision [n, h] in (sample, position) order; image_mask [b, s] with n True entries.
+    text [s, b, h]; vision [n, h] in (sample, position) order; input_ids [b, s] with n image tokens.
+    Triton kernels on CUDA (slot map without a host sync, one-pass scatter), their references on the CPU.
+    The data path checks that tiles and image tokens agree before a batch reaches the device.
     """
-    n_slots = int(image_mask.sum())
-    if n_slots != vision.shape[0]:
-        raise ValueError(f"the batch has {n_slots} <IMG_CONTEXT> tokens but the images give "
+    b, s = input_ids.shape
+    flat = text.transpose(0, 1).reshape(b * s, -1)  # (b, s)-major: ascending slots follow the vision order
+    whole = torch.tensor([0, b * s], dtype=torch.int32, device=input_ids.device)
+    # On CUDA the slot count is given (no host sync; the loader guarantees it); on the CPU it is counted,
+    # so a mismatch raises in merge_vision instead of being cut short.
+    known = vision.shape[0] if input_ids.is_cuda else None
+    _, slots = packed_metadata(input_ids.reshape(-1), whole, image_token_id, num_image_tokens=known)
+    if slots.shape[0] != vision.shape[0]:
+        raise ValueError(f"the batch has {slots.shape[0]} <IMG_CONTEXT> tokens but the images give "
                          f"{vision.shape[0]} vision tokens: tile count and token expansion disagree")
-    merged = text.transpose(0, 1).clone()  # [b, s, h]: row-major order matches the vision order
-    merged[image_mask] = vision.to(merged.dtype)
-    return merged.transpose(0, 1).contiguous()
+    merged = merge_vision(flat, vision, slots)
+    return merged.view(b, s, -1).transpose(0, 1).contiguous()
 
 
 class SailVLModel(MegatronModule):
@@ -95,8 +105,8 @@ class SailVLModel(MegatronModule):
         if self.pre_process:
             embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
             if pixel_values is not None and pixel_values.shape[0] > 0:
-                image_mask = input_ids == self.model_config.image_context_token_id
-                embeddings = merge_vision_embeddings(embeddings, self.encode_images(pixel_values), image_mask)
+                embeddings = merge_vision_embeddings(embeddings, self.encode_images(pixel_values), input_ids,
+                                                     self.model_config.image_context_token_id)
             if self.sequence_parallel:
                 embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
             decoder_input = embeddings

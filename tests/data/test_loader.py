@@ -90,7 +90,8 @@ def test_worker_process_survives_bad_entries(bad_shards, tokenizer_dir):
 def test_valid_odd_images_decode_to_tiles(bad_shards, tokenizer_dir):
     path, n_valid = bad_shards
     it = iter(_loader(path, tokenizer_dir))
-    materialize = BatchMaterializer(build_tile_decoder("auto", torch.device("cpu")), TILE, torch.device("cpu"))
+    materialize = BatchMaterializer(build_tile_decoder("auto", torch.device("cpu")), TILE, torch.device("cpu"),
+                                    PER_TILE, load_tokenizer(tokenizer_dir).ids.img_context)
     for _ in range(n_valid):
         batch = materialize(next(it))
         ctx = int((batch.tokens == load_tokenizer(tokenizer_dir).ids.img_context).sum())
@@ -161,7 +162,8 @@ def test_packed_rows_hold_every_valid_sample_once(bad_shards, tokenizer_dir):
     path, n_valid = bad_shards
     it = iter(_loader(path, tokenizer_dir, packing=True, buffer=n_valid))  # one buffer = one epoch
     keys, rows = [], 0
-    materialize = BatchMaterializer(build_tile_decoder("pil", torch.device("cpu")), TILE, torch.device("cpu"))
+    materialize = BatchMaterializer(build_tile_decoder("pil", torch.device("cpu")), TILE, torch.device("cpu"),
+                                    PER_TILE, load_tokenizer(tokenizer_dir).ids.img_context)
     ctx_id = load_tokenizer(tokenizer_dir).ids.img_context
     while len(keys) < n_valid:
         raw = next(it)
@@ -178,3 +180,12 @@ def test_packed_rows_hold_every_valid_sample_once(bad_shards, tokenizer_dir):
         keys += raw.keys
     assert len(keys) == n_valid == len(set(keys)), "each valid sample exactly once in the epoch's packs"
     assert rows < n_valid, "rows hold several samples"
+
+
+def test_materializer_rejects_tile_token_disagreement():
+    raw = RawBatch(keys=["a"], tokens=torch.tensor([[5, 5, 5, 1]]), labels=torch.zeros(1, 4, dtype=torch.long),
+                   loss_mask=torch.ones(1, 4), position_ids=torch.arange(4)[None], images=[b"x"],
+                   plans=[TilePlan(1, 1, False)], image_sample=[0], spans=[(0, 0, 4)])
+    materialize = BatchMaterializer(lambda *a: torch.zeros(1, 3, TILE, TILE), TILE, torch.device("cpu"), PER_TILE, 5)
+    with pytest.raises(ValueError, match="3 image tokens for 1 tiles x 4 tokens"):
+        materialize(raw)

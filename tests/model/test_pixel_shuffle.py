@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sail_megatron.model.pixel_shuffle import pixel_shuffle
+from sail_megatron.kernels.pixel_shuffle import pixel_shuffle
 
 
 def reference(x: torch.Tensor, k: int, ps_version: str) -> torch.Tensor:

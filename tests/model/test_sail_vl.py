@@ -30,6 +30,13 @@ def test_frozen_vision_gets_no_gradient_and_projector_does():
     assert r["projector_grad"] and not r["vision_grad"]
 
 
+IMG = 7
+
+
+def _ids(mask):
+    return torch.where(mask, IMG, 1)
+
+
 def test_merge_places_vision_tokens_in_sample_order():
     s, b, h = 6, 2, 3
     text = torch.zeros(s, b, h)
@@ -37,7 +44,7 @@ def test_merge_places_vision_tokens_in_sample_order():
     mask[0, [1, 2]] = True
     mask[1, [0, 5]] = True
     vision = torch.arange(4 * h, dtype=torch.float).reshape(4, h) + 1
-    merged = merge_vision_embeddings(text, vision, mask)
+    merged = merge_vision_embeddings(text, vision, _ids(mask), IMG)
     assert torch.equal(merged[1, 0], vision[0]) and torch.equal(merged[2, 0], vision[1])
     assert torch.equal(merged[0, 1], vision[2]) and torch.equal(merged[5, 1], vision[3])
     assert merged[~mask.T].abs().sum() == 0, "text positions must keep their embeddings"
@@ -47,14 +54,14 @@ def test_merge_rejects_count_mismatch():
     mask = torch.zeros(1, 4, dtype=torch.bool)
     mask[0, :3] = True
     with pytest.raises(ValueError, match="3 <IMG_CONTEXT> tokens but the images give 2"):
-        merge_vision_embeddings(torch.zeros(4, 1, 2), torch.zeros(2, 2), mask)
+        merge_vision_embeddings(torch.zeros(4, 1, 2), torch.zeros(2, 2), _ids(mask), IMG)
 
 
 def test_merge_gradient_flows_to_vision_only_at_image_slots():
     text = torch.randn(5, 1, 2, requires_grad=True)
     vision = torch.randn(2, 2, requires_grad=True)
     mask = torch.tensor([[False, True, False, True, False]])
-    merge_vision_embeddings(text, vision, mask).sum().backward()
+    merge_vision_embeddings(text, vision, _ids(mask), IMG).sum().backward()
     assert torch.equal(vision.grad, torch.ones(2, 2))
     assert torch.equal(text.grad[:, 0, 0], torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0]))
 
