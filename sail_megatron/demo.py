@@ -22,7 +22,7 @@ from sail_megatron.model.build import build_model
 from sail_megatron.model.presets import get_preset
 from sail_megatron.platform import destroy_distributed, detect_backends, init_distributed, read_dist_env
 from sail_megatron.training.freezing import apply_freezing
-from sail_megatron.training.optimizer import OptimConfig, build_optimizer, build_scheduler, wrap_ddp
+from sail_megatron.training.optimizer import OptimConfig, setup_training
 from sail_megatron.training.step import train_step
 
 
@@ -84,10 +84,8 @@ def main(argv=None) -> None:
     model = build_model(model_cfg, parallel, precision)
     apply_freezing(model, freeze)
     model.to(env.device)
-    chunks = [wrap_ddp(model, parallel)]
     optim = OptimConfig(lr=args.lr, min_lr=args.lr / 10, warmup_steps=min(5, args.steps // 5), decay_steps=args.steps)
-    optimizer = build_optimizer(chunks, optim, parallel, precision)
-    scheduler = build_scheduler(optimizer, optim)
+    chunks, optimizer, scheduler = setup_training(model, optim, parallel, precision)
 
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()

@@ -23,7 +23,7 @@ from sail_megatron.data.tokenizer import load_tokenizer
 from sail_megatron.model.build import build_model
 from sail_megatron.model.presets import get_preset
 from sail_megatron.platform import destroy_distributed, detect_backends, init_distributed, read_dist_env
-from sail_megatron.training.optimizer import OptimConfig, build_optimizer, build_scheduler, wrap_ddp
+from sail_megatron.training.optimizer import OptimConfig, setup_training
 from sail_megatron.training.step import train_step
 
 
@@ -36,10 +36,8 @@ def run_mode(packing: bool, args, tokenizer) -> dict:
         cfg.language.vocab_size = tokenizer.vocab_size
         cfg.image_context_token_id = tokenizer.ids.img_context
         model = build_model(cfg, parallel, precision)
-        chunks = [wrap_ddp(model, parallel)]
-        optim = OptimConfig(lr=1e-3, decay_steps=1000)
-        optimizer = build_optimizer(chunks, optim, parallel, precision)
-        scheduler = build_scheduler(optimizer, optim)
+        chunks, optimizer, scheduler = setup_training(model, OptimConfig(lr=1e-3, decay_steps=1000), parallel,
+                                                      precision)
         mbs = 1 if packing else args.padded_batch
         data_cfg = DataConfig(path=args.data, tokenizer=args.tokenizer, seq_length=args.seq_length,
                               micro_batch_size=mbs, max_tiles=4, num_workers=1, packing=packing,

@@ -63,3 +63,10 @@ def build_scheduler(optimizer: MegatronOptimizer, optim: OptimConfig) -> Optimiz
         lr_decay_style="cosine", start_wd=optim.weight_decay, end_wd=optim.weight_decay,
         wd_incr_steps=1, wd_incr_style="constant",
     )
+
+
+def setup_training(model: torch.nn.Module, optim: OptimConfig, parallel: ParallelConfig, precision: PrecisionConfig):
+    """DDP-wrapped model chunks, their optimizer and its schedule (freeze the model before this)."""
+    chunks = [wrap_ddp(model, parallel)]
+    optimizer = build_optimizer(chunks, optim, parallel, precision)
+    return chunks, optimizer, build_scheduler(optimizer, optim)

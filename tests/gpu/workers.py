@@ -10,7 +10,7 @@ from sail_megatron.data.synthetic import IMG_CONTEXT, SyntheticConfig, Synthetic
 from sail_megatron.model.build import build_model
 from sail_megatron.model.presets import get_preset
 from sail_megatron.platform import cpu_emulation_installed, destroy_distributed, detect_backends, init_distributed
-from sail_megatron.training.optimizer import OptimConfig, build_optimizer, build_scheduler, wrap_ddp
+from sail_megatron.training.optimizer import OptimConfig, setup_training
 from sail_megatron.training.step import train_step
 
 
@@ -24,10 +24,7 @@ def train_tiny_on_gpu(fp8: Optional[str] = None, steps: int = 4) -> dict:
         cfg = get_preset("tiny")
         cfg.image_context_token_id = IMG_CONTEXT
         model = build_model(cfg, parallel, precision)
-        chunks = [wrap_ddp(model, parallel)]
-        optim = OptimConfig(lr=1e-3)
-        optimizer = build_optimizer(chunks, optim, parallel, precision)
-        scheduler = build_scheduler(optimizer, optim)
+        chunks, optimizer, scheduler = setup_training(model, OptimConfig(lr=1e-3), parallel, precision)
         data = SyntheticImageCaptions(SyntheticConfig(
             seq_length=128, micro_batch_size=2, image_size=cfg.vision.image_size,
             tokens_per_tile=cfg.tokens_per_tile, vocab_size=cfg.language.vocab_size)).micro_batches(

@@ -12,7 +12,7 @@ from sail_megatron.model.build import build_model
 from sail_megatron.model.presets import get_preset
 from sail_megatron.platform import destroy_distributed, init_distributed
 from sail_megatron.training.freezing import apply_freezing
-from sail_megatron.training.optimizer import OptimConfig, build_optimizer, build_scheduler, wrap_ddp
+from sail_megatron.training.optimizer import OptimConfig, setup_training
 from sail_megatron.data.batch import Batch
 from sail_megatron.training.step import masked_token_loss, packed_seq_params, train_step
 
@@ -119,10 +119,8 @@ def train_steps(steps: int, num_microbatches: int, trainable: Optional[List[str]
     try:
         apply_freezing(model, FreezeConfig(trainable=trainable or ["vision", "projector", "language"]))
         initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-        chunks = [wrap_ddp(model, parallel)]
         optim = OptimConfig(lr=1e-3, warmup_steps=0, decay_steps=100)
-        optimizer = build_optimizer(chunks, optim, parallel, PrecisionConfig(dtype="fp32"))
-        scheduler = build_scheduler(optimizer, optim)
+        chunks, optimizer, scheduler = setup_training(model, optim, parallel, PrecisionConfig(dtype="fp32"))
         data = _data(cfg).micro_batches(parallel_state.get_data_parallel_rank(),
                                         parallel_state.get_data_parallel_world_size(), num_microbatches)
         losses = [train_step(chunks, optimizer, scheduler, data, num_microbatches, SEQ, MBS).loss
