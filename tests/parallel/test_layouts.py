@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from sail_megatron.platform import detect_backends
 from tests.helpers.multiprocess import run_on_ranks
 from tests.parallel import workers
 
@@ -18,15 +19,22 @@ def reference(tmp_path_factory):
     return weights, result
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2pp2"])
-def test_layout_matches_single_process(reference, tmp_path, tp, pp):
+# Sequence parallelism needs TE (or apex) norms, so it runs where two GPUs and TE are present.
+_SP = pytest.mark.skipif(not (detect_backends().layer_backend == "te" and torch.cuda.device_count() >= 2),
+                         reason="sequence parallel needs Transformer Engine layers on 2 GPUs")
+
+
+@pytest.mark.parametrize("tp,pp,sp", [(2, 1, False), (1, 2, False), (2, 2, False),
+                                      pytest.param(2, 1, True, marks=[pytest.mark.gpu, _SP])],
+                         ids=["tp2", "pp2", "tp2pp2", "tp2sp"])
+def test_layout_matches_single_process(reference, tmp_path, tp, pp, sp):
     weights, ref = reference
     dead = [n for n, g in ref["grads"].items() if not g.abs().sum() > 0]
     assert not dead, f"the reference gives these parameters no gradient, so comparing them proves nothing: {dead}"
     grads_dir = tmp_path / "grads"
     grads_dir.mkdir()
     grads_dir = str(grads_dir)
-    outputs = run_on_ranks(workers.layout_run, tp * pp, tp, pp, weights, grads_dir)
+    outputs = run_on_ranks(workers.layout_run, tp * pp, tp, pp, weights, grads_dir, sp)
     (out,) = [o for o in outputs if o is not None]
     torch.testing.assert_close(out["logits"], ref["logits"], atol=LOGIT_ATOL, rtol=0)
     torch.testing.assert_close(out["losses"], ref["losses"], atol=LOGIT_ATOL, rtol=0)
@@ -34,3 +42,8 @@ def test_layout_matches_single_process(reference, tmp_path, tp, pp):
     assert grads.keys() == ref["grads"].keys()
     for name, g in ref["grads"].items():
         torch.testing.assert_close(grads[name], g, rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_sequence_parallel_without_te_is_a_config_error():
+    (message,) = run_on_ranks(workers.sequence_parallel_build_error, 2)[:1]
+    assert message.startswith("parallel.sequence_parallel:") and "Fix:" in message

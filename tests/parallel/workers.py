@@ -19,8 +19,8 @@ from sail_megatron.training.step import masked_token_loss, packed_seq_params, tr
 SEQ, MBS = 96, 2
 
 
-def _setup(tp: int = 1, pp: int = 1, seed: int = 1234):
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+def _setup(tp: int = 1, pp: int = 1, seed: int = 1234, sp: bool = False):
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp)
     init_distributed(parallel, seed=seed)
     cfg = get_preset("tiny")
     cfg.image_context_token_id = IMG_CONTEXT
@@ -85,9 +85,9 @@ def reference_run(weights_dir: str) -> Dict:
         destroy_distributed()
 
 
-def layout_run(tp: int, pp: int, weights_dir: str, grads_dir: str) -> Dict:
-    """Same weights and batch under TP x PP; gradients are written as a (reshardable) checkpoint."""
-    cfg, _, model = _setup(tp, pp)
+def layout_run(tp: int, pp: int, weights_dir: str, grads_dir: str, sp: bool = False) -> Dict:
+    """Same weights and batch under TP x PP (x SP); gradients are written as a (reshardable) checkpoint."""
+    cfg, _, model = _setup(tp, pp, sp=sp)
     try:
         _load(model, weights_dir)
         batch = _fixed_batch(cfg)
@@ -167,5 +167,18 @@ def packed_vs_alone(tp: int, pp: int, weights_dir: str) -> Optional[Dict]:
                "alone_losses": [_run_schedule(model, b, True, True) for b in alone]}
         last = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
         return out if last else None
+    finally:
+        destroy_distributed()
+
+
+def sequence_parallel_build_error() -> str:
+    """The ConfigError message for SP on megatron-core's local (torch) norms."""
+    from sail_megatron.config import ConfigError
+
+    try:
+        _setup(2, 1, sp=True)
+        return "built"
+    except ConfigError as e:
+        return str(e)
     finally:
         destroy_distributed()
