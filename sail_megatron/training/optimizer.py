@@ -1,6 +1,5 @@
 """Wraps a model stage in megatron-core DDP and builds the (distributed) optimizer for it."""
 
-from dataclasses import dataclass
 from typing import List
 
 import torch
@@ -9,21 +8,7 @@ from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_mega
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from sail_megatron.config import ParallelConfig, PrecisionConfig
-
-
-@dataclass
-class OptimConfig:
-    """AdamW with warmup + cosine decay (fuller schedules arrive with the training driver)."""
-
-    lr: float = 1e-4
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    warmup_steps: int = 0
-    decay_steps: int = 1000
+from sail_megatron.config.optim import OptimConfig
 
 
 def wrap_ddp(model: torch.nn.Module, parallel: ParallelConfig) -> DistributedDataParallel:

@@ -1,0 +1,91 @@
+"""Nested dicts (YAML recipes plus `dotted.key=value` overrides) -> typed, checked dataclasses.
+
+Unknown keys and values of the wrong type are errors that name the dotted key; nothing is evaluated
+(values are parsed with yaml.safe_load only).
+"""
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Type, TypeVar
+
+import yaml
+
+from sail_megatron.config.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp, key: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping for {_type_name(tp)}, got {value!r}", "write a nested section")
+        return from_dict(tp, value, key)
+    if origin in (list, List, Sequence):
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {value!r}", "write a YAML list, e.g. [a, b]")
+        return [_coerce(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 3e-5 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp is bool and not isinstance(value, bool) or tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}", f"write a {_type_name(tp)}")
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}", f"write a {_type_name(tp)}")
+    return value
+
+
+def from_dict(cls: Type[T], data: Dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from `data`; missing keys keep their defaults."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in (data or {}).items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            raise ConfigError(dotted, "unknown key", f"use one of {sorted(fields)}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """`a.b.c=value` strings (value parsed as YAML) applied to a nested dict, in order."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "an override needs the form dotted.key=value", "e.g. optim.lr=1e-4")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(dotted, f"{k} is not a section", "override a leaf key")
+        node[keys[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_yaml(path: Path) -> Dict[str, Any]:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "a recipe must be a YAML mapping", "start the file with top-level keys")
+    return data
+
+
+def to_dict(obj) -> Dict[str, Any]:
+    return dataclasses.asdict(obj)

@@ -1,0 +1,128 @@
+"""A training recipe: model preset, parallel layout, precision, freezing, data, optimizer and run.
+
+Recipes are YAML files (examples/configs/); a recipe may `inherit:` another (path relative to itself)
+and command-line overrides use dotted keys (`optim.lr=2e-5`). `python -m sail_megatron.config.train
+--config RECIPE.yaml [key=value ...]` prints the resolved config.
+"""
+
+import argparse
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import yaml
+
+from sail_megatron.config.data import DataConfig
+from sail_megatron.config.errors import ConfigError
+from sail_megatron.config.freezing import FreezeConfig
+from sail_megatron.config.loading import apply_overrides, from_dict, load_yaml
+from sail_megatron.config.model import ModelConfig
+from sail_megatron.config.optim import OptimConfig
+from sail_megatron.config.parallel import ParallelConfig
+from sail_megatron.config.precision import PrecisionConfig
+
+
+@dataclass
+class RunConfig:
+    """The run itself: length, batch, where it writes, what it starts from."""
+
+    train_steps: int = 1000
+    global_batch_size: int = 8
+    """Rows (packed micro-batches of seq_length tokens) per optimizer step, over all data-parallel ranks."""
+    seed: int = 1234
+    log_interval: int = 1
+    save_dir: str = "runs/default"
+    save_interval: int = 1000
+    keep_last: int = 3
+    """Checkpoints kept (older ones are deleted once a newer one is complete)."""
+    init_from: Optional[str] = None
+    """Checkpoint of the previous stage (or a converted Hugging Face model) to start from."""
+
+    def validate(self) -> None:
+        for name in ("train_steps", "global_batch_size", "log_interval", "save_interval", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"run.{name}", f"must be >= 1, got {getattr(self, name)}", "set a positive value")
+
+
+@dataclass
+class TrainConfig:
+    model_preset: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def num_microbatches(self, world_size: int) -> int:
+        per_step = self.data.micro_batch_size * self.parallel.data_parallel_size(world_size)
+        if self.run.global_batch_size % per_step:
+            raise ConfigError("run.global_batch_size", f"{self.run.global_batch_size} is not a multiple of "
+                              f"micro_batch_size x data-parallel size = {per_step}",
+                              f"use a multiple of {per_step} or change the layout")
+        return self.run.global_batch_size // per_step
+
+    def validate(self, world_size: int, has_cuda: bool, has_te: bool) -> None:
+        """Every check, before any process group exists."""
+        self.model.validate()
+        self.parallel.validate(self.model, world_size)
+        self.precision.validate(has_cuda=has_cuda, has_te=has_te)
+        self.freeze.validate()
+        self.data.validate()
+        self.optim.validate()
+        self.run.validate()
+        self.num_microbatches(world_size)
+
+
+def _merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _read_recipe(path: Path, seen: tuple = ()) -> Dict[str, Any]:
+    path = Path(path).resolve()
+    if path in seen:
+        raise ConfigError("inherit", f"{path} inherits itself", "break the inheritance cycle")
+    data = load_yaml(path)
+    parent = data.pop("inherit", None)
+    return _merge(_read_recipe(path.parent / parent, seen + (path,)), data) if parent else data
+
+
+def resolve(data: Dict[str, Any]) -> TrainConfig:
+    """A resolved dict -> TrainConfig; `model` starts from the named preset and takes overrides."""
+    from sail_megatron.model.presets import PRESETS, get_preset
+
+    data = copy.deepcopy(data)
+    preset = data.pop("model_preset", "tiny")
+    if preset not in PRESETS:
+        raise ConfigError("model_preset", f"unknown preset {preset!r}", f"use one of {sorted(PRESETS)}")
+    model = _merge(dataclasses.asdict(get_preset(preset)), data.pop("model", {}) or {})
+    cfg = from_dict(TrainConfig, {**data, "model": {}})
+    cfg.model = from_dict(ModelConfig, model, "model")
+    cfg.model_preset = preset
+    return cfg
+
+
+def load_train_config(path, overrides: Sequence[str] = ()) -> TrainConfig:
+    return resolve(apply_overrides(_read_recipe(Path(path)), overrides))
+
+
+def dump(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Print a recipe resolved with its overrides.")
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", help="dotted.key=value")
+    args = p.parse_args(argv)
+    print(dump(load_train_config(args.config, args.overrides)), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Every recipe in examples/configs loads and validates; overrides and errors name their keys."""
+
+from pathlib import Path
+
+import pytest
+
+from sail_megatron.config import ConfigError
+from sail_megatron.config.train import load_train_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
+RECIPES = sorted(p for p in CONFIGS.glob("*/*.yaml") if not p.name.startswith("_"))
+# World sizes the recipes are written for: tiny on 4 CPU processes, H100 recipes on one and two nodes.
+WORLD = {"tiny": (4, False, False), "sail-vl-2b": (8, True, True), "sail-vl-8b": (16, True, True)}
+STAGES = ["1-pretrain-alignment", "2-pretrain-advance", "3-sft-knowledge", "4-sft-instruction", "5-sft-preference"]
+TRAINABLE = {"1": ["projector"], "2": ["vision", "projector"], "3": ["vision", "projector", "language"],
+             "4": ["vision", "projector", "language"], "5": ["vision", "projector", "language"]}
+
+
+def test_every_stage_exists_for_every_size():
+    assert {(p.parent.name, p.stem) for p in RECIPES} == {(s, st) for s in WORLD for st in STAGES}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_recipe_validates(recipe):
+    cfg = load_train_config(recipe)
+    world, cuda, te = WORLD[recipe.parent.name]
+    cfg.validate(world_size=world, has_cuda=cuda, has_te=te)
+    assert cfg.model_preset == recipe.parent.name
+    assert cfg.freeze.trainable == TRAINABLE[recipe.stem[0]]
+    assert cfg.data.packing and cfg.data.micro_batch_size == 1
+
+
+@pytest.mark.parametrize("size", sorted(WORLD))
+def test_stages_chain_through_checkpoints(size):
+    cfgs = [load_train_config(CONFIGS / size / f"{s}.yaml") for s in STAGES]
+    for prev, cur in zip(cfgs, cfgs[1:]):
+        assert cur.run.init_from == prev.run.save_dir
+
+
+def test_sizes_carry_the_real_dimensions():
+    two, eight = (load_train_config(CONFIGS / s / "3-sft-knowledge.yaml") for s in ("sail-vl-2b", "sail-vl-8b"))
+    assert (two.model.language.hidden_size, eight.model.language.hidden_size) == (1536, 3584)
+    assert two.model.vision.select_layer == -4 and eight.parallel.sequence_parallel
+
+
+def test_dotted_overrides(tmp_path):
+    cfg = load_train_config(CONFIGS / "tiny" / "3-sft-knowledge.yaml",
+                            ["optim.lr=3e-5", "model.vision.select_layer=-2", "run.init_from=null"])
+    assert cfg.optim.lr == 3e-5 and cfg.model.vision.select_layer == -2 and cfg.run.init_from is None
+
+
+@pytest.mark.parametrize("override,field", [("optim.lrr=1", "optim.lrr"), ("model.language.heads=2", "model.language.heads"),
+                                            ("run.train_steps=many", "run.train_steps"),
+                                            ("parallel.sequence_parallel=3", "parallel.sequence_parallel"),
+                                            ("freeze.trainable=projector", "freeze.trainable"),
+                                            ("model_preset=sail-vl-99b", "model_preset"), ("optim.lr", "optim.lr")])
+def test_bad_keys_and_values_name_the_key(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_train_config(CONFIGS / "tiny" / "1-pretrain-alignment.yaml", [override])
+    assert e.value.field == field
+
+
+def test_inheritance_cycle(tmp_path):
+    (tmp_path / "a.yaml").write_text("inherit: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("inherit: a.yaml\n")
+    with pytest.raises(ConfigError, match="inherits itself"):
+        load_train_config(tmp_path / "a.yaml")
+
+
+def test_global_batch_must_divide(tmp_path):
+    cfg = load_train_config(CONFIGS / "sail-vl-2b" / "3-sft-knowledge.yaml", ["run.global_batch_size=100"])
+    with pytest.raises(ConfigError) as e:
+        cfg.validate(world_size=64, has_cuda=True, has_te=True)
+    assert e.value.field == "run.global_batch_size"
