@@ -182,3 +182,42 @@ def sequence_parallel_build_error() -> str:
         return str(e)
     finally:
         destroy_distributed()
+
+
+def train_with_checkpoint(total_steps: int, save_at: Optional[int], resume_from: Optional[str], save_dir: str,
+                          tp: int = 1, pp: int = 1) -> Dict:
+    """Train the tiny model; optionally save at step `save_at`, or resume from `resume_from` first.
+    Returns the losses of the steps this call ran and the final weights of rank 0's stage."""
+    from sail_megatron.training.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
+
+    cfg, parallel, model = _setup(tp, pp)
+    try:
+        optim = OptimConfig(lr=1e-3, warmup_steps=1, decay_steps=10)
+        chunks, optimizer, scheduler = setup_training(model, optim, parallel, PrecisionConfig(dtype="fp32"))
+        start = 0
+        if resume_from is not None:
+            loaded = load_checkpoint(resume_from, chunks, optimizer, scheduler)
+            start = loaded["iteration"]
+            restore_rng_state(loaded["rank_state"]["rng"])
+        data = _data(cfg).micro_batches(parallel_state.get_data_parallel_rank(),
+                                        parallel_state.get_data_parallel_world_size(), 1, start_step=start)
+        losses = []
+        for step in range(start, total_steps):
+            losses.append(train_step(chunks, optimizer, scheduler, data, 1, SEQ, MBS).loss)
+            if save_at is not None and step + 1 == save_at:
+                save_checkpoint(save_dir, step + 1, chunks, optimizer, scheduler, keep_last=2)
+        return {"losses": losses, "final": {n: p.detach().clone() for n, p in model.named_parameters()},
+                "lr": scheduler.get_lr(optimizer.param_groups[0])}
+    finally:
+        destroy_distributed()
+
+
+def read_training_checkpoint_model(directory: str) -> Dict[str, torch.Tensor]:
+    """World 1: the model weights of a training checkpoint (any layout), as full tensors."""
+    _, _, model = _setup()
+    try:
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, directory)
+        model.load_state_dict(state["model"])
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+    finally:
+        destroy_distributed()
