@@ -34,6 +34,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "sail-train=sail_megatron.train:main",
             "sail-demo=sail_megatron.demo:main",
             "sail-data=sail_megatron.data.cli:main",
         ],

@@ -8,6 +8,7 @@ the shard and key, and counted; the counts travel with the next batch to the tra
 """
 
 import logging
+import zlib
 from collections import Counter
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -58,6 +59,13 @@ def sample_id(sample: VLSample) -> str:
     return f"{Path(str(sources[0].dataset_path)).name}/{sources[0].shard_name}/{sample.__key__}"
 
 
+@dataclass
+class PackedRow:
+    """The samples planned into one packed row."""
+
+    samples: List[EncodedSample]
+
+
 class _SailVLEncoding(TaskEncoder[VLSample, EncodedSample, RawBatch, RawBatch]):
     """What both encoders share: cooking, tokenizing from headers, counted skips."""
 
@@ -96,6 +104,7 @@ class _SailVLEncoding(TaskEncoder[VLSample, EncodedSample, RawBatch, RawBatch]):
             self._skip(sample, "too_many_tiles", f"{encoded.num_tiles} tiles > max_tiles_per_pack={cfg.max_tiles_per_pack}")
         self._conversions.update(encoded.notes)
         encoded.key = sample_id(sample)
+        encoded.__restore_key__ = sample.__restore_key__  # energon re-creates buffered samples from it on resume
         return encoded
 
     def _raw_batch(self, rows: List[List[EncodedSample]]) -> RawBatch:
@@ -149,16 +158,16 @@ class PackedTaskEncoder(_SailVLEncoding):
     def __init__(self, *args, seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.seed = seed
-        self._plans = 0
 
     @stateless
     def preencode_sample(self, sample: VLSample) -> EncodedSample:
         return self._encode(sample)
 
     def select_samples_to_pack(self, samples: List[EncodedSample]) -> List[List[EncodedSample]]:
+        # The seed is a function of the buffer itself, so a resumed loader re-plans identically.
+        seed = (self.seed * 1_000_003 + zlib.crc32("|".join(s.key for s in samples).encode())) % 2**31
         plan = plan_packs([s.num_tokens for s in samples], [s.num_tiles for s in samples],
-                          self.cfg.seq_length, self.cfg.max_tiles_per_pack, seed=self.seed + self._plans)
-        self._plans += 1
+                          self.cfg.seq_length, self.cfg.max_tiles_per_pack, seed=seed)
         for i in plan.oversized:  # cannot happen after _encode's checks; never drop silently if it does
             self._skipped["oversized"] += 1
             logger.warning("skipping sample %s: oversized for the pack budgets", samples[i].key)
@@ -168,14 +177,16 @@ class PackedTaskEncoder(_SailVLEncoding):
     def postencode_sample(self, sample: EncodedSample) -> EncodedSample:
         return sample
 
-    def pack_selected_samples(self, samples: List[EncodedSample]) -> List[EncodedSample]:
-        return samples
+    def pack_selected_samples(self, samples: List[EncodedSample]) -> PackedRow:
+        row = PackedRow(samples)
+        row.__restore_key__ = ()  # energon prefixes the keys it needs to rebuild this pack on resume
+        return row
 
-    def batch(self, packs: List[List[EncodedSample]]) -> RawBatch:
+    def batch(self, packs: List["PackedRow"]) -> RawBatch:
         if len(packs) != 1:
             raise ValueError(f"packed training takes one packed row per micro-batch, got {len(packs)}")
-        batch = self._raw_batch(packs)
-        lengths = [smp.num_tokens for smp in packs[0]]
+        batch = self._raw_batch([packs[0].samples])
+        lengths = [smp.num_tokens for smp in packs[0].samples]
         used = sum(lengths)
         if used < self.cfg.seq_length:
             lengths.append(self.cfg.seq_length - used)  # the tail padding is a segment of its own

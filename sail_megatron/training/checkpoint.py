@@ -66,6 +66,7 @@ def _materialize_adam_state(optimizer) -> None:
 
 
 def _sharded_state(chunks, optimizer, is_loading: bool) -> Dict[str, Any]:
+    install_torch_adam_checkpoint_fix()
     model_sd = _unwrap(chunks[0]).sharded_state_dict()
     sd = {"model": model_sd}
     if optimizer is not None:
@@ -112,7 +113,6 @@ def load_checkpoint(path, chunks: List[torch.nn.Module], optimizer=None, schedul
     """Load into this layout (any TP/PP/DP for model and optimizer). Returns iteration, common state
     and this rank's saved state (None when the checkpoint was written by a different world size)."""
     directory = resolve_checkpoint(path)
-    install_torch_adam_checkpoint_fix()
     common = dist_checkpointing.load_common_state_dict(str(directory))
     sd = _sharded_state(chunks, optimizer, is_loading=True)
     same_world = common.get("content_metadata", {}).get("world_size") == dist.get_world_size()

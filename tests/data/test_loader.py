@@ -109,15 +109,16 @@ def two_datasets(tmp_path_factory):
     return root
 
 
-def test_resume_from_saved_state_gives_the_same_batches(two_datasets, tokenizer_dir):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_resume_from_saved_state_gives_the_same_batches(two_datasets, tokenizer_dir, packing):
     path = two_datasets / "sft"
-    loader = _loader(path, tokenizer_dir, num_workers=1, shuffle=8)
+    loader = _loader(path, tokenizer_dir, num_workers=1, shuffle=8, packing=packing, buffer=8)
     it = iter(loader)
     for _ in range(5):
         next(it)
     state = loader.save_state_rank()
     expected = [next(it) for _ in range(6)]
-    resumed = iter(_loader(path, tokenizer_dir, num_workers=1, shuffle=8, state=state))
+    resumed = iter(_loader(path, tokenizer_dir, num_workers=1, shuffle=8, state=state, packing=packing, buffer=8))
     got = [next(resumed) for _ in range(6)]
     assert [b.keys for b in got] == [b.keys for b in expected]
     assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(got, expected))
