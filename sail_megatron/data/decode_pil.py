@@ -10,9 +10,7 @@ from PIL import Image
 
 from sail_megatron.data.image_io import decode_rgb
 from sail_megatron.data.tiling import TilePlan
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from sail_megatron.kernels.tile_normalize import IMAGENET_MEAN, IMAGENET_STD, normalize_hwc_reference  # noqa: F401
 
 
 def cut_tiles(image: Image.Image, plan: TilePlan, tile_size: int) -> torch.Tensor:
@@ -40,10 +38,8 @@ def normalize_tiles(tiles_uint8: torch.Tensor, dtype: torch.dtype = torch.float3
     """
     if tiles_uint8.dtype != torch.uint8 or tiles_uint8.dim() != 4 or tiles_uint8.shape[1] != 3:
         raise ValueError(f"expected uint8 [N, 3, S, S], got {tiles_uint8.dtype} {tuple(tiles_uint8.shape)}")
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
-    x = tiles_uint8.to(torch.float32).div_(255).sub_(mean).div_(std)
-    return x.to(dtype)
+    # One normalization for the whole project: the tile kernel's PyTorch reference (same op order).
+    return normalize_hwc_reference(tiles_uint8.permute(0, 2, 3, 1), dtype=dtype)
 
 
 class PilTileDecoder:
