@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 DEMO_DATA ?= demo_data
 
-.PHONY: demo test venv clean
+.PHONY: demo stages test venv clean
 
 venv: $(STAMP)
 
@@ -21,14 +21,27 @@ $(STAMP): requirements.txt requirements-dev.txt setup.py
 $(DEMO_DATA)/blend.yaml: $(STAMP)
 	$(VENV)/bin/sail-data demo --out $(DEMO_DATA) --overwrite
 
-# A tiny SAIL-VL trained on the CPU by 4 processes (tensor parallel 2 x pipeline parallel 2) on the demo data.
+# A tiny SAIL-VL trained on the CPU by 4 processes (tensor parallel 2 x pipeline parallel 2) on the demo
+# data, through the same driver and launch script as a cluster run. Starts fresh each time.
+LAUNCH := GPUS_PER_NODE=4 TORCHRUN=$(VENV)/bin/torchrun bash examples/launch/single_node.sh
+DEMO_ARGS := data.tokenizer=$(DEMO_DATA)/raw/tokenizer
+
 demo: $(STAMP) $(DEMO_DATA)/blend.yaml
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 4 -m sail_megatron.demo --tp 2 --pp 2 --steps 40 \
-		--data $(DEMO_DATA)/blend.yaml --tokenizer $(DEMO_DATA)/raw/tokenizer --seq-length 512 \
-		--micro-batch-size 1 --num-microbatches 4 --lr 3e-3
+	rm -rf runs/tiny/demo
+	$(LAUNCH) examples/configs/tiny/demo.yaml $(DEMO_ARGS) data.path=$(DEMO_DATA)/blend.yaml
+	@echo "curves: runs/tiny/demo/curves.png   TensorBoard: $(VENV)/bin/tensorboard --logdir runs/tiny/demo/tensorboard"
+
+# The five SAIL-VL stages in a row on the tiny model, each starting from the previous stage's checkpoint.
+STAGES := 1-pretrain-alignment 2-pretrain-advance 3-sft-knowledge 4-sft-instruction 5-sft-preference
+stages: $(STAMP) $(DEMO_DATA)/blend.yaml
+	rm -rf $(addprefix runs/tiny/,$(STAGES))
+	for s in $(STAGES); do \
+		data=$$(case $$s in *pretrain*) echo captions;; *) echo sft;; esac); \
+		$(LAUNCH) examples/configs/tiny/$$s.yaml $(DEMO_ARGS) data.path=$(DEMO_DATA)/$$data || exit 1; \
+	done
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) build *.egg-info $(DEMO_DATA)
+	rm -rf $(VENV) build *.egg-info $(DEMO_DATA) runs

@@ -3,30 +3,44 @@
 Resolves and validates the recipe before any process group exists, builds this rank's model stage,
 freezes by stage, starts from `run.init_from` (the previous stage's weights) or resumes exactly from
 the run's own latest checkpoint (model, optimizer, scheduler, RNG and loader state), trains on packed
-micro-batches and saves every `run.save_interval` steps.
+micro-batches, logs (console, TensorBoard, metrics.jsonl, curves.png) and saves every
+`run.save_interval` steps, on SIGTERM/SIGUSR1, and at the end. Steps with a NaN/Inf loss or gradient
+are skipped; `run.max_nonfinite_steps` of them in a row stop the run with exit code 1.
 """
 
 import argparse
+import dataclasses
 import logging
+import sys
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from sail_megatron.config import ConfigError
-from sail_megatron.config.train import dump, load_train_config
+from sail_megatron.config.optim import PARTS
+from sail_megatron.config.train import TrainConfig, dump, load_train_config
 from sail_megatron.data.decode import BatchMaterializer, build_tile_decoder
 from sail_megatron.data.loader import build_train_loader
 from sail_megatron.data.tokenizer import load_tokenizer
 from sail_megatron.model.build import build_model
 from sail_megatron.platform import destroy_distributed, detect_backends, init_distributed, read_dist_env
 from sail_megatron.training.checkpoint import LATEST, load_checkpoint, restore_rng_state, save_checkpoint
+from sail_megatron.training.flops import peak_flops
 from sail_megatron.training.freezing import apply_freezing
-from sail_megatron.training.optimizer import setup_training
+from sail_megatron.training.graceful_stop import GracefulStop
+from sail_megatron.training.metered_data import MeteredData
+from sail_megatron.training.monitor import TrainingMonitor
+from sail_megatron.training.optimizer import part_learning_rates, setup_training
 from sail_megatron.training.step import train_step
 
 logger = logging.getLogger("sail_megatron.train")
+
+
+class NonFiniteStop(RuntimeError):
+    """Too many consecutive steps had a NaN/Inf loss or gradient."""
 
 
 def prepare_config(args, world_size: int):
@@ -42,32 +56,31 @@ def prepare_config(args, world_size: int):
     return cfg, tokenizer
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
-    p.add_argument("overrides", nargs="*", help="dotted.key=value")
-    args = p.parse_args(argv)
-    env = read_dist_env()
-    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    cfg, tokenizer = prepare_config(args, env.world_size)
-    run = cfg.run
-    save_dir = Path(run.save_dir)
+def _device_peak_flops(cfg: TrainConfig):
+    if cfg.run.peak_tflops:
+        return cfg.run.peak_tflops * 1e12
+    if not torch.cuda.is_available() or cfg.precision.dtype not in ("bf16", "fp16"):
+        return None  # MFU is quoted against tensor-core peaks; CPU and fp32 runs report TFLOP/s only
+    return peak_flops(torch.cuda.get_device_name(), "fp8" if cfg.precision.fp8 else cfg.precision.dtype)
 
-    init_distributed(cfg.parallel, seed=run.seed)
+
+def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
+    env, run = read_dist_env(), cfg.run
+    save_dir = Path(run.save_dir)
     if env.is_main:
         save_dir.mkdir(parents=True, exist_ok=True)
         (save_dir / "config.yaml").write_text(dump(cfg))
+    stop = GracefulStop()  # before the slow setup: a signal during it still saves at the first step
     model = build_model(cfg.model, cfg.parallel, cfg.precision)
     apply_freezing(model, cfg.freeze)
     model.to(env.device)
     chunks, optimizer, scheduler = setup_training(model, cfg.optim, cfg.parallel, cfg.precision)
 
-    start, loader_state = 0, None
+    start, loader_state, samples_before = 0, None, 0
     if (save_dir / LATEST).is_file():
         loaded = load_checkpoint(save_dir, chunks, optimizer, scheduler)
         start = loaded["iteration"]
+        samples_before = loaded["common"].get("consumed_samples", 0)
         if loaded["rank_state"] is not None:
             restore_rng_state(loaded["rank_state"]["rng"])
             loader_state = loaded["rank_state"].get("loader")
@@ -83,26 +96,77 @@ def main(argv=None) -> None:
                                 seed=run.seed, state=loader_state)
     materialize = BatchMaterializer(build_tile_decoder(cfg.data.decoder, env.device), tile, env.device,
                                     cfg.model.tokens_per_tile, tokenizer.ids.img_context)
-    data = (materialize(raw) for raw in loader)
-    slots = run.global_batch_size * cfg.data.seq_length
+    data = MeteredData(loader, materialize, cfg.model, tuple(p in cfg.freeze.trainable for p in PARTS))
+    monitor = TrainingMonitor(save_dir, run.train_steps, start, run.log_interval, _device_peak_flops(cfg),
+                              tensorboard=run.tensorboard)
     logger.info("training %s (%s) steps %d..%d: world %d = TP %d x PP %d x DP %d, %d micro-batches per step",
-                args.config, cfg.model_preset, start, run.train_steps, env.world_size,
+                config_path, cfg.model_preset, start, run.train_steps, env.world_size,
                 cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size, dp_size, num_micro)
-    for step in range(start, run.train_steps):
-        began = time.perf_counter()
-        result = train_step(chunks, optimizer, scheduler, data, num_micro, cfg.data.seq_length,
-                            cfg.data.micro_batch_size)
-        elapsed = time.perf_counter() - began
-        if env.is_main and (step + 1) % run.log_interval == 0:
-            print(f"step {step + 1:6d}/{run.train_steps} | loss {result.loss:.4f} | grad norm {result.grad_norm:.3f} "
-                  f"| lr {scheduler.get_lr(optimizer.param_groups[0]):.2e} | {elapsed * 1000:.0f} ms | "
-                  f"{slots / elapsed:,.0f} token slots/s | skipped {dict(materialize.skipped) or 0}", flush=True)
-        if (step + 1) % run.save_interval == 0 or step + 1 == run.train_steps:
-            save_checkpoint(save_dir, step + 1, chunks, optimizer, scheduler, keep_last=run.keep_last,
-                            common={"consumed_rows": (step + 1) * run.global_batch_size},
-                            rank_state={"loader": loader.save_state_rank()})
-    dist.barrier()
-    destroy_distributed()
+
+    def save(step: int) -> None:
+        samples = torch.tensor([data.samples_consumed], dtype=torch.int64, device=env.device)
+        dist.all_reduce(samples, group=parallel_state.get_data_parallel_group())
+        save_checkpoint(save_dir, step, chunks, optimizer, scheduler, keep_last=run.keep_last,
+                        common={"consumed_rows": step * run.global_batch_size,
+                                "consumed_samples": samples_before + int(samples.item()),
+                                "model_config": dataclasses.asdict(cfg.model)},
+                        rank_state={"loader": loader.save_state_rank()})
+
+    step, in_a_row = start, 0
+    try:
+        while step < run.train_steps:
+            began = time.perf_counter()
+            result = train_step(chunks, optimizer, scheduler, data, num_micro, cfg.data.seq_length,
+                                cfg.data.micro_batch_size)
+            step += 1
+            monitor.end_step(step, result, time.perf_counter() - began, data.take_tally(),
+                             part_learning_rates(scheduler, cfg.optim), materialize.skipped)
+            in_a_row = in_a_row + 1 if result.skipped else 0
+            if result.skipped and env.is_main:
+                logger.warning("step %d: non-finite loss (%s) or gradient: update skipped (%d in a row, limit %d)",
+                               step, result.loss, in_a_row, run.max_nonfinite_steps)
+            if in_a_row >= run.max_nonfinite_steps:
+                raise NonFiniteStop(f"{in_a_row} consecutive steps had a non-finite loss or gradient (last at step "
+                                    f"{step}); stopping without saving: resume from the last checkpoint in {save_dir} "
+                                    "with a lower optim.lr or check the data")
+            stopping = stop.agreed()
+            if step % run.save_interval == 0 or step == run.train_steps or stopping:
+                save(step)
+            if stopping:
+                logger.warning("received %s: saved the checkpoint at step %d; exiting", stop.received or "a stop signal "
+                               "on another rank", step)
+                break
+    finally:
+        monitor.close()
+    if env.is_main and run.plot:
+        from sail_megatron.training.plot_curves import plot_curves
+
+        logger.info("curves: %s", plot_curves(save_dir))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", help="dotted.key=value")
+    args = p.parse_args(argv)
+    env = read_dist_env()
+    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    try:
+        cfg, tokenizer = prepare_config(args, env.world_size)
+    except (ConfigError, FileNotFoundError) as e:  # before any process group: nothing can hang
+        logger.error("%s", e)
+        sys.exit(2)
+    init_distributed(cfg.parallel, seed=cfg.run.seed)
+    try:
+        train(cfg, tokenizer, args.config)
+        dist.barrier()
+    except NonFiniteStop as e:
+        logger.error("%s", e)
+        sys.exit(1)
+    finally:
+        destroy_distributed()
 
 
 if __name__ == "__main__":

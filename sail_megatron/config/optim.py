@@ -1,29 +1,67 @@
 """Optimizer and learning-rate schedule."""
 
 from dataclasses import dataclass
+from typing import Dict, Optional
 
 from sail_megatron.config.errors import ConfigError
+
+SCHEDULES = ("cosine", "wsd", "constant")
+WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
+PARTS = ("vision", "projector", "language")
 
 
 @dataclass
 class OptimConfig:
-    """AdamW under megatron-core's optimizer, warmup then cosine decay."""
+    """AdamW under megatron-core's (distributed) optimizer; linear warmup, then the chosen schedule."""
 
     lr: float = 1e-4
+    """Peak learning rate of every part without its own `<part>_lr`."""
     min_lr: float = 1e-6
+    """Floor of the decay; a part with its own lr decays to min_lr scaled by <part>_lr / lr."""
+    vision_lr: Optional[float] = None
+    """Peak lr of the vision encoder (SAIL-VL trains the ViT slower than the projector); None: lr."""
+    projector_lr: Optional[float] = None
+    language_lr: Optional[float] = None
     weight_decay: float = 0.05
+    """Decoupled weight decay; never applied to biases and norm weights."""
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     """Global gradient-norm clip (0 disables)."""
+    schedule: str = "cosine"
+    """cosine: warmup then cosine to min_lr over decay_steps; wsd: warmup, hold lr, then anneal to min_lr
+    over the last wsd_decay_steps of decay_steps; constant: warmup then hold."""
     warmup_steps: int = 0
     decay_steps: int = 1000
-    """Steps of the cosine decay from lr to min_lr after warmup."""
+    """Steps after which the lr has reached min_lr (counted from step 0, warmup included)."""
+    wsd_decay_steps: int = 0
+    """wsd only: length of the final anneal."""
+    wsd_decay_style: str = "linear"
+
+    def part_lrs(self) -> Dict[str, float]:
+        """Peak lr per model part."""
+        return {part: getattr(self, f"{part}_lr") or self.lr for part in PARTS}
 
     def validate(self) -> None:
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError("optim.lr", f"lr={self.lr}, min_lr={self.min_lr}", "use 0 <= min_lr <= lr, lr > 0")
-        if self.warmup_steps < 0 or self.decay_steps < 1:
+        for part in PARTS:
+            value = getattr(self, f"{part}_lr")
+            if value is not None and value <= 0:
+                raise ConfigError(f"optim.{part}_lr", f"must be > 0, got {value}", "set a positive lr or null")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError("optim.schedule", f"unknown schedule {self.schedule!r}", f"use one of {SCHEDULES}")
+        if self.warmup_steps < 0 or self.decay_steps <= self.warmup_steps:
             raise ConfigError("optim.decay_steps", f"warmup={self.warmup_steps}, decay={self.decay_steps}",
-                              "use warmup_steps >= 0 and decay_steps >= 1")
+                              "use warmup_steps >= 0 and decay_steps > warmup_steps")
+        if self.schedule == "wsd":
+            if self.wsd_decay_style not in WSD_DECAY_STYLES:
+                raise ConfigError("optim.wsd_decay_style", f"unknown style {self.wsd_decay_style!r}",
+                                  f"use one of {WSD_DECAY_STYLES}")
+            if not 0 < self.wsd_decay_steps <= self.decay_steps - self.warmup_steps:
+                raise ConfigError("optim.wsd_decay_steps", f"{self.wsd_decay_steps} with warmup {self.warmup_steps} "
+                                  f"and decay_steps {self.decay_steps}",
+                                  "use 0 < wsd_decay_steps <= decay_steps - warmup_steps")
+        if self.clip_grad < 0:
+            raise ConfigError("optim.clip_grad", f"must be >= 0, got {self.clip_grad}", "use 0 to disable clipping")

@@ -1,6 +1,7 @@
 """How a model is laid out over processes: tensor, pipeline and data parallelism."""
 
 from dataclasses import dataclass
+from typing import Optional
 
 from sail_megatron.config.errors import ConfigError
 from sail_megatron.config.model import ModelConfig
@@ -20,6 +21,16 @@ class ParallelConfig:
     """Overlap the data-parallel gradient reduce with the backward pass (GPU clusters)."""
     overlap_param_gather: bool = False
     """Overlap the distributed optimizer's parameter all-gather with the next forward (GPU clusters)."""
+    recompute_granularity: Optional[str] = None
+    """Activation recomputation in the language model: None (keep all activations), "selective"
+    (recompute attention's core only: cheap, saves the s^2-sized activations) or "full" (whole layers)."""
+    recompute_method: str = "uniform"
+    """full only: "uniform" checkpoints groups of recompute_num_layers layers; "block" recomputes the
+    first recompute_num_layers layers of each pipeline stage and keeps the rest."""
+    recompute_num_layers: int = 1
+    recompute_vision: bool = False
+    """Recompute every ViT layer in the backward pass (many tiles per micro-batch make the ViT's
+    activations the largest; only useful when the ViT trains)."""
 
     @property
     def model_parallel_size(self) -> int:
@@ -56,3 +67,13 @@ class ParallelConfig:
         if self.sequence_parallel and tp == 1:
             raise ConfigError("parallel.sequence_parallel", "needs tensor_model_parallel_size > 1",
                               "turn it off or raise TP")
+        if self.recompute_granularity not in (None, "selective", "full"):
+            raise ConfigError("parallel.recompute_granularity", f"unknown value {self.recompute_granularity!r}",
+                              "use null, selective or full")
+        if self.recompute_method not in ("uniform", "block"):
+            raise ConfigError("parallel.recompute_method", f"unknown value {self.recompute_method!r}",
+                              "use uniform or block")
+        per_stage = lang.num_layers // pp
+        if self.recompute_granularity == "full" and not 1 <= self.recompute_num_layers <= per_stage:
+            raise ConfigError("parallel.recompute_num_layers", f"{self.recompute_num_layers} with {per_stage} language "
+                              f"layers per pipeline stage", f"use 1..{per_stage}")

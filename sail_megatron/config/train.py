@@ -39,9 +39,17 @@ class RunConfig:
     """Checkpoints kept (older ones are deleted once a newer one is complete)."""
     init_from: Optional[str] = None
     """Checkpoint of the previous stage (or a converted Hugging Face model) to start from."""
+    max_nonfinite_steps: int = 5
+    """A step whose loss or gradients are NaN/Inf is skipped and counted; this many in a row stop the run."""
+    peak_tflops: Optional[float] = None
+    """Per-device dense peak for MFU in the run's precision; None: looked up from the GPU's name."""
+    tensorboard: bool = True
+    plot: bool = True
+    """Draw `curves.png` (loss, throughput, lr) from metrics.jsonl when the run ends."""
 
     def validate(self) -> None:
-        for name in ("train_steps", "global_batch_size", "log_interval", "save_interval", "keep_last"):
+        for name in ("train_steps", "global_batch_size", "log_interval", "save_interval", "keep_last",
+                     "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"run.{name}", f"must be >= 1, got {getattr(self, name)}", "set a positive value")
 

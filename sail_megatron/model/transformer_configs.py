@@ -21,7 +21,7 @@ class PartConfigs:
     language: TransformerConfig
 
 
-def _common(parallel: ParallelConfig, precision: PrecisionConfig, backends: Backends) -> dict:
+def _common(parallel: ParallelConfig, precision: PrecisionConfig, backends: Backends, initialize: bool) -> dict:
     dtype = precision.torch_dtype
     gpu = backends.cuda
     fused_wgrad = gpu and (backends.transformer_engine or backends.apex)
@@ -36,6 +36,7 @@ def _common(parallel: ParallelConfig, precision: PrecisionConfig, backends: Back
         attention_dropout=0.0,
         attention_softmax_in_fp32=True,
         init_method_std=0.02,
+        perform_initialization=initialize,  # off when weights are loaded right after (conversion)
         # CPU runs initialise on the host; GPU runs initialise in place on the device.
         use_cpu_initialization=not gpu,
         # Fused kernels exist only on GPUs (and some only with apex/TE); the CPU takes the plain ops.
@@ -57,9 +58,24 @@ def _fp8(precision: PrecisionConfig, enabled: bool) -> dict:
                 fp8_amax_compute_algo=precision.fp8_amax_compute_algo)
 
 
+def _recompute_language(parallel: ParallelConfig) -> dict:
+    if parallel.recompute_granularity is None:
+        return {}
+    if parallel.recompute_granularity == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    return dict(recompute_granularity="full", recompute_method=parallel.recompute_method,
+                recompute_num_layers=parallel.recompute_num_layers)
+
+
+def _recompute_vision(parallel: ParallelConfig) -> dict:
+    if not parallel.recompute_vision:
+        return {}
+    return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+
+
 def build_part_configs(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
-                       backends: Backends) -> PartConfigs:
-    common = _common(parallel, precision, backends)
+                       backends: Backends, initialize: bool = True) -> PartConfigs:
+    common = _common(parallel, precision, backends, initialize)
     v, lang = model.vision, model.language
     vision_common = {**common, "pipeline_model_parallel_size": 1}  # the ViT lives whole on stage 0
     vision = TransformerConfig(
@@ -67,6 +83,7 @@ def build_part_configs(model: ModelConfig, parallel: ParallelConfig, precision: 
         ffn_hidden_size=v.ffn_hidden_size, normalization="LayerNorm", layernorm_epsilon=v.layernorm_epsilon,
         add_bias_linear=True, add_qkv_bias=True, gated_linear_unit=False, activation_func=F.gelu,
         sequence_parallel=False, **vision_common, **_fp8(precision, precision.fp8_vision),
+        **_recompute_vision(parallel),
     )
     projector = TransformerConfig(
         # The projector has no attention; megatron-core only asks that the head count divide by TP.
@@ -82,6 +99,6 @@ def build_part_configs(model: ModelConfig, parallel: ParallelConfig, precision: 
         normalization="RMSNorm", layernorm_epsilon=lang.norm_epsilon,
         add_bias_linear=False, add_qkv_bias=True, gated_linear_unit=True, activation_func=F.silu,
         sequence_parallel=parallel.sequence_parallel, calculate_per_token_loss=True,
-        **common, **_fp8(precision, True),
+        **common, **_fp8(precision, True), **_recompute_language(parallel),
     )
     return PartConfigs(vision=vision, projector=projector, language=language)

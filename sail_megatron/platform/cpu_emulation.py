@@ -64,6 +64,22 @@ def _patch_rng() -> None:
     torch.cuda.manual_seed_all = lambda seed: torch.default_generator.manual_seed(int(seed))
 
 
+def _patch_causal_mask() -> None:
+    # Built with the literal device="cuda"; recomputation in the backward pass calls it where the mode
+    # above is not on the stack, so the function itself is replaced (in the modules that imported it).
+    from functools import lru_cache
+
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    @lru_cache(maxsize=None)
+    def causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, device=_CPU), diagonal=1).bool()
+
+    utils.get_default_causal_mask = causal_mask
+    fused_softmax.get_default_causal_mask = causal_mask
+
+
 def install_cpu_emulation() -> None:
     """Install the redirections for this process (idempotent). Refuses when CUDA is available."""
     global _installed
@@ -80,6 +96,7 @@ def install_cpu_emulation() -> None:
         torch.cuda.max_memory_allocated = lambda *a, **k: 0
         torch.cuda.reset_peak_memory_stats = _noop
         _patch_rng()
+        _patch_causal_mask()
         # Enter the mode for the lifetime of the process (it is a thread-local stack; the autograd
         # engine runs CPU backward on the calling thread, so one entry covers training).
         _CudaToCpuMode().__enter__()

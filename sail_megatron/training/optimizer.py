@@ -1,14 +1,16 @@
-"""Wraps a model stage in megatron-core DDP and builds the (distributed) optimizer for it."""
+"""Wraps a model stage in megatron-core DDP and builds the (distributed) optimizer and lr schedule."""
 
-from typing import List
+from typing import Dict, List
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from sail_megatron.config import ParallelConfig, PrecisionConfig
 from sail_megatron.config.optim import OptimConfig
+from sail_megatron.training.freezing import PART_MODULES
 
 
 def wrap_ddp(model: torch.nn.Module, parallel: ParallelConfig) -> DistributedDataParallel:
@@ -17,9 +19,24 @@ def wrap_ddp(model: torch.nn.Module, parallel: ParallelConfig) -> DistributedDat
         overlap_grad_reduce=parallel.overlap_grad_reduce,
         overlap_param_gather=parallel.overlap_param_gather,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
-        check_for_nan_in_grad=False,
+        check_for_nan_in_grad=False,  # the step skips non-finite gradients itself (training/step.py)
     )
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def param_group_overrides(optim: OptimConfig) -> Dict[ParamKey, dict]:
+    """No weight decay on biases and 1-D weights (megatron's standard rule, restated because passing
+    overrides replaces it), and each part with its own lr gets its own max/min lr."""
+    overrides = {ParamKey(name="*.bias", predicate=ParamPredicate(name="param_len_1", fn=lambda p: p.dim() == 1)):
+                 {"wd_mult": 0.0}}
+    for part, lr in optim.part_lrs().items():
+        if lr != optim.lr:
+            # lr_mult is not applied by megatron-core's scheduler (max_lr/min_lr are); it is set because the
+            # distributed optimizer tells param groups apart on load by (wd_mult, lr_mult, ...) alone, and
+            # groups differing only in max_lr would get each other's lrs after a resume.
+            overrides[ParamKey(name=f"*{PART_MODULES[part]}.*")] = {
+                "max_lr": lr, "min_lr": optim.min_lr * lr / optim.lr, "lr_mult": lr / optim.lr}
+    return overrides
 
 
 def build_optimizer(model_chunks: List[DistributedDataParallel], optim: OptimConfig, parallel: ParallelConfig,
@@ -30,7 +47,7 @@ def build_optimizer(model_chunks: List[DistributedDataParallel], optim: OptimCon
         clip_grad=optim.clip_grad, bf16=precision.dtype == "bf16", fp16=precision.dtype == "fp16",
         params_dtype=precision.torch_dtype, use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(config, model_chunks)
+    optimizer = get_megatron_optimizer(config, model_chunks, config_overrides=param_group_overrides(optim))
     # The pipeline schedules finish gradients (DP reduce, tied embeddings, per-token scaling) through this.
     for chunk in model_chunks:
         chunk.config.finalize_model_grads_func = finalize_model_grads
@@ -41,13 +58,26 @@ def build_optimizer(model_chunks: List[DistributedDataParallel], optim: OptimCon
     return optimizer
 
 
+_DECAY_STYLE = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}
+
+
 def build_scheduler(optimizer: MegatronOptimizer, optim: OptimConfig) -> OptimizerParamScheduler:
+    """megatron-core's scheduler: it reads each param group's max_lr/min_lr, so per-part lrs follow the
+    same curve shape."""
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
-        lr_warmup_steps=optim.warmup_steps, lr_decay_steps=max(optim.decay_steps, optim.warmup_steps + 1),
-        lr_decay_style="cosine", start_wd=optim.weight_decay, end_wd=optim.weight_decay,
-        wd_incr_steps=1, wd_incr_style="constant",
+        optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_steps, lr_decay_steps=optim.decay_steps,
+        lr_decay_style=_DECAY_STYLE[optim.schedule],
+        wsd_decay_steps=optim.wsd_decay_steps if optim.schedule == "wsd" else None,
+        lr_wsd_decay_style=optim.wsd_decay_style if optim.schedule == "wsd" else None,
+        start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=1, wd_incr_style="constant",
     )
+
+
+def part_learning_rates(scheduler: OptimizerParamScheduler, optim: OptimConfig) -> Dict[str, float]:
+    """The current lr of each model part (for logging; frozen parts included: they would get this)."""
+    return {part: scheduler.get_lr({"max_lr": lr, "min_lr": optim.min_lr * lr / optim.lr})
+            for part, lr in optim.part_lrs().items()}
 
 
 def setup_training(model: torch.nn.Module, optim: OptimConfig, parallel: ParallelConfig, precision: PrecisionConfig):

@@ -1,5 +1,6 @@
 """One optimizer step under megatron-core's pipeline schedules, with a per-token masked loss."""
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator, List, Optional
@@ -66,9 +67,29 @@ def reduce_loss_reports(reports: List[dict]) -> torch.Tensor:
     return total
 
 
+def _local_grads_finite(model_chunks: List[torch.nn.Module]) -> bool:
+    """Whether this rank's gradient buffers hold only finite values. A non-finite value anywhere in a
+    rank's local gradients reaches some rank's reduced shard, so checking all local buffers on every
+    rank and reducing the flag over the world catches it under any layout."""
+    for chunk in model_chunks:
+        for buffer in getattr(chunk, "buffers", []):
+            if not torch.isfinite(buffer.grad_data).all():
+                return False
+    return True
+
+
+def _all_ranks_ok(ok: bool) -> bool:
+    flag = torch.tensor([0.0 if ok else 1.0], device=read_dist_env().device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
 def train_step(model_chunks: List[torch.nn.Module], optimizer: MegatronOptimizer, scheduler,
                data_iterator: Iterator[Batch], num_microbatches: int, seq_length: int,
                micro_batch_size: int) -> StepResult:
+    """Forward and backward over `num_microbatches` micro-batches, then one optimizer step, unless the
+    loss or a gradient is NaN/Inf anywhere: then the update and the lr step are skipped (the weights
+    stay as they were) and the result says so."""
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -78,9 +99,13 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer: MegatronOptimizer
         num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
         forward_only=False,
     )
-    update_ok, grad_norm, _ = optimizer.step()
-    if update_ok:
-        scheduler.step(increment=1)
     loss_sum, tokens = reduce_loss_reports(reports).tolist()
-    return StepResult(loss=loss_sum / max(tokens, 1.0), trained_tokens=int(tokens),
-                      grad_norm=float(grad_norm or 0.0), skipped=not update_ok)
+    finite = _all_ranks_ok(math.isfinite(loss_sum) and _local_grads_finite(model_chunks))
+    update_ok, grad_norm = False, float("nan")
+    if finite:
+        update_ok, norm, _ = optimizer.step()
+        grad_norm = float(norm) if norm is not None else float("nan")
+        if update_ok:  # fp16 loss scaling may still refuse an overflowing step
+            scheduler.step(increment=1)
+    return StepResult(loss=loss_sum / max(tokens, 1.0), trained_tokens=int(tokens), grad_norm=grad_norm,
+                      skipped=not update_ok)

@@ -9,6 +9,7 @@ from sail_megatron.config.train import load_train_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
 RECIPES = sorted(p for p in CONFIGS.glob("*/*.yaml") if not p.name.startswith("_"))
+STAGE_RECIPES = [p for p in RECIPES if p.stem != "demo"]
 # World sizes the recipes are written for: tiny on 4 CPU processes, H100 recipes on one and two nodes.
 WORLD = {"tiny": (4, False, False), "sail-vl-2b": (8, True, True), "sail-vl-8b": (16, True, True)}
 STAGES = ["1-pretrain-alignment", "2-pretrain-advance", "3-sft-knowledge", "4-sft-instruction", "5-sft-preference"]
@@ -17,7 +18,7 @@ TRAINABLE = {"1": ["projector"], "2": ["vision", "projector"], "3": ["vision", "
 
 
 def test_every_stage_exists_for_every_size():
-    assert {(p.parent.name, p.stem) for p in RECIPES} == {(s, st) for s in WORLD for st in STAGES}
+    assert {(p.parent.name, p.stem) for p in STAGE_RECIPES} == {(s, st) for s in WORLD for st in STAGES}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -26,7 +27,7 @@ def test_recipe_validates(recipe):
     world, cuda, te = WORLD[recipe.parent.name]
     cfg.validate(world_size=world, has_cuda=cuda, has_te=te)
     assert cfg.model_preset == recipe.parent.name
-    assert cfg.freeze.trainable == TRAINABLE[recipe.stem[0]]
+    assert cfg.freeze.trainable == TRAINABLE.get(recipe.stem[0], ["vision", "projector", "language"])
     assert cfg.data.packing and cfg.data.micro_batch_size == 1
 
 
@@ -72,3 +73,30 @@ def test_global_batch_must_divide(tmp_path):
     with pytest.raises(ConfigError) as e:
         cfg.validate(world_size=64, has_cuda=True, has_te=True)
     assert e.value.field == "run.global_batch_size"
+
+
+def test_schedules_and_part_lrs_in_recipes():
+    advance = load_train_config(CONFIGS / "sail-vl-2b" / "2-pretrain-advance.yaml")
+    assert advance.optim.schedule == "wsd" and advance.parallel.recompute_vision
+    sft = load_train_config(CONFIGS / "sail-vl-8b" / "3-sft-knowledge.yaml")
+    assert sft.optim.part_lrs() == {"vision": 2e-6, "projector": 2e-5, "language": 2e-5}
+
+
+@pytest.mark.parametrize("override,field", [
+    ("optim.schedule=linear", "optim.schedule"), ("optim.vision_lr=-1", "optim.vision_lr"),
+    ("optim.wsd_decay_steps=0", "optim.wsd_decay_steps"), ("optim.decay_steps=1", "optim.decay_steps"),
+    ("parallel.recompute_granularity=most", "parallel.recompute_granularity"),
+    ("parallel.recompute_method=ring", "parallel.recompute_method"),
+    ("run.max_nonfinite_steps=0", "run.max_nonfinite_steps")])
+def test_optim_and_recompute_errors_name_the_key(override, field):
+    cfg = load_train_config(CONFIGS / "tiny" / "2-pretrain-advance.yaml", [override])
+    with pytest.raises(ConfigError) as e:
+        cfg.validate(world_size=4, has_cuda=False, has_te=False)
+    assert e.value.field == field
+
+
+def test_full_recompute_layers_must_fit_a_stage():
+    cfg = load_train_config(CONFIGS / "tiny" / "3-sft-knowledge.yaml", ["parallel.recompute_num_layers=3"])
+    with pytest.raises(ConfigError) as e:  # 4 layers over PP=2: 2 per stage
+        cfg.validate(world_size=4, has_cuda=False, has_te=False)
+    assert e.value.field == "parallel.recompute_num_layers"

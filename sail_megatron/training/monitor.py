@@ -1,0 +1,169 @@
+"""What a run reports: one console line every `log_interval` steps (with ETA), TensorBoard scalars and
+`metrics.jsonl` (the curve PNG is drawn from it) on the main rank.
+
+Per-step figures accumulate locally; they are reduced over data-parallel ranks once per log interval,
+so logging costs one small collective per interval, not per step.
+"""
+
+import json
+import logging
+import resource
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from sail_megatron.platform import read_dist_env
+from sail_megatron.training.metered_data import DataTally
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def peak_memory_gib() -> float:
+    """Peak accelerator memory allocated by torch on GPU; peak resident memory of the process on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    d, rem = divmod(seconds, 86400)
+    h, rem = divmod(rem, 3600)
+    m, s = divmod(rem, 60)
+    return (f"{d}d" if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
+
+
+@dataclass
+class _Interval:
+    steps: int = 0
+    time_s: float = 0.0
+    losses: List[float] = field(default_factory=list)
+    data: DataTally = field(default_factory=DataTally)
+
+
+class TrainingMonitor:
+    """Collective `end_step` on every rank; prints and writes only on the main rank."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, log_interval: int,
+                 peak_flops: Optional[float], tensorboard: bool = True):
+        self.env = read_dist_env()
+        self.run_dir, self.total_steps, self.log_interval = Path(run_dir), total_steps, log_interval
+        self.peak_flops = peak_flops
+        self.start_step = start_step
+        self.interval = _Interval()
+        self.step_times: List[float] = []
+        self.nonfinite_steps = 0
+        self.writer = None
+        if self.env.is_main and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=start_step + 1)
+        self._jsonl = open(self.run_dir / METRICS_FILE, "a") if self.env.is_main else None
+
+    def end_step(self, step: int, result, step_time_s: float, tally: DataTally, lrs: Dict[str, float],
+                 skipped_samples: Counter) -> None:
+        """Account one finished step (1-based `step`); logs when the interval is complete."""
+        iv = self.interval
+        iv.steps += 1
+        iv.time_s += step_time_s
+        if not result.skipped:
+            iv.losses.append(result.loss)
+        else:
+            self.nonfinite_steps += 1
+        for name in ("wait_s", "micro_batches", "samples", "tokens", "slots", "tiles", "flops"):
+            setattr(iv.data, name, getattr(iv.data, name) + getattr(tally, name))
+        self.step_times.append(step_time_s)
+        if step % self.log_interval == 0 or step == self.total_steps:
+            self._log(step, result, lrs, skipped_samples)
+            self.interval = _Interval()
+
+    def _reduce(self, iv: _Interval) -> Dict[str, float]:
+        d = iv.data
+        device = self.env.device
+        sums = torch.tensor([d.samples, d.tokens, d.slots, d.tiles, d.flops], dtype=torch.float64, device=device)
+        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        maxes = torch.tensor([d.wait_s, peak_memory_gib()], dtype=torch.float64, device=device)
+        dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+        samples, tokens, slots, tiles, flops = sums.tolist()
+        wait_s, mem = maxes.tolist()
+        return dict(samples=samples, tokens=tokens, slots=slots, tiles=tiles, flops=flops, wait_s=wait_s, mem=mem)
+
+    def _log(self, step: int, result, lrs: Dict[str, float], skipped_samples: Counter) -> None:
+        iv = self.interval
+        r = self._reduce(iv)
+        if not self.env.is_main:
+            return
+        t = max(iv.time_s, 1e-9)
+        # ETA from the recent steps' mean; the first step after (re)start compiles and warms caches.
+        recent = self.step_times[1:][-50:] or self.step_times
+        eta = (self.total_steps - step) * (sum(recent) / len(recent))
+        flops_per_device = r["flops"] / t / self.env.world_size
+        record = {
+            "step": step,
+            "loss": (sum(iv.losses) / len(iv.losses)) if iv.losses else float("nan"),
+            "grad_norm": result.grad_norm,
+            "lr": lrs.get("language", next(iter(lrs.values()))),
+            **{f"lr_{part}": lr for part, lr in lrs.items()},
+            "step_time_s": t / iv.steps,
+            "tokens_per_s": r["tokens"] / t,
+            "tokens_per_s_per_device": r["tokens"] / t / self.env.world_size,
+            "samples_per_s": r["samples"] / t,
+            "tiles_per_s": r["tiles"] / t,
+            "tflops_per_s": flops_per_device / 1e12,
+            "mfu": flops_per_device / self.peak_flops if self.peak_flops else None,
+            "packing_utilization": r["tokens"] / r["slots"] if r["slots"] else None,
+            "data_wait_frac": r["wait_s"] / t,
+            "memory_gib": r["mem"],
+            "nonfinite_steps": self.nonfinite_steps,
+            "skipped_samples": sum(skipped_samples.values()),
+            "eta_s": eta,
+        }
+        self._console(record, skipped_samples)
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self.writer is not None:
+            self._tensorboard(record)
+
+    def _console(self, r: Dict, skipped: Counter) -> None:
+        mfu = f" | MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
+        skipped_text = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "0"
+        print(f"step {r['step']:6d}/{self.total_steps} | loss {r['loss']:.4f} | grad norm {r['grad_norm']:.3f} "
+              f"| lr {r['lr']:.2e} | {1000 * r['step_time_s']:.0f} ms/step | {r['tokens_per_s']:,.0f} tok/s "
+              f"| {r['tflops_per_s']:.3g} TFLOP/s/dev{mfu} | pack {100 * (r['packing_utilization'] or 0):.0f}% "
+              f"| data wait {100 * r['data_wait_frac']:.0f}% | mem {r['memory_gib']:.2f} GiB "
+              f"| nonfinite {r['nonfinite_steps']} | skipped samples {skipped_text} | ETA {_format_eta(r['eta_s'])}",
+              flush=True)
+
+    def _tensorboard(self, r: Dict) -> None:
+        step = r["step"]
+        scalars = {
+            "loss/train": r["loss"], "optim/grad_norm": r["grad_norm"],
+            "throughput/tokens_per_s": r["tokens_per_s"], "throughput/tokens_per_s_per_device": r["tokens_per_s_per_device"],
+            "throughput/samples_per_s": r["samples_per_s"], "throughput/tflops_per_s_per_device": r["tflops_per_s"],
+            "throughput/step_time_s": r["step_time_s"], "data/packing_utilization": r["packing_utilization"],
+            "data/wait_fraction": r["data_wait_frac"], "data/skipped_samples": r["skipped_samples"],
+            "faults/nonfinite_steps": r["nonfinite_steps"], "memory/peak_gib": r["memory_gib"],
+        }
+        if r["mfu"] is not None:
+            scalars["throughput/mfu"] = r["mfu"]
+        for key, value in r.items():
+            if key.startswith("lr_"):
+                scalars[f"optim/{key}"] = value
+        for tag, value in scalars.items():
+            if value is not None:
+                self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self._jsonl is not None:
+            self._jsonl.close()

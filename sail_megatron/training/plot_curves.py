@@ -1,0 +1,139 @@
+"""A PNG of a run's loss, throughput and learning-rate curves from its `metrics.jsonl`.
+
+    python -m sail_megatron.training.plot_curves RUN_DIR [--out PNG]
+"""
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+METRICS_FILE = "metrics.jsonl"
+REQUIRED_KEYS = ("step", "loss")
+
+
+class MetricsError(ValueError):
+    """The metrics file is missing or holds no usable record."""
+
+
+def _metrics_path(run_dir_or_metrics_path: Union[str, Path]) -> Path:
+    p = Path(run_dir_or_metrics_path)
+    return p / METRICS_FILE if p.is_dir() else p
+
+
+def load_metrics(run_dir_or_metrics_path: Union[str, Path]) -> List[Dict]:
+    """Records sorted by step, keeping the last record of each step (a resumed run appends and
+    repeats the steps after its checkpoint). Malformed lines are skipped with one counted warning."""
+    path = _metrics_path(run_dir_or_metrics_path)
+    if not path.is_file():
+        raise MetricsError(f"{path}: no such metrics file")
+    by_step: Dict[int, Dict] = {}
+    bad: List[str] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict) or any(k not in rec for k in REQUIRED_KEYS):
+                    raise ValueError(f"needs a JSON object with keys {list(REQUIRED_KEYS)}")
+                step = rec["step"]
+                if isinstance(step, bool) or not isinstance(step, int):
+                    raise ValueError(f"step {step!r} is not an integer")
+            except ValueError as e:  # json.JSONDecodeError is a ValueError
+                bad.append(f"line {lineno}: {e}")
+                continue
+            by_step[step] = rec  # later lines win
+    if bad:
+        shown = "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else "")
+        warnings.warn(f"{path}: skipped {len(bad)} malformed line(s): {shown}", stacklevel=2)
+    if not by_step:
+        raise MetricsError(f"{path}: no usable records" + (f" ({bad[0]})" if bad else " (file is empty)"))
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _series(records: Sequence[Dict], key: str):
+    """(steps, values) where the value is a finite number (null, missing and NaN are left out)."""
+    xs, ys = [], []
+    for r in records:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            xs.append(r["step"])
+            ys.append(float(v))
+    return xs, ys
+
+
+def _smooth(values: Sequence[float], weight: float = 0.9) -> List[float]:
+    """Debiased exponential moving average (as TensorBoard draws it), so early points are not pulled to 0."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** i))
+    return out
+
+
+def plot_curves(run_dir_or_metrics_path: Union[str, Path], out_png: Optional[Union[str, Path]] = None) -> Path:
+    """Draw loss (raw + smoothed), tokens/s (with TFLOP/s or MFU on a twin axis) and lr against step."""
+    import matplotlib
+    matplotlib.use("Agg")  # headless: no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    path = _metrics_path(run_dir_or_metrics_path)
+    records = load_metrics(path)
+    out = Path(out_png) if out_png is not None else path.parent / "curves.png"
+
+    fig, (ax_loss, ax_tput, ax_lr) = plt.subplots(3, 1, figsize=(9, 10), sharex=True)
+    fig.suptitle(path.parent.resolve().name)
+
+    steps, loss = _series(records, "loss")
+    ax_loss.plot(steps, loss, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
+    if loss:
+        ax_loss.plot(steps, _smooth(loss), color="tab:blue", linewidth=2, label="smoothed (EMA 0.9)")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend(loc="upper right")
+
+    steps, tput = _series(records, "tokens_per_s")
+    ax_tput.plot(steps, tput, color="tab:green", label="tokens/s")
+    ax_tput.set_ylabel("tokens/s", color="tab:green")
+    # Prefer MFU on the twin axis; fall back to TFLOP/s when no peak was known (e.g. CPU runs).
+    for key, label, scale in (("mfu", "MFU (%)", 100.0), ("tflops_per_s", "TFLOP/s", 1.0)):
+        s, v = _series(records, key)
+        if v:
+            twin = ax_tput.twinx()
+            twin.plot(s, [x * scale for x in v], color="tab:orange", label=label)
+            twin.set_ylabel(label, color="tab:orange")
+            break
+
+    steps, lr = _series(records, "lr")
+    ax_lr.plot(steps, lr, color="tab:purple")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    for ax in (ax_loss, ax_tput, ax_lr):
+        ax.grid(True, alpha=0.3)
+
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Plot a run's loss and throughput curves from metrics.jsonl.")
+    parser.add_argument("run_dir", help=f"run folder holding {METRICS_FILE} (or the file itself)")
+    parser.add_argument("--out", default=None, help="output PNG (default: RUN_DIR/curves.png)")
+    args = parser.parse_args(argv)
+    try:
+        out = plot_curves(args.run_dir, args.out)
+    except MetricsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""FLOP counting against hand-computed values with the literal SAIL-VL dimensions (DESIGN.md section 4)."""
+
+import pytest
+
+from sail_megatron.config import FreezeConfig
+from sail_megatron.model.presets import get_preset
+from sail_megatron.training.flops import (FlopBreakdown, Trains, llm_linear_forward_flops_per_token, mfu,
+                                          peak_flops, training_flops, vit_forward_flops_per_tile)
+
+# InternViT-300M-448px: 1024 patches + CLS, hidden 1024, FFN 4096, patch 14.
+VIT_TOKENS, VIT_H, VIT_FFN = 1025, 1024, 4096
+VIT_LAYER = 2 * VIT_TOKENS * (4 * VIT_H ** 2 + 2 * VIT_H * VIT_FFN) + 4 * VIT_TOKENS ** 2 * VIT_H
+VIT_PATCH_EMBED = 2 * 1024 * (3 * 14 * 14 * VIT_H)
+VIT_21 = 21 * VIT_LAYER + VIT_PATCH_EMBED  # select_layer -4: 21 of 24 layers built
+VIT_24 = 24 * VIT_LAYER + VIT_PATCH_EMBED
+
+# Qwen2.5-1.5B: hidden 1536, 28 layers, 12 heads of 128, 2 KV heads, FFN 8960, vocab 151936 (= 1187 * 128).
+LLM_2B_TOKEN = 28 * 2 * (2 * 1536 * 1536 + 2 * 1536 * 2 * 128 + 3 * 1536 * 8960) + 2 * 1536 * 151936
+# Qwen2.5-7B: hidden 3584, 28 layers, 28 heads of 128, 4 KV heads, FFN 18944, vocab 152064 (= 1188 * 128).
+LLM_8B_TOKEN = 28 * 2 * (2 * 3584 * 3584 + 2 * 3584 * 4 * 128 + 3 * 3584 * 18944) + 2 * 3584 * 152064
+PROJ_2B_TILE = 2 * 256 * (4096 * 1536 + 1536 * 1536)
+PROJ_8B_TILE = 2 * 256 * (4096 * 3584 + 3584 * 3584)
+
+
+def _causal_attention(hidden: int, lengths) -> int:
+    return 28 * sum(2 * 2 * n * n * hidden // 2 for n in lengths)
+
+
+def test_vit_forward_per_tile():
+    model = get_preset("sail-vl-2b")
+    assert vit_forward_flops_per_tile(model.vision) == VIT_21
+    model.vision.select_layer = -1
+    full = vit_forward_flops_per_tile(model.vision)
+    assert full == VIT_24
+    assert 0.72e12 < full < 0.73e12  # DESIGN.md: about 0.72 TFLOP per 448 tile
+
+
+@pytest.mark.parametrize("preset,token", [("sail-vl-2b", LLM_2B_TOKEN), ("sail-vl-8b", LLM_8B_TOKEN)])
+def test_llm_linear_per_token(preset, token):
+    assert llm_linear_forward_flops_per_token(get_preset(preset).language) == token
+
+
+def test_output_layer_counts_padded_vocab():
+    lang = get_preset("sail-vl-2b").language
+    # TP=2 pads 151936 up to a multiple of 256: 152064.
+    extra = llm_linear_forward_flops_per_token(lang, tensor_parallel_size=2) - LLM_2B_TOKEN
+    assert extra == 2 * 1536 * (152064 - 151936)
+
+
+@pytest.mark.parametrize("preset,token,hidden,proj", [("sail-vl-2b", LLM_2B_TOKEN, 1536, PROJ_2B_TILE),
+                                                      ("sail-vl-8b", LLM_8B_TOKEN, 3584, PROJ_8B_TILE)])
+def test_all_trainable_micro_batch(preset, token, hidden, proj):
+    f = training_flops(get_preset(preset), [1000, 3000], num_tiles=5, trains=(True, True, True))
+    assert f.vision == 3 * 5 * VIT_21
+    assert f.projector == 3 * 5 * proj
+    assert f.language_linear == 3 * 4000 * token
+    assert f.language_attention == 3 * _causal_attention(hidden, [1000, 3000])
+    assert f.total == f.vision + f.projector + f.language_linear + f.language_attention
+    assert f.forward_total * 3 == f.total
+
+
+def test_packing_changes_attention_not_linear():
+    model = get_preset("sail-vl-2b")
+    packed = training_flops(model, [1000, 3000], 0, Trains(True, True, True))
+    single = training_flops(model, [4000], 0, Trains(True, True, True))
+    assert packed.language_linear == single.language_linear
+    assert packed.language_attention < single.language_attention
+    # (1000^2 + 3000^2) / 4000^2 of the single sample's attention
+    assert packed.language_attention * 16 == single.language_attention * 10
+    assert packed.vision == packed.projector == 0
+
+
+def test_stage_multipliers():
+    model = get_preset("sail-vl-2b")
+    lengths, tiles = [4096], 7
+    fwd = training_flops(model, lengths, tiles, (False, False, False))  # nothing trains: forward only
+    assert fwd.total == fwd.forward_total
+
+    stage1 = training_flops(model, lengths, tiles, FreezeConfig(trainable=["projector"]))
+    assert (stage1.vision, stage1.projector) == (fwd.vision, 3 * fwd.projector)
+    assert (stage1.language_linear, stage1.language_attention) == (2 * fwd.language_linear,
+                                                                   2 * fwd.language_attention)
+
+    stage2 = training_flops(model, lengths, tiles, FreezeConfig(trainable=["vision", "projector"]))
+    assert stage2.vision == 3 * fwd.vision and stage2.projector == 3 * fwd.projector
+    assert stage2.language == 2 * fwd.language
+
+    sft = training_flops(model, lengths, tiles, FreezeConfig())
+    assert sft.total == 3 * fwd.total
+
+
+def test_per_token_at_4096_and_sum():
+    model = get_preset("sail-vl-2b")
+    f = training_flops(model, [4096], 0, (True, True, True))
+    assert f.language == 3 * 4096 * (LLM_2B_TOKEN + 28 * 2 * 4096 * 1536)
+    assert isinstance(f + f, FlopBreakdown) and (f + f).total == 2 * f.total
+
+
+def test_bad_inputs():
+    model = get_preset("tiny")
+    with pytest.raises(ValueError):
+        training_flops(model, [10], 1, (True, True))
+    with pytest.raises(ValueError):
+        training_flops(model, [-1], 1, (True, True, True))
+
+
+def test_peak_table():
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert peak_flops("NVIDIA H100 80GB HBM3", "fp8") == 1979e12
+    assert peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert peak_flops("NVIDIA H100 PCIe", "fp8") == 1513e12
+    assert peak_flops("NVIDIA H200", "bf16") == 989e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "fp8") is None
+    assert peak_flops("NVIDIA B200", "fp8") == 4500e12
+    assert peak_flops("cpu", "bf16") is None
+    assert peak_flops("cpu", "bf16", override=1e12) == 1e12
+    with pytest.raises(ValueError):
+        peak_flops("NVIDIA H100 80GB HBM3", "int4")
+    assert mfu(494.5e12, peak_flops("NVIDIA H100 80GB HBM3", "bf16")) == pytest.approx(0.5)
+    assert mfu(1e12, None) is None

@@ -1,0 +1,44 @@
+"""The launch scripts: two torchrun "nodes" of two processes each rendezvous on loopback and train
+the tiny model at TP=2 x PP=2 through examples/launch/multi_node.sh, exactly as on a cluster."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sail_megatron.data.cli import build_demo
+from tests.helpers.multiprocess import free_port
+from tests.helpers.processes import kill_tree
+
+ROOT = Path(__file__).resolve().parents[2]
+LAUNCH = ROOT / "examples" / "launch"
+
+
+@pytest.mark.parametrize("script", ["single_node.sh", "multi_node.sh", "slurm.sbatch"])
+def test_scripts_parse(script):
+    subprocess.run(["bash", "-n", str(LAUNCH / script)], check=True)
+
+
+def test_two_nodes_of_two_processes(tmp_path):
+    demo = build_demo(tmp_path / "demo_data")
+    env = {**os.environ, "NNODES": "2", "GPUS_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "RDZV_ID": "two-node-test",
+           "TORCHRUN": f"{sys.executable} -m torch.distributed.run"}
+    args = ["bash", str(LAUNCH / "multi_node.sh"), str(ROOT / "examples/configs/tiny/1-pretrain-alignment.yaml"),
+            f"data.tokenizer={demo / 'raw' / 'tokenizer'}", f"data.path={demo / 'captions'}",
+            f"run.save_dir={tmp_path / 'run'}", "run.train_steps=2", "run.init_from=null", "run.plot=false"]
+    nodes = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+             for _ in range(2)]
+    try:
+        logs = [node.communicate(timeout=600)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            kill_tree(node.pid)
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    log = "\n".join(logs)
+    assert "world 4 = TP 2 x PP 2 x DP 1" in log
+    assert len(re.findall(r"^step +\d+/2 \| loss", log, re.M)) == 2  # printed once, by global rank 0
+    assert (tmp_path / "run" / "latest").read_text().strip() == "iter_00000002"
