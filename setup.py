@@ -35,8 +35,9 @@ setup(
     entry_points={
         "console_scripts": [
             "sail-train=sail_megatron.train:main",
-            "sail-demo=sail_megatron.demo:main",
+            "sail-bench=sail_megatron.bench.cli:main",
             "sail-data=sail_megatron.data.cli:main",
+            "sail-convert=sail_megatron.convert.cli:main",
         ],
     },
 )

@@ -12,7 +12,8 @@ they stay compiled and the interpreter cannot call them. Our own helpers get re-
 
 from __future__ import annotations
 
-from typing import Literal
+from contextlib import contextmanager
+from typing import Iterator, Literal
 
 import torch
 import triton
@@ -21,6 +22,22 @@ from triton.runtime.jit import JITFunction
 
 Impl = Literal["auto", "triton", "reference"]
 IMPLS: tuple[str, ...] = ("auto", "triton", "reference")
+
+# What callers asking for "auto" get; `prefer()` changes it process-wide (benchmarks compare the two).
+_auto_choice: str = "auto"
+
+
+@contextmanager
+def prefer(impl: str) -> Iterator[None]:
+    """Within the block, kernels called with impl='auto' use `impl` ('triton' or 'reference')."""
+    global _auto_choice
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    previous, _auto_choice = _auto_choice, impl
+    try:
+        yield
+    finally:
+        _auto_choice = previous
 
 
 def use_triton(impl: str, kernel: object, *tensors: torch.Tensor) -> bool:
@@ -32,6 +49,8 @@ def use_triton(impl: str, kernel: object, *tensors: torch.Tensor) -> bool:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     on_cuda = all(t.is_cuda for t in tensors)
+    if impl == "auto":
+        impl = _auto_choice
     if impl == "reference":
         return False
     if impl == "auto":

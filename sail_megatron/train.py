@@ -31,7 +31,7 @@ from sail_megatron.training.checkpoint import LATEST, load_checkpoint, restore_r
 from sail_megatron.training.flops import peak_flops
 from sail_megatron.training.freezing import apply_freezing
 from sail_megatron.training.graceful_stop import GracefulStop
-from sail_megatron.training.metered_data import MeteredData
+from sail_megatron.training.metered_data import MeteredData, from_loader
 from sail_megatron.training.monitor import TrainingMonitor
 from sail_megatron.training.optimizer import part_learning_rates, setup_training
 from sail_megatron.training.step import train_step
@@ -96,7 +96,7 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
                                 seed=run.seed, state=loader_state)
     materialize = BatchMaterializer(build_tile_decoder(cfg.data.decoder, env.device), tile, env.device,
                                     cfg.model.tokens_per_tile, tokenizer.ids.img_context)
-    data = MeteredData(loader, materialize, cfg.model, tuple(p in cfg.freeze.trainable for p in PARTS))
+    data = MeteredData(from_loader(loader, materialize), cfg.model, tuple(p in cfg.freeze.trainable for p in PARTS))
     monitor = TrainingMonitor(save_dir, run.train_steps, start, run.log_interval, _device_peak_flops(cfg),
                               tensorboard=run.tensorboard)
     logger.info("training %s (%s) steps %d..%d: world %d = TP %d x PP %d x DP %d, %d micro-batches per step",

@@ -26,6 +26,12 @@ class PrecisionConfig:
     fp8_amax_compute_algo: str = "max"
     fp8_vision: bool = False
     """Also run the ViT's linear layers in FP8 (off by default: the ViT is small and precision-sensitive)."""
+    layers: str = "auto"
+    """Layer implementation: 'auto' (Transformer Engine with CUDA + TE, else megatron-core's local
+    layers), 'te' or 'local' (e.g. to measure one against the other)."""
+
+    def layer_backend(self, backends) -> str:
+        return backends.layer_backend if self.layers == "auto" else self.layers
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -34,6 +40,13 @@ class PrecisionConfig:
     def validate(self, has_cuda: bool, has_te: bool) -> None:
         if self.dtype not in _DTYPES:
             raise ConfigError("precision.dtype", f"unknown dtype {self.dtype!r}", f"use one of {sorted(_DTYPES)}")
+        if self.layers not in ("auto", "te", "local"):
+            raise ConfigError("precision.layers", f"unknown value {self.layers!r}", "use auto, te or local")
+        if self.layers == "te" and not (has_cuda and has_te):
+            raise ConfigError("precision.layers", "te layers need Transformer Engine and a CUDA GPU",
+                              "use precision.layers=auto or local")
+        if self.fp8 is not None and self.layers == "local":
+            raise ConfigError("precision.fp8", "FP8 runs in Transformer Engine layers", "set precision.layers=auto or te")
         if self.dtype != "fp32" and not has_cuda:
             raise ConfigError("precision.dtype", f"{self.dtype} training needs a GPU", "use precision.dtype=fp32 on the CPU")
         if self.fp8 is None:

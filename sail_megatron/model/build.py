@@ -24,11 +24,12 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, precision: Precisi
     if model.image_context_token_id is None:
         raise ConfigError("model.image_context_token_id", "is not set",
                           "set it from the tokenizer's <IMG_CONTEXT> id before building the model")
-    if parallel.sequence_parallel and backends.layer_backend == "local" and not backends.apex:
+    layer_backend = precision.layer_backend(backends)
+    if parallel.sequence_parallel and layer_backend == "local" and not backends.apex:
         raise ConfigError("parallel.sequence_parallel", "megatron-core's torch LayerNorm/RMSNorm cannot shard "
                           "activations along the sequence", "run with Transformer Engine (or NVIDIA apex) layers, "
                           "or set parallel.sequence_parallel=false")
-    specs = build_specs(backends.layer_backend)
+    specs = build_specs(layer_backend)
     configs = build_part_configs(model, parallel, precision, backends, initialize=initialize)
     return SailVLModel(
         model, configs, specs,

@@ -3,11 +3,20 @@
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Tuple
+from typing import Callable, Iterable, Iterator, List, Tuple
 
 from sail_megatron.config import ModelConfig
 from sail_megatron.data.batch import Batch
 from sail_megatron.training.flops import training_flops
+
+# A micro-batch and the lengths of the samples in it (padding excluded).
+Measured = Tuple[Batch, List[int]]
+
+
+def from_loader(loader: Iterable, materialize: Callable) -> Iterator[Measured]:
+    """The energon loader's RawBatches, decoded into Batches, with their samples' lengths."""
+    for raw in loader:
+        yield materialize(raw), [end - start for _, start, end in raw.spans]
 
 
 @dataclass
@@ -27,11 +36,11 @@ class DataTally:
 
 
 class MeteredData:
-    """Iterates Batches from a loader of RawBatches through `materialize`, tallying as it goes."""
+    """Iterates Batches from a source of (Batch, sample lengths), tallying as it goes."""
 
-    def __init__(self, loader: Iterable, materialize: Callable, model: ModelConfig, trains: Tuple[bool, bool, bool]):
-        self._raw: Iterator = iter(loader)
-        self._materialize, self._model, self._trains = materialize, model, trains
+    def __init__(self, source: Iterable[Measured], model: ModelConfig, trains: Tuple[bool, bool, bool]):
+        self._source: Iterator[Measured] = iter(source)
+        self._model, self._trains = model, trains
         self.tally = DataTally()
         self.samples_consumed = 0
         """This rank's samples since the loader started (for the checkpoint's consumed-samples count)."""
@@ -41,18 +50,16 @@ class MeteredData:
 
     def __next__(self) -> Batch:
         began = time.perf_counter()
-        raw = next(self._raw)
-        batch = self._materialize(raw)
+        batch, lengths = next(self._source)
         t = self.tally
         t.wait_s += time.perf_counter() - began
-        lengths = [end - start for _, start, end in raw.spans]
         t.micro_batches += 1
         t.samples += len(lengths)
-        self.samples_consumed += len(lengths)
         t.tokens += sum(lengths)
-        t.slots += raw.tokens.numel()
-        t.tiles += raw.num_tiles
-        t.flops += training_flops(self._model, lengths, raw.num_tiles, self._trains).total
+        t.slots += batch.tokens.numel()
+        t.tiles += batch.num_tiles
+        t.flops += training_flops(self._model, lengths, batch.num_tiles, self._trains).total
+        self.samples_consumed += len(lengths)
         return batch
 
     def take_tally(self) -> DataTally:

@@ -1,0 +1,4 @@
+from sail_megatron.bench.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Step-time breakdown from megatron-core's own timers (the pipeline schedules, gradient finalization
+and the optimizer already call them) plus forward hooks on the vision encoder and projector.
+
+Timers synchronize the device at every start and stop, which removes overlap: the benchmark reports
+throughput from steps run without them and the breakdown from separate, timed steps.
+"""
+
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+from megatron.core.timers import Timers
+
+from sail_megatron.platform import read_dist_env
+
+VISION = "vision-forward"
+# Our name -> megatron-core timer names summed into it.
+PHASES = {
+    "forward": ["forward-compute"],
+    "backward": ["backward-compute"],
+    "pipeline_p2p": ["forward-recv", "forward-send", "backward-recv", "backward-send", "forward-send-backward-recv",
+                     "backward-send-forward-recv"],
+    "grad_sync": ["all-grads-sync", "embedding-grads-all-reduce", "non-tensor-parallel-grads-all-reduce"],
+    "optimizer": ["optimizer-copy-to-main-grad", "optimizer-unscale-and-check-inf", "optimizer-clip-main-grad",
+                  "optimizer-count-zeros", "optimizer-inner-step", "optimizer-copy-main-to-model-params"],
+    "param_gather": ["params-all-gather"],
+}
+
+
+class StepTimers:
+    """Attach to model chunks and optimizer; `enabled` switches all timing on or off."""
+
+    def __init__(self, chunks: List[torch.nn.Module], optimizer):
+        self.timers = Timers(log_level=2, log_option="max")
+        self.chunks, self.optimizer = chunks, optimizer
+        self._hooks = []
+
+    def enable(self) -> None:
+        for chunk in self.chunks:
+            chunk.config.timers = self.timers
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            opt.config.timers = self.timers
+        model = getattr(self.chunks[0], "module", self.chunks[0])
+        # The ViT and projector run inside "forward-compute": timed apart so the language share shows.
+        for part in (getattr(model, "vision_model", None), getattr(model, "projector", None)):
+            if part is not None:
+                self._hooks.append(part.register_forward_pre_hook(lambda *_: self.timers(VISION, 0).start()))
+                self._hooks.append(part.register_forward_hook(lambda *_: self.timers(VISION, 0).stop()))
+
+    def disable(self) -> None:
+        for chunk in self.chunks:
+            chunk.config.timers = None
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            opt.config.timers = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+    def read(self, steps: int) -> Dict[str, float]:
+        """Seconds per step by phase, the max over ranks (the slowest rank sets the pace); resets."""
+        names = sorted({n for group in PHASES.values() for n in group} | {VISION})
+        local = []
+        for name in names:
+            timer = self.timers._timers.get(name)
+            local.append(timer.elapsed(reset=True) if timer is not None else 0.0)
+        values = torch.tensor(local, dtype=torch.float64, device=read_dist_env().device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        by_name = dict(zip(names, (v / steps for v in values.tolist())))
+        out = {phase: sum(by_name[n] for n in group) for phase, group in PHASES.items()}
+        out["vision_forward"] = by_name[VISION]
+        out["language_forward"] = max(out.pop("forward") - out["vision_forward"], 0.0)
+        return out

@@ -1,0 +1,137 @@
+"""`torchrun ... -m sail_megatron.bench --config RECIPE.yaml --steps N --warmup W [--data synthetic|real]
+[--compare packing|decoder|kernels|layers ...] [--json OUT.json] [--plot OUT.png] [key=value ...]`
+
+Measures training throughput for the recipe (tokens/s per device, samples/s, TFLOP/s and MFU with the
+ViT counted, packing utilization, data wait, peak memory, a step-time breakdown). Each `--compare` adds
+two variants measured one after the other in the same run on the same machine:
+  packing   packed THD rows vs one sample per padded row
+  decoder   DALI vs PIL image decoding (real data)
+  kernels   Triton kernels vs their PyTorch references (needs CUDA)
+  layers    Transformer Engine vs megatron-core local layers (needs CUDA and TE)
+On the CPU the figures are only good for ratios between variants of one run.
+"""
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import logging
+import sys
+from contextlib import nullcontext
+from typing import Dict, List, Tuple
+
+import torch
+
+from sail_megatron.bench.measure import BenchSettings, measure
+from sail_megatron.bench.report import plot, table, write_json
+from sail_megatron.config import ConfigError
+from sail_megatron.config.train import TrainConfig
+from sail_megatron.kernels._common import prefer
+from sail_megatron.platform import destroy_distributed, detect_backends, init_distributed, read_dist_env
+from sail_megatron.train import prepare_config
+from sail_megatron.training.flops import peak_flops
+
+logger = logging.getLogger("sail_megatron.bench")
+
+COMPARISONS = ("packing", "decoder", "kernels", "layers")
+
+
+def _variants(cfg: TrainConfig, compare: List[str], data: str) -> List[Tuple[str, TrainConfig, object, str]]:
+    """(name, config, context, why skipped or '') per variant."""
+    backends = detect_backends()
+    out = []
+    for what in compare:
+        a, b = copy.deepcopy(cfg), copy.deepcopy(cfg)
+        if what == "packing":
+            a.data.packing, b.data.packing = True, False
+            out += [("packed", a, nullcontext(), ""), ("padded", b, nullcontext(), "")]
+        elif what == "decoder":
+            a.data.decoder, b.data.decoder = "dali", "pil"
+            why = "" if data == "real" else "decoding happens only with --data real"
+            out += [("dali", a, nullcontext(), why), ("pil", b, nullcontext(), why)]
+        elif what == "kernels":
+            why = "" if backends.cuda else "Triton kernels run compiled only on CUDA"
+            out += [("triton-kernels", a, prefer("triton"), why), ("reference-kernels", b, prefer("reference"), why)]
+        elif what == "layers":
+            a.precision.layers, b.precision.layers = "te", "local"
+            why = "" if backends.cuda and backends.transformer_engine else "needs CUDA and Transformer Engine"
+            out += [("te-layers", a, nullcontext(), why), ("local-layers", b, nullcontext(), why)]
+    return out or [("baseline", cfg, nullcontext(), "")]
+
+
+def _peaks(cfg: TrainConfig, override: float):
+    if override:
+        return override * 1e12, None
+    if not torch.cuda.is_available():
+        return None, None
+    name = torch.cuda.get_device_name()
+    if cfg.precision.fp8:
+        return peak_flops(name, "fp8"), peak_flops(name, "bf16")
+    return peak_flops(name, cfg.precision.dtype), None
+
+
+def _ratios(results: Dict[str, Dict]) -> Dict[str, float]:
+    pairs = [("packed", "padded"), ("dali", "pil"), ("triton-kernels", "reference-kernels"), ("te-layers", "local-layers")]
+    out = {}
+    for a, b in pairs:
+        if a in results and b in results and "skipped" not in results[a] and "skipped" not in results[b]:
+            out[f"{a}/{b} tokens_per_s"] = results[a]["tokens_per_s"] / results[b]["tokens_per_s"]
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--config", required=True)
+    p.add_argument("--steps", type=int, default=10, help="measured steps per variant")
+    p.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (compilation, caches)")
+    p.add_argument("--breakdown-steps", type=int, default=3, help="extra timed steps for the breakdown (0: none)")
+    p.add_argument("--data", choices=("synthetic", "real"), default="synthetic")
+    p.add_argument("--compare", action="append", choices=COMPARISONS, default=[])
+    p.add_argument("--peak-tflops", type=float, default=None, help="per-device dense peak (default: from the GPU name)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None)
+    p.add_argument("overrides", nargs="*", help="dotted.key=value")
+    args = p.parse_args(argv)
+    env = read_dist_env()
+    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    if args.steps < 1 or args.warmup < 0 or args.breakdown_steps < 0:
+        p.error("--steps must be >= 1, --warmup and --breakdown-steps >= 0")
+    try:
+        cfg, tokenizer = prepare_config(args, env.world_size)
+    except (ConfigError, FileNotFoundError) as e:
+        logger.error("%s", e)
+        sys.exit(2)
+    init_distributed(cfg.parallel, seed=cfg.run.seed)
+    try:
+        peak, peak_bf16 = _peaks(cfg, args.peak_tflops)
+        settings = BenchSettings(steps=args.steps, warmup=args.warmup, breakdown_steps=args.breakdown_steps,
+                                 data=args.data, peak_flops=peak, peak_flops_bf16=peak_bf16)
+        results = {}
+        for name, variant, context, why in _variants(cfg, args.compare, args.data):
+            if why:
+                results[name] = {"skipped": why}
+                continue
+            if env.is_main:
+                logger.info("measuring %s: %d warmup + %d steps + %d timed", name, args.warmup, args.steps,
+                            args.breakdown_steps)
+            with context:
+                results[name] = measure(variant, tokenizer, settings)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads/rank)"
+        doc = {"config": args.config, "overrides": args.overrides, "data": args.data, "device": device,
+               "world_size": env.world_size, "date": datetime.date.today().isoformat(),
+               "peak_tflops_per_device": peak / 1e12 if peak else None, "precision": cfg.precision.dtype,
+               "fp8": cfg.precision.fp8, "results": results, "ratios": _ratios(results),
+               "resolved_config": dataclasses.asdict(cfg)}
+        if env.is_main:
+            print(table(results), flush=True)
+            for k, v in doc["ratios"].items():
+                print(f"{k}: {v:.2f}x", flush=True)
+            if args.json:
+                write_json(doc, args.json)
+            if args.plot:
+                plot(doc, args.plot)
+    finally:
+        destroy_distributed()

@@ -1,0 +1,139 @@
+"""One benchmark variant: build the model, optimizer and data stream for a config, warm up, measure
+throughput over untimed steps, then a phase breakdown over timed steps."""
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from sail_megatron.bench.breakdown import StepTimers
+from sail_megatron.bench.synthetic_rows import SyntheticRows, SyntheticRowsConfig
+from sail_megatron.config.optim import PARTS
+from sail_megatron.config.train import TrainConfig
+from sail_megatron.data.decode import BatchMaterializer, build_tile_decoder
+from sail_megatron.data.loader import build_train_loader
+from sail_megatron.model.build import build_model
+from sail_megatron.platform import read_dist_env
+from sail_megatron.training.freezing import apply_freezing
+from sail_megatron.training.metered_data import MeteredData, from_loader
+from sail_megatron.training.monitor import peak_memory_gib
+from sail_megatron.training.optimizer import setup_training
+from sail_megatron.training.step import train_step
+
+
+@dataclass
+class BenchSettings:
+    steps: int
+    warmup: int
+    breakdown_steps: int
+    data: str  # synthetic | real
+    peak_flops: Optional[float]
+    peak_flops_bf16: Optional[float] = None
+    """FP8 runs: the bf16 peak too, so MFU is reported against both."""
+
+
+def _source(cfg: TrainConfig, tokenizer, settings: BenchSettings, device):
+    model = cfg.model
+    if settings.data == "synthetic":
+        dp_rank = parallel_state.get_data_parallel_rank()
+        rows = SyntheticRowsConfig(
+            seq_length=cfg.data.seq_length, packed=cfg.data.packing, tile_size=model.vision.image_size,
+            tokens_per_tile=model.tokens_per_tile, vocab_size=model.language.vocab_size,
+            image_token_id=model.image_context_token_id, max_tiles_per_pack=cfg.data.max_tiles_per_pack,
+            max_tiles_per_sample=cfg.data.max_tiles + int(cfg.data.use_thumbnail), seed=cfg.run.seed + dp_rank,
+            # Samples of 1/8 to 1/2 row (512-2048 tokens at 4096): several per packed row.
+            min_sample_tokens=max(cfg.data.seq_length // 8, 32), max_sample_tokens=cfg.data.seq_length // 2)
+        return iter(SyntheticRows(rows, device))
+    loader = build_train_loader(cfg.data, tokenizer, model.vision.image_size, model.tokens_per_tile,
+                                parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+                                seed=cfg.run.seed)
+    materialize = BatchMaterializer(build_tile_decoder(cfg.data.decoder, device), model.vision.image_size, device,
+                                    model.tokens_per_tile, model.image_context_token_id)
+    return from_loader(loader, materialize)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _sum_over_dp(values) -> list:
+    t = torch.tensor(values, dtype=torch.float64, device=read_dist_env().device)
+    dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+    return t.tolist()
+
+
+def _max_over_world(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=read_dist_env().device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def measure(cfg: TrainConfig, tokenizer, settings: BenchSettings) -> Dict:
+    """Collective over all ranks; every rank returns the same figures."""
+    env = read_dist_env()
+    model = build_model(cfg.model, cfg.parallel, cfg.precision)
+    apply_freezing(model, cfg.freeze)
+    model.to(env.device)
+    chunks, optimizer, scheduler = setup_training(model, cfg.optim, cfg.parallel, cfg.precision)
+    trains = tuple(p in cfg.freeze.trainable for p in PARTS)
+    data = MeteredData(_source(cfg, tokenizer, settings, env.device), cfg.model, trains)
+    num_micro = cfg.num_microbatches(env.world_size)
+
+    def step():
+        return train_step(chunks, optimizer, scheduler, data, num_micro, cfg.data.seq_length, cfg.data.micro_batch_size)
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(settings.warmup):
+        step()
+    data.take_tally()
+    times, losses = [], []
+    for _ in range(settings.steps):
+        _sync()
+        began = time.perf_counter()
+        losses.append(step().loss)
+        _sync()
+        times.append(time.perf_counter() - began)
+    tally = data.take_tally()
+    timers = StepTimers(chunks, optimizer)
+    breakdown = {}
+    if settings.breakdown_steps:
+        timers.enable()
+        data.take_tally()
+        for _ in range(settings.breakdown_steps):
+            step()
+        breakdown = timers.read(settings.breakdown_steps)
+        breakdown["data_wait"] = _max_over_world(data.take_tally().wait_s / settings.breakdown_steps)
+        timers.disable()
+    samples, tokens, slots, tiles, flops = _sum_over_dp([tally.samples, tally.tokens, tally.slots, tally.tiles,
+                                                         tally.flops])
+    wait = _max_over_world(tally.wait_s)
+    memory = _max_over_world(peak_memory_gib())
+    total = sum(times)
+    per_device = flops / total / env.world_size
+    result = {
+        "steps": settings.steps, "world_size": env.world_size,
+        "step_time_s": {"mean": total / len(times), "median": statistics.median(times), "min": min(times),
+                        "max": max(times)},
+        "tokens_per_s": tokens / total, "tokens_per_s_per_device": tokens / total / env.world_size,
+        "samples_per_s": samples / total, "tiles_per_s": tiles / total,
+        "tflops_per_s_per_device": per_device / 1e12,
+        "mfu": per_device / settings.peak_flops if settings.peak_flops else None,
+        "mfu_vs_bf16_peak": per_device / settings.peak_flops_bf16 if settings.peak_flops_bf16 else None,
+        "packing_utilization": tokens / slots if slots else None,
+        "data_wait_frac": wait / total,
+        "peak_memory_gib": memory,
+        "breakdown_s_per_step": breakdown,
+        "final_loss": losses[-1] if losses else None,
+    }
+    del chunks, optimizer, scheduler, model, data
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
