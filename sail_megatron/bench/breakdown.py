@@ -56,17 +56,22 @@ class StepTimers:
             hook.remove()
         self._hooks.clear()
 
-    def read(self, steps: int) -> Dict[str, float]:
-        """Seconds per step by phase, the max over ranks (the slowest rank sets the pace); resets."""
+    def read(self, steps: int, data_wait_s: float) -> Dict[str, float]:
+        """Seconds per step by phase, the max over ranks (the slowest rank sets the pace); resets.
+        `data_wait_s` is this rank's time in the data iterator: our forward step fetches its batch, so
+        megatron's "forward-compute" includes it and it is moved to its own phase."""
         names = sorted({n for group in PHASES.values() for n in group} | {VISION})
-        local = []
+        local = [data_wait_s]
         for name in names:
             timer = self.timers._timers.get(name)
             local.append(timer.elapsed(reset=True) if timer is not None else 0.0)
         values = torch.tensor(local, dtype=torch.float64, device=read_dist_env().device)
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
-        by_name = dict(zip(names, (v / steps for v in values.tolist())))
+        wait, *rest = (v / steps for v in values.tolist())
+        by_name = dict(zip(names, rest))
+        by_name["forward-compute"] = max(by_name["forward-compute"] - data_wait_s / steps, 0.0)
         out = {phase: sum(by_name[n] for n in group) for phase, group in PHASES.items()}
+        out["data_wait"] = wait
         out["vision_forward"] = by_name[VISION]
         out["language_forward"] = max(out.pop("forward") - out["vision_forward"], 0.0)
         return out

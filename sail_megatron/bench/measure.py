@@ -108,8 +108,7 @@ def measure(cfg: TrainConfig, tokenizer, settings: BenchSettings) -> Dict:
         data.take_tally()
         for _ in range(settings.breakdown_steps):
             step()
-        breakdown = timers.read(settings.breakdown_steps)
-        breakdown["data_wait"] = _max_over_world(data.take_tally().wait_s / settings.breakdown_steps)
+        breakdown = timers.read(settings.breakdown_steps, data_wait_s=data.take_tally().wait_s)
         timers.disable()
     samples, tokens, slots, tiles, flops = _sum_over_dp([tally.samples, tally.tokens, tally.slots, tally.tiles,
                                                          tally.flops])

@@ -87,7 +87,8 @@ def test_schedules_and_part_lrs_in_recipes():
     ("optim.wsd_decay_steps=0", "optim.wsd_decay_steps"), ("optim.decay_steps=1", "optim.decay_steps"),
     ("parallel.recompute_granularity=most", "parallel.recompute_granularity"),
     ("parallel.recompute_method=ring", "parallel.recompute_method"),
-    ("run.max_nonfinite_steps=0", "run.max_nonfinite_steps")])
+    ("run.max_nonfinite_steps=0", "run.max_nonfinite_steps"), ("precision.layers=te", "precision.layers"),
+    ("precision.layers=fast", "precision.layers")])
 def test_optim_and_recompute_errors_name_the_key(override, field):
     cfg = load_train_config(CONFIGS / "tiny" / "2-pretrain-advance.yaml", [override])
     with pytest.raises(ConfigError) as e:

@@ -41,3 +41,21 @@ def test_kernels_are_interpreted_without_cuda(monkeypatch):
     merge_module.merge_vision(torch.zeros(3, 2), torch.ones(1, 2), torch.tensor([1]), impl="triton")
     assert calls == [1]
     assert triton.knobs.runtime.interpret
+
+
+def test_prefer_redirects_auto_only():
+    from sail_megatron.kernels._common import prefer
+
+    cpu = torch.zeros(2)
+    kernel = merge_module._merge_fwd_kernel  # interpreted here
+    with prefer("triton"):
+        assert use_triton("auto", kernel, cpu) is True
+        assert use_triton("reference", kernel, cpu) is False  # an explicit choice wins
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            use_triton("auto", _compiled_kernel(), cpu)
+    with prefer("reference"):
+        assert use_triton("auto", kernel, cpu) is False
+    assert use_triton("auto", kernel, cpu) is False  # restored
+    with pytest.raises(ValueError, match="impl must be one of"):
+        with prefer("gpu"):
+            pass
