@@ -13,12 +13,8 @@ from sail_megatron.platform.backends import log_backends_once
 logger = logging.getLogger(__name__)
 
 
-def build_model(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
-                initialize: bool = True) -> SailVLModel:
-    """The stage of the model that this rank holds; needs megatron-core's parallel state.
-
-    `initialize=False` leaves the weights uninitialized (for loading them right after, e.g. conversion).
-    """
+def build_model(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig) -> SailVLModel:
+    """The stage of the model that this rank holds; needs megatron-core's parallel state."""
     backends = log_backends_once()
     model.validate()
     if model.image_context_token_id is None:
@@ -30,7 +26,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, precision: Precisi
                           "activations along the sequence", "run with Transformer Engine (or NVIDIA apex) layers, "
                           "or set parallel.sequence_parallel=false")
     specs = build_specs(layer_backend)
-    configs = build_part_configs(model, parallel, precision, backends, initialize=initialize)
+    configs = build_part_configs(model, parallel, precision, backends)
     return SailVLModel(
         model, configs, specs,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),

@@ -1,6 +1,7 @@
 """SAIL-VL projector (InternVL `mlp1`): LayerNorm -> Linear -> GELU -> Linear, all with biases."""
 
 import torch
+from megatron.core.dist_checkpointing.utils import apply_prefix_mapping
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -22,3 +23,11 @@ class VisionProjector(MegatronModule):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.layer_norm(features))
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """A separate LayerNorm is checkpointed under TE's fused fc1 names, so local and TE layouts
+        read each other's checkpoints."""
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if any(True for _ in self.layer_norm.parameters()):
+            apply_prefix_mapping(sd, {f"{prefix}layer_norm.": f"{prefix}mlp.encoder.linear_fc1.layer_norm_"})
+        return sd

@@ -49,6 +49,13 @@ def _mlp(provider: BackendSpecProvider) -> MLPSubmodules:
                          linear_fc2=provider.row_parallel_linear())
 
 
+# Checkpoint names of separate pre-norms under the names TE's fused LayerNorm+linear gives them, so a
+# checkpoint written with local layers (CPU, conversion) loads into TE layers and back (as megatron-core's
+# local GPT spec does for the language model).
+TE_NORM_KEYS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+
+
 def vision_layer_spec(provider: BackendSpecProvider) -> ModuleSpec:
     """Bidirectional pre-norm ViT layer with InternViT's layer scale and drop path."""
     fused = provider.fuse_layernorm_and_linear()
@@ -71,6 +78,7 @@ def vision_layer_spec(provider: BackendSpecProvider) -> ModuleSpec:
             pre_mlp_layernorm=norm,
             mlp=ModuleSpec(module=MLP, submodules=_mlp(provider)),
             mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={} if fused else TE_NORM_KEYS,
         ),
     )
 

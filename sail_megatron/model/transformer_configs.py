@@ -21,7 +21,7 @@ class PartConfigs:
     language: TransformerConfig
 
 
-def _common(parallel: ParallelConfig, precision: PrecisionConfig, backends: Backends, initialize: bool) -> dict:
+def _common(parallel: ParallelConfig, precision: PrecisionConfig, backends: Backends) -> dict:
     dtype = precision.torch_dtype
     gpu = backends.cuda
     fused_wgrad = gpu and (backends.transformer_engine or backends.apex)
@@ -36,7 +36,6 @@ def _common(parallel: ParallelConfig, precision: PrecisionConfig, backends: Back
         attention_dropout=0.0,
         attention_softmax_in_fp32=True,
         init_method_std=0.02,
-        perform_initialization=initialize,  # off when weights are loaded right after (conversion)
         # CPU runs initialise on the host; GPU runs initialise in place on the device.
         use_cpu_initialization=not gpu,
         # Fused kernels exist only on GPUs (and some only with apex/TE); the CPU takes the plain ops.
@@ -74,8 +73,8 @@ def _recompute_vision(parallel: ParallelConfig) -> dict:
 
 
 def build_part_configs(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
-                       backends: Backends, initialize: bool = True) -> PartConfigs:
-    common = _common(parallel, precision, backends, initialize)
+                       backends: Backends) -> PartConfigs:
+    common = _common(parallel, precision, backends)
     v, lang = model.vision, model.language
     vision_common = {**common, "pipeline_model_parallel_size": 1}  # the ViT lives whole on stage 0
     vision = TransformerConfig(

@@ -49,8 +49,14 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _noop(*args, **kwargs):
-    return None
+def _own_noop(name: str):
+    """A distinct no-op per patched function: torch.compile's rule table maps functions by identity and
+    refuses one object standing for several torch.cuda functions (seen when transformers runs after this)."""
+    def noop(*args, **kwargs):
+        return None
+
+    noop.__name__ = noop.__qualname__ = f"cpu_emulated_{name}"
+    return noop
 
 
 def _patch_rng() -> None:
@@ -89,12 +95,12 @@ def install_cpu_emulation() -> None:
         if _installed:
             return
         torch.cuda.current_device = lambda: _CPU
-        torch.cuda.set_device = _noop
-        torch.cuda.synchronize = _noop
-        torch.cuda.empty_cache = _noop
+        torch.cuda.set_device = _own_noop("set_device")
+        torch.cuda.synchronize = _own_noop("synchronize")
+        torch.cuda.empty_cache = _own_noop("empty_cache")
         torch.cuda.memory_allocated = lambda *a, **k: 0
         torch.cuda.max_memory_allocated = lambda *a, **k: 0
-        torch.cuda.reset_peak_memory_stats = _noop
+        torch.cuda.reset_peak_memory_stats = _own_noop("reset_peak_memory_stats")
         _patch_rng()
         _patch_causal_mask()
         # Enter the mode for the lifetime of the process (it is a thread-local stack; the autograd

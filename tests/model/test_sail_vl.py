@@ -81,3 +81,17 @@ def test_padded_vocab():
     assert padded_vocab_size(151936, 128, 1) == 151936
     assert padded_vocab_size(151936, 128, 8) == 152576  # next multiple of 128 * 8
     assert padded_vocab_size(500, 64, 2) == 512
+
+
+def test_local_checkpoints_use_transformer_engine_norm_names():
+    # Separate pre-norms (local layers) are saved under TE's fused names, so CPU-written or converted
+    # checkpoints load into TE layers on GPU clusters (megatron-core does the same for its GPT local spec).
+    (keys,) = run_on_ranks(workers.checkpoint_keys, 1)
+    assert not [k for k in keys if "layernorm." in k and "final_layernorm" not in k]
+    assert not [k for k in keys if k.startswith("projector.layer_norm")]
+    for expected in ("vision_model.decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+                     "vision_model.decoder.layers.mlp.linear_fc1.layer_norm_bias",
+                     "projector.mlp.encoder.linear_fc1.layer_norm_weight",
+                     "language_model.decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+                     "language_model.decoder.layers.mlp.linear_fc1.layer_norm_weight"):
+        assert expected in keys, expected

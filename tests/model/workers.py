@@ -74,3 +74,12 @@ def frozen_vision_builds_no_graph() -> dict:
                 "vision_grad": any(p.grad is not None for p in model.vision_model.parameters())}
     finally:
         destroy_distributed()
+
+
+def checkpoint_keys() -> list:
+    """The dist_checkpointing keys of the local-spec model (what a checkpoint written on the CPU holds)."""
+    _, model = _tiny()
+    try:
+        return sorted(v.key for v in model.sharded_state_dict().values() if hasattr(v, "key"))
+    finally:
+        destroy_distributed()

@@ -1,0 +1,293 @@
+"""InternVL-chat `config.json` (the SAIL-VL release format) <-> our ModelConfig.
+
+Reading checks every field our model depends on and collects *all* problems (unknown model type,
+unsupported features such as qk-normalization or RMS-norm ViTs, missing sizes) into one
+ConversionError. Writing starts from a template (the config.json the weights came from) and sets only
+the fields we own, leaving a value untouched when it already equals ours (so `1000000` stays an int):
+HF -> Megatron -> HF gives back the identical dict. Missing optional keys take the defaults of the
+original InternVL/InternViT/Qwen2 config classes.
+"""
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from sail_megatron.config import ConfigError, LanguageConfig, ModelConfig, ProjectorConfig, VisionConfig
+from sail_megatron.convert.errors import raise_if
+
+MODEL_TYPE = "internvl_chat"
+QWEN2_ARCHITECTURE = "Qwen2ForCausalLM"
+_MISSING = object()
+
+# Defaults of InternVL's InternVisionConfig / InternVLChatConfig and transformers' Qwen2Config for keys a
+# config.json may omit (InternViT's own defaults describe the 6B model: rms_norm, qk-norm, no qkv bias).
+VISION_DEFAULTS = {"layer_norm_eps": 1e-6, "drop_path_rate": 0.0, "initializer_factor": 0.1, "qkv_bias": False,
+                   "qk_normalization": True, "norm_type": "rms_norm", "hidden_act": "gelu", "num_channels": 3}
+CHAT_DEFAULTS = {"select_layer": -1, "downsample_ratio": 0.5, "ps_version": "v1", "force_image_size": None,
+                 "use_backbone_lora": 0, "use_llm_lora": 0}
+LLM_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
+                "max_position_embeddings": 32768, "hidden_act": "silu", "use_sliding_window": False}
+
+DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
+def read_json(path: Path) -> Dict[str, Any]:
+    """A JSON file as a dict; a clear error when it is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise_if([f"{path} does not exist"], f"cannot read {path.name}", "point at a Hugging Face model folder")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise_if([f"{path} is not valid JSON: {e}"], f"cannot read {path.name}")
+    if not isinstance(data, dict):
+        raise_if([f"{path} holds a {type(data).__name__}, not an object"], f"cannot read {path.name}")
+    return data
+
+
+def write_json(path: Path, data: Dict[str, Any]) -> None:
+    """transformers' layout: indent 2, sorted keys, trailing newline."""
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _get(cfg: Dict[str, Any], key: str, defaults: Dict[str, Any], prefix: str, problems: List[str]):
+    if key in cfg and cfg[key] is not None:
+        return cfg[key]
+    if key in defaults:
+        return defaults[key]
+    problems.append(f"{prefix}.{key} is missing")
+    return None
+
+
+def _int(value, name: str, problems: List[str]) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if value is not None:
+            problems.append(f"{name} must be an integer, got {value!r}")
+        return 1
+    return value
+
+
+def _image_size(value, name: str, problems: List[str]) -> int:
+    if isinstance(value, (list, tuple)):  # some configs write [448, 448]
+        if len(value) != 2 or value[0] != value[1]:
+            problems.append(f"{name} {value!r} is not square; only square tiles are supported")
+            return 1
+        value = value[0]
+    return _int(value, name, problems)
+
+
+def vision_from_hf(vcfg: Dict[str, Any], select_layer: int, problems: List[str],
+                   prefix: str = "vision_config") -> VisionConfig:
+    """An InternViT config dict (InternVisionConfig fields) -> VisionConfig; appends what is unsupported."""
+    g = lambda key: _get(vcfg, key, VISION_DEFAULTS, prefix, problems)  # noqa: E731
+    if g("qk_normalization"):
+        problems.append(f"{prefix}.qk_normalization is true: InternViT-6B style qk-norm is not supported")
+    if g("norm_type") != "layer_norm":
+        problems.append(f"{prefix}.norm_type is {g('norm_type')!r}: only 'layer_norm' (InternViT-300M) is supported")
+    if not g("qkv_bias"):
+        problems.append(f"{prefix}.qkv_bias is false: only InternViT with qkv bias is supported")
+    if g("hidden_act") != "gelu":
+        problems.append(f"{prefix}.hidden_act is {g('hidden_act')!r}: only 'gelu' is supported")
+    if g("num_channels") != 3:
+        problems.append(f"{prefix}.num_channels is {g('num_channels')!r}: only RGB (3) is supported")
+    return VisionConfig(
+        hidden_size=_int(g("hidden_size"), f"{prefix}.hidden_size", problems),
+        num_layers=_int(g("num_hidden_layers"), f"{prefix}.num_hidden_layers", problems),
+        num_attention_heads=_int(g("num_attention_heads"), f"{prefix}.num_attention_heads", problems),
+        ffn_hidden_size=_int(g("intermediate_size"), f"{prefix}.intermediate_size", problems),
+        image_size=_image_size(g("image_size"), f"{prefix}.image_size", problems),
+        patch_size=_image_size(g("patch_size"), f"{prefix}.patch_size", problems),
+        layernorm_epsilon=float(g("layer_norm_eps") or 0.0),
+        select_layer=select_layer,
+        drop_path_rate=float(g("drop_path_rate") or 0.0),
+        layer_scale_init=float(g("initializer_factor") or 0.0),
+    )
+
+
+def rope_theta_of(lcfg: Dict[str, Any]) -> Optional[float]:
+    """Qwen2's rope theta: `rope_theta` (transformers 4) or `rope_parameters.rope_theta` (transformers 5)."""
+    if lcfg.get("rope_theta") is not None:
+        return float(lcfg["rope_theta"])
+    params = lcfg.get("rope_parameters")
+    if isinstance(params, dict) and params.get("rope_theta") is not None:
+        return float(params["rope_theta"])
+    return None
+
+
+def language_from_hf(lcfg: Dict[str, Any], problems: List[str], prefix: str = "llm_config",
+                     make_vocab_size_divisible_by: int = 128) -> LanguageConfig:
+    """A Qwen2 config dict -> LanguageConfig; appends what is unsupported."""
+    archs = lcfg.get("architectures") or []
+    if QWEN2_ARCHITECTURE not in archs and lcfg.get("model_type") != "qwen2":
+        problems.append(f"{prefix} describes {archs or lcfg.get('model_type')!r}: only {QWEN2_ARCHITECTURE} "
+                        "(Qwen2 / Qwen2.5) language models are supported")
+    g = lambda key: _get(lcfg, key, LLM_DEFAULTS, prefix, problems)  # noqa: E731
+    if g("hidden_act") != "silu":
+        problems.append(f"{prefix}.hidden_act is {g('hidden_act')!r}: only 'silu' (SwiGLU) is supported")
+    if g("use_sliding_window"):
+        problems.append(f"{prefix}.use_sliding_window is true: sliding-window attention is not supported")
+    if lcfg.get("rope_scaling"):
+        problems.append(f"{prefix}.rope_scaling is {lcfg['rope_scaling']!r}: only plain RoPE is supported")
+    params = lcfg.get("rope_parameters")
+    if isinstance(params, dict) and params.get("rope_type", "default") != "default":
+        problems.append(f"{prefix}.rope_parameters.rope_type is {params['rope_type']!r}: only 'default' is supported")
+    hidden = _int(g("hidden_size"), f"{prefix}.hidden_size", problems)
+    heads = _int(g("num_attention_heads"), f"{prefix}.num_attention_heads", problems)
+    head_dim = lcfg.get("head_dim")
+    if head_dim is not None and heads and head_dim * heads != hidden:
+        problems.append(f"{prefix}.head_dim {head_dim} x {heads} heads != hidden_size {hidden}: unsupported")
+    theta = rope_theta_of(lcfg)
+    return LanguageConfig(
+        hidden_size=hidden,
+        num_layers=_int(g("num_hidden_layers"), f"{prefix}.num_hidden_layers", problems),
+        num_attention_heads=heads,
+        num_query_groups=_int(lcfg.get("num_key_value_heads") or heads, f"{prefix}.num_key_value_heads", problems),
+        ffn_hidden_size=_int(g("intermediate_size"), f"{prefix}.intermediate_size", problems),
+        vocab_size=_int(g("vocab_size"), f"{prefix}.vocab_size", problems),
+        rope_theta=theta if theta is not None else LLM_DEFAULTS["rope_theta"],
+        norm_epsilon=float(g("rms_norm_eps") or 0.0),
+        tie_word_embeddings=bool(g("tie_word_embeddings")),
+        max_position_embeddings=_int(g("max_position_embeddings"), f"{prefix}.max_position_embeddings", problems),
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+    )
+
+
+def model_config_from_hf(config: Dict[str, Any], make_vocab_size_divisible_by: int = 128,
+                         source: str = "config.json") -> ModelConfig:
+    """An InternVL-chat config.json dict -> a validated ModelConfig. Raises ConversionError listing every
+    problem found."""
+    problems: List[str] = []
+    model_type = config.get("model_type")
+    if model_type != MODEL_TYPE:
+        problems.append(f"model_type is {model_type!r}, expected {MODEL_TYPE!r} (SAIL-VL / InternVL-chat layout)")
+    for section in ("vision_config", "llm_config"):
+        if not isinstance(config.get(section), dict):
+            problems.append(f"{section} is missing or not an object")
+    # Without the right type and both sections nothing further can be read meaningfully.
+    raise_if(problems, f"unsupported model in {source}", "convert a SAIL-VL / InternVL-chat checkpoint")
+    g = lambda key: _get(config, key, CHAT_DEFAULTS, "config", problems)  # noqa: E731
+    for lora in ("use_backbone_lora", "use_llm_lora"):
+        if g(lora):
+            problems.append(f"{lora} is {g(lora)}: merge the LoRA weights before converting")
+    vision = vision_from_hf(config["vision_config"], _int(g("select_layer"), "select_layer", problems), problems)
+    force = g("force_image_size")
+    if force is not None and _image_size(force, "force_image_size", problems) != vision.image_size:
+        problems.append(f"force_image_size {force} differs from vision_config.image_size {vision.image_size}: "
+                        "resized position embeddings are not supported")
+    language = language_from_hf(config["llm_config"], problems,
+                                make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    projector = ProjectorConfig(downsample_ratio=float(g("downsample_ratio") or 0.0), ps_version=g("ps_version"))
+    model = ModelConfig(vision=vision, projector=projector, language=language)
+    if not problems:
+        try:
+            model.validate()
+        except ConfigError as e:
+            problems.append(str(e))
+    raise_if(problems, f"unsupported model in {source}", "convert a SAIL-VL / InternVL-chat model with an "
+             "InternViT-300M style vision encoder and a Qwen2 language model")
+    return model
+
+
+def _put(d: Dict[str, Any], key: str, value, default=_MISSING) -> None:
+    """Set `key` unless the template already holds an equal value (or omits it and the default is ours)."""
+    if key in d:
+        if d[key] != value or isinstance(d[key], bool) != isinstance(value, bool):
+            d[key] = value
+    elif default is _MISSING or default != value:
+        d[key] = value
+
+
+def _put_image_size(d: Dict[str, Any], key: str, size: int, default=_MISSING) -> None:
+    if isinstance(d.get(key), (list, tuple)) and list(d[key]) == [size, size]:
+        return
+    _put(d, key, size, default)
+
+
+def _put_rope_theta(lcfg: Dict[str, Any], theta: float) -> None:
+    params = lcfg.get("rope_parameters")
+    if "rope_theta" not in lcfg and isinstance(params, dict):
+        _put(params, "rope_theta", theta)
+    else:
+        _put(lcfg, "rope_theta", theta, LLM_DEFAULTS["rope_theta"])
+
+
+def put_vision(vcfg: Dict[str, Any], vision: VisionConfig) -> None:
+    """Write our vision fields into an InternViT config dict in place."""
+    _put(vcfg, "hidden_size", vision.hidden_size)
+    _put(vcfg, "num_hidden_layers", vision.num_layers)
+    _put(vcfg, "num_attention_heads", vision.num_attention_heads)
+    _put(vcfg, "intermediate_size", vision.ffn_hidden_size)
+    _put_image_size(vcfg, "image_size", vision.image_size)
+    _put_image_size(vcfg, "patch_size", vision.patch_size)
+    _put(vcfg, "layer_norm_eps", vision.layernorm_epsilon, VISION_DEFAULTS["layer_norm_eps"])
+    _put(vcfg, "drop_path_rate", vision.drop_path_rate, VISION_DEFAULTS["drop_path_rate"])
+    _put(vcfg, "initializer_factor", vision.layer_scale_init, VISION_DEFAULTS["initializer_factor"])
+    for key, value in (("qkv_bias", True), ("qk_normalization", False), ("norm_type", "layer_norm")):
+        _put(vcfg, key, value)
+    vcfg.setdefault("architectures", ["InternVisionModel"])
+    vcfg.setdefault("model_type", "intern_vit_6b")  # InternViT's config class uses this name for all sizes
+
+
+def put_language(lcfg: Dict[str, Any], lang: LanguageConfig) -> None:
+    """Write our language fields into a Qwen2 config dict in place."""
+    _put(lcfg, "hidden_size", lang.hidden_size)
+    _put(lcfg, "num_hidden_layers", lang.num_layers)
+    _put(lcfg, "num_attention_heads", lang.num_attention_heads)
+    _put(lcfg, "num_key_value_heads", lang.num_query_groups)
+    _put(lcfg, "intermediate_size", lang.ffn_hidden_size)
+    _put(lcfg, "vocab_size", lang.vocab_size)
+    _put_rope_theta(lcfg, lang.rope_theta)
+    _put(lcfg, "rms_norm_eps", lang.norm_epsilon, LLM_DEFAULTS["rms_norm_eps"])
+    _put(lcfg, "tie_word_embeddings", lang.tie_word_embeddings, LLM_DEFAULTS["tie_word_embeddings"])
+    _put(lcfg, "max_position_embeddings", lang.max_position_embeddings, LLM_DEFAULTS["max_position_embeddings"])
+    if not lcfg.get("architectures"):
+        lcfg["architectures"] = [QWEN2_ARCHITECTURE]
+    lcfg.setdefault("model_type", "qwen2")
+
+
+def hf_config_from_model(model: ModelConfig, template: Dict[str, Any], dtype: Optional[str] = None) -> Dict[str, Any]:
+    """The InternVL-chat config.json for `model`: `template` with our fields set (template unchanged).
+    `dtype` ('bf16', 'fp32', 'fp16') updates the recorded torch dtype when it differs."""
+    out = copy.deepcopy(template)
+    out["model_type"] = MODEL_TYPE
+    out.setdefault("architectures", ["InternVLChatModel"])
+    _put(out, "select_layer", model.vision.select_layer, CHAT_DEFAULTS["select_layer"])
+    _put(out, "downsample_ratio", model.projector.downsample_ratio, CHAT_DEFAULTS["downsample_ratio"])
+    _put(out, "ps_version", model.projector.ps_version, CHAT_DEFAULTS["ps_version"])
+    if out.get("force_image_size") is not None:
+        _put_image_size(out, "force_image_size", model.vision.image_size)
+    put_vision(out.setdefault("vision_config", {}), model.vision)
+    put_language(out.setdefault("llm_config", {}), model.language)
+    if dtype is not None:
+        name = DTYPE_NAMES[dtype]
+        for key in ("torch_dtype", "dtype"):
+            if key in out and out[key] != name:
+                out[key] = name
+        if "torch_dtype" not in out and "dtype" not in out:
+            out["torch_dtype"] = name
+    return out
+
+
+def stage1_template(llm_config: Dict[str, Any], vision_config: Dict[str, Any], template: str,
+                    dtype: str) -> Dict[str, Any]:
+    """A fresh InternVL-chat config around a standalone Qwen2 and InternViT config (for `init`)."""
+    return {
+        "architectures": ["InternVLChatModel"],
+        "model_type": MODEL_TYPE,
+        "llm_config": copy.deepcopy(llm_config),
+        "vision_config": copy.deepcopy(vision_config),
+        "template": template,
+        "force_image_size": vision_config.get("image_size"),
+        # Written explicitly (hf_config_from_model sets our values), so a reader need not know defaults.
+        "select_layer": CHAT_DEFAULTS["select_layer"],
+        "downsample_ratio": CHAT_DEFAULTS["downsample_ratio"],
+        "ps_version": CHAT_DEFAULTS["ps_version"],
+        "dynamic_image_size": True,
+        "use_thumbnail": True,
+        "min_dynamic_patch": 1,
+        "max_dynamic_patch": 6,
+        "use_backbone_lora": 0,
+        "use_llm_lora": 0,
+        "torch_dtype": DTYPE_NAMES[dtype],
+    }

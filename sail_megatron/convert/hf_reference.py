@@ -1,0 +1,132 @@
+"""An InternVL-chat (SAIL-VL) forward pass built from `transformers` parts: the third-party reference.
+
+Vision: transformers' `InternVLVisionModel` (InternViT with qk-norm off, qkv bias, LayerNorm, no mean
+pooling) loaded through the name mapping of DESIGN.md section 4; its `output_hidden_states` at
+`select_layer`. Language: `Qwen2ForCausalLM` on the `language_model.` weights. The glue is written
+here from InternVL's description, independently of our model code: drop CLS, pixel shuffle (v1 leaves
+the grid transposed), `mlp1`, write the vision tokens into the `<IMG_CONTEXT>` positions.
+"""
+
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from sail_megatron.config import ModelConfig
+from sail_megatron.convert.hf_config import model_config_from_hf, read_json
+from sail_megatron.convert.hf_io import SafetensorsFolder
+from sail_megatron.convert.mapping import LLM_PREFIX, PROJECTOR_PREFIX, VISION_PREFIX
+
+# InternViT (InternVL-chat) layer names -> transformers InternVLVisionModel names.
+_VISION_LAYER_NAMES = {"attn.proj": "attention.projection_layer", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+                       "norm1": "layernorm_before", "norm2": "layernorm_after", "ls1": "lambda_1", "ls2": "lambda_2"}
+_VISION_EMBEDDING_NAMES = {"embeddings.class_embedding": "embeddings.cls_token",
+                           "embeddings.position_embedding": "embeddings.position_embeddings",
+                           "embeddings.patch_embedding.weight": "embeddings.patch_embeddings.projection.weight",
+                           "embeddings.patch_embedding.bias": "embeddings.patch_embeddings.projection.bias"}
+
+
+def internvit_to_transformers(name: str, tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """One InternViT tensor (name without `vision_model.`) -> transformers InternVLVisionModel tensors."""
+    if name in _VISION_EMBEDDING_NAMES:
+        return {_VISION_EMBEDDING_NAMES[name]: tensor}
+    parts = name.split(".", 3)  # encoder.layers.N.rest
+    if len(parts) < 4 or parts[:2] != ["encoder", "layers"]:
+        raise KeyError(f"{name} is not an InternViT tensor name")
+    prefix, rest = f"encoder.layer.{parts[2]}.", parts[3]
+    if rest.startswith("attn.qkv."):
+        q, k, v = torch.chunk(tensor, 3, dim=0)
+        kind = rest.rsplit(".", 1)[1]
+        return {f"{prefix}attention.{p}_proj.{kind}": t for p, t in zip("qkv", (q, k, v))}
+    for ours, theirs in _VISION_LAYER_NAMES.items():
+        if rest == ours or rest.startswith(ours + "."):
+            return {prefix + theirs + rest[len(ours):]: tensor}
+    raise KeyError(name)
+
+
+def pixel_shuffle(features: torch.Tensor, downsample_ratio: float, ps_version: str) -> torch.Tensor:
+    """[n, g*g, c] -> [n, (g/k)^2, c*k*k]: token (i, j) of the k-times smaller grid concatenates the
+    k x k patches (i*k + a, j*k + b) in (a, b) order; v1 orders tokens column-major (InternVL's bug kept)."""
+    n, patches, c = features.shape
+    g = int(round(patches ** 0.5))
+    k = int(round(1 / downsample_ratio))
+    x = features.reshape(n, g // k, k, g // k, k, c)  # [n, i, a, j, b, c]
+    order = (0, 1, 3, 2, 4, 5) if ps_version == "v2" else (0, 3, 1, 2, 4, 5)
+    return x.permute(*order).reshape(n, (g // k) ** 2, k * k * c)
+
+
+class InternVLChatReference(nn.Module):
+    """InternViT + mlp1 + Qwen2 assembled from transformers modules; `forward` returns logits."""
+
+    def __init__(self, hf_config: Dict, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        from transformers.models.internvl import InternVLVisionConfig, InternVLVisionModel
+
+        self.cfg: ModelConfig = model_config_from_hf(hf_config)
+        v, lang = self.cfg.vision, self.cfg.language
+        vision_config = InternVLVisionConfig(
+            hidden_size=v.hidden_size, num_hidden_layers=v.num_layers, num_attention_heads=v.num_attention_heads,
+            intermediate_size=v.ffn_hidden_size, image_size=[v.image_size] * 2, patch_size=[v.patch_size] * 2,
+            layer_norm_eps=v.layernorm_epsilon, use_qk_norm=False, attention_bias=True, norm_type="layer_norm",
+            use_mean_pooling=False, use_absolute_position_embeddings=True, hidden_act="gelu")
+        vision_config._attn_implementation = "eager"
+        llm_config = Qwen2Config(**{k: val for k, val in hf_config["llm_config"].items() if k != "auto_map"})
+        llm_config._attn_implementation = "eager"
+        self.vision = InternVLVisionModel(vision_config)
+        width = v.hidden_size * self.cfg.projector.merge_factor ** 2
+        self.mlp1 = nn.Sequential(nn.LayerNorm(width, eps=self.cfg.projector.layernorm_epsilon),
+                                  nn.Linear(width, lang.hidden_size), nn.GELU(),
+                                  nn.Linear(lang.hidden_size, lang.hidden_size))
+        self.language = Qwen2ForCausalLM(llm_config)
+        self.to(dtype).eval()
+
+    @classmethod
+    def from_folder(cls, hf_dir, dtype: torch.dtype = torch.float32) -> "InternVLChatReference":
+        """The reference with the weights of an InternVL-chat folder (streamed, one tensor at a time)."""
+        model = cls(read_json(Path(hf_dir) / "config.json"), dtype)
+        with SafetensorsFolder(Path(hf_dir)) as folder:
+            for name in folder.tensors:
+                model.load_tensors({name: folder.read(name)})
+        return model
+
+    def load_tensors(self, tensors: Dict[str, torch.Tensor]) -> None:
+        """Copy InternVL-chat named tensors into the reference modules."""
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                if name.startswith(VISION_PREFIX):
+                    targets = {f"vision.{k}": t for k, t in
+                               internvit_to_transformers(name[len(VISION_PREFIX):], tensor).items()}
+                elif name.startswith(PROJECTOR_PREFIX):
+                    targets = {f"mlp1.{name[len(PROJECTOR_PREFIX):]}": tensor}
+                elif name.startswith(LLM_PREFIX):
+                    targets = {f"language.{name[len(LLM_PREFIX):]}": tensor}
+                else:
+                    raise KeyError(f"{name} is not an InternVL-chat tensor name")
+                for target, t in targets.items():
+                    if target == "language.lm_head.weight" and self.cfg.language.tie_word_embeddings:
+                        continue  # tied: the embedding is the head
+                    params[target].copy_(t)
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tiles [T, 3, S, S] -> language-space tokens [T, tokens_per_tile, hidden]."""
+        out = self.vision(pixel_values=pixel_values.to(self.mlp1[0].weight.dtype), output_hidden_states=True)
+        hidden = out.hidden_states[self.cfg.vision.select_layer][:, 1:]  # drop CLS
+        shuffled = pixel_shuffle(hidden, self.cfg.projector.downsample_ratio, self.cfg.projector.ps_version)
+        return self.mlp1(shuffled)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
+                image_token_id: Optional[int] = None) -> torch.Tensor:
+        """input_ids [b, s] -> logits [b, s, vocab]."""
+        embeds = self.language.get_input_embeddings()(input_ids)
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            vision = self.vision_features(pixel_values).reshape(-1, embeds.shape[-1])
+            mask = input_ids == image_token_id
+            if int(mask.sum()) != vision.shape[0]:
+                raise ValueError(f"{int(mask.sum())} image tokens but {vision.shape[0]} vision tokens")
+            embeds = embeds.clone()
+            embeds[mask] = vision.to(embeds.dtype)
+        return self.language(inputs_embeds=embeds).logits

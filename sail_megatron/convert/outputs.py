@@ -1,0 +1,72 @@
+"""Output folders that appear whole or not at all, and the small files that travel with the weights."""
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List
+
+from sail_megatron.convert.errors import ConversionError
+
+# Not carried as "side files": the weights and configs we rewrite ourselves.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+_REWRITTEN = ("config.json",)
+_SIDE_FILE_LIMIT = 100 << 20
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+
+
+def check_output_free(final: Path) -> None:
+    """Refuse to write over an existing, non-empty folder (checked before any work starts)."""
+    final = Path(final)
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise ConversionError(f"cannot write {final}", [f"{final} already exists and is not empty"],
+                              "choose a new --out folder or remove the old one")
+
+
+@contextmanager
+def atomic_output_dir(final: Path) -> Iterator[Path]:
+    """Yields a temporary sibling of `final`, renamed to `final` only when the block succeeds; on any
+    error the temporary folder is removed, so a failed conversion leaves nothing behind."""
+    final = Path(final).absolute()
+    check_output_free(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists():
+            final.rmdir()  # empty (checked above)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def side_files(folder: Path) -> List[Path]:
+    """Small top-level files of a HF folder that are not weights or config.json: tokenizer, generation
+    config, the InternVL-chat modelling code named by `auto_map`, README."""
+    out = []
+    for p in sorted(Path(folder).iterdir()):
+        if not p.is_file() or p.name.startswith(".") or p.name in _REWRITTEN:
+            continue
+        if p.name.endswith(_WEIGHT_SUFFIXES) or p.name.endswith(".index.json"):
+            continue
+        if p.stat().st_size > _SIDE_FILE_LIMIT:
+            continue
+        out.append(p)
+    return out
+
+
+def copy_files(files: List[Path], dest: Path) -> List[str]:
+    """Copy `files` into `dest`; returns their names."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in files:
+        shutil.copy2(p, dest / p.name)
+    return [p.name for p in files]
+
+
+def tokenizer_files(folder: Path) -> List[Path]:
+    """The tokenizer files present in `folder`."""
+    return [Path(folder) / n for n in TOKENIZER_FILES if (Path(folder) / n).is_file()]

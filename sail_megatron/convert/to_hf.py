@@ -1,0 +1,198 @@
+"""`sail-convert mcore-to-hf`: a megatron checkpoint -> an InternVL-chat (SAIL-VL) Hugging Face folder.
+
+What the model config, the config.json template and the ViT layers after `select_layer` come from, in
+order: the checkpoint's own conversion record and `hf_source/` (checkpoints written by sail-convert);
+a training run's `config.yaml` (checkpoints written by the trainer); `--base-hf` (the HF folder or the
+converted checkpoint the run started from). Without a source for the unused ViT layers they are dropped
+and config.json says so (`num_hidden_layers` = built layers, `select_layer` = -1: the same model).
+Vocabulary padding is removed; weights stream out one tensor at a time into safetensors shards + index.
+"""
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import yaml
+
+from sail_megatron.config import ModelConfig
+from sail_megatron.config.loading import from_dict
+from sail_megatron.convert import mapping
+from sail_megatron.convert.checks import DTYPE_OPTIONS, resolve_dtype, tensor_problems
+from sail_megatron.convert.errors import ConversionError, raise_if
+from sail_megatron.convert.hf_config import (hf_config_from_model, model_config_from_hf, read_json, stage1_template,
+                                             write_json)
+from sail_megatron.convert.hf_io import SafetensorsFolder, ShardedSafetensorsWriter, parse_size
+from sail_megatron.convert.mcore_io import (HF_SOURCE_DIR, UNUSED_TENSORS_FILE, build_empty_model, checkpoint_root,
+                                            load_model, padded_vocab_size, read_provenance, single_process)
+from sail_megatron.convert.outputs import atomic_output_dir, check_output_free, copy_files, side_files, tokenizer_files
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportSource:
+    """Everything an export needs besides the checkpoint's tensors."""
+
+    cfg: ModelConfig
+    ckpt_dtype: str
+    vocab_rows: int
+    template: Dict
+    lm_head_stored: bool = False
+    unused_dir: Optional[Path] = None
+    """A folder whose safetensors hold the ViT layers after select_layer (InternVL-chat names)."""
+    side_dir: Optional[Path] = None
+    """A folder whose small files (tokenizer, modelling code) go with the export."""
+
+
+def _converted_source(root: Path, record: Dict) -> ExportSource:
+    source = root / HF_SOURCE_DIR
+    return ExportSource(cfg=from_dict(ModelConfig, record["model"], "model"), ckpt_dtype=record["dtype"],
+                        vocab_rows=record["vocab_rows"], template=record["hf_config"],
+                        lm_head_stored=record.get("lm_head_stored", False),
+                        unused_dir=source if record.get("unused_tensors") and (source / UNUSED_TENSORS_FILE).is_file()
+                        else None,
+                        side_dir=source if source.is_dir() else None)
+
+
+def _run_source(run_config: Path) -> ExportSource:
+    from sail_megatron.config.train import resolve
+
+    train = resolve(yaml.safe_load(run_config.read_text()))
+    lang = train.model.language
+    rows = padded_vocab_size(lang.vocab_size, lang.make_vocab_size_divisible_by,
+                             train.parallel.tensor_model_parallel_size)
+    return ExportSource(cfg=train.model, ckpt_dtype=train.precision.dtype, vocab_rows=rows, template={})
+
+
+def _hf_source(hf_dir: Path) -> ExportSource:
+    config = read_json(hf_dir / "config.json")
+    cfg = model_config_from_hf(config, source=str(hf_dir / "config.json"))
+    with SafetensorsFolder(hf_dir) as folder:
+        dtype = resolve_dtype("auto", [i.dtype for i in folder.tensors.values()])
+        head = f"{mapping.LLM_PREFIX}lm_head.weight" in folder.tensors
+    rows = padded_vocab_size(cfg.language.vocab_size, cfg.language.make_vocab_size_divisible_by, 1)
+    return ExportSource(cfg=cfg, ckpt_dtype=dtype, vocab_rows=rows, template=config,
+                        lm_head_stored=cfg.language.tie_word_embeddings and head,
+                        unused_dir=hf_dir, side_dir=hf_dir)
+
+
+def _base_source(base: Path) -> ExportSource:
+    """--base-hf: a Hugging Face folder or a folder written by sail-convert."""
+    if (base / "latest").is_file() or (base / HF_SOURCE_DIR).is_dir():
+        record = read_provenance(base)
+        if record is None:
+            raise ConversionError(f"--base-hf {base}", ["it is a megatron checkpoint without a conversion record"],
+                                  "pass the Hugging Face folder the run started from")
+        return _converted_source(checkpoint_root(base), record)
+    return _hf_source(base)
+
+
+def resolve_export_source(ckpt: Path, base_hf: Optional[Path] = None) -> ExportSource:
+    """Where the config, template, unused ViT layers and side files of an export come from."""
+    root = checkpoint_root(ckpt)
+    record = read_provenance(ckpt)
+    base = _base_source(Path(base_hf)) if base_hf is not None else None
+    if record is not None:
+        src = _converted_source(root, record)
+    elif (root / "config.yaml").is_file():
+        src = _run_source(root / "config.yaml")
+    elif base is not None:
+        src = dataclasses.replace(base, unused_dir=None, side_dir=None)
+    else:
+        raise ConversionError(f"cannot tell the model of {ckpt}", [
+            "the checkpoint has no sail-convert record and its folder no training config.yaml"],
+            "pass --base-hf with the Hugging Face model the run started from")
+    if base is not None:
+        # The base fills what the checkpoint lacks; it must describe the same vision encoder.
+        if not src.template:
+            src.template = base.template
+            src.lm_head_stored = base.lm_head_stored and src.cfg.language.tie_word_embeddings
+        if src.unused_dir is None and base.unused_dir is not None and _same_vision(src.cfg, base.cfg):
+            src.unused_dir = base.unused_dir
+        src.side_dir = src.side_dir or base.side_dir
+    return src
+
+
+def _same_vision(a: ModelConfig, b: ModelConfig) -> bool:
+    return dataclasses.replace(a.vision, drop_path_rate=0.0) == dataclasses.replace(b.vision, drop_path_rate=0.0)
+
+
+def truncated(cfg: ModelConfig) -> ModelConfig:
+    """The same model described without the ViT layers after select_layer."""
+    vision = dataclasses.replace(cfg.vision, num_layers=cfg.vision.num_built_layers, select_layer=-1)
+    return dataclasses.replace(cfg, vision=vision)
+
+
+def _unused_folder(src: ExportSource) -> Optional[SafetensorsFolder]:
+    if src.unused_dir is None or not mapping.unused_hf_names(src.cfg):
+        return None
+    folder = SafetensorsFolder(src.unused_dir)
+    names = mapping.unused_hf_names(src.cfg)
+    expected = {n: s for n, s in mapping.vision_shapes(src.cfg).items() if n in set(names)}
+    actual = {n: folder.shapes[n] for n in names if n in folder.shapes}
+    raise_if(tensor_problems(actual, expected, {}), f"the unused ViT layers in {src.unused_dir} do not fit the model")
+    return folder
+
+
+def write_weights(model: torch.nn.Module, src: ExportSource, export_cfg: ModelConfig, out: Path,
+                  dtype: torch.dtype, max_shard_bytes: int, unused: Optional[SafetensorsFolder]) -> None:
+    """Stream the model's parameters (and carried tensors) into HF safetensors shards."""
+    shapes = mapping.expected_hf_shapes(export_cfg, src.lm_head_stored)
+    writer = ShardedSafetensorsWriter(out, [(n, dtype, s) for n, s in shapes.items()], max_shard_bytes)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for rule in mapping.tensor_rules(src.cfg, src.lm_head_stored):
+            for name, value in zip(rule.hf, mapping.to_hf(rule, params[rule.mcore].detach(), src.cfg)):
+                writer.write(name, value.to(dtype))
+        if unused is not None:
+            for name in mapping.unused_hf_names(src.cfg):
+                writer.write(name, unused.read(name).to(dtype))
+    writer.close()
+
+
+def _side_files(src: ExportSource) -> List[Path]:
+    if src.side_dir is None:
+        return []
+    return [p for p in side_files(src.side_dir) if p.name != UNUSED_TENSORS_FILE]
+
+
+def mcore_to_hf(ckpt, out_dir, tokenizer=None, base_hf=None, dtype: Optional[str] = None,
+                max_shard_size: str = "5GB") -> Path:
+    """Export a megatron checkpoint (from sail-convert or the trainer) as an InternVL-chat HF folder:
+    safetensors shards + index, config.json, tokenizer and other carried files."""
+    ckpt, out_dir = Path(ckpt), Path(out_dir)
+    check_output_free(out_dir)
+    if tokenizer is not None and not tokenizer_files(Path(tokenizer)):
+        raise ConversionError(f"--tokenizer {tokenizer}",
+                              ["no tokenizer files there (tokenizer.json, vocab.json, ...)"])
+    src = resolve_export_source(ckpt, base_hf)
+    out_dtype = dtype or src.ckpt_dtype
+    raise_if([] if out_dtype in DTYPE_OPTIONS else [f"unknown dtype {out_dtype!r}"], "bad --dtype",
+             f"use one of {', '.join(DTYPE_OPTIONS)}")
+    unused = _unused_folder(src)
+    export_cfg = src.cfg if unused is not None or not mapping.unused_hf_names(src.cfg) else truncated(src.cfg)
+    if export_cfg is not src.cfg:
+        logger.warning("no source for the %d ViT layers after select_layer: exporting the %d built layers with "
+                       "select_layer=-1 (same model); pass --base-hf to carry them",
+                       src.cfg.vision.num_layers - src.cfg.vision.num_built_layers, src.cfg.vision.num_built_layers)
+    # No template (trainer checkpoint, no --base-hf): a fresh InternVL-chat config with every field explicit.
+    template = src.template or stage1_template({}, {}, "internvl2_5", out_dtype)
+    config = hf_config_from_model(export_cfg, template, out_dtype)
+    try:
+        with atomic_output_dir(out_dir) as tmp:
+            with single_process():
+                model = build_empty_model(src.cfg, src.ckpt_dtype, src.vocab_rows)
+                load_model(model, ckpt)
+                write_weights(model, src, export_cfg, tmp, DTYPE_OPTIONS[out_dtype], parse_size(max_shard_size), unused)
+                del model
+            write_json(tmp / "config.json", config)
+            copy_files(_side_files(src), tmp)
+            if tokenizer is not None:
+                copy_files(tokenizer_files(Path(tokenizer)), tmp)
+    finally:
+        if unused is not None:
+            unused.close()
+    return out_dir
