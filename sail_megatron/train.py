@@ -15,24 +15,21 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from sail_megatron.config import ConfigError
-from sail_megatron.config.optim import PARTS
 from sail_megatron.config.train import TrainConfig, dump, load_train_config
-from sail_megatron.data.decode import BatchMaterializer, build_tile_decoder
-from sail_megatron.data.loader import build_train_loader
 from sail_megatron.data.tokenizer import load_tokenizer
 from sail_megatron.model.build import build_model
 from sail_megatron.platform import destroy_distributed, detect_backends, init_distributed, read_dist_env
 from sail_megatron.training.checkpoint import LATEST, load_checkpoint, restore_rng_state, save_checkpoint
-from sail_megatron.training.flops import peak_flops
+from sail_megatron.training.collectives import sum_over_data_parallel
+from sail_megatron.training.flops import Trains
 from sail_megatron.training.freezing import apply_freezing
 from sail_megatron.training.graceful_stop import GracefulStop
-from sail_megatron.training.metered_data import MeteredData, from_loader
-from sail_megatron.training.monitor import TrainingMonitor
+from sail_megatron.training.metered_data import MeteredData, build_loader, from_loader
+from sail_megatron.training.monitor import TrainingMonitor, device_peak_flops
 from sail_megatron.training.optimizer import part_learning_rates, setup_training
 from sail_megatron.training.step import train_step
 
@@ -56,12 +53,12 @@ def prepare_config(args, world_size: int):
     return cfg, tokenizer
 
 
-def _device_peak_flops(cfg: TrainConfig):
-    if cfg.run.peak_tflops:
-        return cfg.run.peak_tflops * 1e12
-    if not torch.cuda.is_available() or cfg.precision.dtype not in ("bf16", "fp16"):
-        return None  # MFU is quoted against tensor-core peaks; CPU and fp32 runs report TFLOP/s only
-    return peak_flops(torch.cuda.get_device_name(), "fp8" if cfg.precision.fp8 else cfg.precision.dtype)
+def build_training(cfg: TrainConfig, device):
+    """This rank's model stage, frozen by stage and DDP-wrapped, with its optimizer and lr schedule."""
+    model = build_model(cfg.model, cfg.parallel, cfg.precision)
+    apply_freezing(model, cfg.freeze)
+    model.to(device)
+    return setup_training(model, cfg.optim, cfg.parallel, cfg.precision)
 
 
 def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
@@ -71,10 +68,7 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
         save_dir.mkdir(parents=True, exist_ok=True)
         (save_dir / "config.yaml").write_text(dump(cfg))
     stop = GracefulStop()  # before the slow setup: a signal during it still saves at the first step
-    model = build_model(cfg.model, cfg.parallel, cfg.precision)
-    apply_freezing(model, cfg.freeze)
-    model.to(env.device)
-    chunks, optimizer, scheduler = setup_training(model, cfg.optim, cfg.parallel, cfg.precision)
+    chunks, optimizer, scheduler = build_training(cfg, env.device)
 
     start, loader_state, samples_before = 0, None, 0
     if (save_dir / LATEST).is_file():
@@ -89,26 +83,22 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
         loaded = load_checkpoint(run.init_from, chunks)  # weights only: a new stage starts a new optimizer
         logger.info("initialized from %s (its step %d)", loaded["path"], loaded["iteration"])
 
-    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    dp_size = parallel_state.get_data_parallel_world_size()
     num_micro = cfg.num_microbatches(env.world_size)
-    tile = cfg.model.vision.image_size
-    loader = build_train_loader(cfg.data, tokenizer, tile, cfg.model.tokens_per_tile, dp_rank, dp_size,
-                                seed=run.seed, state=loader_state)
-    materialize = BatchMaterializer(build_tile_decoder(cfg.data.decoder, env.device), tile, env.device,
-                                    cfg.model.tokens_per_tile, tokenizer.ids.img_context)
-    data = MeteredData(from_loader(loader, materialize), cfg.model, tuple(p in cfg.freeze.trainable for p in PARTS))
-    monitor = TrainingMonitor(save_dir, run.train_steps, start, run.log_interval, _device_peak_flops(cfg),
+    loader, materialize = build_loader(cfg, tokenizer, env.device, state=loader_state)
+    data = MeteredData(from_loader(loader, materialize), cfg.model, Trains.from_freeze(cfg.freeze))
+    monitor = TrainingMonitor(save_dir, run.train_steps, start, run.log_interval,
+                              device_peak_flops(cfg.precision, run.peak_tflops)[0],
                               tensorboard=run.tensorboard)
     logger.info("training %s (%s) steps %d..%d: world %d = TP %d x PP %d x DP %d, %d micro-batches per step",
                 config_path, cfg.model_preset, start, run.train_steps, env.world_size,
                 cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size, dp_size, num_micro)
 
     def save(step: int) -> None:
-        samples = torch.tensor([data.samples_consumed], dtype=torch.int64, device=env.device)
-        dist.all_reduce(samples, group=parallel_state.get_data_parallel_group())
+        (samples,) = sum_over_data_parallel([data.samples_consumed])
         save_checkpoint(save_dir, step, chunks, optimizer, scheduler, keep_last=run.keep_last,
                         common={"consumed_rows": step * run.global_batch_size,
-                                "consumed_samples": samples_before + int(samples.item()),
+                                "consumed_samples": samples_before + int(samples),
                                 "model_config": dataclasses.asdict(cfg.model)},
                         rank_state={"loader": loader.save_state_rank()})
 
@@ -144,20 +134,27 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
         logger.info("curves: %s", plot_curves(save_dir))
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
-    p.add_argument("overrides", nargs="*", help="dotted.key=value")
-    args = p.parse_args(argv)
+def start(args):
+    """Logging for this rank, then the recipe resolved and validated: (env, cfg, tokenizer). A bad
+    recipe exits with code 2 here, before any process group exists, so no rank can hang."""
     env = read_dist_env()
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
     try:
         cfg, tokenizer = prepare_config(args, env.world_size)
-    except (ConfigError, FileNotFoundError) as e:  # before any process group: nothing can hang
+    except (ConfigError, FileNotFoundError) as e:
         logger.error("%s", e)
         sys.exit(2)
+    return env, cfg, tokenizer
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", help="dotted.key=value")
+    args = p.parse_args(argv)
+    _, cfg, tokenizer = start(args)
     init_distributed(cfg.parallel, seed=cfg.run.seed)
     try:
         train(cfg, tokenizer, args.config)

@@ -8,10 +8,9 @@ throughput from steps run without them and the breakdown from separate, timed st
 from typing import Dict, List
 
 import torch
-import torch.distributed as dist
 from megatron.core.timers import Timers
 
-from sail_megatron.platform import read_dist_env
+from sail_megatron.training.collectives import max_over_world
 
 VISION = "vision-forward"
 # Our name -> megatron-core timer names summed into it.
@@ -65,9 +64,7 @@ class StepTimers:
         for name in names:
             timer = self.timers._timers.get(name)
             local.append(timer.elapsed(reset=True) if timer is not None else 0.0)
-        values = torch.tensor(local, dtype=torch.float64, device=read_dist_env().device)
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-        wait, *rest = (v / steps for v in values.tolist())
+        wait, *rest = (v / steps for v in max_over_world(local))
         by_name = dict(zip(names, rest))
         by_name["forward-compute"] = max(by_name["forward-compute"] - data_wait_s / steps, 0.0)
         out = {phase: sum(by_name[n] for n in group) for phase, group in PHASES.items()}

@@ -16,7 +16,6 @@ import copy
 import dataclasses
 import datetime
 import logging
-import sys
 from contextlib import nullcontext
 from typing import Dict, List, Tuple
 
@@ -24,12 +23,11 @@ import torch
 
 from sail_megatron.bench.measure import BenchSettings, measure
 from sail_megatron.bench.report import plot, table, write_json
-from sail_megatron.config import ConfigError
 from sail_megatron.config.train import TrainConfig
 from sail_megatron.kernels._common import prefer
-from sail_megatron.platform import destroy_distributed, detect_backends, init_distributed, read_dist_env
-from sail_megatron.train import prepare_config
-from sail_megatron.training.flops import peak_flops
+from sail_megatron.platform import destroy_distributed, detect_backends, init_distributed
+from sail_megatron.train import start
+from sail_megatron.training.monitor import device_peak_flops
 
 logger = logging.getLogger("sail_megatron.bench")
 
@@ -59,17 +57,6 @@ def _variants(cfg: TrainConfig, compare: List[str], data: str) -> List[Tuple[str
     return out or [("baseline", cfg, nullcontext(), "")]
 
 
-def _peaks(cfg: TrainConfig, override: float):
-    if override:
-        return override * 1e12, None
-    if not torch.cuda.is_available():
-        return None, None
-    name = torch.cuda.get_device_name()
-    if cfg.precision.fp8:
-        return peak_flops(name, "fp8"), peak_flops(name, "bf16")
-    return peak_flops(name, cfg.precision.dtype), None
-
-
 def _ratios(results: Dict[str, Dict]) -> Dict[str, float]:
     pairs = [("packed", "padded"), ("dali", "pil"), ("triton-kernels", "reference-kernels"), ("te-layers", "local-layers")]
     out = {}
@@ -93,20 +80,12 @@ def main(argv=None) -> None:
     p.add_argument("--plot", default=None)
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
     args = p.parse_args(argv)
-    env = read_dist_env()
-    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)
     if args.steps < 1 or args.warmup < 0 or args.breakdown_steps < 0:
         p.error("--steps must be >= 1, --warmup and --breakdown-steps >= 0")
-    try:
-        cfg, tokenizer = prepare_config(args, env.world_size)
-    except (ConfigError, FileNotFoundError) as e:
-        logger.error("%s", e)
-        sys.exit(2)
+    env, cfg, tokenizer = start(args)
     init_distributed(cfg.parallel, seed=cfg.run.seed)
     try:
-        peak, peak_bf16 = _peaks(cfg, args.peak_tflops)
+        peak, peak_bf16 = device_peak_flops(cfg.precision, args.peak_tflops)
         settings = BenchSettings(steps=args.steps, warmup=args.warmup, breakdown_steps=args.breakdown_steps,
                                  data=args.data, peak_flops=peak, peak_flops_bf16=peak_bf16)
         results = {}

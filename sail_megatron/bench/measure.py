@@ -8,21 +8,17 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
 from sail_megatron.bench.breakdown import StepTimers
 from sail_megatron.bench.synthetic_rows import SyntheticRows, SyntheticRowsConfig
-from sail_megatron.config.optim import PARTS
 from sail_megatron.config.train import TrainConfig
-from sail_megatron.data.decode import BatchMaterializer, build_tile_decoder
-from sail_megatron.data.loader import build_train_loader
-from sail_megatron.model.build import build_model
 from sail_megatron.platform import read_dist_env
-from sail_megatron.training.freezing import apply_freezing
-from sail_megatron.training.metered_data import MeteredData, from_loader
+from sail_megatron.training.collectives import max_over_world, sum_over_data_parallel
+from sail_megatron.train import build_training
+from sail_megatron.training.flops import Trains
+from sail_megatron.training.metered_data import MeteredData, build_loader, from_loader
 from sail_megatron.training.monitor import peak_memory_gib
-from sail_megatron.training.optimizer import setup_training
 from sail_megatron.training.step import train_step
 
 
@@ -49,12 +45,7 @@ def _source(cfg: TrainConfig, tokenizer, settings: BenchSettings, device):
             # Samples of 1/8 to 1/2 row (512-2048 tokens at 4096): several per packed row.
             min_sample_tokens=max(cfg.data.seq_length // 8, 32), max_sample_tokens=cfg.data.seq_length // 2)
         return iter(SyntheticRows(rows, device))
-    loader = build_train_loader(cfg.data, tokenizer, model.vision.image_size, model.tokens_per_tile,
-                                parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
-                                seed=cfg.run.seed)
-    materialize = BatchMaterializer(build_tile_decoder(cfg.data.decoder, device), model.vision.image_size, device,
-                                    model.tokens_per_tile, model.image_context_token_id)
-    return from_loader(loader, materialize)
+    return from_loader(*build_loader(cfg, tokenizer, device))
 
 
 def _sync() -> None:
@@ -62,27 +53,11 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _sum_over_dp(values) -> list:
-    t = torch.tensor(values, dtype=torch.float64, device=read_dist_env().device)
-    dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
-    return t.tolist()
-
-
-def _max_over_world(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=read_dist_env().device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
-
-
 def measure(cfg: TrainConfig, tokenizer, settings: BenchSettings) -> Dict:
     """Collective over all ranks; every rank returns the same figures."""
     env = read_dist_env()
-    model = build_model(cfg.model, cfg.parallel, cfg.precision)
-    apply_freezing(model, cfg.freeze)
-    model.to(env.device)
-    chunks, optimizer, scheduler = setup_training(model, cfg.optim, cfg.parallel, cfg.precision)
-    trains = tuple(p in cfg.freeze.trainable for p in PARTS)
-    data = MeteredData(_source(cfg, tokenizer, settings, env.device), cfg.model, trains)
+    chunks, optimizer, scheduler = build_training(cfg, env.device)
+    data = MeteredData(_source(cfg, tokenizer, settings, env.device), cfg.model, Trains.from_freeze(cfg.freeze))
     num_micro = cfg.num_microbatches(env.world_size)
 
     def step():
@@ -110,10 +85,9 @@ def measure(cfg: TrainConfig, tokenizer, settings: BenchSettings) -> Dict:
             step()
         breakdown = timers.read(settings.breakdown_steps, data_wait_s=data.take_tally().wait_s)
         timers.disable()
-    samples, tokens, slots, tiles, flops = _sum_over_dp([tally.samples, tally.tokens, tally.slots, tally.tiles,
-                                                         tally.flops])
-    wait = _max_over_world(tally.wait_s)
-    memory = _max_over_world(peak_memory_gib())
+    samples, tokens, slots, tiles, flops = sum_over_data_parallel([tally.samples, tally.tokens, tally.slots,
+                                                                   tally.tiles, tally.flops])
+    wait, memory = max_over_world([tally.wait_s, peak_memory_gib()])
     total = sum(times)
     per_device = flops / total / env.world_size
     result = {
@@ -131,7 +105,7 @@ def measure(cfg: TrainConfig, tokenizer, settings: BenchSettings) -> Dict:
         "breakdown_s_per_step": breakdown,
         "final_loss": losses[-1] if losses else None,
     }
-    del chunks, optimizer, scheduler, model, data
+    del chunks, optimizer, scheduler, data
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from sail_megatron.platform.megatron_compat import install_torch_adam_checkpoint_fix, unshare_adam_steps

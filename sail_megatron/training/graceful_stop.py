@@ -8,11 +8,8 @@ tiny all-reduce, so every rank stops at the same step and the checkpoint is coll
 import logging
 import signal
 
-import torch
-import torch.distributed as dist
-
 from sail_megatron.data.worker_signals import shield_loader_workers
-from sail_megatron.platform import read_dist_env
+from sail_megatron.training.collectives import any_rank
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +28,4 @@ class GracefulStop:
 
     def agreed(self) -> bool:
         """Collective: True on every rank when any rank has received a stop signal."""
-        flag = torch.tensor([1.0 if self.received else 0.0], device=read_dist_env().device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
+        return any_rank(self.received is not None)

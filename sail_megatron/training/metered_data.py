@@ -5,12 +5,28 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, List, Tuple
 
+from megatron.core import parallel_state
+
 from sail_megatron.config import ModelConfig
 from sail_megatron.data.batch import Batch
 from sail_megatron.training.flops import training_flops
 
 # A micro-batch and the lengths of the samples in it (padding excluded).
 Measured = Tuple[Batch, List[int]]
+
+
+def build_loader(cfg, tokenizer, device, state=None):
+    """This rank's savable energon loader and the materializer that decodes its batches on `device`."""
+    from sail_megatron.data.decode import BatchMaterializer, build_tile_decoder
+    from sail_megatron.data.loader import build_train_loader
+
+    model, tile = cfg.model, cfg.model.vision.image_size
+    loader = build_train_loader(cfg.data, tokenizer, tile, model.tokens_per_tile,
+                                parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+                                seed=cfg.run.seed, state=state)
+    materialize = BatchMaterializer(build_tile_decoder(cfg.data.decoder, device), tile, device, model.tokens_per_tile,
+                                    tokenizer.ids.img_context)
+    return loader, materialize
 
 
 def from_loader(loader: Iterable, materialize: Callable) -> Iterator[Measured]:

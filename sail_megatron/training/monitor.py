@@ -8,17 +8,16 @@ so logging costs one small collective per interval, not per step.
 import json
 import logging
 import resource
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
 
 from sail_megatron.platform import read_dist_env
+from sail_megatron.training.flops import peak_flops
+from sail_megatron.training.collectives import max_over_world, sum_over_data_parallel
 from sail_megatron.training.metered_data import DataTally
 
 logger = logging.getLogger(__name__)
@@ -31,6 +30,19 @@ def peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def device_peak_flops(precision, override_tflops: Optional[float] = None) -> Tuple[Optional[float], Optional[float]]:
+    """Per-device dense peak FLOP/s in the run's precision and, for FP8 runs, the bf16 peak too (MFU is
+    reported against both). None where MFU is not quoted: CPU, fp32, unknown GPUs (TFLOP/s still is)."""
+    if override_tflops:
+        return override_tflops * 1e12, None
+    if not torch.cuda.is_available() or precision.dtype not in ("bf16", "fp16"):
+        return None, None
+    name = torch.cuda.get_device_name()
+    if precision.fp8:
+        return peak_flops(name, "fp8"), peak_flops(name, "bf16")
+    return peak_flops(name, precision.dtype), None
 
 
 def _format_eta(seconds: float) -> str:
@@ -87,13 +99,8 @@ class TrainingMonitor:
 
     def _reduce(self, iv: _Interval) -> Dict[str, float]:
         d = iv.data
-        device = self.env.device
-        sums = torch.tensor([d.samples, d.tokens, d.slots, d.tiles, d.flops], dtype=torch.float64, device=device)
-        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
-        maxes = torch.tensor([d.wait_s, peak_memory_gib()], dtype=torch.float64, device=device)
-        dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
-        samples, tokens, slots, tiles, flops = sums.tolist()
-        wait_s, mem = maxes.tolist()
+        samples, tokens, slots, tiles, flops = sum_over_data_parallel([d.samples, d.tokens, d.slots, d.tiles, d.flops])
+        wait_s, mem = max_over_world([d.wait_s, peak_memory_gib()])
         return dict(samples=samples, tokens=tokens, slots=slots, tiles=tiles, flops=flops, wait_s=wait_s, mem=mem)
 
     def _log(self, step: int, result, lrs: Dict[str, float], skipped_samples: Counter) -> None:

@@ -14,6 +14,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from sail_megatron.data.batch import Batch
 from sail_megatron.platform import read_dist_env
+from sail_megatron.training.collectives import any_rank
 
 
 def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -78,12 +79,6 @@ def _local_grads_finite(model_chunks: List[torch.nn.Module]) -> bool:
     return True
 
 
-def _all_ranks_ok(ok: bool) -> bool:
-    flag = torch.tensor([0.0 if ok else 1.0], device=read_dist_env().device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
-
-
 def train_step(model_chunks: List[torch.nn.Module], optimizer: MegatronOptimizer, scheduler,
                data_iterator: Iterator[Batch], num_microbatches: int, seq_length: int,
                micro_batch_size: int) -> StepResult:
@@ -100,7 +95,7 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer: MegatronOptimizer
         forward_only=False,
     )
     loss_sum, tokens = reduce_loss_reports(reports).tolist()
-    finite = _all_ranks_ok(math.isfinite(loss_sum) and _local_grads_finite(model_chunks))
+    finite = not any_rank(not (math.isfinite(loss_sum) and _local_grads_finite(model_chunks)))
     update_ok, grad_norm = False, float("nan")
     if finite:
         update_ok, norm, _ = optimizer.step()

@@ -1,0 +1,32 @@
+"""The small reductions the loop, monitor and benchmark agree through (float64 on this rank's device)."""
+
+from typing import List, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from sail_megatron.platform import read_dist_env
+
+
+def _tensor(values: Sequence[float]) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.float64, device=read_dist_env().device)
+
+
+def sum_over_data_parallel(values: Sequence[float]) -> List[float]:
+    """Element-wise sums over this rank's data-parallel group (each model replica counted once)."""
+    t = _tensor(values)
+    dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+    return t.tolist()
+
+
+def max_over_world(values: Sequence[float]) -> List[float]:
+    """Element-wise maxima over all ranks."""
+    t = _tensor(values)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank."""
+    return max_over_world([1.0 if flag else 0.0])[0] > 0
