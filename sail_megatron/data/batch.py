@@ -14,9 +14,16 @@ class Batch:
     labels: torch.Tensor  # [b, s] int64 next-token targets
     loss_mask: torch.Tensor  # [b, s] float, 1 where the target is trained on
     position_ids: torch.Tensor  # [b, s] int64
-    pixel_values: torch.Tensor  # [tiles, 3, S, S] normalized float
+    pixel_values: Optional[torch.Tensor]  # [tiles, 3, S, S] normalized float; None where no ViT runs
     cu_seqlens: Optional[torch.Tensor] = None  # [n+1] int32 sample boundaries of a packed row (b == 1)
     max_seqlen: int = 0  # longest packed sample (RoPE table length)
+    tile_count: Optional[int] = None
+    """Tiles of the micro-batch when pixel_values is left out (pipeline stages after the first), so FLOP
+    and throughput counts stay the same on every stage."""
+
+    def __post_init__(self) -> None:
+        if self.pixel_values is None and self.tile_count is None:
+            raise ValueError("a Batch without pixel_values needs tile_count")
 
     def to(self, device: torch.device) -> "Batch":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -31,12 +38,14 @@ class Batch:
 
     @property
     def num_tiles(self) -> int:
-        return self.pixel_values.shape[0]
+        return self.pixel_values.shape[0] if self.pixel_values is not None else self.tile_count
 
     @staticmethod
     def collate(batches: "list[Batch]") -> "Batch":
         """Stack single-sample batches along b (tiles concatenate in sample order)."""
         if any(b.is_packed for b in batches):
             raise ValueError("packed rows are already micro-batches; they do not collate")
+        if any(b.pixel_values is None for b in batches):
+            raise ValueError("collate takes batches with pixel_values")
         return Batch(**{f.name: torch.cat([getattr(b, f.name) for b in batches])
-                        for f in fields(Batch) if f.name not in ("cu_seqlens", "max_seqlen")})
+                        for f in fields(Batch) if f.name not in ("cu_seqlens", "max_seqlen", "tile_count")})

@@ -3,6 +3,11 @@
 The decoder is chosen once ('dali': device 'mixed' with CUDA, 'cpu' otherwise; 'pil': the reference).
 An image that still fails to decode here (the workers only read headers) costs its sample's loss,
 never the step: its tiles become zeros, the sample's loss mask is cleared, and it is counted and logged.
+
+Only the first pipeline stage runs the vision encoder, so only it decodes: a materializer built with
+`decode_images=False` yields the text side and the tile count alone. Such a stage cannot see a late decode
+failure, so under pipeline parallelism the last stage (where the loss is taken) keeps that sample's loss:
+it trains against zero tiles, and only the first stage counts and logs the failure.
 """
 
 import importlib.util
@@ -40,9 +45,11 @@ class BatchMaterializer:
     """RawBatch -> Batch, keeping the running counts of skipped and converted samples."""
 
     def __init__(self, decoder: TileDecoder, tile_size: int, device: torch.device,
-                 tokens_per_tile: Optional[int] = None, image_token_id: Optional[int] = None):
+                 tokens_per_tile: Optional[int] = None, image_token_id: Optional[int] = None,
+                 decode_images: bool = True):
         self.decoder, self.tile_size, self.device = decoder, tile_size, torch.device(device)
         self.tokens_per_tile, self.image_token_id = tokens_per_tile, image_token_id
+        self.decode_images = decode_images
         self.skipped: Counter = Counter()
         self.conversions: Counter = Counter()
 
@@ -75,9 +82,13 @@ class BatchMaterializer:
         self.skipped.update(raw.skipped)
         self.conversions.update(raw.conversions)
         loss_mask = raw.loss_mask.clone()
-        try:
-            pixels = self.decoder(raw.images, raw.plans, self.tile_size)
-        except (ImageError, RuntimeError, OSError, ValueError):
-            pixels = self._decode_each(raw, loss_mask)
+        pixels = self._decode(raw, loss_mask) if self.decode_images else None
         return Batch(tokens=raw.tokens, labels=raw.labels, loss_mask=loss_mask, position_ids=raw.position_ids,
-                     pixel_values=pixels, cu_seqlens=raw.cu_seqlens, max_seqlen=raw.max_seqlen).to(self.device)
+                     pixel_values=pixels, cu_seqlens=raw.cu_seqlens, max_seqlen=raw.max_seqlen,
+                     tile_count=raw.num_tiles).to(self.device)
+
+    def _decode(self, raw: RawBatch, loss_mask: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.decoder(raw.images, raw.plans, self.tile_size)
+        except (ImageError, RuntimeError, OSError, ValueError):
+            return self._decode_each(raw, loss_mask)

@@ -7,6 +7,7 @@ causal mask on the CPU (the reference), flex_attention's document masking on CUD
 """
 
 import functools
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,15 +36,59 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _flex_document_attention(q, k, v, cu_seqlens, scale):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    seg = segment_ids(cu_seqlens, q.shape[2])
+def _document_causal_mod(seg: torch.Tensor) -> Callable:
+    """flex_attention's mask_mod: same sample and kv_idx <= q_idx."""
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (seg[q_idx] == seg[kv_idx]) & (kv_idx <= q_idx)
 
-    block_mask = create_block_mask(mask_mod, None, None, q.shape[2], q.shape[2], device=q.device)
+    return mask_mod
+
+
+def document_block_mask(cu_seqlens: torch.Tensor, total: int, device: torch.device):
+    """flex_attention's BlockMask for a packed row: causal within each sample."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seg = segment_ids(cu_seqlens, total)
+    return create_block_mask(_document_causal_mod(seg), None, None, total, total, device=device)
+
+
+def _version_of(t: torch.Tensor) -> Optional[int]:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter
+        return None
+
+
+class LastBlockMask:
+    """The block mask of the last packed row seen. Every layer of a micro-batch gets the same
+    cu_seqlens tensor (one PackedSeqParams per forward), so the mask is built once per micro-batch
+    and all layers share one BlockMask and mask_mod (the compiled flex_attention sees no new closure)."""
+
+    def __init__(self, build: Callable = document_block_mask):
+        self.build = build
+        self._cu: Optional[torch.Tensor] = None
+        self._key: Optional[Tuple] = None
+        self._mask = None
+
+    def __call__(self, cu_seqlens: torch.Tensor, total: int, device: torch.device):
+        version = _version_of(cu_seqlens)
+        if version is None:
+            return self.build(cu_seqlens, total, device)
+        # The tensor itself is held and compared by identity: a freed tensor's id or data_ptr can come
+        # back for the next micro-batch's cu_seqlens. The version catches an in-place update.
+        key = (version, total, torch.device(device))
+        if cu_seqlens is not self._cu or key != self._key:
+            self._mask = self.build(cu_seqlens, total, device)
+            self._cu, self._key = cu_seqlens, key
+        return self._mask
+
+
+_block_masks = LastBlockMask()
+
+
+def _flex_document_attention(q, k, v, cu_seqlens, scale):
+    block_mask = _block_masks(cu_seqlens, q.shape[2], q.device)
     return _compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale,
                                       enable_gqa=q.shape[1] != k.shape[1])
 

@@ -24,8 +24,11 @@ def build_loader(cfg, tokenizer, device, state=None):
     loader = build_train_loader(cfg.data, tokenizer, tile, model.tokens_per_tile,
                                 parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
                                 seed=cfg.run.seed, state=state)
+    # Every stage reads the same micro-batches (the schedules call next() on each), but only the first
+    # runs the vision encoder: later stages skip decoding and the copy of the tiles to the device.
     materialize = BatchMaterializer(build_tile_decoder(cfg.data.decoder, device), tile, device, model.tokens_per_tile,
-                                    tokenizer.ids.img_context)
+                                    tokenizer.ids.img_context,
+                                    decode_images=parallel_state.is_pipeline_first_stage(ignore_virtual=True))
     return loader, materialize
 
 
