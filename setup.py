@@ -1,6 +1,19 @@
 """sail-megatron: a megatron-core trainer for SAIL-VL style vision-language models."""
 
+import ast
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+
+def _te_version_range() -> str:
+    """TE_VERSION_RANGE from sail_megatron/platform/backends.py, read without importing the package."""
+    source = (Path(__file__).resolve().parent / "sail_megatron" / "platform" / "backends.py").read_text()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["TE_VERSION_RANGE"]:
+            return ast.literal_eval(node.value)
+    raise RuntimeError("TE_VERSION_RANGE not found in sail_megatron/platform/backends.py")
+
 
 setup(
     name="sail-megatron",
@@ -22,14 +35,16 @@ setup(
         "tensorboard",
         "pyyaml",
         "numpy",
+        "packaging",  # Transformer Engine's version against megatron-core's range
         "einops",
         "pillow",
         "tqdm",
         "scikit-image",  # its bundled photographs make the embedded demo dataset
     ],
     extras_require={
-        # Transformer Engine: FP8 and fused layers on H100 (preinstalled in NGC containers).
-        "te": ["transformer-engine[pytorch]>=2.0"],
+        # Transformer Engine: FP8 and fused layers on H100 (preinstalled in NGC containers), in the
+        # range megatron-core declares.
+        "te": [f"transformer-engine[pytorch]{_te_version_range()}"],
         "dev": ["pytest>=8"],
     },
     entry_points={

@@ -2,7 +2,8 @@
 
 out = text with rows `positions` replaced by `vision` (cast to text's dtype). Backward: grad_text is grad_out
 with those rows zeroed, grad_vision = grad_out[positions]. `positions` must be unique (ascending in practice);
-that and their range are only checked for host tensors, since checking device tensors would sync.
+that and their range are only checked for host tensors, since checking device tensors would sync. On the
+Triton path a -1 position (packed_metadata's padding) is dropped with its vision row (zero gradient).
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ def merge_vision_reference(text: torch.Tensor, vision: torch.Tensor, positions: 
 def _row_source_map(n: int, positions: torch.Tensor) -> torch.Tensor:
     # src[i] = index into vision for rows that take a vision token, -1 for text rows. One N-int pass lets
     # forward and backward each be a single pass over the N rows (no separate clone + scatter), no sync.
-    src = torch.full((n,), -1, dtype=torch.int32, device=positions.device)
+    # Entry N is scratch and cut off: a -1 slot (packed_metadata pads with -1 when its num_image_tokens
+    # hint is too large) wraps to it instead of to the last row, so its vision token is dropped. Device
+    # positions are not range-checked (that would sync), hence this rather than a check.
+    src = torch.full((n + 1,), -1, dtype=torch.int32, device=positions.device)
     src[positions.long()] = torch.arange(positions.numel(), dtype=torch.int32, device=positions.device)
-    return src
+    return src[:n]
 
 
 @triton.jit
@@ -96,7 +100,9 @@ class _MergeVision(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         n, h = grad_out.shape
         grad_text = torch.empty_like(grad_out) if want_text else None
-        grad_vision = (torch.empty(ctx.vision_shape, dtype=ctx.vision_dtype, device=grad_out.device)
+        # Zeros, not empty: a vision row dropped through a -1 slot is in no output row, the kernel never
+        # writes its gradient, and that gradient is 0.
+        grad_vision = (torch.zeros(ctx.vision_shape, dtype=ctx.vision_dtype, device=grad_out.device)
                        if want_vision else None)
         if n and h and (want_text or want_vision):
             grid, block_r, block_h = _grid_and_blocks(n, h)

@@ -2,12 +2,14 @@
 [--compare packing|decoder|kernels|layers ...] [--json OUT.json] [--plot OUT.png] [key=value ...]`
 
 Measures training throughput for the recipe (tokens/s per device, samples/s, TFLOP/s and MFU with the
-ViT counted, packing utilization, data wait, peak memory, a step-time breakdown). Each `--compare` adds
-two variants measured one after the other in the same run on the same machine:
+ViT counted, against the bf16 peak and for FP8 runs the FP8 peak too, packing utilization, data wait,
+peak memory, a step-time breakdown). Each `--compare` adds two variants measured one after the other
+in the same run on the same machine:
   packing   packed THD rows vs one sample per padded row
   decoder   DALI vs PIL image decoding (real data)
   kernels   Triton kernels vs their PyTorch references (needs CUDA)
-  layers    Transformer Engine vs megatron-core local layers (needs CUDA and TE)
+  layers    Transformer Engine vs megatron-core local layers (needs CUDA and TE; with sequence
+            parallelism only the TE layers run)
 On the CPU the figures are only good for ratios between variants of one run.
 """
 
@@ -23,6 +25,7 @@ import torch
 
 from sail_megatron.bench.measure import BenchSettings, measure
 from sail_megatron.bench.report import plot, table, write_json
+from sail_megatron.config import ConfigError
 from sail_megatron.config.train import TrainConfig
 from sail_megatron.kernels._common import prefer
 from sail_megatron.platform import destroy_distributed, detect_backends, init_distributed
@@ -54,7 +57,17 @@ def _variants(cfg: TrainConfig, compare: List[str], data: str) -> List[Tuple[str
             a.precision.layers, b.precision.layers = "te", "local"
             why = "" if backends.cuda and backends.transformer_engine else "needs CUDA and Transformer Engine"
             out += [("te-layers", a, nullcontext(), why), ("local-layers", b, nullcontext(), why)]
-    return out or [("baseline", cfg, nullcontext(), "")]
+    out = out or [("baseline", cfg, nullcontext(), "")]
+    return [(name, c, context, why or _layout_problem(c, backends)) for name, c, context, why in out]
+
+
+def _layout_problem(cfg: TrainConfig, backends) -> str:
+    """Why the layout cannot run on this variant's layers (sequence parallelism on local layers), or ''."""
+    try:
+        cfg.parallel.check_layer_backend(cfg.precision.layer_backend(backends))
+    except ConfigError as e:
+        return str(e)
+    return ""
 
 
 def _ratios(results: Dict[str, Dict]) -> Dict[str, float]:
@@ -75,7 +88,8 @@ def main(argv=None) -> None:
     p.add_argument("--breakdown-steps", type=int, default=3, help="extra timed steps for the breakdown (0: none)")
     p.add_argument("--data", choices=("synthetic", "real"), default="synthetic")
     p.add_argument("--compare", action="append", choices=COMPARISONS, default=[])
-    p.add_argument("--peak-tflops", type=float, default=None, help="per-device dense peak (default: from the GPU name)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="per-device dense bf16/fp16 peak (default: from the GPU name)")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
@@ -85,9 +99,9 @@ def main(argv=None) -> None:
     env, cfg, tokenizer = start(args)
     init_distributed(cfg.parallel, seed=cfg.run.seed)
     try:
-        peak, peak_bf16 = device_peak_flops(cfg.precision, args.peak_tflops)
+        peaks = device_peak_flops(cfg.precision, args.peak_tflops)
         settings = BenchSettings(steps=args.steps, warmup=args.warmup, breakdown_steps=args.breakdown_steps,
-                                 data=args.data, peak_flops=peak, peak_flops_bf16=peak_bf16)
+                                 data=args.data, peaks=peaks)
         results = {}
         for name, variant, context, why in _variants(cfg, args.compare, args.data):
             if why:
@@ -101,7 +115,8 @@ def main(argv=None) -> None:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads/rank)"
         doc = {"config": args.config, "overrides": args.overrides, "data": args.data, "device": device,
                "world_size": env.world_size, "date": datetime.date.today().isoformat(),
-               "peak_tflops_per_device": peak / 1e12 if peak else None, "precision": cfg.precision.dtype,
+               "peak_tflops_per_device": peaks.bf16 / 1e12 if peaks.bf16 else None,
+               "peak_tflops_per_device_fp8": peaks.fp8 / 1e12 if peaks.fp8 else None, "precision": cfg.precision.dtype,
                "fp8": cfg.precision.fp8, "results": results, "ratios": _ratios(results),
                "resolved_config": dataclasses.asdict(cfg)}
         if env.is_main:

@@ -5,7 +5,7 @@ import gc
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from megatron.core import parallel_state
@@ -16,7 +16,7 @@ from sail_megatron.config.train import TrainConfig
 from sail_megatron.platform import read_dist_env
 from sail_megatron.training.collectives import max_over_world, sum_over_data_parallel
 from sail_megatron.train import build_training
-from sail_megatron.training.flops import Trains
+from sail_megatron.training.flops import PeakFlops, Trains, mfu_figures
 from sail_megatron.training.metered_data import MeteredData, build_loader, from_loader
 from sail_megatron.training.monitor import peak_memory_gib
 from sail_megatron.training.step import train_step
@@ -28,9 +28,8 @@ class BenchSettings:
     warmup: int
     breakdown_steps: int
     data: str  # synthetic | real
-    peak_flops: Optional[float]
-    peak_flops_bf16: Optional[float] = None
-    """FP8 runs: the bf16 peak too, so MFU is reported against both."""
+    peaks: PeakFlops = PeakFlops()
+    """device_peak_flops(...): the bf16 peak and, for FP8 runs, the FP8 peak (MFU against both)."""
 
 
 def _source(cfg: TrainConfig, tokenizer, settings: BenchSettings, device):
@@ -97,8 +96,7 @@ def measure(cfg: TrainConfig, tokenizer, settings: BenchSettings) -> Dict:
         "tokens_per_s": tokens / total, "tokens_per_s_per_device": tokens / total / env.world_size,
         "samples_per_s": samples / total, "tiles_per_s": tiles / total,
         "tflops_per_s_per_device": per_device / 1e12,
-        "mfu": per_device / settings.peak_flops if settings.peak_flops else None,
-        "mfu_vs_bf16_peak": per_device / settings.peak_flops_bf16 if settings.peak_flops_bf16 else None,
+        **mfu_figures(per_device, settings.peaks),
         "packing_utilization": tokens / slots if slots else None,
         "data_wait_frac": wait / total,
         "peak_memory_gib": memory,

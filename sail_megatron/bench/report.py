@@ -10,17 +10,19 @@ BREAKDOWN_ORDER = ["data_wait", "vision_forward", "language_forward", "backward"
 
 
 def table(results: Dict[str, Dict]) -> str:
-    lines = [f"{'variant':<16}{'ms/step':>10}{'tok/s/dev':>12}{'TFLOP/s/dev':>13}{'MFU':>8}{'pack':>7}"
+    # MFU against the bf16 peak; FP8 runs also against the FP8 peak ("MFU fp8").
+    lines = [f"{'variant':<16}{'ms/step':>10}{'tok/s/dev':>12}{'TFLOP/s/dev':>13}{'MFU':>8}{'MFU fp8':>9}{'pack':>7}"
              f"{'data wait':>11}{'mem GiB':>9}"]
     for name, r in results.items():
         if "skipped" in r:
             lines.append(f"{name:<16}  skipped: {r['skipped']}")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        mfu_fp8 = f"{100 * r['mfu_fp8']:.1f}%" if r.get("mfu_fp8") is not None else "n/a"
         pack = f"{100 * r['packing_utilization']:.0f}%" if r["packing_utilization"] is not None else "n/a"
         lines.append(f"{name:<16}{1000 * r['step_time_s']['median']:>10.1f}{r['tokens_per_s_per_device']:>12,.0f}"
-                     f"{r['tflops_per_s_per_device']:>13.4g}{mfu:>8}{pack:>7}{100 * r['data_wait_frac']:>10.0f}%"
-                     f"{r['peak_memory_gib']:>9.2f}")
+                     f"{r['tflops_per_s_per_device']:>13.4g}{mfu:>8}{mfu_fp8:>9}{pack:>7}"
+                     f"{100 * r['data_wait_frac']:>10.0f}%{r['peak_memory_gib']:>9.2f}")
         if r["breakdown_s_per_step"]:
             parts = ", ".join(f"{k} {1000 * r['breakdown_s_per_step'].get(k, 0):.1f}" for k in BREAKDOWN_ORDER)
             lines.append(f"{'':<16}breakdown ms/step: {parts}")

@@ -14,7 +14,8 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
-    """Shard LayerNorm/dropout activations of the language model along the sequence (needs TP > 1)."""
+    """Shard LayerNorm/dropout activations of the language model along the sequence (needs TP > 1 and
+    Transformer Engine layers)."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
     overlap_grad_reduce: bool = False
@@ -77,3 +78,13 @@ class ParallelConfig:
         if self.recompute_granularity == "full" and not 1 <= self.recompute_num_layers <= per_stage:
             raise ConfigError("parallel.recompute_num_layers", f"{self.recompute_num_layers} with {per_stage} language "
                               f"layers per pipeline stage", f"use 1..{per_stage}")
+
+    def check_layer_backend(self, layer_backend: str) -> None:
+        """The layout against the layer implementation ('te' or 'local'); raises ConfigError."""
+        # megatron-core's local spec builds RMSNorm as WrappedTorchNorm, with or without apex, and
+        # WrappedTorchNorm asserts that sequence parallelism is off.
+        if self.sequence_parallel and layer_backend == "local":
+            raise ConfigError("parallel.sequence_parallel", "megatron-core's local layers use torch norms, which "
+                              "cannot shard activations along the sequence",
+                              "use Transformer Engine layers (precision.layers=auto or te, on a CUDA GPU with "
+                              "transformer-engine installed) or set parallel.sequence_parallel=false")

@@ -10,7 +10,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import yaml
 
@@ -42,7 +42,8 @@ class RunConfig:
     max_nonfinite_steps: int = 5
     """A step whose loss or gradients are NaN/Inf is skipped and counted; this many in a row stop the run."""
     peak_tflops: Optional[float] = None
-    """Per-device dense peak for MFU in the run's precision; None: looked up from the GPU's name."""
+    """Per-device dense bf16/fp16 peak for MFU; None: looked up from the GPU's name (FP8 runs then also
+    report MFU against the FP8 peak)."""
     tensorboard: bool = True
     plot: bool = True
     """Draw `curves.png` (loss, throughput, lr) from metrics.jsonl when the run ends."""
@@ -73,11 +74,13 @@ class TrainConfig:
                               f"use a multiple of {per_step} or change the layout")
         return self.run.global_batch_size // per_step
 
-    def validate(self, world_size: int, has_cuda: bool, has_te: bool) -> None:
-        """Every check, before any process group exists."""
+    def validate(self, world_size: int, has_cuda: bool, has_te: bool,
+                 cuda_capability: Optional[Tuple[int, int]] = None) -> None:
+        """Every check, before any process group exists. cuda_capability: Backends.cuda_capability."""
         self.model.validate()
         self.parallel.validate(self.model, world_size)
-        self.precision.validate(has_cuda=has_cuda, has_te=has_te)
+        self.precision.validate(has_cuda=has_cuda, has_te=has_te, cuda_capability=cuda_capability)
+        self.parallel.check_layer_backend(self.precision.resolve_layers(has_cuda, has_te))
         self.freeze.validate()
         self.data.validate()
         self.optim.validate()

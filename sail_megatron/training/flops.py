@@ -20,7 +20,7 @@ Conventions (what is counted and what is not):
 """
 
 from dataclasses import dataclass, fields
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Dict, NamedTuple, Optional, Sequence, Union
 
 from sail_megatron.config import FreezeConfig, LanguageConfig, ModelConfig, VisionConfig
 
@@ -192,3 +192,20 @@ def mfu(flops_per_s: float, peak: Optional[float]) -> Optional[float]:
     if peak is None or peak <= 0:
         return None
     return flops_per_s / peak
+
+
+class PeakFlops(NamedTuple):
+    """Per-device dense peaks in FLOP/s that MFU is quoted against; None where unknown."""
+
+    bf16: Optional[float] = None
+    """The 16-bit (bf16 or fp16) peak."""
+    fp8: Optional[float] = None
+    """FP8 runs only: the FP8 peak."""
+
+
+def mfu_figures(flops_per_s: float, peaks: PeakFlops) -> Dict[str, Optional[float]]:
+    """The MFU figures the trainer's logs and the benchmark report: `mfu` against the bf16 peak and,
+    under FP8, `mfu_fp8` against the FP8 peak. Both, because FP8 covers only the language model's linear
+    layers (and the ViT's with precision.fp8_vision); attention, the output layer and by default the ViT
+    and projector stay bf16, so neither peak alone is the model's ceiling."""
+    return {"mfu": mfu(flops_per_s, peaks.bf16), "mfu_fp8": mfu(flops_per_s, peaks.fp8)}

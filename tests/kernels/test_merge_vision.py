@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sail_megatron.kernels.merge_vision import merge_vision, merge_vision_reference
+from sail_megatron.kernels.merge_vision import _MergeVision, merge_vision, merge_vision_reference
 
 # Pure data movement: exact in every dtype. Casts (vision -> text dtype, grad -> vision dtype) round to
 # nearest even in the kernel exactly as torch's .to() does, so mixed-dtype cases are exact too.
@@ -117,3 +117,25 @@ def test_compiled_matches_reference_at_real_sizes(h, m, dtypes):
     grad = torch.randn_like(out)
     for g, w in zip(torch.autograd.grad(out, (text, vision), grad), torch.autograd.grad(ref, (text, vision), grad)):
         _assert_same(g, w)
+
+
+@pytest.mark.parametrize("last_row_is_vision", [False, True], ids=["last-row-text", "last-row-vision"])
+def test_minus_one_slots_are_dropped(last_row_is_vision, device):
+    # packed_metadata pads its slot list with -1 when its num_image_tokens hint is too large. Device
+    # positions are not range-checked (that would sync), so the kernels themselves must drop those slots:
+    # a -1 must not wrap to the last row, and the vision rows it names get a zero gradient.
+    n, h = 20, 37
+    text, vision, _ = _inputs(n, h, 6, BF16, F32, device)
+    valid = [2, 5, n - 1] if last_row_is_vision else [2, 5, 9]
+    positions = torch.tensor(valid + [-1, -1, -1], device=device)
+    text.requires_grad_(True)
+    vision.requires_grad_(True)
+    out = _MergeVision.apply(text, vision, positions)  # the Triton path, past the host-only value checks
+    ref = merge_vision_reference(text, vision[:3], positions[:3])
+    _assert_same(out, ref)
+    grad = torch.randn(n, h, generator=torch.Generator().manual_seed(1)).to(BF16).to(device)
+    grad_text, grad_vision = torch.autograd.grad(out, (text, vision), grad)
+    want_text, want_vision = torch.autograd.grad(ref, (text, vision), grad)
+    _assert_same(grad_text, want_text)
+    _assert_same(grad_vision, want_vision)  # zero for the dropped rows 3..5
+    assert not grad_vision[3:].any()

@@ -4,8 +4,8 @@ import pytest
 
 from sail_megatron.config import FreezeConfig
 from sail_megatron.model.presets import get_preset
-from sail_megatron.training.flops import (FlopBreakdown, Trains, llm_linear_forward_flops_per_token, mfu,
-                                          peak_flops, training_flops, vit_forward_flops_per_tile)
+from sail_megatron.training.flops import (FlopBreakdown, PeakFlops, Trains, llm_linear_forward_flops_per_token, mfu,
+                                          mfu_figures, peak_flops, training_flops, vit_forward_flops_per_tile)
 
 # InternViT-300M-448px: 1024 patches + CLS, hidden 1024, FFN 4096, patch 14.
 VIT_TOKENS, VIT_H, VIT_FFN = 1025, 1024, 4096
@@ -119,3 +119,12 @@ def test_peak_table():
         peak_flops("NVIDIA H100 80GB HBM3", "int4")
     assert mfu(494.5e12, peak_flops("NVIDIA H100 80GB HBM3", "bf16")) == pytest.approx(0.5)
     assert mfu(1e12, None) is None
+
+
+def test_mfu_figures_against_both_peaks():
+    # FP8 on an H100: MFU against the bf16 peak and against the FP8 peak, from one formula.
+    h100 = PeakFlops(bf16=peak_flops("NVIDIA H100 80GB HBM3", "bf16"), fp8=peak_flops("NVIDIA H100 80GB HBM3", "fp8"))
+    figures = mfu_figures(494.5e12, h100)
+    assert figures["mfu"] == pytest.approx(0.5) and figures["mfu_fp8"] == pytest.approx(494.5 / 1979)
+    assert mfu_figures(494.5e12, PeakFlops(bf16=989e12)) == {"mfu": pytest.approx(0.5), "mfu_fp8": None}
+    assert mfu_figures(1e12, PeakFlops()) == {"mfu": None, "mfu_fp8": None}
