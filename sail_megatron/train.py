@@ -5,7 +5,8 @@ freezes by stage, starts from `run.init_from` (the previous stage's weights) or 
 the run's own latest checkpoint (model, optimizer, scheduler, RNG and loader state), trains on packed
 micro-batches, logs (console, TensorBoard, metrics.jsonl, curves.png) and saves every
 `run.save_interval` steps, on SIGTERM/SIGUSR1, and at the end. Steps with a NaN/Inf loss or gradient
-are skipped; `run.max_nonfinite_steps` of them in a row stop the run with exit code 1.
+are skipped; `run.max_nonfinite_steps` of them in a row stop the run with exit code 1 (fp16 loss-scale
+overflows are skipped too, but count only once the scale cannot back off any further).
 """
 
 import argparse
@@ -49,7 +50,8 @@ def prepare_config(args, world_size: int):
                           f"tokenizer's {tokenizer.vocab_size} tokens", "use the tokenizer the model was trained with")
     cfg.model.image_context_token_id = tokenizer.ids.img_context
     backends = detect_backends()
-    cfg.validate(world_size, has_cuda=backends.cuda, has_te=backends.transformer_engine)
+    cfg.validate(world_size, has_cuda=backends.cuda, has_te=backends.transformer_engine,
+                 cuda_capability=backends.cuda_capability)
     return cfg, tokenizer
 
 
@@ -81,6 +83,8 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
         logger.info("resumed from %s at step %d", loaded["path"], start)
     elif run.init_from:
         loaded = load_checkpoint(run.init_from, chunks)  # weights only: a new stage starts a new optimizer
+        # bf16/fp16 weights have fp32 main copies in the optimizer, taken when it was built: take them anew.
+        optimizer.reload_model_params()
         logger.info("initialized from %s (its step %d)", loaded["path"], loaded["iteration"])
 
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -88,7 +92,7 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
     loader, materialize = build_loader(cfg, tokenizer, env.device, state=loader_state)
     data = MeteredData(from_loader(loader, materialize), cfg.model, Trains.from_freeze(cfg.freeze))
     monitor = TrainingMonitor(save_dir, run.train_steps, start, run.log_interval,
-                              device_peak_flops(cfg.precision, run.peak_tflops)[0],
+                              device_peak_flops(cfg.precision, run.peak_tflops),
                               tensorboard=run.tensorboard)
     logger.info("training %s (%s) steps %d..%d: world %d = TP %d x PP %d x DP %d, %d micro-batches per step",
                 config_path, cfg.model_preset, start, run.train_steps, env.world_size,
@@ -115,6 +119,9 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
             if result.skipped and env.is_main:
                 logger.warning("step %d: non-finite loss (%s) or gradient: update skipped (%d in a row, limit %d)",
                                step, result.loss, in_a_row, run.max_nonfinite_steps)
+            elif result.overflow and env.is_main:
+                logger.info("step %d: fp16 gradients overflowed: update skipped, loss scale now %g",
+                            step, result.loss_scale)
             if in_a_row >= run.max_nonfinite_steps:
                 raise NonFiniteStop(f"{in_a_row} consecutive steps had a non-finite loss or gradient (last at step "
                                     f"{step}); stopping without saving: resume from the last checkpoint in {save_dir} "

@@ -21,14 +21,17 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, precision: Precisi
         raise ConfigError("model.image_context_token_id", "is not set",
                           "set it from the tokenizer's <IMG_CONTEXT> id before building the model")
     layer_backend = precision.layer_backend(backends)
-    if parallel.sequence_parallel and layer_backend == "local" and not backends.apex:
-        raise ConfigError("parallel.sequence_parallel", "megatron-core's torch LayerNorm/RMSNorm cannot shard "
-                          "activations along the sequence", "run with Transformer Engine (or NVIDIA apex) layers, "
-                          "or set parallel.sequence_parallel=false")
+    # Checked again here, where the backends are known: callers that build without TrainConfig.validate.
+    parallel.check_layer_backend(layer_backend)
+    precision.check_cuda_capability(backends.cuda_capability)
     specs = build_specs(layer_backend)
     configs = build_part_configs(model, parallel, precision, backends)
-    return SailVLModel(
+    stage = SailVLModel(
         model, configs, specs,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
     )
+    # Every weight in the training dtype, as Megatron-LM's Float16Module does: torch-backed norms ignore
+    # params_dtype, and megatron's distributed optimizer assumes one dtype per buffer (mixed fp32/bf16
+    # weights put their fp32 main copies out of order, and the checkpoint save fails).
+    return stage.to(precision.torch_dtype)

@@ -2,6 +2,7 @@
 
 import torch
 from megatron.core.dist_checkpointing.utils import apply_prefix_mapping
+from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -22,7 +23,9 @@ class VisionProjector(MegatronModule):
         self.mlp = MultimodalProjector(config, mlp, projector_type="mlp", input_size=input_size)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.layer_norm(features))
+        # megatron opens FP8 autocast only inside TransformerBlock; the projector is not in one.
+        with get_fp8_context(self.config):
+            return self.mlp(self.layer_norm(features))
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """A separate LayerNorm is checkpointed under TE's fused fc1 names, so local and TE layouts

@@ -4,6 +4,7 @@ One pipeline stage's piece of it: the first stage holds the vision encoder, the 
 token embedding; the last holds the output layer; layers split evenly in between.
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -29,6 +30,13 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+@functools.lru_cache(maxsize=16)
+def _whole_row_bounds(length: int, device: torch.device) -> torch.Tensor:
+    """cu_seqlens [0, length] treating the flattened batch as one row. Cached: building it anew would
+    copy from pageable host memory, which blocks the host until the device is idle."""
+    return torch.tensor([0, length], dtype=torch.int32, device=device)
+
+
 def merge_vision_embeddings(text: torch.Tensor, vision: torch.Tensor, input_ids: torch.Tensor,
                             image_token_id: int) -> torch.Tensor:
     """Write vision tokens into the `<IMG_CONTEXT>` slots of the text embeddings.
@@ -39,7 +47,7 @@ def merge_vision_embeddings(text: torch.Tensor, vision: torch.Tensor, input_ids:
     """
     b, s = input_ids.shape
     flat = text.transpose(0, 1).reshape(b * s, -1)  # (b, s)-major: ascending slots follow the vision order
-    whole = torch.tensor([0, b * s], dtype=torch.int32, device=input_ids.device)
+    whole = _whole_row_bounds(b * s, input_ids.device)
     # On CUDA the slot count is given (no host sync; the loader guarantees it); on the CPU it is counted,
     # so a mismatch raises in merge_vision instead of being cut short.
     known = vision.shape[0] if input_ids.is_cuda else None
@@ -96,6 +104,18 @@ class SailVLModel(MegatronModule):
                                  self.model_config.projector.ps_version)
         return self.projector(shuffled).flatten(0, 1)
 
+    def _blank_vision_term(self) -> torch.Tensor:
+        """A zero that depends on every vision parameter: the ViT and projector run on one blank tile.
+
+        A micro-batch without images must still run the vision side: with overlapped gradient
+        reduction, DDP reduces a bucket only once every parameter in it has received a gradient, and
+        FP8 reduces amax statistics across ranks at the end of every FP8 region. (Megatron's LLaVA runs
+        text-only samples through the encoder for the same reasons.)"""
+        size = self.model_config.vision.image_size
+        weight = self.vision_model.patch_embedding.weight
+        blank = torch.zeros(1, 3, size, size, dtype=weight.dtype, device=weight.device)
+        return self.encode_images(blank).sum() * 0.0
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, packed_seq_params: Optional[PackedSeqParams] = None):
@@ -103,10 +123,18 @@ class SailVLModel(MegatronModule):
         and the hidden states for the next stage elsewhere."""
         decoder_input = None
         if self.pre_process:
-            embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
+            # Vision first: parameters are registered (and, with overlap_param_gather, all-gathered) in
+            # that order, vision encoder before the token embedding.
             if pixel_values is not None and pixel_values.shape[0] > 0:
-                embeddings = merge_vision_embeddings(embeddings, self.encode_images(pixel_values), input_ids,
+                vision, blank = self.encode_images(pixel_values), None
+            else:
+                vision, blank = None, self._blank_vision_term()
+            embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
+            if vision is not None:
+                embeddings = merge_vision_embeddings(embeddings, vision, input_ids,
                                                      self.model_config.image_context_token_id)
+            else:
+                embeddings = embeddings + blank.to(embeddings.dtype)
             if self.sequence_parallel:
                 embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
             decoder_input = embeddings

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from megatron.core.tensor_parallel.layers import _grad_accum_fusion_available
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from sail_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig
@@ -24,7 +25,6 @@ class PartConfigs:
 def _common(parallel: ParallelConfig, precision: PrecisionConfig, backends: Backends) -> dict:
     dtype = precision.torch_dtype
     gpu = backends.cuda
-    fused_wgrad = gpu and (backends.transformer_engine or backends.apex)
     return dict(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
@@ -43,7 +43,9 @@ def _common(parallel: ParallelConfig, precision: PrecisionConfig, backends: Back
         bias_dropout_fusion=gpu,
         masked_softmax_fusion=False,
         apply_rope_fusion=gpu and backends.transformer_engine,
-        gradient_accumulation_fusion=fused_wgrad,
+        # megatron's own ColumnParallelLinear (the output layer, local layers) refuses this flag unless
+        # apex's fused_weight_gradient_mlp_cuda extension imports; ask megatron's own test for it.
+        gradient_accumulation_fusion=gpu and _grad_accum_fusion_available,
         persist_layer_norm=gpu and backends.apex,
         cuda_graph_scope=[],  # megatron-core 0.16 default "full" is deprecated (same meaning)
     )
@@ -76,7 +78,9 @@ def build_part_configs(model: ModelConfig, parallel: ParallelConfig, precision: 
                        backends: Backends) -> PartConfigs:
     common = _common(parallel, precision, backends)
     v, lang = model.vision, model.language
-    vision_common = {**common, "pipeline_model_parallel_size": 1}  # the ViT lives whole on stage 0
+    # The ViT lives whole on stage 0. InternViT and `mlp1` use exact (erf) GELU; megatron's fused
+    # bias-GELU is the tanh approximation, so the vision side never takes it.
+    vision_common = {**common, "pipeline_model_parallel_size": 1, "bias_activation_fusion": False}
     vision = TransformerConfig(
         num_layers=v.num_built_layers, hidden_size=v.hidden_size, num_attention_heads=v.num_attention_heads,
         ffn_hidden_size=v.ffn_hidden_size, normalization="LayerNorm", layernorm_epsilon=v.layernorm_epsilon,

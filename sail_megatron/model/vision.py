@@ -13,6 +13,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from sail_megatron.config import VisionConfig
+from sail_megatron.model.fp8_shapes import fp8_tile_multiple
 
 
 class InternViTModel(VisionModule):
@@ -45,15 +46,21 @@ class InternViTModel(VisionModule):
         })
         # All built layers live on this stage: the vision config says pipeline size 1.
         self.decoder = TransformerBlock(config=config, spec=layer_spec, pre_process=True, post_process=False)
+        self.tile_multiple = fp8_tile_multiple(config, vision.num_patches + 1)
+        """The ViT runs a multiple of this many tiles at once (blank tiles pad the rest): FP8 shapes."""
 
     def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
         self.decoder.set_input_tensor(input_tensor)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        tiles = pixel_values.shape[0]
+        blank = -tiles % self.tile_multiple
+        if blank:
+            pixel_values = torch.cat([pixel_values, pixel_values.new_zeros(blank, *pixel_values.shape[1:])])
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # [T, H, g, g]
         x = x.flatten(2).transpose(1, 2)  # [T, g*g, H]
         cls = self.class_embedding.expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1) + self.position_embedding  # [T, 1+g*g, H]
         x = x.transpose(0, 1).contiguous()  # [s, b=T, h]: megatron's layout
         x = self.decoder(hidden_states=x, attention_mask=None)
-        return x[1:].transpose(0, 1).contiguous()  # drop CLS -> [T, g*g, H]
+        return x[1:, :tiles].transpose(0, 1).contiguous()  # drop CLS and blank tiles -> [T, g*g, H]

@@ -51,8 +51,8 @@ def _rank_state_object(state: Dict[str, Any]) -> ShardedObject:
 
 
 def _materialize_adam_state(optimizer) -> None:
-    """A fresh torch Adam has no state, and megatron-core's distributed optimizer cannot describe the
-    state it is about to load without one (it reads `step`): give empty Adam state to fill.
+    """A fresh torch Adam has no state, and megatron-core's distributed optimizer cannot describe (for
+    a load) or gather (for a save) state without one: give it empty Adam state.
     (TE's and apex's fused Adam keep `step` in the param groups and need nothing.)"""
     for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(chained, "optimizer", None)
@@ -65,13 +65,24 @@ def _materialize_adam_state(optimizer) -> None:
                                           exp_avg_sq=torch.zeros_like(p))
 
 
+def _gather_current_weights(chunks: List[torch.nn.Module]) -> None:
+    """With the distributed optimizer and `overlap_param_gather`, a step updates only each rank's own
+    shard of the model weights; the rest arrive in the next forward's all-gather. Gather them now, so
+    a checkpoint never holds weights one step old."""
+    for chunk in chunks:
+        ddp = getattr(chunk, "ddp_config", None)
+        if ddp is not None and ddp.use_distributed_optimizer and ddp.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
 def _sharded_state(chunks, optimizer, is_loading: bool) -> Dict[str, Any]:
     install_torch_adam_checkpoint_fix()
     model_sd = _unwrap(chunks[0]).sharded_state_dict()
     sd = {"model": model_sd}
     if optimizer is not None:
-        if is_loading:
-            _materialize_adam_state(optimizer)
+        # Loading needs state to fill; saving before any update (every step so far skipped) needs
+        # state to write. Zero moments at step 0 are exactly what a fresh Adam starts from.
+        _materialize_adam_state(optimizer)
         sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_OPTIM_META)
     return sd
 
@@ -88,6 +99,7 @@ def save_checkpoint(save_dir, iteration: int, chunks: List[torch.nn.Module], opt
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
+    _gather_current_weights(chunks)
     sd = _sharded_state(chunks, optimizer, is_loading=False)
     sd["iteration"] = iteration
     sd["scheduler"] = scheduler.state_dict() if scheduler is not None else None

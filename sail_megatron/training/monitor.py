@@ -11,12 +11,12 @@ import resource
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Union
 
 import torch
 
 from sail_megatron.platform import read_dist_env
-from sail_megatron.training.flops import peak_flops
+from sail_megatron.training.flops import PeakFlops, mfu_figures, peak_flops
 from sail_megatron.training.collectives import max_over_world, sum_over_data_parallel
 from sail_megatron.training.metered_data import DataTally
 
@@ -32,17 +32,23 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def device_peak_flops(precision, override_tflops: Optional[float] = None) -> Tuple[Optional[float], Optional[float]]:
-    """Per-device dense peak FLOP/s in the run's precision and, for FP8 runs, the bf16 peak too (MFU is
-    reported against both). None where MFU is not quoted: CPU, fp32, unknown GPUs (TFLOP/s still is)."""
+def device_peak_flops(precision, override_tflops: Optional[float] = None) -> PeakFlops:
+    """This device's 16-bit peak and, for FP8 runs, its FP8 peak (MFU is reported against both). None
+    where MFU is not quoted: CPU, fp32, unknown GPUs (TFLOP/s still is). `override_tflops` is the 16-bit
+    peak; the FP8 one is then unknown."""
     if override_tflops:
-        return override_tflops * 1e12, None
+        return PeakFlops(bf16=override_tflops * 1e12)
     if not torch.cuda.is_available() or precision.dtype not in ("bf16", "fp16"):
-        return None, None
+        return PeakFlops()
     name = torch.cuda.get_device_name()
-    if precision.fp8:
-        return peak_flops(name, "fp8"), peak_flops(name, "bf16")
-    return peak_flops(name, precision.dtype), None
+    return PeakFlops(bf16=peak_flops(name, precision.dtype), fp8=peak_flops(name, "fp8") if precision.fp8 else None)
+
+
+def _loss_scale_text(r: Dict) -> str:
+    """fp16 only: the loss scale and how many steps overflowed so far."""
+    if r["loss_scale"] is None:
+        return ""
+    return f" | loss scale {r['loss_scale']:g} (overflows {r['overflow_steps']})"
 
 
 def _format_eta(seconds: float) -> str:
@@ -51,6 +57,14 @@ def _format_eta(seconds: float) -> str:
     h, rem = divmod(rem, 3600)
     m, s = divmod(rem, 60)
     return (f"{d}d" if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
+
+
+def _mfu_text(mfu: Optional[float], mfu_fp8: Optional[float]) -> str:
+    """' | MFU 41.2%'; FP8 runs: ' | MFU 41.2% bf16 / 20.6% FP8' (against each peak)."""
+    if mfu_fp8 is None:
+        return f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
+    bf16 = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+    return f" | MFU {bf16} bf16 / {100 * mfu_fp8:.1f}% FP8"
 
 
 @dataclass
@@ -65,14 +79,18 @@ class TrainingMonitor:
     """Collective `end_step` on every rank; prints and writes only on the main rank."""
 
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, log_interval: int,
-                 peak_flops: Optional[float], tensorboard: bool = True):
+                 peak_flops: Union[PeakFlops, float, None], tensorboard: bool = True):
+        """peak_flops: device_peak_flops(...); a bare number is taken as the 16-bit peak."""
         self.env = read_dist_env()
         self.run_dir, self.total_steps, self.log_interval = Path(run_dir), total_steps, log_interval
-        self.peak_flops = peak_flops
+        self.peaks = peak_flops if isinstance(peak_flops, PeakFlops) else PeakFlops(bf16=peak_flops)
         self.start_step = start_step
         self.interval = _Interval()
         self.step_times: List[float] = []
         self.nonfinite_steps = 0
+        self.overflow_steps = 0
+        """fp16 loss-scaler overflows (updates skipped while the scale backs off)."""
+        self.loss_scale = None
         self.writer = None
         if self.env.is_main and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -90,6 +108,8 @@ class TrainingMonitor:
             iv.losses.append(result.loss)
         else:
             self.nonfinite_steps += 1
+        self.overflow_steps += bool(getattr(result, "overflow", False))
+        self.loss_scale = getattr(result, "loss_scale", None)
         for name in ("wait_s", "micro_batches", "samples", "tokens", "slots", "tiles", "flops"):
             setattr(iv.data, name, getattr(iv.data, name) + getattr(tally, name))
         self.step_times.append(step_time_s)
@@ -125,11 +145,13 @@ class TrainingMonitor:
             "samples_per_s": r["samples"] / t,
             "tiles_per_s": r["tiles"] / t,
             "tflops_per_s": flops_per_device / 1e12,
-            "mfu": flops_per_device / self.peak_flops if self.peak_flops else None,
+            **mfu_figures(flops_per_device, self.peaks),
             "packing_utilization": r["tokens"] / r["slots"] if r["slots"] else None,
             "data_wait_frac": r["wait_s"] / t,
             "memory_gib": r["mem"],
             "nonfinite_steps": self.nonfinite_steps,
+            "overflow_steps": self.overflow_steps,
+            "loss_scale": self.loss_scale,
             "skipped_samples": sum(skipped_samples.values()),
             "eta_s": eta,
         }
@@ -140,13 +162,14 @@ class TrainingMonitor:
             self._tensorboard(record)
 
     def _console(self, r: Dict, skipped: Counter) -> None:
-        mfu = f" | MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
+        mfu = _mfu_text(r["mfu"], r["mfu_fp8"])
         skipped_text = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "0"
         print(f"step {r['step']:6d}/{self.total_steps} | loss {r['loss']:.4f} | grad norm {r['grad_norm']:.3f} "
               f"| lr {r['lr']:.2e} | {1000 * r['step_time_s']:.0f} ms/step | {r['tokens_per_s']:,.0f} tok/s "
               f"| {r['tflops_per_s']:.3g} TFLOP/s/dev{mfu} | pack {100 * (r['packing_utilization'] or 0):.0f}% "
               f"| data wait {100 * r['data_wait_frac']:.0f}% | mem {r['memory_gib']:.2f} GiB "
-              f"| nonfinite {r['nonfinite_steps']} | skipped samples {skipped_text} | ETA {_format_eta(r['eta_s'])}",
+              f"| nonfinite {r['nonfinite_steps']}{_loss_scale_text(r)} | skipped samples {skipped_text} "
+              f"| ETA {_format_eta(r['eta_s'])}",
               flush=True)
 
     def _tensorboard(self, r: Dict) -> None:
@@ -158,9 +181,9 @@ class TrainingMonitor:
             "throughput/step_time_s": r["step_time_s"], "data/packing_utilization": r["packing_utilization"],
             "data/wait_fraction": r["data_wait_frac"], "data/skipped_samples": r["skipped_samples"],
             "faults/nonfinite_steps": r["nonfinite_steps"], "memory/peak_gib": r["memory_gib"],
+            "faults/overflow_steps": r["overflow_steps"], "optim/loss_scale": r["loss_scale"],
         }
-        if r["mfu"] is not None:
-            scalars["throughput/mfu"] = r["mfu"]
+        scalars["throughput/mfu"], scalars["throughput/mfu_fp8"] = r["mfu"], r["mfu_fp8"]  # None: not written
         for key, value in r.items():
             if key.startswith("lr_"):
                 scalars[f"optim/{key}"] = value

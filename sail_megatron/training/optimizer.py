@@ -19,7 +19,7 @@ def wrap_ddp(model: torch.nn.Module, parallel: ParallelConfig) -> DistributedDat
         overlap_grad_reduce=parallel.overlap_grad_reduce,
         overlap_param_gather=parallel.overlap_param_gather,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
-        check_for_nan_in_grad=False,  # the step skips non-finite gradients itself (training/step.py)
+        check_for_nan_in_grad=False,  # the step skips non-finite gradients itself (training/guarded_step.py)
     )
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
@@ -46,6 +46,8 @@ def build_optimizer(model_chunks: List[DistributedDataParallel], optim: OptimCon
         adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
         clip_grad=optim.clip_grad, bf16=precision.dtype == "bf16", fp16=precision.dtype == "fp16",
         params_dtype=precision.torch_dtype, use_distributed_optimizer=parallel.use_distributed_optimizer,
+        initial_loss_scale=optim.initial_loss_scale, min_loss_scale=optim.min_loss_scale,
+        loss_scale_window=optim.loss_scale_window, hysteresis=optim.loss_scale_hysteresis,
     )
     optimizer = get_megatron_optimizer(config, model_chunks, config_overrides=param_group_overrides(optim))
     # The pipeline schedules finish gradients (DP reduce, tied embeddings, per-token scaling) through this.

@@ -14,7 +14,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from sail_megatron.data.batch import Batch
 from sail_megatron.platform import read_dist_env
-from sail_megatron.training.collectives import any_rank
+from sail_megatron.training.guarded_step import guarded_step
 
 
 def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -55,6 +55,11 @@ class StepResult:
     trained_tokens: int
     grad_norm: float
     skipped: bool
+    """The update was skipped for a NaN/Inf loss or gradient (counts towards `run.max_nonfinite_steps`)."""
+    overflow: bool = False
+    """fp16: the loss scaler found an overflow, skipped the update and backed off (expected early on)."""
+    loss_scale: Optional[float] = None
+    """fp16: the loss scale after this step."""
 
 
 def reduce_loss_reports(reports: List[dict]) -> torch.Tensor:
@@ -68,23 +73,12 @@ def reduce_loss_reports(reports: List[dict]) -> torch.Tensor:
     return total
 
 
-def _local_grads_finite(model_chunks: List[torch.nn.Module]) -> bool:
-    """Whether this rank's gradient buffers hold only finite values. A non-finite value anywhere in a
-    rank's local gradients reaches some rank's reduced shard, so checking all local buffers on every
-    rank and reducing the flag over the world catches it under any layout."""
-    for chunk in model_chunks:
-        for buffer in getattr(chunk, "buffers", []):
-            if not torch.isfinite(buffer.grad_data).all():
-                return False
-    return True
-
-
 def train_step(model_chunks: List[torch.nn.Module], optimizer: MegatronOptimizer, scheduler,
                data_iterator: Iterator[Batch], num_microbatches: int, seq_length: int,
                micro_batch_size: int) -> StepResult:
-    """Forward and backward over `num_microbatches` micro-batches, then one optimizer step, unless the
-    loss or a gradient is NaN/Inf anywhere: then the update and the lr step are skipped (the weights
-    stay as they were) and the result says so."""
+    """Forward and backward over `num_microbatches` micro-batches, then one guarded optimizer step
+    (see `guarded_step`): a NaN/Inf loss or gradient skips the update and the lr step, and so does an
+    fp16 loss-scaler overflow; the result says which."""
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -95,12 +89,8 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer: MegatronOptimizer
         forward_only=False,
     )
     loss_sum, tokens = reduce_loss_reports(reports).tolist()
-    finite = not any_rank(not (math.isfinite(loss_sum) and _local_grads_finite(model_chunks)))
-    update_ok, grad_norm = False, float("nan")
-    if finite:
-        update_ok, norm, _ = optimizer.step()
-        grad_norm = float(norm) if norm is not None else float("nan")
-        if update_ok:  # fp16 loss scaling may still refuse an overflowing step
-            scheduler.step(increment=1)
-    return StepResult(loss=loss_sum / max(tokens, 1.0), trained_tokens=int(tokens), grad_norm=grad_norm,
-                      skipped=not update_ok)
+    outcome = guarded_step(optimizer, loss_finite=math.isfinite(loss_sum))
+    if outcome.updated:
+        scheduler.step(increment=1)
+    return StepResult(loss=loss_sum / max(tokens, 1.0), trained_tokens=int(tokens), grad_norm=outcome.grad_norm,
+                      skipped=outcome.nonfinite, overflow=outcome.overflow, loss_scale=outcome.loss_scale)

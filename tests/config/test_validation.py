@@ -1,11 +1,13 @@
 """Every config check raises ConfigError naming the dotted field and giving a fix."""
 
 from dataclasses import replace
+from typing import Optional
 
 import pytest
 
 from sail_megatron.config import (ConfigError, FreezeConfig, LanguageConfig, ModelConfig, ParallelConfig,
                                   PrecisionConfig, ProjectorConfig, VisionConfig)
+from sail_megatron.config.train import TrainConfig
 from sail_megatron.model.presets import PRESETS, get_preset
 
 
@@ -70,6 +72,35 @@ def test_sequence_parallel_needs_tp():
     parallel = ParallelConfig(tensor_model_parallel_size=1, sequence_parallel=True)
     assert_config_error(lambda: parallel.validate(get_preset("tiny"), 1), "parallel.sequence_parallel")
     ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True).validate(get_preset("tiny"), 2)
+
+
+def train_config(precision: PrecisionConfig, parallel: Optional[ParallelConfig] = None) -> TrainConfig:
+    """A whole recipe on the tiny preset, valid but for what the test varies."""
+    parallel = parallel or ParallelConfig()
+    cfg = TrainConfig(model=get_preset("tiny"), parallel=parallel, precision=precision)
+    cfg.data.path, cfg.data.tokenizer = "data", "tokenizer"
+    cfg.run.global_batch_size = parallel.data_parallel_size(parallel.model_parallel_size)
+    return cfg
+
+
+def _sp_train_config(layers: str = "auto") -> TrainConfig:
+    return train_config(PrecisionConfig(layers=layers), ParallelConfig(tensor_model_parallel_size=2,
+                                                                        sequence_parallel=True))
+
+
+def test_sequence_parallel_needs_te_layers():
+    # megatron-core's local spec normalizes with WrappedTorchNorm (apex or not), which refuses SP.
+    assert_config_error(lambda: ParallelConfig(sequence_parallel=True).check_layer_backend("local"),
+                        "parallel.sequence_parallel")
+    ParallelConfig(sequence_parallel=True).check_layer_backend("te")
+    ParallelConfig(sequence_parallel=False).check_layer_backend("local")
+    # In the recipe check: auto resolves to local without TE or without CUDA, or local is asked for.
+    for has_cuda, has_te, layers in ((True, False, "auto"), (False, True, "auto"), (True, True, "local")):
+        exc = assert_config_error(lambda: _sp_train_config(layers).validate(2, has_cuda=has_cuda, has_te=has_te),
+                                  "parallel.sequence_parallel")
+        assert "sequence_parallel=false" in str(exc) and "Transformer Engine" in str(exc)
+    _sp_train_config().validate(2, has_cuda=True, has_te=True)
+    _sp_train_config("te").validate(2, has_cuda=True, has_te=True)
 
 
 def test_valid_layouts():
@@ -161,11 +192,10 @@ def test_presets_validate(name):
 
 # ------------------------------------------------------------------------------------------ precision
 
-def test_bf16_without_cuda():
-    assert_config_error(lambda: PrecisionConfig(dtype="bf16").validate(has_cuda=False, has_te=False),
-                        "precision.dtype")
-    assert_config_error(lambda: PrecisionConfig(dtype="fp16").validate(has_cuda=False, has_te=True),
-                        "precision.dtype")
+def test_mixed_precision_on_the_cpu():
+    # bf16/fp16 run on the CPU too (the GPU recipes' precision is trained in CI that way).
+    PrecisionConfig(dtype="bf16").validate(has_cuda=False, has_te=False)
+    PrecisionConfig(dtype="fp16").validate(has_cuda=False, has_te=False)
 
 
 def test_unknown_dtype():
@@ -177,7 +207,7 @@ def test_fp8_without_te():
     assert_config_error(lambda: PrecisionConfig(dtype="bf16", fp8="hybrid").validate(has_cuda=True, has_te=False),
                         "precision.fp8")
     assert_config_error(lambda: PrecisionConfig(dtype="bf16", fp8="e4m3").validate(has_cuda=False, has_te=True),
-                        "precision.dtype")  # the dtype check comes first without a GPU
+                        "precision.fp8")
 
 
 def test_fp8_errors():
@@ -187,6 +217,31 @@ def test_fp8_errors():
         has_cuda=True, has_te=True), "precision.fp8_recipe")
     assert_config_error(lambda: PrecisionConfig(dtype="fp32", fp8="hybrid").validate(has_cuda=True, has_te=True),
                         "precision.fp8")
+
+
+HOPPER, BLACKWELL = (9, 0), (10, 0)
+
+
+def test_mxfp8_needs_blackwell():
+    mxfp8 = PrecisionConfig(dtype="bf16", fp8="hybrid", fp8_recipe="mxfp8")
+    exc = assert_config_error(lambda: mxfp8.validate(has_cuda=True, has_te=True, cuda_capability=HOPPER),
+                              "precision.fp8_recipe")
+    assert "9.0" in str(exc) and "delayed" in str(exc) and "tensorwise" in str(exc)
+    mxfp8.validate(has_cuda=True, has_te=True, cuda_capability=BLACKWELL)
+    mxfp8.validate(has_cuda=True, has_te=True, cuda_capability=(12, 0))
+    mxfp8.validate(has_cuda=True, has_te=True)  # capability unknown: not checked
+    for recipe in ("delayed", "tensorwise"):
+        PrecisionConfig(dtype="bf16", fp8="hybrid", fp8_recipe=recipe).validate(has_cuda=True, has_te=True,
+                                                                                cuda_capability=HOPPER)
+    PrecisionConfig(dtype="bf16", fp8_recipe="mxfp8").validate(has_cuda=True, has_te=True,
+                                                                cuda_capability=HOPPER)  # no FP8: recipe unused
+
+
+def test_mxfp8_in_the_recipe_check():
+    cfg = train_config(PrecisionConfig(fp8="hybrid", fp8_recipe="mxfp8"))
+    assert_config_error(lambda: cfg.validate(1, has_cuda=True, has_te=True, cuda_capability=HOPPER),
+                        "precision.fp8_recipe")
+    cfg.validate(1, has_cuda=True, has_te=True, cuda_capability=BLACKWELL)
 
 
 def test_valid_precision():

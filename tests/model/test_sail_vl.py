@@ -95,3 +95,22 @@ def test_local_checkpoints_use_transformer_engine_norm_names():
                      "language_model.decoder.layers.self_attention.linear_qkv.layer_norm_weight",
                      "language_model.decoder.layers.mlp.linear_fc1.layer_norm_weight"):
         assert expected in keys, expected
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_every_weight_is_in_the_training_dtype(dtype):
+    # megatron's distributed optimizer keeps one dtype per buffer; torch-backed norms would stay fp32.
+    (dtypes,) = run_on_ranks(workers.stage_dtypes, 1, dtype)
+    assert dtypes == [str({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])]
+
+
+def test_micro_batch_without_tiles_still_runs_the_vision_side():
+    # Overlapped gradient reduction waits for every parameter's gradient; FP8 reduces amaxes per region.
+    (r,) = run_on_ranks(workers.text_only_batch_reaches_every_vision_parameter, 1)
+    assert r["all_have_grad"] and r["grads_zero"]
+    assert r["same_output"] == 0.0
+
+
+def test_blank_padding_tiles_do_not_change_real_tiles():
+    (err,) = run_on_ranks(workers.padded_tiles_leave_real_tiles_exact, 1)
+    assert err < 1e-6

@@ -83,3 +83,50 @@ def checkpoint_keys() -> list:
         return sorted(v.key for v in model.sharded_state_dict().values() if hasattr(v, "key"))
     finally:
         destroy_distributed()
+
+
+def stage_dtypes(dtype: str) -> list:
+    init_distributed(ParallelConfig(), seed=5)
+    try:
+        cfg = get_preset("tiny")
+        cfg.image_context_token_id = IMG_CONTEXT
+        model = build_model(cfg, ParallelConfig(), PrecisionConfig(dtype=dtype))
+        return sorted({str(p.dtype) for p in model.parameters()})
+    finally:
+        destroy_distributed()
+
+
+def text_only_batch_reaches_every_vision_parameter() -> dict:
+    """A micro-batch without tiles still gives every vision and projector weight a gradient (zero),
+    and the same loss as without the vision side."""
+    cfg, model = _tiny()
+    try:
+        model.train()
+        ids = torch.randint(16, 500, (1, 24))
+        pos = torch.arange(24)[None]
+        blank = torch.empty(0, 3, cfg.vision.image_size, cfg.vision.image_size)
+        out = model(ids, pos, None, pixel_values=blank)
+        out.float().sum().backward()
+        vision = [(n, p) for n, p in model.named_parameters() if n.startswith(("vision_model.", "projector."))]
+        with torch.no_grad():
+            text_only = model.language_model(input_ids=ids, position_ids=pos, attention_mask=None)
+        return {"all_have_grad": all(p.grad is not None for _, p in vision),
+                "grads_zero": all(float(p.grad.abs().max()) == 0.0 for _, p in vision),
+                "same_output": float((out - text_only).abs().max())}
+    finally:
+        destroy_distributed()
+
+
+def padded_tiles_leave_real_tiles_exact() -> float:
+    """Blank tiles padding the ViT's tile count (FP8 shapes) leave the real tiles' features unchanged."""
+    cfg, model = _tiny()
+    try:
+        pixels = torch.randn(3, 3, cfg.vision.image_size, cfg.vision.image_size)
+        with torch.no_grad():
+            alone = model.vision_model(pixels)
+            model.vision_model.tile_multiple = 8
+            padded = model.vision_model(pixels)
+        assert padded.shape == alone.shape
+        return float((padded - alone).abs().max())
+    finally:
+        destroy_distributed()

@@ -1,0 +1,146 @@
+"""The GPU recipes' settings, trained on the CPU: every setting of examples/configs/sail-vl-{2b,8b} that
+does not physically need a GPU (precision, distributed optimizer and its overlaps, recompute, per-part
+lrs, schedules, freezing per stage, packing) runs on the tiny model on 2 processes through the whole
+five-stage chain with `run.init_from`. A setting added to a recipe is carried here automatically;
+only the keys below are replaced, each for a stated reason."""
+
+import copy
+from pathlib import Path
+from typing import Any, Dict
+
+import pytest
+import yaml
+
+from sail_megatron.config.train import _read_recipe, resolve
+from sail_megatron.data.cli import build_demo
+from tests.helpers.train_cli import last_record, run_train
+
+CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
+STAGES = ["1-pretrain-alignment", "2-pretrain-advance", "3-sft-knowledge", "4-sft-instruction", "5-sft-preference"]
+NPROC = 2
+STEPS = 2
+
+# Replaced keys (dotted; a trailing ".*" covers a section) and why they cannot carry over.
+REPLACED = {
+    "model_preset": "the tiny model stands in for the 2B/8B shapes",
+    "model.*": "the tiny model stands in for the 2B/8B shapes",
+    "parallel.tensor_model_parallel_size": "2 processes run data parallel, so the optimizer shards over DP=2",
+    "parallel.pipeline_model_parallel_size": "2 processes run data parallel, so the optimizer shards over DP=2",
+    "parallel.sequence_parallel": "needs Transformer Engine layers (GPU only; local norms refuse it)",
+    "precision.layers": "Transformer Engine layers need a GPU",
+    "precision.fp8": "FP8 needs Transformer Engine on a GPU",
+    "precision.fp8_vision": "FP8 needs Transformer Engine on a GPU",
+    "data.path": "the embedded demo dataset",
+    "data.tokenizer": "the demo tokenizer",
+    "data.seq_length": "rows sized for the tiny model",
+    "data.num_workers": "two CPU cores",
+    "run.train_steps": "a few steps per stage",
+    "run.save_interval": "a few steps per stage",
+    "run.save_dir": "a temporary folder",
+    "run.init_from": "the previous stage of this chain",
+    "run.global_batch_size": "2 micro-batches per rank per step: gradient accumulation kept, size cut",
+    "run.peak_tflops": "no GPU peak on the CPU",
+    "optim.warmup_steps": "schedule lengths scaled to the run (the schedule's kind is kept)",
+    "optim.decay_steps": "schedule lengths scaled to the run (the schedule's kind is kept)",
+    "optim.wsd_decay_steps": "schedule lengths scaled to the run (the schedule's kind is kept)",
+}
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _replaced(key: str) -> bool:
+    return key in REPLACED or any(r.endswith(".*") and key.startswith(r[:-1]) for r in REPLACED)
+
+
+def _set(d: Dict[str, Any], key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+    d[leaf] = value
+
+
+def _drop(d: Dict[str, Any], key: str) -> None:
+    *parents, leaf = key.split(".")
+    for p in parents:
+        d = d.get(p, {})
+    d.pop(leaf, None)
+
+
+def cpu_recipe(recipe: Path, demo: Path, save_dir: Path, init_from) -> Dict[str, Any]:
+    """The recipe with only the REPLACED keys changed."""
+    raw = _read_recipe(recipe)
+    out = copy.deepcopy(raw)
+    for key in list(_flat(raw)):
+        if _replaced(key):
+            _drop(out, key)
+    out.pop("model", None)
+    tiny = _read_recipe(CONFIGS / "tiny" / "_base.yaml")
+    schedule = raw.get("optim", {}).get("schedule", "cosine")
+    values = {
+        "model_preset": "tiny", "model.language.vocab_size": tiny["model"]["language"]["vocab_size"],
+        "parallel.tensor_model_parallel_size": 1, "parallel.pipeline_model_parallel_size": 1,
+        "data.path": str(demo / ("captions" if "pretrain" in recipe.name else "sft")),
+        "data.tokenizer": str(demo / "raw" / "tokenizer"), "data.seq_length": tiny["data"]["seq_length"],
+        "data.num_workers": 1, "run.train_steps": STEPS, "run.save_interval": STEPS, "run.save_dir": str(save_dir),
+        "run.init_from": str(init_from) if init_from else None, "run.global_batch_size": 2 * NPROC,
+        "optim.warmup_steps": 1, "optim.decay_steps": STEPS + 2,
+        **({"optim.wsd_decay_steps": 1} if schedule == "wsd" else {}),
+    }
+    for key, value in values.items():
+        _set(out, key, value)
+    return out
+
+
+def carried_settings(recipe: Path) -> Dict[str, Any]:
+    return {k: v for k, v in _flat(_read_recipe(recipe)).items() if not _replaced(k)}
+
+
+def test_the_8b_recipes_carry_the_same_cpu_settings_as_the_2b():
+    # They differ only in layout and shape, so one chain covers both; if they ever diverge, this says
+    # so and the chain below must run the 8B settings as well.
+    for stage in STAGES:
+        assert carried_settings(CONFIGS / "sail-vl-8b" / f"{stage}.yaml") == \
+            carried_settings(CONFIGS / "sail-vl-2b" / f"{stage}.yaml"), stage
+
+
+def test_cpu_recipes_keep_every_gpu_setting(tmp_path):
+    for stage in STAGES:
+        recipe = CONFIGS / "sail-vl-2b" / f"{stage}.yaml"
+        cpu = _flat(cpu_recipe(recipe, tmp_path, tmp_path, None))
+        for key, value in carried_settings(recipe).items():
+            assert cpu[key] == value, key
+        resolve(cpu_recipe(recipe, tmp_path, tmp_path, None))  # loads as a TrainConfig
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return build_demo(tmp_path_factory.mktemp("demo") / "demo_data")
+
+
+def test_gpu_recipe_stage_chain_trains_on_the_cpu(demo, tmp_path):
+    previous, last_loss = None, None
+    for i, stage in enumerate(STAGES):
+        run_dir = tmp_path / stage
+        config = tmp_path / f"{stage}.yaml"
+        recipe = cpu_recipe(CONFIGS / "sail-vl-2b" / f"{stage}.yaml", demo, run_dir, previous)
+        config.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        losses, log = run_train(config, [], nproc=NPROC)
+        assert len(losses) == STEPS and ("initialized from" in log) == bool(previous), log[-3000:]
+        assert "Mismatch dtype" not in log and "Traceback" not in log  # every weight in the training dtype
+        if last_loss is not None:  # the loaded weights are the ones trained (and saved) just before
+            assert abs(losses[0] - last_loss) < 0.5, (stage, losses, last_loss)
+        assert list(run_dir.glob("tensorboard/events.out.tfevents.*")) and (run_dir / "curves.png").stat().st_size
+        assert (run_dir / "latest").is_file()
+        previous, last_loss = run_dir, losses[-1]
+    record = last_record(tmp_path / STAGES[2])
+    for key in ("loss", "lr_vision", "lr_projector", "lr_language", "grad_norm", "tokens_per_s", "tflops_per_s",
+                "packing_utilization", "data_wait_frac", "memory_gib", "skipped_samples", "eta_s"):
+        assert record[key] is not None, key
+    assert record["lr_vision"] < record["lr_language"]  # the SFT recipes train the ViT 10x slower
+    assert 0 < record["packing_utilization"] <= 1 and record["tflops_per_s"] > 0
