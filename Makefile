@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 DEMO_DATA ?= demo_data
 
-.PHONY: demo stages test venv clean
+.PHONY: demo stages test venv clean gpu-check
 
 venv: $(STAMP)
 
@@ -42,6 +42,16 @@ stages: $(STAMP) $(DEMO_DATA)/blend.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# On a machine with a CUDA GPU (about 6-8 minutes on one H100/H200): the GPU tests, Transformer Engine vs local
+# layers, bf16 and FP8 training throughput and MFU, compiled Triton kernels, DALI decoding and CPU-written
+# checkpoints in TE layers; writes gpu_check/report.md and gpu_check/report.json (docs/gpu.md). Exits 2 on a
+# machine without CUDA. Parts that need Transformer Engine are reported as skipped when it is missing;
+# INSTALL_TE=1 installs it into the venv first (a long build, not counted in the check's time).
+TE_REQUIREMENT := transformer-engine[pytorch]>=2.9,<2.12
+gpu-check: $(STAMP)
+	$(if $(INSTALL_TE),$(PY) -m pip install --no-build-isolation '$(TE_REQUIREMENT)')
+	$(PY) tools/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(DEMO_DATA) runs

@@ -133,6 +133,7 @@ def test_gpu_recipe_stage_chain_trains_on_the_cpu(demo, tmp_path):
         losses, log = run_train(config, [], nproc=NPROC)
         assert len(losses) == STEPS and ("initialized from" in log) == bool(previous), log[-3000:]
         assert "Mismatch dtype" not in log and "Traceback" not in log  # every weight in the training dtype
+        assert "already been dispatched" not in log  # parameter all-gathers run in forward order
         if last_loss is not None:  # the loaded weights are the ones trained (and saved) just before
             assert abs(losses[0] - last_loss) < 0.5, (stage, losses, last_loss)
         assert list(run_dir.glob("tensorboard/events.out.tfevents.*")) and (run_dir / "curves.png").stat().st_size
