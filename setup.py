@@ -39,6 +39,7 @@ setup(
         "einops",
         "pillow",
         "tqdm",
+        "matplotlib",  # curves.png at the end of a run, sail-bench --plot
         "scikit-image",  # its bundled photographs make the embedded demo dataset
     ],
     extras_require={

@@ -17,14 +17,16 @@ import time
 from pathlib import Path
 
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.core import CheckpointingException
 
 from sail_megatron.config import ConfigError
 from sail_megatron.config.train import TrainConfig, dump, load_train_config
 from sail_megatron.data.tokenizer import load_tokenizer
 from sail_megatron.model.build import build_model
 from sail_megatron.platform import destroy_distributed, detect_backends, init_distributed, read_dist_env
-from sail_megatron.training.checkpoint import LATEST, load_checkpoint, restore_rng_state, save_checkpoint
+from sail_megatron.data.dataset_path import check_dataset_path
+from sail_megatron.training.checkpoint import load_checkpoint, resolve_checkpoint, restore_rng_state, save_checkpoint
 from sail_megatron.training.collectives import sum_over_data_parallel
 from sail_megatron.training.flops import Trains
 from sail_megatron.training.freezing import apply_freezing
@@ -32,6 +34,8 @@ from sail_megatron.training.graceful_stop import GracefulStop
 from sail_megatron.training.metered_data import MeteredData, build_loader, from_loader
 from sail_megatron.training.monitor import TrainingMonitor, device_peak_flops
 from sail_megatron.training.optimizer import part_learning_rates, setup_training
+from sail_megatron.training.run_dir import (RunLock, another_model_error, check_writable, checkpoint_to_resume,
+                                            describe_save_failure)
 from sail_megatron.training.step import train_step
 
 logger = logging.getLogger("sail_megatron.train")
@@ -41,10 +45,14 @@ class NonFiniteStop(RuntimeError):
     """Too many consecutive steps had a NaN/Inf loss or gradient."""
 
 
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written (the previous one and its pointer are intact)."""
+
+
 def prepare_config(args, world_size: int):
     """Everything that can be wrong with the recipe fails here, on every rank, before any collective."""
     cfg = load_train_config(args.config, args.overrides)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokenizer = _load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.language.vocab_size:
         raise ConfigError("model.language.vocab_size", f"{cfg.model.language.vocab_size} rows cannot embed the "
                           f"tokenizer's {tokenizer.vocab_size} tokens", "use the tokenizer the model was trained with")
@@ -52,7 +60,27 @@ def prepare_config(args, world_size: int):
     backends = detect_backends()
     cfg.validate(world_size, has_cuda=backends.cuda, has_te=backends.transformer_engine,
                  cuda_capability=backends.cuda_capability)
+    check_dataset_path(cfg.data.path)
+    if cfg.run.init_from:
+        try:
+            resolve_checkpoint(cfg.run.init_from)
+        except FileNotFoundError as e:
+            raise ConfigError("run.init_from", str(e), "point it at the previous stage's run folder or a "
+                              "converted checkpoint, or set run.init_from=null") from None
     return cfg, tokenizer
+
+
+def _load_tokenizer(path: str):
+    if not Path(path).is_dir():
+        raise ConfigError("data.tokenizer", f"{path} is not a folder", "point it at a local tokenizer folder "
+                          "(tokenizer.json or vocab files, with <IMG_CONTEXT>, <img>, </img> added)")
+    try:
+        return load_tokenizer(path)
+    except ConfigError:
+        raise
+    except Exception as e:  # transformers raises many types for an unusable folder
+        raise ConfigError("data.tokenizer", f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}",
+                          "point it at a folder saved by a Hugging Face tokenizer (save_pretrained)") from None
 
 
 def build_training(cfg: TrainConfig, device):
@@ -63,18 +91,30 @@ def build_training(cfg: TrainConfig, device):
     return setup_training(model, cfg.optim, cfg.parallel, cfg.precision)
 
 
+def _load(field: str, path, cfg: TrainConfig, chunks, *optimizer_and_scheduler):
+    """load_checkpoint, with a checkpoint of another model shape reported as such."""
+    try:
+        return load_checkpoint(path, chunks, *optimizer_and_scheduler)
+    except CheckpointingException as e:
+        if "shape mismatch" not in str(e).lower() and "missing" not in str(e).lower():
+            raise
+        directory = resolve_checkpoint(path)
+        saved = dist_checkpointing.load_common_state_dict(str(directory)).get("common", {}).get("model_config")
+        fix = ("use a new run.save_dir, or run.init_from to start from those weights" if field == "run.save_dir"
+               else "point run.init_from at a checkpoint of this model, or change the model to match it")
+        raise another_model_error(field, directory, saved, cfg.model, fix) from None
+
+
 def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
     env, run = read_dist_env(), cfg.run
     save_dir = Path(run.save_dir)
-    if env.is_main:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        (save_dir / "config.yaml").write_text(dump(cfg))
     stop = GracefulStop()  # before the slow setup: a signal during it still saves at the first step
+    resume = checkpoint_to_resume(save_dir)
     chunks, optimizer, scheduler = build_training(cfg, env.device)
 
     start, loader_state, samples_before = 0, None, 0
-    if (save_dir / LATEST).is_file():
-        loaded = load_checkpoint(save_dir, chunks, optimizer, scheduler)
+    if resume is not None:
+        loaded = _load("run.save_dir", resume, cfg, chunks, optimizer, scheduler)
         start = loaded["iteration"]
         samples_before = loaded["common"].get("consumed_samples", 0)
         if loaded["rank_state"] is not None:
@@ -82,10 +122,12 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
             loader_state = loaded["rank_state"].get("loader")
         logger.info("resumed from %s at step %d", loaded["path"], start)
     elif run.init_from:
-        loaded = load_checkpoint(run.init_from, chunks)  # weights only: a new stage starts a new optimizer
+        loaded = _load("run.init_from", run.init_from, cfg, chunks)  # weights only: a new stage, a new optimizer
         # bf16/fp16 weights have fp32 main copies in the optimizer, taken when it was built: take them anew.
         optimizer.reload_model_params()
         logger.info("initialized from %s (its step %d)", loaded["path"], loaded["iteration"])
+    if env.is_main:  # only now: a resume refused above leaves the run's recorded config as it was
+        (save_dir / "config.yaml").write_text(dump(cfg))
 
     dp_size = parallel_state.get_data_parallel_world_size()
     num_micro = cfg.num_microbatches(env.world_size)
@@ -100,11 +142,14 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
 
     def save(step: int) -> None:
         (samples,) = sum_over_data_parallel([data.samples_consumed])
-        save_checkpoint(save_dir, step, chunks, optimizer, scheduler, keep_last=run.keep_last,
-                        common={"consumed_rows": step * run.global_batch_size,
-                                "consumed_samples": samples_before + int(samples),
-                                "model_config": dataclasses.asdict(cfg.model)},
-                        rank_state={"loader": loader.save_state_rank()})
+        try:
+            save_checkpoint(save_dir, step, chunks, optimizer, scheduler, keep_last=run.keep_last,
+                            common={"consumed_rows": step * run.global_batch_size,
+                                    "consumed_samples": samples_before + int(samples),
+                                    "model_config": dataclasses.asdict(cfg.model)},
+                            rank_state={"loader": loader.save_state_rank()})
+        except Exception as e:
+            raise SaveFailed(describe_save_failure(save_dir, step, e)) from e
 
     step, in_a_row = start, 0
     try:
@@ -161,16 +206,41 @@ def main(argv=None) -> None:
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
     args = p.parse_args(argv)
-    _, cfg, tokenizer = start(args)
-    init_distributed(cfg.parallel, seed=cfg.run.seed)
+    env, cfg, tokenizer = start(args)
+    lock = _claim_run_dir(cfg) if env.is_main else None
+    try:
+        init_distributed(cfg.parallel, seed=cfg.run.seed)
+    except dist.DistNetworkError as e:
+        logger.error("cannot start the process group: %s. Fix: if the port is in use (another training on this "
+                     "host?), set MASTER_PORT to a free port or pass torchrun --master-port", str(e).splitlines()[0])
+        sys.exit(2)
     try:
         train(cfg, tokenizer, args.config)
         dist.barrier()
-    except NonFiniteStop as e:
+    except ConfigError as e:  # found after start-up (a resume or init_from that does not fit): the same on every rank
+        logger.error("%s", e)
+        sys.exit(2)
+    except (NonFiniteStop, SaveFailed) as e:
         logger.error("%s", e)
         sys.exit(1)
+    except KeyboardInterrupt:
+        logger.error("aborted by a second Ctrl-C: nothing saved since the last checkpoint")
+        sys.exit(130)
     finally:
         destroy_distributed()
+        if lock is not None:
+            lock.release()
+
+
+def _claim_run_dir(cfg: TrainConfig) -> RunLock:
+    """The main rank makes sure the run folder is writable and nobody else trains into it."""
+    save_dir = Path(cfg.run.save_dir)
+    try:
+        check_writable(save_dir)
+        return RunLock(save_dir).acquire()
+    except ConfigError as e:
+        logger.error("%s", e)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

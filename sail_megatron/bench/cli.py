@@ -18,8 +18,10 @@ import copy
 import dataclasses
 import datetime
 import logging
+import os
 from contextlib import nullcontext
-from typing import Dict, List, Tuple
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -79,6 +81,21 @@ def _ratios(results: Dict[str, Dict]) -> Dict[str, float]:
     return out
 
 
+def _output_problem(path: Optional[str]) -> Optional[str]:
+    """Why a results file could not be written there, or None."""
+    if path is None:
+        return None
+    out = Path(path)
+    if out.is_dir():
+        return "is a folder; name a file"
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        return f"its folder {parent} does not exist"
+    if not os.access(parent, os.W_OK):
+        return f"its folder {parent} is not writable"
+    return None
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -96,6 +113,12 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.breakdown_steps < 0:
         p.error("--steps must be >= 1, --warmup and --breakdown-steps >= 0")
+    for flag, out in (("--json", args.json), ("--plot", args.plot)):
+        problem = _output_problem(out)
+        if problem:
+            p.error(f"{flag} {out}: {problem}")  # before minutes of measuring, not after
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        p.error("--peak-tflops must be > 0")
     env, cfg, tokenizer = start(args)
     init_distributed(cfg.parallel, seed=cfg.run.seed)
     try:

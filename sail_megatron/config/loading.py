@@ -80,8 +80,43 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
     return data
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def load_yaml(path: Path) -> Dict[str, Any]:
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    """A recipe file as a dict; unreadable files and YAML errors become ConfigErrors naming the line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(str(path), "the recipe file does not exist", "check the path given to --config") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(str(path), f"cannot read the recipe: {e}", "pass a readable UTF-8 YAML file") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(str(path), f"is not valid YAML{line}: {problem}",
+                          "fix the YAML there (indent with spaces, close every bracket, give each key once)") from None
+    if data is None:
+        raise ConfigError(str(path), "the recipe is empty", "give at least model_preset and data, or inherit a recipe")
     if not isinstance(data, dict):
         raise ConfigError(str(path), "a recipe must be a YAML mapping", "start the file with top-level keys")
     return data

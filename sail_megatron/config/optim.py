@@ -1,5 +1,6 @@
 """Optimizer and learning-rate schedule."""
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -53,6 +54,9 @@ class OptimConfig:
         return {part: getattr(self, f"{part}_lr") or self.lr for part in PARTS}
 
     def validate(self) -> None:
+        for name, value in vars(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"optim.{name}", f"must be a finite number, got {value}", "set a finite value")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError("optim.lr", f"lr={self.lr}, min_lr={self.min_lr}", "use 0 <= min_lr <= lr, lr > 0")
         for part in PARTS:

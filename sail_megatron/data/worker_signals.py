@@ -28,6 +28,7 @@ def _shield_worker() -> None:
     # A Python-level no-op (not SIG_IGN: ignored signals are discarded and never reach sigwaitinfo).
     signal.signal(signal.SIGTERM, lambda *_: None)
     signal.signal(signal.SIGUSR1, lambda *_: None)
+    signal.signal(signal.SIGINT, lambda *_: None)  # Ctrl-C reaches the whole group; the trainer saves first
     # Threads started from here on inherit the block; the waiter thread takes SIGTERM synchronously.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     threading.Thread(target=_exit_on_parent_sigterm, args=(os.getppid(),), daemon=True,

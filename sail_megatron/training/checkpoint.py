@@ -9,6 +9,7 @@ checkpoint and pointer intact. Older checkpoints beyond `keep_last` are deleted 
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -18,16 +19,12 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from sail_megatron.platform.megatron_compat import install_torch_adam_checkpoint_fix, unshare_adam_steps
+from sail_megatron.training.run_dir import LATEST, checkpoint_name, checkpoints_to_prune
 
 logger = logging.getLogger(__name__)
 
-LATEST = "latest"
 # Optimizer state in a canonical per-parameter layout, so a checkpoint loads under any TP/PP/DP.
 _OPTIM_META = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-def checkpoint_name(iteration: int) -> str:
-    return f"iter_{iteration:08d}"
 
 
 def resolve_checkpoint(path) -> Path:
@@ -108,13 +105,15 @@ def save_checkpoint(save_dir, iteration: int, chunks: List[torch.nn.Module], opt
     dist_checkpointing.save(sd, str(tmp), content_metadata={"world_size": dist.get_world_size()})
     dist.barrier()
     if dist.get_rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
+        if final.exists():  # never delete a checkpoint this call did not write: keep it under another name
+            aside = final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(final, aside)
+            logger.warning("%s already existed: kept as %s", final, aside.name)
         os.replace(tmp, final)
         pointer_tmp = save_dir / (LATEST + ".tmp")
         pointer_tmp.write_text(final.name + "\n")
         os.replace(pointer_tmp, save_dir / LATEST)
-        kept = sorted(p for p in save_dir.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in kept[:-keep_last]:
+        for old in checkpoints_to_prune(save_dir, final, keep_last):
             shutil.rmtree(old, ignore_errors=True)
         logger.info("saved checkpoint %s", final)
     dist.barrier()

@@ -1,5 +1,6 @@
-"""Stop on a signal at a step boundary: SIGTERM (SLURM preemption, `scancel`, torchrun shutting down)
-and SIGUSR1 (SLURM `--signal=USR1@120`, an early warning) ask the run to save and exit cleanly.
+"""Stop on a signal at a step boundary: SIGTERM (SLURM preemption, `scancel`, torchrun shutting down),
+SIGUSR1 (SLURM `--signal=USR1@120`, an early warning) and SIGINT (Ctrl-C) ask the run to save and exit
+cleanly. A second Ctrl-C aborts at once, without saving.
 
 The handler only sets a flag; the loop checks it after each step, and all ranks agree through one
 tiny all-reduce, so every rank stops at the same step and the checkpoint is collective and whole.
@@ -13,7 +14,7 @@ from sail_megatron.training.collectives import any_rank
 
 logger = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class GracefulStop:
@@ -24,6 +25,11 @@ class GracefulStop:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.received == "SIGINT":
+                raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait for the save
+            print("interrupted: saving a checkpoint at the end of this step (Ctrl-C again aborts without saving)",
+                  flush=True)
         self.received = signal.Signals(signum).name
 
     def agreed(self) -> bool:

@@ -65,3 +65,11 @@ def test_real_data_dali_vs_pil(tmp_path, demo):
     for name in ("dali", "pil"):
         _check(doc["results"][name])
     assert doc["device"].startswith("CPU") and doc["resolved_config"]["data"]["path"].endswith("blend.yaml")
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_unwritable_outputs_are_refused_before_measuring(tmp_path, flag):
+    # A folder where a file is wanted: refused by argparse (exit 2) before any process group or model.
+    run = subprocess.run([sys.executable, "-m", "sail_megatron.bench", "--config", "examples/configs/tiny/demo.yaml",
+                          flag, str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 2 and "is a folder" in run.stderr and "Traceback" not in run.stderr

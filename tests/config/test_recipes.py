@@ -101,3 +101,17 @@ def test_full_recompute_layers_must_fit_a_stage():
     with pytest.raises(ConfigError) as e:  # 4 layers over PP=2: 2 per stage
         cfg.validate(world_size=4, has_cuda=False, has_te=False)
     assert e.value.field == "parallel.recompute_num_layers"
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("optim: {lr: 1e-4\n", "is not valid YAML at line 2"),
+    ("optim:\n\tlr: 1e-4\n", "is not valid YAML at line 2"),
+    ("optim: {lr: 1e-4}\noptim: {lr: 2e-4}\n", "key 'optim' appears twice"),
+    ("", "the recipe is empty"),
+    ("- a list\n", "must be a YAML mapping"),
+])
+def test_recipe_file_errors_name_the_file_and_line(tmp_path, text, problem):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    with pytest.raises(ConfigError, match=problem):
+        load_train_config(recipe)

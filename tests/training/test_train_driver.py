@@ -7,14 +7,20 @@ import json
 import os
 import re
 import signal
+import shutil
 import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from sail_megatron.data.cli import build_demo
 from sail_megatron.data.prepare import prepare
 from tests.helpers.processes import kill_tree, wait_for
+from sail_megatron.config import ConfigError
+from sail_megatron.train import prepare_config
+from tests.helpers.multiprocess import free_port
 from tests.helpers.train_cli import ENV, GPU_RECIPE_PRECISION, metrics as _metrics, printed_losses, train_command
 
 RECIPES = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny"
@@ -53,12 +59,17 @@ GPU_LIKE = dict(nproc=2)
 
 
 @pytest.fixture(scope="module")
-def straight(demo, tmp_path_factory):
+def straight_run(demo, tmp_path_factory):
     """6 steps in one go: the reference every interrupted run must reproduce bitwise."""
     run_dir = tmp_path_factory.mktemp("straight")
     _train(SFT, demo, run_dir, "run.train_steps=6", "run.save_interval=100", FRESH, *GPU_RECIPE_PRECISION,
            **GPU_LIKE)
-    losses = _metrics(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def straight(straight_run):
+    losses = _metrics(straight_run)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     return losses
 
@@ -98,17 +109,18 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(demo, straight, tmp
     assert _metrics(tmp_path) == straight
 
 
-def test_sigterm_saves_and_exits(demo, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_saves_and_exits(demo, tmp_path, sig):
     run = subprocess.Popen(_command(SFT, demo, tmp_path, "run.train_steps=200", "run.save_interval=1000", FRESH),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
                            start_new_session=True)
     metrics = tmp_path / "metrics.jsonl"
     wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, timeout=300, poll=0.05,
              what="two logged steps")
-    os.killpg(run.pid, signal.SIGTERM)  # torchrun's group: it forwards SIGTERM to its ranks' groups
+    os.killpg(run.pid, sig)  # torchrun's group (SLURM, Ctrl-C): torchrun passes it on to its ranks' groups
     log, _ = run.communicate(timeout=120)
     stopped_at = max(_metrics(tmp_path))
-    assert re.search(rf"received SIGTERM: saved the checkpoint at step {stopped_at}; exiting", log), log[-3000:]
+    assert re.search(rf"received {sig.name}: saved the checkpoint at step {stopped_at}; exiting", log), log[-3000:]
     assert _latest(tmp_path) == f"iter_{stopped_at:08d}" and stopped_at < 200
     assert "DataLoader worker" not in log  # the loader's workers outlived the signal
 
@@ -173,3 +185,60 @@ def test_fp16_backs_off_the_loss_scale_and_trains(demo, tmp_path):
 def test_config_error_names_the_key_before_any_process_group(demo, tmp_path):
     _, log = _train(SFT, demo, tmp_path, "optim.schedule=linear", expect_rc=1)
     assert "optim.schedule" in log and not (tmp_path / "config.yaml").exists()
+
+
+def test_resume_of_another_model_is_refused_and_changes_nothing(demo, straight_run, tmp_path):
+    shutil.copytree(straight_run, tmp_path / "run")
+    recorded = (tmp_path / "run" / "config.yaml").read_text()
+    _, log = _train(SFT, demo, tmp_path / "run", "run.train_steps=8", "model.language.num_layers=2", FRESH,
+                    expect_rc=1)  # torchrun's code; the rank's own is 2
+    assert "holds a checkpoint of another model" in log and "num_layers 4 there vs 2 here" in log, log[-3000:]
+    assert "exitcode  : 2" in log and "Traceback" not in log.split("torch.distributed.elastic")[0]
+    assert (tmp_path / "run" / "config.yaml").read_text() == recorded  # the untouched checkpoints still export
+
+
+def _args(demo, *overrides):
+    return SimpleNamespace(config=str(RECIPES / SFT), overrides=[
+        "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
+        f"data.tokenizer={demo / 'raw' / 'tokenizer'}", f"data.path={demo / 'sft'}", FRESH, *overrides])
+
+
+@pytest.mark.parametrize("override,field", [
+    ("data.tokenizer=/nonexistent/tokenizer", "data.tokenizer"),
+    ("data.tokenizer={empty}", "data.tokenizer"),
+    ("data.path=/nonexistent/data", "data.path"),
+    ("data.path={empty}", "data.path"),
+    ("data.path={demo}/raw/sft.jsonl", "data.path"),
+    ("run.init_from=/nonexistent/run", "run.init_from"),
+    ("optim.lr=.nan", "optim.lr"),
+])
+def test_user_errors_are_found_before_any_process_group(demo, tmp_path, override, field):
+    with pytest.raises(ConfigError) as found:
+        prepare_config(_args(demo, override.format(empty=tmp_path, demo=demo)), world_size=1)
+    assert found.value.field == field and len(str(found.value).splitlines()) <= 2
+
+
+def _single_process(demo, config, *overrides, env=None):
+    """`python -m sail_megatron.train` without torchrun: the rank's own exit code and output."""
+    command = [sys.executable, "-m", "sail_megatron.train", "--config", str(config),
+               *_args(demo, *overrides).overrides]
+    return subprocess.run(command, capture_output=True, text=True, env={**ENV, **(env or {})}, timeout=300)
+
+
+def test_yaml_syntax_error_is_two_lines_and_exit_2(demo, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("inherit: _base.yaml\noptim: {lr: 1e-4\n")
+    out = _single_process(demo, bad)
+    assert out.returncode == 2 and "is not valid YAML at line" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_busy_master_port_suggests_the_fix(demo, tmp_path):
+    import socket
+
+    port = free_port()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        out = _single_process(demo, RECIPES / SFT, f"run.save_dir={tmp_path / 'run'}",
+                              env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    assert out.returncode == 2 and "MASTER_PORT" in out.stderr, out.stderr[-2000:]

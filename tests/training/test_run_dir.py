@@ -1,0 +1,88 @@
+"""The run folder's rules: one training at a time, resume from the newest complete checkpoint, prune
+only a run's own older checkpoints, clear messages for failed saves."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from sail_megatron.config import ConfigError
+from sail_megatron.training.run_dir import (LATEST, RunLock, checkpoint_to_resume, checkpoints_to_prune,
+                                            check_writable, describe_save_failure)
+
+
+def _checkpoints(save_dir, *iterations, latest=None):
+    for it in iterations:
+        (save_dir / f"iter_{it:08d}").mkdir(parents=True)
+    if latest is not None:
+        (save_dir / LATEST).write_text(f"iter_{latest:08d}\n")
+
+
+def test_missing_pointer_resumes_from_the_newest_checkpoint(tmp_path, caplog):
+    _checkpoints(tmp_path, 2, 4)
+    (tmp_path / "iter_00000006.tmp").mkdir()  # a write that never finished
+    assert checkpoint_to_resume(tmp_path).name == "iter_00000004"
+    assert "pointer is missing" in caplog.text
+
+
+def test_pointer_behind_a_complete_checkpoint(tmp_path, caplog):
+    _checkpoints(tmp_path, 2, 4, latest=2)  # killed between the rename and the pointer move
+    assert checkpoint_to_resume(tmp_path).name == "iter_00000004"
+    assert "names 'iter_00000002'" in caplog.text
+
+
+def test_empty_folder_starts_fresh(tmp_path):
+    assert checkpoint_to_resume(tmp_path) is None
+    assert checkpoint_to_resume(tmp_path / "absent") is None
+
+
+def test_prune_keeps_newer_and_foreign_folders(tmp_path):
+    _checkpoints(tmp_path, 2, 4, 6, 9)
+    (tmp_path / "iter_00000001.replaced-20260101-000000").mkdir()
+    newest = tmp_path / "iter_00000006"
+    assert [p.name for p in checkpoints_to_prune(tmp_path, newest, keep_last=2)] == ["iter_00000002"]
+    assert checkpoints_to_prune(tmp_path, newest, keep_last=3) == []
+    assert [p.name for p in checkpoints_to_prune(tmp_path, newest, keep_last=1)] == ["iter_00000002", "iter_00000004"]
+
+
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    from sail_megatron.training.run_dir import RunLock
+    lock = RunLock(sys.argv[1]).acquire()
+    print("held", flush=True)
+    time.sleep(120)
+""")
+
+
+def test_second_training_is_refused_until_the_first_dies(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError) as refused:
+            RunLock(tmp_path).acquire()
+        assert f"pid {holder.pid}" in str(refused.value) and "run.save_dir" in str(refused.value)
+    finally:
+        holder.send_signal(signal.SIGKILL)  # dies without cleaning up: the lock must not outlive it
+        holder.wait()
+    lock = RunLock(tmp_path).acquire()
+    assert f"pid {os.getpid()}" in (tmp_path / ".lock").read_text()
+    lock.release()
+
+
+def test_unwritable_save_dir_is_a_config_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="run.save_dir: cannot write"):
+        check_writable(blocker / "run")
+
+
+def test_disk_full_message_says_so_and_names_what_is_intact(tmp_path):
+    _checkpoints(tmp_path, 2, latest=2)
+    message = describe_save_failure(tmp_path, 4, OSError(errno.ENOSPC, "No space left on device"))
+    assert "disk is full" in message and "iter_00000002" in message and "MiB free" in message
+    assert "step-4" in message
