@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 DEMO_DATA ?= demo_data
 
-.PHONY: demo stages test venv clean gpu-check
+.PHONY: demo stages test lint venv clean gpu-check
 
 venv: $(STAMP)
 
@@ -40,8 +40,12 @@ stages: $(STAMP) $(DEMO_DATA)/blend.yaml
 		$(LAUNCH) examples/configs/tiny/$$s.yaml $(DEMO_ARGS) data.path=$(DEMO_DATA)/$$data || exit 1; \
 	done
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q
+
+# ruff's lint rules (pyproject.toml): undefined names, unused imports, style errors, import order.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check sail_megatron kernels tools tests benchmarks
 
 # On a machine with a CUDA GPU (about 6-8 minutes on one H100/H200): the GPU tests, Transformer Engine vs local
 # layers, bf16 and FP8 training throughput and MFU, compiled Triton kernels, DALI decoding and CPU-written

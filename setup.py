@@ -31,6 +31,7 @@ setup(
         "nvidia-dali-cuda120>=2.0",
         "triton>=3.0",
         "transformers>=4.50",
+        "tokenizers",
         "safetensors",
         "tensorboard",
         "pyyaml",

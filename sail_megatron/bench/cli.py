@@ -31,8 +31,8 @@ from sail_megatron.config import ConfigError
 from sail_megatron.config.train import TrainConfig
 from sail_megatron.kernels._common import prefer
 from sail_megatron.platform import destroy_distributed, detect_backends, init_distributed
-from sail_megatron.train import start
 from sail_megatron.training.monitor import device_peak_flops
+from sail_megatron.training.startup import start
 
 logger = logging.getLogger("sail_megatron.bench")
 

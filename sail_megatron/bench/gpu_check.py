@@ -682,7 +682,7 @@ def worker_layers(fig: _Figures, root: Path) -> None:
                     fig.fail(f"{name} {kind}: TE vs local logits differ by {result['rel_l2']:.3g} (rel L2)")
                 fig.save()
             shutil.rmtree(directory, ignore_errors=True)
-            del local, te, models
+            local = te = models = None
             _free()
     finally:
         destroy_distributed()
@@ -775,7 +775,7 @@ def worker_checkpoint(fig: _Figures, root: Path) -> None:
                     fig.fail(f"{name} {kind}: the CPU-written checkpoint in TE layers gives logits "
                              f"{result['rel_l2']:.3g} (rel L2) from the CPU's")
                 fig.save()
-            del te, loaded
+            te = loaded = None
             _free()
     finally:
         destroy_distributed()

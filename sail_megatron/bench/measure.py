@@ -15,10 +15,10 @@ from sail_megatron.bench.synthetic_rows import SyntheticRows, SyntheticRowsConfi
 from sail_megatron.config.train import TrainConfig
 from sail_megatron.platform import read_dist_env
 from sail_megatron.training.collectives import max_over_world, sum_over_data_parallel
-from sail_megatron.train import build_training
 from sail_megatron.training.flops import PeakFlops, Trains, mfu_figures
 from sail_megatron.training.metered_data import MeteredData, build_loader, from_loader
 from sail_megatron.training.monitor import peak_memory_gib
+from sail_megatron.training.startup import build_training
 from sail_megatron.training.step import train_step
 
 
@@ -103,7 +103,7 @@ def measure(cfg: TrainConfig, tokenizer, settings: BenchSettings) -> Dict:
         "breakdown_s_per_step": breakdown,
         "final_loss": losses[-1] if losses else None,
     }
-    del chunks, optimizer, scheduler, data
+    chunks = optimizer = scheduler = data = None  # drop the model before the next variant builds its own
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -6,6 +6,8 @@ from typing import List
 from sail_megatron.config.errors import ConfigError
 
 MODEL_PARTS = ("vision", "projector", "language")
+"""The model's parts, by the names recipes use (freezing, per-part lrs); `training/freezing.py` maps each
+to its module in the model."""
 
 
 @dataclass

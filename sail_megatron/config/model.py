@@ -1,6 +1,6 @@
 """Typed configs for the three parts of a SAIL-VL model.
 
-Defaults are InternViT-300M-448px, the SAIL-VL projector and Qwen2.5-1.5B (DESIGN.md section 4).
+Defaults are InternViT-300M-448px, the SAIL-VL projector and Qwen2.5-1.5B (docs/design.md, Data flow: The model).
 """
 
 from dataclasses import dataclass, field
@@ -90,6 +90,12 @@ class ProjectorConfig:
                               "choose image_size/patch_size divisible by 1/downsample_ratio")
 
 
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
+    """Megatron pads the vocabulary so every TP shard is equal and aligned (export strips the padding)."""
+    multiple = divisible_by * tensor_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
 @dataclass
 class LanguageConfig:
     """Qwen2.5 decoder."""
@@ -112,6 +118,10 @@ class LanguageConfig:
     @property
     def kv_channels(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
+        """Rows of the embedding and output layer as megatron builds them under this TP."""
+        return padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tensor_parallel_size)
 
     def validate(self, prefix: str = "model.language") -> None:
         _positive(self, prefix, "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",

@@ -5,10 +5,10 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 
 from sail_megatron.config.errors import ConfigError
+from sail_megatron.config.freezing import MODEL_PARTS as PARTS
 
 SCHEDULES = ("cosine", "wsd", "constant")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
-PARTS = ("vision", "projector", "language")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from sail_megatron.config.model import ModelConfig
 from sail_megatron.config.optim import OptimConfig
 from sail_megatron.config.parallel import ParallelConfig
 from sail_megatron.config.precision import PrecisionConfig
+from sail_megatron.config.presets import PRESETS, get_preset
 
 
 @dataclass
@@ -106,7 +107,6 @@ def _read_recipe(path: Path, seen: tuple = ()) -> Dict[str, Any]:
 
 def resolve(data: Dict[str, Any]) -> TrainConfig:
     """A resolved dict -> TrainConfig; `model` starts from the named preset and takes overrides."""
-    from sail_megatron.model.presets import PRESETS, get_preset
 
     data = copy.deepcopy(data)
     preset = data.pop("model_preset", "tiny")

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from sail_megatron.data.decode_pil import IMAGENET_MEAN, IMAGENET_STD, PilTileDecoder
-from sail_megatron.data.tiling import TilePlan, choose_grid, plan_tiles
+from sail_megatron.data.tiling import TilePlan, plan_tiles
 
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)

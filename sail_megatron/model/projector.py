@@ -4,9 +4,9 @@ import torch
 from megatron.core.dist_checkpointing.utils import apply_prefix_mapping
 from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 

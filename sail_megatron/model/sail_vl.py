@@ -15,6 +15,7 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from sail_megatron.config import ModelConfig
+from sail_megatron.config.model import padded_vocab_size  # noqa: F401  (re-exported: its home is the config)
 from sail_megatron.kernels.merge_vision import merge_vision
 from sail_megatron.kernels.packed_metadata import packed_metadata
 from sail_megatron.kernels.pixel_shuffle import pixel_shuffle
@@ -22,12 +23,6 @@ from sail_megatron.model.projector import VisionProjector
 from sail_megatron.model.specs import ModelSpecs
 from sail_megatron.model.transformer_configs import PartConfigs
 from sail_megatron.model.vision import InternViTModel
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Megatron pads the vocabulary so every TP shard is equal and aligned."""
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
 
 
 @functools.lru_cache(maxsize=16)
@@ -78,8 +73,7 @@ class SailVLModel(MegatronModule):
         self.language_model = GPTModel(
             config=configs.language,
             transformer_layer_spec=specs.language_layer,
-            vocab_size=padded_vocab_size(lang.vocab_size, lang.make_vocab_size_divisible_by,
-                                         configs.language.tensor_model_parallel_size),
+            vocab_size=lang.padded_vocab_size(configs.language.tensor_model_parallel_size),
             max_sequence_length=lang.max_position_embeddings,
             pre_process=pre_process,
             post_process=post_process,

@@ -1,4 +1,4 @@
-"""Model FLOPs per micro-batch, for MFU (DESIGN.md section 7). Shared by the trainer's logs and the benchmark.
+"""Model FLOPs per micro-batch for MFU (docs/design.md, Counting FLOPs). Shared by the trainer's logs and the benchmark.
 
 Conventions (what is counted and what is not):
 - A multiply-add is 2 FLOPs. Only matrix multiplies are counted; norms, activations, softmax,
@@ -69,18 +69,12 @@ def projector_forward_flops_per_tile(model: ModelConfig) -> int:
     return 2 * model.tokens_per_tile * (width_in * h + h * h)
 
 
-def padded_vocab_size(lang: LanguageConfig, tensor_parallel_size: int = 1) -> int:
-    """The vocabulary Megatron computes logits for (same rule as sail_megatron.model.sail_vl)."""
-    multiple = lang.make_vocab_size_divisible_by * tensor_parallel_size
-    return -(-lang.vocab_size // multiple) * multiple
-
-
 def llm_linear_forward_flops_per_token(lang: LanguageConfig, tensor_parallel_size: int = 1) -> int:
     """All decoder layers' projections plus the output layer, for one token."""
     h = lang.hidden_size
     kv = lang.num_query_groups * lang.kv_channels  # GQA: k and v are narrower than q
     per_layer = 2 * (h * h + 2 * h * kv + h * h + 3 * h * lang.ffn_hidden_size)  # q, k+v, o, SwiGLU
-    return lang.num_layers * per_layer + 2 * h * padded_vocab_size(lang, tensor_parallel_size)
+    return lang.num_layers * per_layer + 2 * h * lang.padded_vocab_size(tensor_parallel_size)
 
 
 def llm_attention_forward_flops(lang: LanguageConfig, sample_lengths: Sequence[int]) -> int:

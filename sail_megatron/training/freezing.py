@@ -4,10 +4,10 @@ from typing import Dict, List
 
 import torch
 
-from sail_megatron.config import FreezeConfig
+from sail_megatron.config import MODEL_PARTS, FreezeConfig
 
-# Top-level submodule of SailVLModel that holds each part.
-PART_MODULES = {"vision": "vision_model", "projector": "projector", "language": "language_model"}
+# Top-level submodule of SailVLModel that holds each part, in MODEL_PARTS order.
+PART_MODULES = dict(zip(MODEL_PARTS, ("vision_model", "projector", "language_model"), strict=True))
 
 
 def parameters_by_part(model: torch.nn.Module) -> Dict[str, List[torch.nn.Parameter]]:

@@ -51,7 +51,7 @@ class DataTally:
     """Token positions, padding included (rows x seq_length)."""
     tiles: int = 0
     flops: float = 0.0
-    """Training FLOPs of the consumed micro-batches (DESIGN.md section 7)."""
+    """Training FLOPs of the consumed micro-batches (docs/design.md, Counting FLOPs)."""
 
 
 class MeteredData:

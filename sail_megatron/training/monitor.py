@@ -16,8 +16,8 @@ from typing import Dict, List, Optional, Union
 import torch
 
 from sail_megatron.platform import read_dist_env
-from sail_megatron.training.flops import PeakFlops, mfu_figures, peak_flops
 from sail_megatron.training.collectives import max_over_world, sum_over_data_parallel
+from sail_megatron.training.flops import PeakFlops, mfu_figures, peak_flops
 from sail_megatron.training.metered_data import DataTally
 
 logger = logging.getLogger(__name__)

@@ -5,8 +5,16 @@ from typing import Optional
 
 import pytest
 
-from sail_megatron.config import (ConfigError, FreezeConfig, LanguageConfig, ModelConfig, ParallelConfig,
-                                  PrecisionConfig, ProjectorConfig, VisionConfig)
+from sail_megatron.config import (
+    ConfigError,
+    FreezeConfig,
+    LanguageConfig,
+    ModelConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    ProjectorConfig,
+    VisionConfig,
+)
 from sail_megatron.config.train import TrainConfig
 from sail_megatron.model.presets import PRESETS, get_preset
 

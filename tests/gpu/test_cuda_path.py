@@ -3,8 +3,8 @@
 import pytest
 
 from sail_megatron.platform import detect_backends, install_cpu_emulation
-from tests.helpers.multiprocess import run_on_ranks
 from tests.gpu import workers
+from tests.helpers.multiprocess import run_on_ranks
 
 pytestmark = pytest.mark.gpu
 

@@ -7,13 +7,13 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from sail_megatron.config import FreezeConfig, ParallelConfig, PrecisionConfig
+from sail_megatron.data.batch import Batch
 from sail_megatron.data.synthetic import IMG_CONTEXT, SyntheticConfig, SyntheticImageCaptions
 from sail_megatron.model.build import build_model
 from sail_megatron.model.presets import get_preset
 from sail_megatron.platform import destroy_distributed, init_distributed
 from sail_megatron.training.freezing import apply_freezing
 from sail_megatron.training.optimizer import OptimConfig, setup_training
-from sail_megatron.data.batch import Batch
 from sail_megatron.training.step import masked_token_loss, packed_seq_params, train_step
 
 SEQ, MBS = 96, 2
@@ -147,7 +147,9 @@ def _packing_case(cfg):
                    pixel_values=torch.cat([s.pixel_values for s in samples]), cu_seqlens=cu, max_seqlen=max(lengths))
 
     def alone(s, n):
-        pad = lambda t: torch.nn.functional.pad(t[:, :n], (0, total - n))
+        def pad(t):
+            return torch.nn.functional.pad(t[:, :n], (0, total - n))
+
         return Batch(tokens=pad(s.tokens), labels=pad(s.labels), loss_mask=pad(s.loss_mask),
                      position_ids=torch.arange(total)[None], pixel_values=s.pixel_values)
 

@@ -1,11 +1,20 @@
-"""FLOP counting against hand-computed values with the literal SAIL-VL dimensions (DESIGN.md section 4)."""
+"""FLOP counting against hand-computed values with the literal SAIL-VL dimensions (docs/design.md, Counting FLOPs)."""
 
 import pytest
 
 from sail_megatron.config import FreezeConfig
 from sail_megatron.model.presets import get_preset
-from sail_megatron.training.flops import (FlopBreakdown, PeakFlops, Trains, llm_linear_forward_flops_per_token, mfu,
-                                          mfu_figures, peak_flops, training_flops, vit_forward_flops_per_tile)
+from sail_megatron.training.flops import (
+    FlopBreakdown,
+    PeakFlops,
+    Trains,
+    llm_linear_forward_flops_per_token,
+    mfu,
+    mfu_figures,
+    peak_flops,
+    training_flops,
+    vit_forward_flops_per_tile,
+)
 
 # InternViT-300M-448px: 1024 patches + CLS, hidden 1024, FFN 4096, patch 14.
 VIT_TOKENS, VIT_H, VIT_FFN = 1025, 1024, 4096
@@ -32,7 +41,7 @@ def test_vit_forward_per_tile():
     model.vision.select_layer = -1
     full = vit_forward_flops_per_tile(model.vision)
     assert full == VIT_24
-    assert 0.72e12 < full < 0.73e12  # DESIGN.md: about 0.72 TFLOP per 448 tile
+    assert 0.72e12 < full < 0.73e12  # docs/design.md, Counting FLOPs: about 0.72 TFLOP per 448 tile
 
 
 @pytest.mark.parametrize("preset,token", [("sail-vl-2b", LLM_2B_TOKEN), ("sail-vl-8b", LLM_8B_TOKEN)])

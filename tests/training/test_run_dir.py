@@ -7,13 +7,18 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
 from sail_megatron.config import ConfigError
-from sail_megatron.training.run_dir import (LATEST, RunLock, checkpoint_to_resume, checkpoints_to_prune,
-                                            check_writable, describe_save_failure)
+from sail_megatron.training.run_dir import (
+    LATEST,
+    RunLock,
+    check_writable,
+    checkpoint_to_resume,
+    checkpoints_to_prune,
+    describe_save_failure,
+)
 
 
 def _checkpoints(save_dir, *iterations, latest=None):

@@ -6,8 +6,8 @@ float precision) for bitwise equality."""
 import json
 import os
 import re
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +15,14 @@ from types import SimpleNamespace
 
 import pytest
 
+from sail_megatron.config import ConfigError
 from sail_megatron.data.cli import build_demo
 from sail_megatron.data.prepare import prepare
-from tests.helpers.processes import kill_tree, wait_for
-from sail_megatron.config import ConfigError
-from sail_megatron.train import prepare_config
+from sail_megatron.training.startup import prepare_config
 from tests.helpers.multiprocess import free_port
-from tests.helpers.train_cli import ENV, GPU_RECIPE_PRECISION, metrics as _metrics, printed_losses, train_command
+from tests.helpers.processes import kill_tree, wait_for
+from tests.helpers.train_cli import ENV, GPU_RECIPE_PRECISION, printed_losses, train_command
+from tests.helpers.train_cli import metrics as _metrics
 
 RECIPES = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny"
 
@@ -163,7 +164,7 @@ def test_micro_batches_without_tiles_train_every_part(demo, mostly_text, tmp_pat
     # Overlapped gradient reduction needs a gradient for every vision parameter in every micro-batch.
     losses, log = _train(SFT, demo, tmp_path, "run.train_steps=3", "data.packing=false", FRESH,
                          *GPU_RECIPE_PRECISION, nproc=2, data=mostly_text)
-    assert len(losses) == 3 and all(l == l for l in losses), log[-3000:]
+    assert len(losses) == 3 and all(loss == loss for loss in losses), log[-3000:]
     assert "update skipped" not in log
 
 

@@ -1,6 +1,5 @@
 """Rank functions for the optimizer, recompute and fault tests (module level so spawned ranks import them)."""
 
-import copy
 from typing import Dict, Optional
 
 import torch
