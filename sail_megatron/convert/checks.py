@@ -1,11 +1,14 @@
 """Checks run before any output exists: tensors against the config, the target layout, dtypes."""
 
+import logging
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 
 from sail_megatron.config import ConfigError, ModelConfig, ParallelConfig
 from sail_megatron.convert.errors import raise_if
+
+logger = logging.getLogger(__name__)
 
 DTYPE_OPTIONS = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 DTYPE_OF = {v: k for k, v in DTYPE_OPTIONS.items()}
@@ -63,16 +66,29 @@ def check_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
              "choose --tp dividing the head, query-group and FFN sizes and --pp dividing the layer count")
 
 
-def resolve_dtype(requested: str, dtypes: Sequence[torch.dtype]) -> str:
+def _float_counts(dtypes: Sequence[torch.dtype]) -> Dict[torch.dtype, int]:
+    counts: Dict[torch.dtype, int] = {}
+    for d in dtypes:
+        if d in DTYPE_OF:
+            counts[d] = counts.get(d, 0) + 1
+    return counts
+
+
+def stored_dtype(dtypes: Sequence[torch.dtype]) -> str:
+    """The floating dtype holding most tensors (fp32 when there is none)."""
+    counts = _float_counts(dtypes)
+    return DTYPE_OF[max(counts, key=counts.get)] if counts else "fp32"
+
+
+def resolve_dtype(requested: str, dtypes: Sequence[torch.dtype], source: str = "the checkpoint") -> str:
     """'auto' -> the stored floating dtype holding most tensors; otherwise the requested one."""
     if requested != "auto":
         raise_if([] if requested in DTYPE_OPTIONS else [f"unknown dtype {requested!r}"], "bad --dtype",
                  f"use one of auto, {', '.join(DTYPE_OPTIONS)}")
         return requested
-    counts: Dict[torch.dtype, int] = {}
-    for d in dtypes:
-        if d in DTYPE_OF:
-            counts[d] = counts.get(d, 0) + 1
-    if not counts:
-        return "fp32"
-    return DTYPE_OF[max(counts, key=counts.get)]
+    chosen, counts = stored_dtype(dtypes), _float_counts(dtypes)
+    if len(counts) > 1:  # a silent pick would hide that some tensors change dtype
+        mix = ", ".join(f"{DTYPE_OF[d]} ({n} tensors)" for d, n in sorted(counts.items(), key=lambda c: -c[1]))
+        logger.warning("dtype auto: %s mixes %s; using %s for every tensor (pass --dtype to choose)",
+                       source, mix, chosen)
+    return chosen

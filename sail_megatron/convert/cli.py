@@ -5,7 +5,8 @@
     sail-convert init --llm Qwen2.5-1.5B-Instruct --vision InternViT-300M-448px --out ckpt/stage1 --tp 2
     sail-convert verify --hf SAIL-VL-2B --ckpt ckpt/sail-vl-2b
 
-Exit status: 0 done (verify: passed), 1 verify failed, 2 bad input (the message lists every problem).
+Exit status: 0 done (verify: passed), 1 verify failed, 2 bad input or a damaged checkpoint (the message
+lists every problem).
 Conversion runs as one CPU process; the checkpoint it writes loads under any TP/PP.
 """
 
@@ -16,6 +17,27 @@ import sys
 import time
 import warnings
 from typing import List, Optional
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _shard_size(text: str) -> str:
+    """Checked here so a bad size fails before the checkpoint is loaded; passed on as given."""
+    from sail_megatron.convert.hf_io import parse_size
+
+    try:
+        parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,11 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("mcore-to-hf", help="megatron checkpoint -> Hugging Face InternVL-chat folder")
     b.add_argument("--ckpt", required=True, help="checkpoint folder or run folder (its `latest`)")
     b.add_argument("--out", required=True, help="new folder for the Hugging Face model")
-    b.add_argument("--tokenizer", default=None, help="copy these tokenizer files (default: the recorded ones)")
+    b.add_argument("--tokenizer", default=None, help="copy these tokenizer files (default: the training run's "
+                   "data.tokenizer, else the checkpoint's or --base-hf's)")
     b.add_argument("--base-hf", default=None, help="HF folder (or converted checkpoint) the run started from: "
                    "config template and the ViT layers after select_layer for trainer checkpoints")
     b.add_argument("--dtype", default=None, help="bf16, fp32 or fp16 (default: the checkpoint's)")
-    b.add_argument("--max-shard-size", default="5GB")
+    b.add_argument("--max-shard-size", default="5GB", type=_shard_size,
+                   help="largest safetensors file: bytes, or a number with KB, MB, GB, KiB, MiB, GiB (default 5GB)")
 
     c = sub.add_parser("init", help="fresh stage-1 checkpoint: Qwen2 + InternViT + a new projector")
     c.add_argument("--llm", required=True, help="Qwen2 / Qwen2.5 Hugging Face folder")
@@ -64,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", default="fp32", help="compute dtype of both models (fp32, bf16, fp16)")
     d.add_argument("--atol", type=float, default=None, help="max |logit diff| allowed (default by dtype)")
     d.add_argument("--min-top1", type=float, default=None, help="min top-1 agreement (default by dtype)")
-    d.add_argument("--tiles", type=int, default=2, help="image tiles in the image case")
-    d.add_argument("--text-tokens", type=int, default=16, help="text tokens before and after the image")
+    d.add_argument("--tiles", type=_positive_int, default=2, help="image tiles in the image case")
+    d.add_argument("--text-tokens", type=_positive_int, default=16, help="text tokens before and after the image")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--image-token-id", type=int, default=None)
     return p
@@ -114,11 +138,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch DCP deprecations inside megatron-core
     from sail_megatron.config import ConfigError
     from sail_megatron.convert.errors import ConversionError
+    from sail_megatron.training.checkpoint_files import CheckpointError
 
     began = time.perf_counter()
     try:
         code = _run(args)
-    except (ConversionError, ConfigError) as e:
+    except (ConversionError, ConfigError, CheckpointError) as e:
         print(f"sail-convert {args.command}: {e}", file=sys.stderr, flush=True)
         return 2
     logging.getLogger("sail_megatron.convert").info("%s took %.1f s", args.command, time.perf_counter() - began)

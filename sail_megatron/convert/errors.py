@@ -9,7 +9,10 @@ class ConversionError(ValueError):
     def __init__(self, what: str, problems: Iterable[str], fix: Optional[str] = None):
         self.what = what
         self.problems = list(problems)
-        lines = [f"{what}: {len(self.problems)} problem(s)"] + [f"  - {p}" for p in self.problems]
+        if len(self.problems) == 1:  # one problem reads best on one line
+            lines = [f"{what}: {self.problems[0]}"]
+        else:
+            lines = [f"{what}: {len(self.problems)} problem(s)"] + [f"  - {p}" for p in self.problems]
         if fix:
             lines.append(f"Fix: {fix}")
         super().__init__("\n".join(lines))

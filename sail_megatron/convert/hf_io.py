@@ -8,11 +8,12 @@ so each tensor goes to disk as soon as it exists. Files are standard safetensors
 """
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -69,6 +70,7 @@ def read_header(path: Path, problems: List[str]) -> Dict[str, TensorInfo]:
             return {}
     base = 8 + n
     out: Dict[str, TensorInfo] = {}
+    cut: List[Tuple[int, str]] = []  # tensors past the end: one truncation, reported once
     for name, meta in header.items():
         if name == "__metadata__":
             continue
@@ -86,10 +88,13 @@ def read_header(path: Path, problems: List[str]) -> Dict[str, TensorInfo]:
                             f"{numel * dtype.itemsize}")
             continue
         if base + end > size:
-            problems.append(f"{path.name}: {name} ends at byte {base + end}, past the end of the file ({size} "
-                            "bytes): the file is truncated")
+            cut.append((base + end, name))
             continue
         out[name] = TensorInfo(path, dtype, shape, base + begin, base + end)
+    if cut:
+        end, name = min(cut)
+        problems.append(f"{path.name}: {name} ends at byte {end}, past the end of the file ({size} bytes): "
+                        "the file is truncated")
     return out
 
 
@@ -115,22 +120,21 @@ class SafetensorsFolder:
             problems.append(f"no safetensors files in {self.folder}" + (f" (found {bins[:3]}: PyTorch .bin "
                             "checkpoints are not read; save with safe_serialization=True)" if bins else ""))
         self.tensors: Dict[str, TensorInfo] = {}
+        damaged: Set[str] = set()
         for name in files:
             path = self.folder / name
             if not path.is_file():
                 problems.append(f"{name} is listed in {INDEX_NAME} but does not exist")
                 continue
+            before = len(problems)
             for tname, info in read_header(path, problems).items():
                 if tname in self.tensors:
                     problems.append(f"{tname} is stored twice ({self.tensors[tname].file.name} and {name})")
                 self.tensors[tname] = info
+            if len(problems) > before:
+                damaged.add(name)
         if weight_map is not None:
-            for tname, fname in sorted(weight_map.items()):
-                info = self.tensors.get(tname)
-                if info is None and (self.folder / fname).is_file():
-                    problems.append(f"{tname} is listed in {INDEX_NAME} under {fname} but that file lacks it")
-                elif info is not None and info.file.name != fname:
-                    problems.append(f"{tname} is listed under {fname} but stored in {info.file.name}")
+            problems += _index_problems(self.folder, weight_map, self.tensors, damaged)
         raise_if(problems, f"cannot read the checkpoint in {self.folder}")
         self._fds: Dict[Path, int] = {}
 
@@ -172,17 +176,42 @@ class SafetensorsFolder:
         self.close()
 
 
+def _index_problems(folder: Path, weight_map: Dict[str, str], tensors: Dict[str, TensorInfo],
+                    damaged: Set[str]) -> List[str]:
+    """Index entries the files do not back. The tensors a damaged file loses follow from its own problem,
+    so they are counted in one line per file rather than listed."""
+    problems, lost = [], {}
+    for tname, fname in sorted(weight_map.items()):
+        info = tensors.get(tname)
+        if info is None and fname in damaged:
+            lost[fname] = lost.get(fname, 0) + 1
+        elif info is None and (folder / fname).is_file():
+            problems.append(f"{tname} is listed in {INDEX_NAME} under {fname} but that file lacks it")
+        elif info is not None and info.file.name != fname:
+            problems.append(f"{tname} is listed under {fname} but stored in {info.file.name}")
+    problems += [f"and {n} tensor(s) that {fname} should hold (listed in {INDEX_NAME})" for fname, n in lost.items()]
+    return problems
+
+
 PlanEntry = Tuple[str, torch.dtype, Tuple[int, ...]]
+_SIZE_UNITS = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "b": 1}
 
 
-def parse_size(text: str) -> int:
-    """'4GB', '500MB', '2GiB' or a byte count -> bytes."""
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "b": 1}
-    t = str(text).strip().lower()
-    for unit, factor in units.items():
+def parse_size(text) -> int:
+    """'4GB', '500MB', '2GiB' or a byte count -> a positive number of bytes. ValueError otherwise."""
+    t, factor = str(text).strip().lower(), 1
+    for unit, unit_factor in _SIZE_UNITS.items():
         if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * factor)
-    return int(t)
+            t, factor = t[: -len(unit)].strip(), unit_factor
+            break
+    try:
+        size = float(t) * factor
+    except ValueError:
+        size = math.nan
+    if not math.isfinite(size) or size < 1:
+        raise ValueError(f"{text!r} is not a shard size: use a positive byte count or a number with KB, MB, GB, "
+                         "KiB, MiB or GiB (e.g. 5GB)")
+    return int(size)
 
 
 class ShardedSafetensorsWriter:

@@ -1,7 +1,7 @@
 """An InternVL-chat (SAIL-VL) forward pass built from `transformers` parts: the third-party reference.
 
 Vision: transformers' `InternVLVisionModel` (InternViT with qk-norm off, qkv bias, LayerNorm, no mean
-pooling) loaded through the name mapping of DESIGN.md section 4; its `output_hidden_states` at
+pooling) loaded through the name mapping (docs/design.md, Weight names); its `output_hidden_states` at
 `select_layer`. Language: `Qwen2ForCausalLM` on the `language_model.` weights. The glue is written
 here from InternVL's description, independently of our model code: drop CLS, pixel shuffle (v1 leaves
 the grid transposed), `mlp1`, write the vision tokens into the `<IMG_CONTEXT>` positions.

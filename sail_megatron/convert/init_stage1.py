@@ -17,11 +17,21 @@ from sail_megatron.config import ConfigError, ModelConfig, ProjectorConfig
 from sail_megatron.convert import mapping
 from sail_megatron.convert.checks import check_layout, resolve_dtype, tensor_problems
 from sail_megatron.convert.errors import raise_if
-from sail_megatron.convert.hf_config import (hf_config_from_model, language_from_hf, read_json, stage1_template,
-                                             vision_from_hf)
+from sail_megatron.convert.hf_config import (
+    hf_config_from_model,
+    language_from_hf,
+    read_json,
+    stage1_template,
+    vision_from_hf,
+)
 from sail_megatron.convert.hf_io import SafetensorsFolder
-from sail_megatron.convert.mcore_io import (HF_SOURCE_DIR, build_empty_model, save_model, single_process,
-                                            target_vocab_rows)
+from sail_megatron.convert.mcore_io import (
+    HF_SOURCE_DIR,
+    build_empty_model,
+    save_model,
+    single_process,
+    target_vocab_rows,
+)
 from sail_megatron.convert.outputs import atomic_output_dir, check_output_free, copy_files, tokenizer_files
 from sail_megatron.convert.to_mcore import carry_unused, check_all_filled, fill_params, provenance
 from sail_megatron.convert.tokens import find_token_id
@@ -88,7 +98,8 @@ def init_stage1(llm_dir, vision_dir, out_dir, tp: int = 1, pp: int = 1, select_l
              "the weights do not match their config.json files",
              "check that each folder's config.json and safetensors files belong together")
     check_layout(cfg, tp, pp)
-    dtype = resolve_dtype(dtype, list(llm_dtypes.values()) + list(vit_dtypes.values()))
+    dtype = resolve_dtype(dtype, list(llm_dtypes.values()) + list(vit_dtypes.values()),
+                          source=f"{llm_dir} + {vision_dir}")
     tok_dir = Path(tokenizer) if tokenizer is not None else llm_dir
     cfg.image_context_token_id = image_token_id if image_token_id is not None else find_token_id(tok_dir)
     if cfg.image_context_token_id is None:

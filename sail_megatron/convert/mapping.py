@@ -5,9 +5,9 @@ The conversion tool and the tests both use it. A `TensorRule` ties one parameter
 (`sail_megatron.convert.layouts`). Expected HF names and shapes come from the ModelConfig alone, so a
 checkpoint is checked completely (missing, extra, mis-shaped) before anything is written.
 
-HF names (DESIGN.md section 4): `vision_model.embeddings.*`, `vision_model.encoder.layers.N.*`, `mlp1.{0,1,3}`,
-`language_model.model.*`, `language_model.lm_head`. Standalone InternViT and Qwen2 folders (stage-1 `init`)
-use the same names without the `vision_model.` / `language_model.` prefixes.
+HF names (docs/design.md, Weight names): `vision_model.embeddings.*`, `vision_model.encoder.layers.N.*`,
+`mlp1.{0,1,3}`, `language_model.model.*`, `language_model.lm_head`. Standalone InternViT and Qwen2 folders
+(stage-1 `init`) use the same names without the `vision_model.` / `language_model.` prefixes.
 """
 
 from dataclasses import dataclass

@@ -18,6 +18,7 @@ import torch
 
 from sail_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig
 from sail_megatron.convert.errors import ConversionError
+from sail_megatron.training.checkpoint_files import check_checkpoint, checkpoint_read_errors, resolve_checkpoint_folder
 
 if TYPE_CHECKING:  # megatron-core is imported only when a model is built: input checks stay fast
     from sail_megatron.model.sail_vl import SailVLModel
@@ -92,16 +93,9 @@ def build_empty_model(cfg: ModelConfig, dtype: str, vocab_rows: Optional[int] = 
     return SailVLModel(cfg, parts, build_specs(cpu.layer_backend), pre_process=True, post_process=True).eval()
 
 
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Megatron's padded vocabulary (as `sail_megatron.model.sail_vl.padded_vocab_size`, without importing
-    megatron-core; a test keeps the two equal)."""
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
-
-
 def target_vocab_rows(cfg: ModelConfig, tp: int) -> int:
     """Rows of the embedding/output layer megatron uses at tensor-parallel size `tp`."""
-    return padded_vocab_size(cfg.language.vocab_size, cfg.language.make_vocab_size_divisible_by, tp)
+    return cfg.language.padded_vocab_size(tp)
 
 
 def tp1_sharded_state_dict(model: "SailVLModel") -> Dict[str, Any]:
@@ -145,23 +139,23 @@ def save_model(model: "SailVLModel", out_dir: Path, provenance: Dict[str, Any]) 
 
 
 def load_model(model: "SailVLModel", ckpt: Path) -> None:
-    """Load a checkpoint written under any layout into the TP1/PP1 model, in place."""
+    """Load a checkpoint written under any layout into the TP1/PP1 model, in place. A damaged checkpoint
+    raises CheckpointError naming the folder and the file."""
     from megatron.core import dist_checkpointing
 
-    from sail_megatron.training.checkpoint import resolve_checkpoint
-
-    directory = resolve_checkpoint(ckpt)
-    state = dist_checkpointing.load({"model": tp1_sharded_state_dict(model)}, str(directory))
-    model.load_state_dict(state["model"])
+    directory = check_checkpoint(ckpt)
+    with checkpoint_read_errors(directory):
+        state = dist_checkpointing.load({"model": tp1_sharded_state_dict(model)}, str(directory))
+        model.load_state_dict(state["model"])
 
 
 def read_common(ckpt: Path) -> Dict[str, Any]:
     """The common (non-tensor) state of a checkpoint folder or run folder; no process group needed."""
     from megatron.core import dist_checkpointing
 
-    from sail_megatron.training.checkpoint import resolve_checkpoint
-
-    return dist_checkpointing.load_common_state_dict(str(resolve_checkpoint(ckpt)))
+    directory = resolve_checkpoint_folder(ckpt)
+    with checkpoint_read_errors(directory):
+        return dist_checkpointing.load_common_state_dict(str(directory))
 
 
 def read_provenance(ckpt: Path) -> Optional[Dict[str, Any]]:
@@ -171,8 +165,5 @@ def read_provenance(ckpt: Path) -> Optional[Dict[str, Any]]:
 
 def checkpoint_root(ckpt: Path) -> Path:
     """The folder holding `latest` (and `hf_source/`) for a checkpoint or run folder path."""
-    from sail_megatron.training.checkpoint import resolve_checkpoint
-
-    directory = resolve_checkpoint(ckpt)
+    directory = resolve_checkpoint_folder(ckpt)
     return directory.parent if (directory.parent / "latest").is_file() else Path(ckpt)
-

@@ -17,11 +17,39 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def check_output_free(final: Path) -> None:
-    """Refuse to write over an existing, non-empty folder (checked before any work starts)."""
+    """Refuse, before any work starts, an --out that is a file, a non-empty folder, or a path that cannot
+    be created (an ancestor that is a file, a folder without write permission)."""
     final = Path(final)
-    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+    if final.is_file() or (final.exists() and not final.is_dir()):
+        raise ConversionError(f"cannot write {final}", [f"{final} is a file, not a folder"],
+                              "choose a new --out folder")
+    if final.is_dir() and any(final.iterdir()):
         raise ConversionError(f"cannot write {final}", [f"{final} already exists and is not empty"],
                               "choose a new --out folder or remove the old one")
+    parent = _nearest_existing(final.absolute().parent)
+    if not parent.is_dir():
+        raise ConversionError(f"cannot write {final}", [f"{parent} is a file, not a folder"],
+                              "choose an --out path under a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConversionError(f"cannot write {final}", [f"no permission to create folders in {parent}"],
+                              "choose an --out path in a folder you can write")
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _make_dir(path: Path, final: Path, parents: bool = False) -> None:
+    """mkdir, with a failure reported as bad input naming the path (root passes the permission
+    pre-check, yet read-only file systems still refuse)."""
+    try:
+        path.mkdir(parents=parents, exist_ok=parents)
+    except OSError as e:
+        raise ConversionError(f"cannot write {final}",
+                              [f"cannot create {e.filename or path}: {e.strerror or e}"],
+                              "choose an --out path in a folder you can write") from e
 
 
 @contextmanager
@@ -30,10 +58,10 @@ def atomic_output_dir(final: Path) -> Iterator[Path]:
     error the temporary folder is removed, so a failed conversion leaves nothing behind."""
     final = Path(final).absolute()
     check_output_free(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    _make_dir(final.parent, final, parents=True)
     tmp = final.parent / f".{final.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    _make_dir(tmp, final)
     try:
         yield tmp
         if final.exists():

@@ -19,15 +19,36 @@ import yaml
 
 from sail_megatron.config import ModelConfig
 from sail_megatron.config.loading import from_dict
+from sail_megatron.config.model import padded_vocab_size
 from sail_megatron.convert import mapping
-from sail_megatron.convert.checks import DTYPE_OPTIONS, resolve_dtype, tensor_problems
+from sail_megatron.convert.checks import DTYPE_OPTIONS, stored_dtype, tensor_problems
 from sail_megatron.convert.errors import ConversionError, raise_if
-from sail_megatron.convert.hf_config import (hf_config_from_model, model_config_from_hf, read_json, stage1_template,
-                                             write_json)
+from sail_megatron.convert.hf_config import (
+    hf_config_from_model,
+    model_config_from_hf,
+    read_json,
+    stage1_template,
+    write_json,
+)
 from sail_megatron.convert.hf_io import SafetensorsFolder, ShardedSafetensorsWriter, parse_size
-from sail_megatron.convert.mcore_io import (HF_SOURCE_DIR, UNUSED_TENSORS_FILE, build_empty_model, checkpoint_root,
-                                            load_model, padded_vocab_size, read_provenance, single_process)
-from sail_megatron.convert.outputs import atomic_output_dir, check_output_free, copy_files, side_files, tokenizer_files
+from sail_megatron.convert.mcore_io import (
+    HF_SOURCE_DIR,
+    UNUSED_TENSORS_FILE,
+    build_empty_model,
+    checkpoint_root,
+    load_model,
+    read_provenance,
+    single_process,
+)
+from sail_megatron.convert.outputs import (
+    TOKENIZER_FILES,
+    atomic_output_dir,
+    check_output_free,
+    copy_files,
+    side_files,
+    tokenizer_files,
+)
+from sail_megatron.training.checkpoint_files import check_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +66,8 @@ class ExportSource:
     """A folder whose safetensors hold the ViT layers after select_layer (InternVL-chat names)."""
     side_dir: Optional[Path] = None
     """A folder whose small files (tokenizer, modelling code) go with the export."""
+    run_tokenizer: Optional[Path] = None
+    """The tokenizer a training run recorded (`data.tokenizer` in its config.yaml)."""
 
 
 def _converted_source(root: Path, record: Dict) -> ExportSource:
@@ -64,14 +87,15 @@ def _run_source(run_config: Path) -> ExportSource:
     lang = train.model.language
     rows = padded_vocab_size(lang.vocab_size, lang.make_vocab_size_divisible_by,
                              train.parallel.tensor_model_parallel_size)
-    return ExportSource(cfg=train.model, ckpt_dtype=train.precision.dtype, vocab_rows=rows, template={})
+    return ExportSource(cfg=train.model, ckpt_dtype=train.precision.dtype, vocab_rows=rows, template={},
+                        run_tokenizer=Path(train.data.tokenizer) if train.data.tokenizer else None)
 
 
 def _hf_source(hf_dir: Path) -> ExportSource:
     config = read_json(hf_dir / "config.json")
     cfg = model_config_from_hf(config, source=str(hf_dir / "config.json"))
     with SafetensorsFolder(hf_dir) as folder:
-        dtype = resolve_dtype("auto", [i.dtype for i in folder.tensors.values()])
+        dtype = stored_dtype([i.dtype for i in folder.tensors.values()])
         head = f"{mapping.LLM_PREFIX}lm_head.weight" in folder.tensors
     rows = padded_vocab_size(cfg.language.vocab_size, cfg.language.make_vocab_size_divisible_by, 1)
     return ExportSource(cfg=cfg, ckpt_dtype=dtype, vocab_rows=rows, template=config,
@@ -154,9 +178,35 @@ def write_weights(model: torch.nn.Module, src: ExportSource, export_cfg: ModelCo
 
 
 def _side_files(src: ExportSource) -> List[Path]:
+    """Carried small files other than the tokenizer (chosen on its own: files of two tokenizers never mix)."""
     if src.side_dir is None:
         return []
-    return [p for p in side_files(src.side_dir) if p.name != UNUSED_TENSORS_FILE]
+    return [p for p in side_files(src.side_dir) if p.name != UNUSED_TENSORS_FILE and p.name not in TOKENIZER_FILES]
+
+
+def _export_tokenizer(src: ExportSource, tokenizer: Optional[Path]) -> List[Path]:
+    """The tokenizer files of the export: --tokenizer, else the one the training run recorded, else the
+    carried one (sail-convert's hf_source/ or --base-hf). Says so when there is none."""
+    if tokenizer is not None:
+        return tokenizer_files(tokenizer)
+    if src.run_tokenizer is not None:
+        files = tokenizer_files(src.run_tokenizer) if src.run_tokenizer.is_dir() else []
+        if files:
+            logger.info("tokenizer from the run's config.yaml: %s", src.run_tokenizer)
+            return files
+        logger.warning("the run's config.yaml names the tokenizer %s, but it holds no tokenizer files here",
+                       src.run_tokenizer)
+    carried = tokenizer_files(src.side_dir) if src.side_dir is not None else []
+    if not carried:
+        logger.warning("the export has no tokenizer: pass --tokenizer DIR (or --base-hf with one) to include it")
+    return carried
+
+
+def _shard_bytes(max_shard_size) -> int:
+    try:
+        return parse_size(max_shard_size)
+    except ValueError as e:
+        raise ConversionError("bad --max-shard-size", [str(e)]) from None
 
 
 def mcore_to_hf(ckpt, out_dir, tokenizer=None, base_hf=None, dtype: Optional[str] = None,
@@ -165,9 +215,12 @@ def mcore_to_hf(ckpt, out_dir, tokenizer=None, base_hf=None, dtype: Optional[str
     safetensors shards + index, config.json, tokenizer and other carried files."""
     ckpt, out_dir = Path(ckpt), Path(out_dir)
     check_output_free(out_dir)
-    if tokenizer is not None and not tokenizer_files(Path(tokenizer)):
+    shard_bytes = _shard_bytes(max_shard_size)
+    tokenizer = Path(tokenizer) if tokenizer is not None else None
+    if tokenizer is not None and not tokenizer_files(tokenizer):
         raise ConversionError(f"--tokenizer {tokenizer}",
                               ["no tokenizer files there (tokenizer.json, vocab.json, ...)"])
+    check_checkpoint(ckpt)  # a damaged checkpoint is reported before any model is built
     src = resolve_export_source(ckpt, base_hf)
     out_dtype = dtype or src.ckpt_dtype
     raise_if([] if out_dtype in DTYPE_OPTIONS else [f"unknown dtype {out_dtype!r}"], "bad --dtype",
@@ -186,12 +239,10 @@ def mcore_to_hf(ckpt, out_dir, tokenizer=None, base_hf=None, dtype: Optional[str
             with single_process():
                 model = build_empty_model(src.cfg, src.ckpt_dtype, src.vocab_rows)
                 load_model(model, ckpt)
-                write_weights(model, src, export_cfg, tmp, DTYPE_OPTIONS[out_dtype], parse_size(max_shard_size), unused)
+                write_weights(model, src, export_cfg, tmp, DTYPE_OPTIONS[out_dtype], shard_bytes, unused)
                 del model
             write_json(tmp / "config.json", config)
-            copy_files(_side_files(src), tmp)
-            if tokenizer is not None:
-                copy_files(tokenizer_files(Path(tokenizer)), tmp)
+            copy_files(_side_files(src) + _export_tokenizer(src, tokenizer), tmp)
     finally:
         if unused is not None:
             unused.close()

@@ -23,8 +23,15 @@ from sail_megatron.convert.checks import check_layout, check_tensors, resolve_dt
 from sail_megatron.convert.errors import ConversionError
 from sail_megatron.convert.hf_config import model_config_from_hf, read_json
 from sail_megatron.convert.hf_io import SafetensorsFolder, ShardedSafetensorsWriter
-from sail_megatron.convert.mcore_io import (FORMAT_VERSION, HF_SOURCE_DIR, UNUSED_TENSORS_FILE, build_empty_model,
-                                            save_model, single_process, target_vocab_rows)
+from sail_megatron.convert.mcore_io import (
+    FORMAT_VERSION,
+    HF_SOURCE_DIR,
+    UNUSED_TENSORS_FILE,
+    build_empty_model,
+    save_model,
+    single_process,
+    target_vocab_rows,
+)
 from sail_megatron.convert.outputs import atomic_output_dir, check_output_free, copy_files, side_files
 from sail_megatron.convert.tokens import find_token_id
 
@@ -109,8 +116,11 @@ def hf_to_mcore(hf_dir, out_dir, tp: int = 1, pp: int = 1, dtype: str = "auto",
     dtypes = {n: i.dtype for n, i in folder.tensors.items()}
     check_tensors(folder.shapes, mapping.expected_hf_shapes(cfg, lm_head_stored), dtypes, str(hf_dir))
     check_layout(cfg, tp, pp)
-    dtype = resolve_dtype(dtype, list(dtypes.values()))
+    dtype = resolve_dtype(dtype, list(dtypes.values()), source=str(hf_dir))
     cfg.image_context_token_id = image_token_id if image_token_id is not None else find_token_id(hf_dir)
+    if cfg.image_context_token_id is None:
+        logger.warning("%s has no tokenizer with an <IMG_CONTEXT> token: the checkpoint records no image-token id "
+                       "(training takes it from data.tokenizer); pass --image-token-id to record one", hf_dir)
     rows = target_vocab_rows(cfg, tp)
     logger.info("hf-to-mcore %s -> %s: %s, TP %d x PP %d, %d vocabulary rows", hf_dir, out_dir, dtype, tp, pp, rows)
     with folder, atomic_output_dir(out_dir) as tmp:

@@ -21,6 +21,7 @@ from sail_megatron.convert.hf_reference import InternVLChatReference
 from sail_megatron.convert.mcore_io import HF_SOURCE_DIR, build_empty_model, checkpoint_root, load_model, single_process
 from sail_megatron.convert.to_hf import resolve_export_source
 from sail_megatron.convert.tokens import find_token_id
+from sail_megatron.training.checkpoint_files import check_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,13 @@ def make_inputs(cfg: ModelConfig, image_token_id: int, tiles: int, text_tokens: 
                       torch.randn(tiles, 3, size, size, generator=gen))}
 
 
+def input_size_problems(tiles: int, text_tokens: int) -> List[str]:
+    """Both cases need at least one image tile and one text token on each side of it."""
+    return [f"--{name} must be a positive integer, got {value!r}"
+            for name, value in (("tiles", tiles), ("text-tokens", text_tokens))
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1]
+
+
 def compare(name: str, expected: torch.Tensor, actual: torch.Tensor) -> CaseResult:
     diff = float((expected.float() - actual.float()).abs().max())
     agree = float((expected.argmax(-1) == actual.argmax(-1)).float().mean())
@@ -111,6 +119,8 @@ def verify(hf_dir, ckpt, dtype: str = "fp32", atol: Optional[float] = None, min_
     hf_dir, ckpt = Path(hf_dir), Path(ckpt)
     raise_if([] if dtype in DTYPE_OPTIONS else [f"unknown dtype {dtype!r}"], "bad --dtype",
              f"use one of {', '.join(DTYPE_OPTIONS)}")
+    raise_if(input_size_problems(tiles, text_tokens), "bad verify inputs")
+    check_checkpoint(ckpt)  # a damaged checkpoint is reported before either model is built
     hf_cfg = model_config_from_hf(read_json(hf_dir / "config.json"), source=str(hf_dir / "config.json"))
     src = resolve_export_source(ckpt, base_hf=hf_dir)
     raise_if(_model_problems(hf_cfg, src.cfg), "the HF folder and the checkpoint describe different models")

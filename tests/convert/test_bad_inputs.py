@@ -15,6 +15,7 @@ from sail_megatron.convert.errors import ConversionError
 from sail_megatron.convert.init_stage1 import init_stage1
 from sail_megatron.convert.to_hf import mcore_to_hf
 from sail_megatron.convert.to_mcore import hf_to_mcore
+from sail_megatron.training.checkpoint_files import CheckpointError
 from tests.convert import fixtures as F
 
 QKV = "language_model.model.layers.1.self_attn.q_proj.weight"
@@ -115,7 +116,7 @@ def test_existing_output_is_not_overwritten(good, tmp_path):
 
 def test_export_of_a_folder_that_is_no_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
         mcore_to_hf(tmp_path / "empty", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -78,11 +78,3 @@ def test_expected_names_and_shapes_match_transformers_models(tied, stored, selec
     used = [n for r in mapping.tensor_rules(cfg, stored) for n in r.hf] + mapping.unused_hf_names(cfg)
     assert sorted(used) == sorted(expected)
     assert len(mapping.unused_hf_names(cfg)) == 14 * (spec.vision_layers - cfg.vision.num_built_layers)
-
-
-@pytest.mark.parametrize("vocab,divisible,tp", [(151936, 128, 1), (151936, 128, 8), (300, 128, 2), (152064, 64, 3)])
-def test_vocab_padding_agrees_with_the_model(vocab, divisible, tp):
-    from sail_megatron.convert.mcore_io import padded_vocab_size
-    from sail_megatron.model.sail_vl import padded_vocab_size as model_padding
-
-    assert padded_vocab_size(vocab, divisible, tp) == model_padding(vocab, divisible, tp)
