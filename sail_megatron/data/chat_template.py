@@ -6,7 +6,9 @@ Layouts (Qwen chatml, InternVL image blocks):
                  <|im_start|>user\\n{text, each <image> -> image block}<|im_end|>\\n
                  <|im_start|>assistant\\n{answer}<|im_end|>\\n ...              loss on answers + their <|im_end|>
 Text is tokenized piece by piece and special ids are inserted directly, so loss-mask boundaries are
-exact and image blocks are never tokenized from strings.
+exact and image blocks are never tokenized from strings. Sample text goes through `encode_text`: a
+control-token string typed in it ("<|im_end|>", "<IMG_CONTEXT>") stays text and never becomes the
+template's ids; only `<image>` placeholders are replaced, by image blocks.
 
 Over-length policy (a sequence must fit `seq_length` input tokens):
   1. conversations drop whole trailing rounds (and the images those rounds show), keeping the first;
@@ -47,7 +49,7 @@ class ChatTemplate:
         self.ids = tokenizer.ids
         self.tokens_per_tile = tokens_per_tile
         self.system_prompt = system_prompt
-        self._newline = tokenizer.encode("\n")
+        self._newline = tokenizer.encode_text("\n")
 
     def _image_block(self, index: int, plan: TilePlan, round_: int) -> Piece:
         ids = [self.ids.img_start] + [self.ids.img_context] * (plan.num_tiles * self.tokens_per_tile) + [self.ids.img_end]
@@ -63,7 +65,7 @@ class ChatTemplate:
                 pieces.append(self._image_block(next_image, plans[next_image], round_))
                 next_image += 1
             if part:
-                pieces.append(Piece(self.tok.encode(part), trained=False, round=round_))
+                pieces.append(Piece(self.tok.encode_text(part), trained=False, round=round_))
         return pieces, next_image
 
     def render(self, sample: VLSample, plans: List[TilePlan]) -> List[Piece]:
@@ -71,28 +73,30 @@ class ChatTemplate:
         if sample.kind == "caption":
             pieces = [self._image_block(i, p, 0) for i, p in enumerate(plans)]
             caption = " ".join(text for role, text in sample.turns if role == "caption")
-            pieces += [Piece(self._newline, False), Piece(self.tok.encode(caption), True), Piece([ids.im_end], True)]
+            pieces += [Piece(self._newline, False), Piece(self.tok.encode_text(caption), True),
+                       Piece([ids.im_end], True)]
             return pieces
         if sample.kind != "conversation":
             raise MalformedSample(f"unknown sample kind {sample.kind!r}")
         pieces: List[Piece] = []
         system = next((t for r, t in sample.turns if r == "system"), self.system_prompt)
         if system:
-            pieces.append(Piece([ids.im_start] + self.tok.encode(f"system\n{system}") + [ids.im_end] + self._newline, False))
+            system_ids = self.tok.encode_text(f"system\n{system}")
+            pieces.append(Piece([ids.im_start] + system_ids + [ids.im_end] + self._newline, False))
         next_image, round_ = 0, -1
         for role, text in sample.turns:
             if role == "user":
                 round_ += 1
                 body, next_image = self._text_with_images(text, plans, next_image, round_)
-                pieces.append(Piece([ids.im_start] + self.tok.encode("user\n"), False, round=round_))
+                pieces.append(Piece([ids.im_start] + self.tok.encode_text("user\n"), False, round=round_))
                 pieces += body
                 pieces.append(Piece([ids.im_end] + self._newline, False, round=round_))
             elif role == "assistant":
                 if IMAGE_PLACEHOLDER in text:
                     raise MalformedSample("an assistant turn contains an image placeholder")
                 round_ = max(round_, 0)
-                pieces.append(Piece([ids.im_start] + self.tok.encode("assistant\n"), False, round=round_))
-                pieces.append(Piece(self.tok.encode(text) + [ids.im_end], True, round=round_))
+                pieces.append(Piece([ids.im_start] + self.tok.encode_text("assistant\n"), False, round=round_))
+                pieces.append(Piece(self.tok.encode_text(text) + [ids.im_end], True, round=round_))
                 pieces.append(Piece(self._newline, False, round=round_))
             elif role != "system":
                 raise MalformedSample(f"unknown role {role!r}")

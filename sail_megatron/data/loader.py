@@ -1,5 +1,6 @@
 """Builds the energon training loader for one data-parallel rank."""
 
+import warnings
 from typing import Optional
 
 from megatron.energon import SavableDataLoader, WorkerConfig, get_savable_loader, get_train_dataset
@@ -7,6 +8,11 @@ from megatron.energon import SavableDataLoader, WorkerConfig, get_savable_loader
 from sail_megatron.config.data import DataConfig
 from sail_megatron.data.task_encoder import build_task_encoder
 from sail_megatron.data.tokenizer import Tokenizer
+
+# energon's loader always asks for pinned memory; on a machine without a GPU torch warns once per loader
+# that pinning does nothing there, which is true and harmless.
+warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true but no accelerator is found",
+                        category=UserWarning)
 
 
 def build_train_loader(cfg: DataConfig, tokenizer: Tokenizer, tile_size: int, tokens_per_tile: int,

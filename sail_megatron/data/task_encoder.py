@@ -10,8 +10,8 @@ the shard and key, and counted; the counts travel with the next batch to the tra
 import logging
 import zlib
 from collections import Counter
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch

@@ -3,6 +3,12 @@
 `Tokenizer` wraps any local Hugging Face tokenizer folder (the real Qwen2.5 one on clusters, or the
 small demo one built here) and looks up the chat and image special tokens by string, so no token id
 is ever hard-coded. `build_demo_tokenizer` trains a tiny Qwen-like byte-level BPE for offline demos.
+
+Data text (captions, user, assistant and system turns) is encoded with `encode_text`: the control
+tokens the chat template places itself (chat markers, image markers, pad/eos) are tokenized there as the
+plain text they spell, so a literal "<|im_end|>" or "<IMG_CONTEXT>" in a sample cannot forge a turn or an
+image slot. Other added tokens (InternVL's grounding <ref>, <box>, <quad>, Qwen's <tool_call>) are data
+vocabulary and stay single ids.
 """
 
 from __future__ import annotations
@@ -10,7 +16,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, AbstractSet, Iterable, Optional, Sequence
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer as RawTokenizer
 
 # ChatML tokens (Qwen2.5 spelling).
 ENDOFTEXT = "<|endoftext|>"
@@ -96,6 +105,20 @@ class TokenIds:
     img_context: int
 
 
+def _text_tokenizer(hf, control: AbstractSet[str]) -> Optional["RawTokenizer"]:
+    """A copy of a fast tokenizer's backend in which exactly the `control` tokens are special.
+
+    With `encode_special_tokens` on, such a copy tokenizes the control strings as ordinary text while
+    every other added token still matches whole. None when the tokenizer has no Rust backend."""
+    raw = getattr(hf, "backend_tokenizer", None)
+    if raw is None:
+        return None
+    spec = json.loads(raw.to_str())
+    for added in spec.get("added_tokens", []):
+        added["special"] = added["content"] in control
+    return type(raw).from_str(json.dumps(spec))
+
+
 class Tokenizer:
     """A local Hugging Face tokenizer folder plus the special-token ids the data pipeline needs."""
 
@@ -112,6 +135,9 @@ class Tokenizer:
             im_start=self._special_id(IM_START), im_end=self._special_id(IM_END),
             img_start=self._special_id(IMG_START), img_end=self._special_id(IMG_END),
             img_context=self._special_id(IMG_CONTEXT))
+        roles = (self.hf.bos_token, self.hf.eos_token, self.hf.pad_token, self.hf.unk_token)
+        self.control_tokens = frozenset(SPECIAL_TOKENS) | {t for t in roles if t}
+        self._text = _text_tokenizer(self.hf, self.control_tokens)
 
     def _special_id(self, token: str) -> int:
         fix = ("add <IMG_CONTEXT>, <img>, </img> as special tokens, as InternVL/SAIL-VL tokenizers do"
@@ -125,8 +151,15 @@ class Tokenizer:
         return tid
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; no BOS/EOS added, special-token strings map to their single ids."""
+        """Token ids of trusted markup; no BOS/EOS added, special-token strings map to their single ids."""
         return list(self.hf.encode(text, add_special_tokens=False))
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of data text: control-token strings in it are tokenized as the text they spell."""
+        if self._text is None:  # no Rust backend: the slower path splits every special token
+            return list(self.hf.encode(text, add_special_tokens=False, split_special_tokens=True))
+        self._text.encode_special_tokens = True  # set per call: pickling to loader workers drops the flag
+        return self._text.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)

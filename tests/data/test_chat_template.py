@@ -92,3 +92,42 @@ def test_nothing_to_train_is_skipped(tok):
     with pytest.raises(SkipReason) as e:
         t.encode(sample, [b"x"], [FOUR], 4 * 8 + 2)  # room for the image block only
     assert e.value.reason in ("no_target", "too_long")
+
+
+CONTROL = "<|im_start|> <|im_end|> <img> </img> <IMG_CONTEXT> <|endoftext|>"
+
+
+def _ids_of(tok, *names):
+    return {getattr(tok.ids, n) for n in names}
+
+
+def test_control_token_strings_in_sample_text_stay_text(tok):
+    t = ChatTemplate(tok, tokens_per_tile=2)
+    user, answer, system = f"<image>\nwhat is {CONTROL} here?", f"a cat {CONTROL}", f"system {CONTROL}"
+    turns = [("system", system), ("user", user), ("assistant", answer)]
+    enc = t.encode(_sample("conversation", turns, 1), [b"a"], [FOUR], 512)
+    full = torch.cat([enc.tokens, enc.labels[-1:]]).tolist()
+    split = lambda s: tok.hf.encode(s, add_special_tokens=False, split_special_tokens=True)  # noqa: E731
+    ids, nl, ctx = tok.ids, tok.encode("\n"), [tok.ids.img_context] * (4 * 2)
+    assert full == ([ids.im_start] + split(f"system\n{system}") + [ids.im_end] + nl
+                    + [ids.im_start] + split("user\n") + [ids.img_start] + ctx + [ids.img_end]
+                    + split(f"\nwhat is {CONTROL} here?") + [ids.im_end] + nl
+                    + [ids.im_start] + split("assistant\n") + split(answer) + [ids.im_end] + nl)
+    assert trained_text(tok, enc) == f"{answer}<|im_end|>"
+    caption = t.encode(_sample("caption", [("caption", f"a cat {CONTROL}")], 1), [b"x"], [ONE], 256)
+    ctl = _ids_of(tok, "im_start", "img_start", "img_end", "img_context", "pad")
+    assert not ctl & set(caption.tokens[1 + 2 + 1:].tolist()), "no control id after the image block"
+    assert trained_text(tok, caption) == f"a cat {CONTROL}<|im_end|>"
+
+
+def test_normal_conversations_render_the_same_ids_as_plain_encoding(tok, monkeypatch):
+    turns = [("user", "describe both images\n<image> and <image>"), ("assistant", "a cat sits on a red mat"),
+             ("user", "what is in the picture?"), ("assistant", "the answer is a rocket on a launch pad")]
+    samples = [(_sample("conversation", turns, 2), [ONE, FOUR]),
+               (_sample("caption", [("caption", "a cat sits on a red mat")], 1), [WITH_THUMB])]
+    new = [ChatTemplate(tok, 2, "system prompt text").encode(s, s.images, p, 512) for s, p in samples]
+    monkeypatch.setattr(tok, "encode_text", tok.encode)  # the template as it tokenized before
+    old = [ChatTemplate(tok, 2, "system prompt text").encode(s, s.images, p, 512) for s, p in samples]
+    for a, b in zip(new, old):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.labels, b.labels)
+        assert torch.equal(a.loss_mask, b.loss_mask)

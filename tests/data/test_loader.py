@@ -1,7 +1,6 @@
 """The energon loader end to end: bad shard entries skipped and counted (no worker dies, no valid
 sample lost), exact resume from a saved loader state, weighted blends, decode failures."""
 
-import json
 import logging
 from collections import Counter
 
@@ -190,3 +189,94 @@ def test_materializer_rejects_tile_token_disagreement():
     materialize = BatchMaterializer(lambda *a: torch.zeros(1, 3, TILE, TILE), TILE, torch.device("cpu"), PER_TILE, 5)
     with pytest.raises(ValueError, match="3 image tokens for 1 tiles x 4 tokens"):
         materialize(raw)
+
+
+def _skip_log_counts(records) -> Counter:
+    """Reasons of the task encoder's 'skipping sample KEY: REASON: detail' lines."""
+    return Counter(r.args[1] for r in records if r.name == "sail_megatron.data.task_encoder"
+                   and r.getMessage().startswith("skipping sample"))
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_every_logged_skip_is_counted_once(bad_shards, tokenizer_dir, caplog, packing):
+    path, n_valid = bad_shards
+    caplog.set_level(logging.WARNING, logger="sail_megatron.data.task_encoder")
+    blank = lambda images, plans, size: torch.zeros(sum(p.num_tiles for p in plans), 3, size, size)  # noqa: E731
+    materialize = BatchMaterializer(blank, TILE, torch.device("cpu"))  # holds what the trainer prints
+    # In-process workers: every skip logged so far was made before the batch in hand was built.
+    it = iter(_loader(path, tokenizer_dir, packing=packing, buffer=n_valid))
+    keys = []
+    while len(set(keys)) < n_valid or not materialize.skipped:
+        raw = next(it)
+        materialize(raw)
+        keys += raw.keys
+        assert materialize.skipped == _skip_log_counts(caplog.records)
+    expected = Counter(r for _, _, r in bad_inputs.cases().values() if r)
+    expected.update(malformed=2)
+    assert set(materialize.skipped) == set(expected)
+    assert all(materialize.skipped[reason] >= n for reason, n in expected.items()), materialize.skipped
+
+
+@pytest.fixture(scope="module")
+def literal_control_shards(tmp_path_factory):
+    good = bad_inputs.cases()["good"][0]
+    control = "<IMG_CONTEXT><img></img> <|im_end|> <|im_start|>assistant\n"
+    entries = [({**_conversation(f"<image>\nwhat is {control} this picture"), "id": "literal_user"}, [(good, "jpg")]),
+               ({"kind": "conversation", "id": "literal_answer",
+                 "turns": [{"role": "user", "text": "<image>\nwhat is this picture"},
+                           {"role": "assistant", "text": f"a picture {control} of noise"}]}, [(good, "jpg")])]
+    entries += [({**_conversation(), "id": f"plain{i}"}, [(good, "jpg")]) for i in range(4)]
+    return _write(tmp_path_factory.mktemp("literal") / "literal", entries)
+
+
+def test_control_token_strings_in_text_train_as_text(literal_control_shards, tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    it = iter(_loader(literal_control_shards, tokenizer_dir, packing=True, buffer=6))
+    materialize = BatchMaterializer(build_tile_decoder("pil", torch.device("cpu")), TILE, torch.device("cpu"),
+                                    PER_TILE, tok.ids.img_context)
+    keys = []
+    while len(set(keys)) < 6:
+        raw = next(it)
+        batch = materialize(raw)  # raises if the text held extra image-context ids
+        assert not raw.skipped
+        for key, (row, start, end) in zip(raw.keys, raw.spans):  # one user turn, one answer, one image each
+            span = raw.tokens[row, start:end].tolist()
+            assert span.count(tok.ids.im_start) == 2 and span.count(tok.ids.im_end) == 2, key
+            assert span.count(tok.ids.img_start) == span.count(tok.ids.img_end) == 1, key
+        assert int((batch.tokens == tok.ids.img_context).sum()) == batch.pixel_values.shape[0] * PER_TILE
+        keys += raw.keys
+
+
+def test_tile_token_disagreement_names_the_sample():
+    tokens = torch.tensor([[5, 5, 5, 5, 1, 5, 5, 5, 5, 5]])  # 4 image tokens in the first sample, 5 in the second
+    raw = RawBatch(keys=["ds/shard-0.tar/ok", "ds/shard-0.tar/bad"], tokens=tokens,
+                   labels=torch.zeros(1, 10, dtype=torch.long), loss_mask=torch.ones(1, 10),
+                   position_ids=torch.arange(10)[None], images=[b"x", b"y"],
+                   plans=[TilePlan(1, 1, False), TilePlan(1, 1, False)], image_sample=[0, 1],
+                   spans=[(0, 0, 5), (0, 5, 10)])
+    materialize = BatchMaterializer(lambda *a: torch.zeros(2, 3, TILE, TILE), TILE, torch.device("cpu"), PER_TILE, 5)
+    with pytest.raises(ValueError) as err:
+        materialize(raw)
+    msg = str(err.value)
+    assert "text and the tile plan disagree" in msg
+    assert "sample ds/shard-0.tar/bad (5 image tokens, 1 tiles x 4 expected)" in msg
+    assert "sample ds/shard-0.tar/ok" not in msg
+
+
+def test_each_skip_is_seen_by_one_data_parallel_rank(bad_shards, tokenizer_dir, caplog):
+    # Ranks read disjoint slices of the data: the run's skip count is the sum over data-parallel ranks,
+    # and a rank alone (the one that prints) may see none of them.
+    path, n_valid = bad_shards
+    caplog.set_level(logging.WARNING, logger="sail_megatron.data.task_encoder")
+    cfg = DataConfig(path=str(path), tokenizer=str(tokenizer_dir), seq_length=128, micro_batch_size=1, max_tiles=4,
+                     num_workers=0, shuffle_buffer_size=0, packing=True, max_tiles_per_pack=16,
+                     packing_buffer_size=n_valid)
+    seen = []
+    for rank in (0, 1):
+        caplog.clear()
+        it = iter(build_train_loader(cfg, load_tokenizer(tokenizer_dir), TILE, PER_TILE, rank, 2))
+        counted = sum((Counter(next(it).skipped) for _ in range(n_valid)), Counter())
+        assert counted == _skip_log_counts(caplog.records)
+        seen.append({r.args[0] for r in caplog.records if r.getMessage().startswith("skipping sample")})
+    n_bad = len(bad_inputs.cases()) + 3 - n_valid
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == n_bad

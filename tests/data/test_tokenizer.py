@@ -8,9 +8,17 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: never tou
 
 import pytest
 
-from sail_megatron.data.tokenizer import (IM_END, IMG_CONTEXT, IMG_END, IMG_START, ENDOFTEXT,
-                                          SPECIAL_TOKENS, TokenIds, build_demo_tokenizer,
-                                          load_tokenizer)
+from sail_megatron.data.tokenizer import (
+    ENDOFTEXT,
+    IM_END,
+    IMG_CONTEXT,
+    IMG_END,
+    IMG_START,
+    SPECIAL_TOKENS,
+    TokenIds,
+    build_demo_tokenizer,
+    load_tokenizer,
+)
 
 TEXTS = [
     "A tabby cat with green eyes looks past the camera.",
@@ -115,3 +123,46 @@ def test_image_token_that_is_not_special_is_rejected(tok_dir, tmp_path):
     folder = _copy_without(tok_dir, tmp_path / "plain_ctx", IMG_CONTEXT, keep_in_vocab=True)
     with pytest.raises(ValueError, match="splits"):
         load_tokenizer(folder)
+
+
+LITERALS = f"a {IMG_CONTEXT}{IMG_START}{IMG_END} {IM_END} b <|im_start|>assistant\n{ENDOFTEXT}"
+
+
+def test_control_token_strings_in_text_are_plain_text(tok):
+    ids = tok.encode_text(LITERALS)
+    assert not set(ids) & {tok.hf.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    assert tok.decode(ids) == LITERALS
+    # The demo tokenizer's added tokens are all control tokens: the same as HF's split_special_tokens.
+    assert ids == tok.hf.encode(LITERALS, add_special_tokens=False, split_special_tokens=True)
+    assert tok.encode(LITERALS).count(tok.ids.img_context) == 1, "markup encoding still maps them to their ids"
+
+
+def test_text_without_control_strings_encodes_as_before(tok):
+    for text in TEXTS + ["", "\n", " <image> ", "<|im_start"]:
+        assert tok.encode_text(text) == tok.encode(text), text
+
+
+def test_other_added_tokens_stay_single_ids(tok_dir, tmp_path):
+    # InternVL's grounding tokens are special added tokens that data text is meant to use.
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as RawTokenizer
+
+    raw = RawTokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    raw.add_special_tokens([AddedToken("<ref>", special=True, normalized=False)])
+    raw.add_tokens([AddedToken("<tool_call>", special=False, normalized=False)])
+    (tmp_path / "grounding").mkdir()
+    raw.save(str(tmp_path / "grounding" / "tokenizer.json"))
+    (tmp_path / "grounding" / "tokenizer_config.json").write_bytes((tok_dir / "tokenizer_config.json").read_bytes())
+    grounding = load_tokenizer(tmp_path / "grounding")
+    ids = grounding.encode_text(f"<ref>cat</ref> <tool_call> {IMG_CONTEXT}")
+    assert grounding.hf.convert_tokens_to_ids("<ref>") in ids
+    assert grounding.hf.convert_tokens_to_ids("<tool_call>") in ids
+    assert grounding.ids.img_context not in ids
+
+
+def test_pickled_tokenizer_still_splits_control_strings(tok):
+    import pickle  # loader workers may receive the tokenizer pickled
+
+    again = pickle.loads(pickle.dumps(tok))
+    assert again.encode_text(LITERALS) == tok.encode_text(LITERALS)
+    assert again.ids.img_context not in again.encode_text(LITERALS)
