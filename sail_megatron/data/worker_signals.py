@@ -14,8 +14,6 @@ import threading
 
 from torch.utils.data._utils import signal_handling
 
-_installed = False
-
 
 def _exit_on_parent_sigterm(parent: int) -> None:
     while True:
@@ -35,16 +33,36 @@ def _shield_worker() -> None:
                      name="sigterm-from-parent").start()
 
 
-def shield_loader_workers() -> None:
-    """Call in the trainer before its loader forks workers (idempotent)."""
-    global _installed
-    if _installed:
-        return
-    torch_setup = signal_handling._set_worker_signal_handlers
+class shield_loader_workers:
+    """While active, DataLoader workers forked by this process keep the parent-only SIGTERM contract
+    above (use it as a context manager, or call `close()`); nested uses share one hook."""
 
-    def setup_then_shield(*args, **kwargs):
-        torch_setup(*args, **kwargs)
-        _shield_worker()
+    _depth = 0
+    _original = None
 
-    signal_handling._set_worker_signal_handlers = setup_then_shield
-    _installed = True
+    def __init__(self):
+        cls = shield_loader_workers
+        if cls._depth == 0:
+            torch_setup = cls._original = signal_handling._set_worker_signal_handlers
+
+            def setup_then_shield(*args, **kwargs):
+                torch_setup(*args, **kwargs)
+                _shield_worker()
+
+            signal_handling._set_worker_signal_handlers = setup_then_shield
+        cls._depth += 1
+        self._open = True
+
+    def close(self) -> None:
+        cls = shield_loader_workers
+        if self._open:
+            self._open = False
+            cls._depth -= 1
+            if cls._depth == 0:
+                signal_handling._set_worker_signal_handlers = cls._original
+
+    def __enter__(self) -> "shield_loader_workers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

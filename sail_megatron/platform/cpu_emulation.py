@@ -1,22 +1,25 @@
 """Lets megatron-core run on a machine without CUDA by redirecting its CUDA-only calls to the CPU.
 
-Installed only when CUDA is absent (`install_cpu_emulation` refuses otherwise), so it can never
+Active only while a process group runs without CUDA (`init_distributed` enters it, `destroy_distributed`
+leaves it and every original comes back); it refuses to start when CUDA is available, so it can never
 hide inside the GPU path. What it redirects, and why (measured with megatron-core 0.16.1):
 - `torch.cuda.current_device()`: used directly for buffers and RoPE; answers the CPU device.
-- CUDA RNG state in `tensor_parallel.random`: backed by the CPU generator, so the TP RNG tracker works.
+- CUDA RNG state (`torch.cuda` and megatron's tracker, see `megatron_compat.py`): the CPU generator.
+- megatron's default causal mask: built on the CPU (`megatron_compat.py`).
 - `device='cuda'` literals and `.cuda()` (optimizer, grad clipping): mapped to the CPU by a
   TorchFunctionMode.
 - `Tensor.type()` on CPU float tensors reports the CUDA name, for asserts in `clip_grads`.
 - `torch.cuda.synchronize` / `empty_cache` / memory queries: harmless no-ops.
 """
 
-import threading
+import contextlib
+from typing import Iterator, List
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-_installed = False
-_lock = threading.Lock()
+from sail_megatron.platform.megatron_compat import Patch, Patches, megatron_on_cpu
+
 _CPU = torch.device("cpu")
 
 
@@ -59,55 +62,72 @@ def _own_noop(name: str):
     return noop
 
 
-def _patch_rng() -> None:
-    from megatron.core.tensor_parallel import random as mpu_random
-
-    mpu_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
-    mpu_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
-    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
-    torch.cuda.manual_seed_all = lambda seed: torch.default_generator.manual_seed(int(seed))
-
-
-def _patch_causal_mask() -> None:
-    # Built with the literal device="cuda"; recomputation in the backward pass calls it where the mode
-    # above is not on the stack, so the function itself is replaced (in the modules that imported it).
-    from functools import lru_cache
-
-    from megatron.core.fusions import fused_softmax
-    from megatron.core.transformer import utils
-
-    @lru_cache(maxsize=None)
-    def causal_mask(sq: int) -> torch.Tensor:
-        return torch.triu(torch.ones(sq, sq, device=_CPU), diagonal=1).bool()
-
-    utils.get_default_causal_mask = causal_mask
-    fused_softmax.get_default_causal_mask = causal_mask
+def _torch_cuda_patches() -> List[Patch]:
+    cuda = torch.cuda
+    return [
+        (cuda, "current_device", lambda: _CPU),
+        (cuda, "set_device", _own_noop("set_device")),
+        (cuda, "synchronize", _own_noop("synchronize")),
+        (cuda, "empty_cache", _own_noop("empty_cache")),
+        (cuda, "memory_allocated", lambda *a, **k: 0),
+        (cuda, "max_memory_allocated", lambda *a, **k: 0),
+        (cuda, "reset_peak_memory_stats", _own_noop("reset_peak_memory_stats")),
+        (cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state()),
+        (cuda, "set_rng_state", lambda state, *a, **k: torch.set_rng_state(state)),
+        (cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed))),
+        (cuda, "manual_seed_all", lambda seed: torch.default_generator.manual_seed(int(seed))),
+    ]
 
 
-def install_cpu_emulation() -> None:
-    """Install the redirections for this process (idempotent). Refuses when CUDA is available."""
-    global _installed
-    if torch.cuda.is_available():
-        raise RuntimeError("CPU emulation of CUDA must not be installed on a machine with CUDA")
-    with _lock:
-        if _installed:
-            return
-        torch.cuda.current_device = lambda: _CPU
-        torch.cuda.set_device = _own_noop("set_device")
-        torch.cuda.synchronize = _own_noop("synchronize")
-        torch.cuda.empty_cache = _own_noop("empty_cache")
-        torch.cuda.memory_allocated = lambda *a, **k: 0
-        torch.cuda.max_memory_allocated = lambda *a, **k: 0
-        torch.cuda.reset_peak_memory_stats = _own_noop("reset_peak_memory_stats")
-        _patch_rng()
-        _patch_causal_mask()
-        # Enter the mode for the lifetime of the process (it is a thread-local stack; the autograd
-        # engine runs CPU backward on the calling thread, so one entry covers training).
-        _CudaToCpuMode().__enter__()
-        _installed = True
+_torch_cuda_on_cpu = Patches(_torch_cuda_patches)
+
+
+class CpuEmulation:
+    """The CPU layer as one scope: torch.cuda stand-ins, megatron's CPU patches and the device mode."""
+
+    def __init__(self):
+        self._mode = None
+
+    def __enter__(self) -> "CpuEmulation":
+        if torch.cuda.is_available():
+            raise RuntimeError("CPU emulation of CUDA must not be installed on a machine with CUDA")
+        _torch_cuda_on_cpu.__enter__()
+        megatron_on_cpu.__enter__()
+        # The mode is a thread-local stack; the autograd engine runs CPU backward on the calling thread,
+        # so one entry covers training on this thread.
+        self._mode = _CudaToCpuMode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._mode = None
+        megatron_on_cpu.__exit__()
+        _torch_cuda_on_cpu.__exit__()
+
+
+_process_scope: List[CpuEmulation] = []
+
+
+def enter_cpu_emulation() -> None:
+    """Start the CPU layer for this process's process group (`destroy_distributed` ends it)."""
+    scope = CpuEmulation()
+    scope.__enter__()
+    _process_scope.append(scope)
+
+
+def exit_cpu_emulation() -> None:
+    if _process_scope:
+        _process_scope.pop().__exit__()
+
+
+@contextlib.contextmanager
+def cpu_emulation() -> Iterator[CpuEmulation]:
+    """The CPU layer for a `with` block (tests, one-off tools)."""
+    with CpuEmulation() as scope:
+        yield scope
 
 
 def cpu_emulation_installed() -> bool:
-    return _installed
+    return _torch_cuda_on_cpu.active

@@ -3,6 +3,7 @@
 import datetime
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +12,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from sail_megatron.config import ParallelConfig
 from sail_megatron.platform.backends import detect_backends
-from sail_megatron.platform.cpu_emulation import install_cpu_emulation
+from sail_megatron.platform.cpu_emulation import enter_cpu_emulation, exit_cpu_emulation
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,14 @@ def read_dist_env() -> DistEnv:
     return DistEnv(rank, world_size, local_rank, torch.device("cpu"), "gloo")
 
 
+def _quiet_megatron_deprecations() -> None:
+    """megatron-core 0.16 calls torch.distributed functions that torch 2.13 deprecates; every rank would
+    print that on each bucket's first collective, and nothing a user does can change it."""
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings("ignore", message=rf"`torch\.distributed\.{name}` is deprecated",
+                                category=FutureWarning)
+
+
 def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 10) -> DistEnv:
     """Initialise torch.distributed and megatron-core's model-parallel groups and RNG.
 
@@ -48,13 +57,14 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
     to loopback.
     """
     env = read_dist_env()
+    _quiet_megatron_deprecations()
     # One hardware queue keeps TP communication ordered ahead of compute (megatron-core's advice);
     # it must be set before the CUDA context exists.
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if env.backend == "nccl":
         torch.cuda.set_device(env.local_rank)
     else:
-        install_cpu_emulation()
+        enter_cpu_emulation()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     if not dist.is_initialized():
@@ -71,6 +81,8 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
 
 
 def destroy_distributed() -> None:
+    """Tear down the process groups and, on the CPU, end the CPU layer (every patched function comes back)."""
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    exit_cpu_emulation()

@@ -1,45 +1,115 @@
-"""Fixes for megatron-core 0.16's distributed optimizer on torch's Adam (no Transformer Engine or apex).
+"""Every change this project makes to megatron-core's own functions, in one place.
 
-1. Loading a `fully_reshardable` optimizer checkpoint first restores `step` into every torch-Adam
-   state (from the param groups), then copies each state tensor from the checkpoint, which holds no
-   `step`: KeyError. The patched copy skips exactly that key (already restored).
-2. `state_dict()` asserts that the Adam state holds one `step`; a rank whose stage trains nothing (a
-   frozen pipeline stage) has no state at all, so saving a checkpoint fails there. It reports step 0.
-Both exist only on the no-TE/no-apex path, so the patches are installed only there.
+Written for megatron-core 0.16.1 (`MEGATRON_VERSION`); `tests/platform/test_megatron_compat.py` fails
+when the installed megatron differs or when the source of any function replaced here has changed, so a
+megatron upgrade re-checks each of them. Each patch is applied only inside a `Patches` scope and the
+originals come back when it ends.
+
+For the CPU (installed with the CPU layer, `cpu_emulation.py`; never with CUDA):
+- `tensor_parallel.random._get_cuda_rng_state` / `_set_cuda_rng_state`: the RNG tracker keeps the CPU
+  generator's state instead of the CUDA one.
+- `transformer.utils.get_default_causal_mask` (and its import in `fusions.fused_softmax`): builds the
+  mask on the CPU. It uses the literal `device="cuda"`, and recomputation in the backward pass calls it
+  outside the CPU layer's device redirection.
+
+For torch's Adam (no Transformer Engine or apex fused Adam; applied around checkpoint saves and loads):
+- `DistributedOptimizer._set_main_param_and_optimizer_states`: loading a `fully_reshardable` checkpoint
+  restores `step` into every Adam state first and then copies each saved tensor, and the checkpoint
+  holds no `step`: KeyError. The replacement skips exactly that key (already restored).
+- `DistributedOptimizer.state_dict`: asserts one Adam `step`; a rank whose stage trains nothing (a frozen
+  pipeline stage) has no Adam state at all, so its save failed. It reports step 0.
 """
 
+import contextlib
 import functools
+import threading
+from functools import lru_cache
+from typing import Any, Callable, Iterator, List, Tuple
 
 import torch
 
-_installed = False
+MEGATRON_VERSION = "0.16.1"
+
+Patch = Tuple[Any, str, Callable]
 
 
-def install_torch_adam_checkpoint_fix() -> None:
-    global _installed
-    if _installed:
-        return
+class Patches:
+    """Replaces attributes for the life of a scope and puts the originals back; nested scopes of the same
+    patches count (the first entry patches, the last exit restores)."""
+
+    def __init__(self, build: Callable[[], List[Patch]]):
+        self._build = build
+        self._depth = 0
+        self._saved: List[Tuple[Any, str, Any]] = []
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "Patches":
+        with self._lock:
+            if self._depth == 0:
+                patches = self._build()
+                self._saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+                for owner, name, new in patches:
+                    setattr(owner, name, new)
+            self._depth += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                for owner, name, old in reversed(self._saved):
+                    setattr(owner, name, old)
+                self._saved = []
+
+    @property
+    def active(self) -> bool:
+        return self._depth > 0
+
+
+# ------------------------------------------------------------------------------------------------ CPU
+
+def _cpu_patches() -> List[Patch]:
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.tensor_parallel import random as mpu_random
+    from megatron.core.transformer import utils
+
+    cpu = torch.device("cpu")
+
+    @lru_cache(maxsize=None)
+    def causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, device=cpu), diagonal=1).bool()
+
+    return [
+        (mpu_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state()),
+        (mpu_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state)),
+        (utils, "get_default_causal_mask", causal_mask),
+        (fused_softmax, "get_default_causal_mask", causal_mask),
+    ]
+
+
+megatron_on_cpu = Patches(_cpu_patches)
+
+
+# ----------------------------------------------------------------------------------------- torch Adam
+
+def _torch_adam_patches() -> List[Patch]:
     from megatron.core.optimizer import distrib_optimizer
 
     if distrib_optimizer.HAVE_APEX_OR_TE:
-        return
+        return []
     cls = distrib_optimizer.DistributedOptimizer
-    original = cls._set_main_param_and_optimizer_states
+    original_set_states, original_state_dict = cls._set_main_param_and_optimizer_states, cls.state_dict
 
-    @functools.wraps(original)
+    @functools.wraps(original_set_states)
     def set_states(self, model_param, tensors):
-        main_param = self.optimizer.param_groups[self.model_param_group_index_map[model_param][0]]["params"][
-            self.model_param_group_index_map[model_param][1]]
+        group, order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group]["params"][order]
         step = self.optimizer.state[main_param].pop("step", None)
         try:
-            return original(self, model_param, tensors)
+            return original_set_states(self, model_param, tensors)
         finally:
             if step is not None:
                 self.optimizer.state[main_param]["step"] = step
-
-    cls._set_main_param_and_optimizer_states = set_states
-
-    original_state_dict = cls.state_dict
 
     @functools.wraps(original_state_dict)
     def state_dict(self):
@@ -54,8 +124,17 @@ def install_torch_adam_checkpoint_fix() -> None:
         finally:
             del inner.state_dict
 
-    cls.state_dict = state_dict
-    _installed = True
+    return [(cls, "_set_main_param_and_optimizer_states", set_states), (cls, "state_dict", state_dict)]
+
+
+torch_adam_checkpoints = Patches(_torch_adam_patches)
+
+
+@contextlib.contextmanager
+def torch_adam_checkpoint_fix() -> Iterator[None]:
+    """Scope of a checkpoint save or load (a no-op with Transformer Engine's or apex's fused Adam)."""
+    with torch_adam_checkpoints:
+        yield
 
 
 def unshare_adam_steps(optimizer) -> None:
@@ -67,3 +146,21 @@ def unshare_adam_steps(optimizer) -> None:
             for state in inner.state.values():
                 if isinstance(state.get("step"), torch.Tensor):
                     state["step"] = state["step"].clone()
+
+
+def patched_originals() -> List[Tuple[str, Callable]]:
+    """(name, megatron's own function) for every function replaced here, for the upgrade check."""
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.tensor_parallel import random as mpu_random
+    from megatron.core.transformer import utils
+
+    cls = distrib_optimizer.DistributedOptimizer
+    return [
+        ("tensor_parallel.random._get_cuda_rng_state", mpu_random._get_cuda_rng_state),
+        ("tensor_parallel.random._set_cuda_rng_state", mpu_random._set_cuda_rng_state),
+        ("transformer.utils.get_default_causal_mask", utils.get_default_causal_mask),
+        ("fusions.fused_softmax.get_default_causal_mask", fused_softmax.get_default_causal_mask),
+        ("DistributedOptimizer._set_main_param_and_optimizer_states", cls._set_main_param_and_optimizer_states),
+        ("DistributedOptimizer.state_dict", cls.state_dict),
+    ]

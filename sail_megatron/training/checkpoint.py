@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from sail_megatron.platform.megatron_compat import install_torch_adam_checkpoint_fix, unshare_adam_steps
+from sail_megatron.platform.megatron_compat import torch_adam_checkpoint_fix, unshare_adam_steps
 from sail_megatron.training.run_dir import LATEST, checkpoint_name, checkpoints_to_prune
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,6 @@ def _gather_current_weights(chunks: List[torch.nn.Module]) -> None:
 
 
 def _sharded_state(chunks, optimizer, is_loading: bool) -> Dict[str, Any]:
-    install_torch_adam_checkpoint_fix()
     model_sd = _unwrap(chunks[0]).sharded_state_dict()
     sd = {"model": model_sd}
     if optimizer is not None:
@@ -84,6 +83,7 @@ def _sharded_state(chunks, optimizer, is_loading: bool) -> Dict[str, Any]:
     return sd
 
 
+@torch_adam_checkpoint_fix()
 def save_checkpoint(save_dir, iteration: int, chunks: List[torch.nn.Module], optimizer=None, scheduler=None,
                     common: Optional[Dict[str, Any]] = None, rank_state: Optional[Dict[str, Any]] = None,
                     keep_last: int = 3) -> Path:
@@ -120,6 +120,7 @@ def save_checkpoint(save_dir, iteration: int, chunks: List[torch.nn.Module], opt
     return final
 
 
+@torch_adam_checkpoint_fix()
 def load_checkpoint(path, chunks: List[torch.nn.Module], optimizer=None, scheduler=None) -> Dict[str, Any]:
     """Load into this layout (any TP/PP/DP for model and optimizer). Returns iteration, common state
     and this rank's saved state (None when the checkpoint was written by a different world size)."""

@@ -20,9 +20,21 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 class GracefulStop:
     def __init__(self, signals=STOP_SIGNALS):
         self.received = None
-        shield_loader_workers()  # the loader's workers must not die of the same signal first
-        for sig in signals:
-            signal.signal(sig, self._handle)
+        self._shield = shield_loader_workers()  # the loader's workers must not die of the same signal first
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+
+    def close(self) -> None:
+        """Give the signals back to whoever had them (the loader's workers are gone by now)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        self._shield.close()
+
+    def __enter__(self) -> "GracefulStop":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT:

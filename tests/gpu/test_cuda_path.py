@@ -2,7 +2,7 @@
 
 import pytest
 
-from sail_megatron.platform import detect_backends, install_cpu_emulation
+from sail_megatron.platform import cpu_emulation, detect_backends
 from tests.gpu import workers
 from tests.helpers.multiprocess import run_on_ranks
 
@@ -11,7 +11,8 @@ pytestmark = pytest.mark.gpu
 
 def test_cpu_emulation_refuses_to_install_with_cuda():
     with pytest.raises(RuntimeError, match="must not be installed"):
-        install_cpu_emulation()
+        with cpu_emulation():
+            pass
 
 
 def test_bf16_training_uses_nccl_cuda_and_the_chosen_layers():
