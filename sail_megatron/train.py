@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.core import CheckpointingException
 
 from sail_megatron.config import ConfigError
 from sail_megatron.config.train import TrainConfig, dump
 from sail_megatron.platform import destroy_distributed, init_distributed, read_dist_env
-from sail_megatron.training.checkpoint import load_checkpoint, resolve_checkpoint, restore_rng_state, save_checkpoint
+from sail_megatron.training.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
+from sail_megatron.training.checkpoint_files import CheckpointError, check_checkpoint, checkpoint_read_errors
 from sail_megatron.training.collectives import sum_over_data_parallel
 from sail_megatron.training.flops import Trains
 from sail_megatron.training.graceful_stop import GracefulStop
@@ -52,13 +52,14 @@ class SaveFailed(RuntimeError):
 
 
 def _load(field: str, path, cfg: TrainConfig, chunks, *optimizer_and_scheduler):
-    """load_checkpoint, with a checkpoint of another model shape reported as such."""
+    """load_checkpoint of a checked folder; a damaged one or one of another model shape is reported as such."""
+    directory = check_checkpoint(path)
     try:
-        return load_checkpoint(path, chunks, *optimizer_and_scheduler)
-    except CheckpointingException as e:
-        if "shape mismatch" not in str(e).lower() and "missing" not in str(e).lower():
+        with checkpoint_read_errors(directory):
+            return load_checkpoint(directory, chunks, *optimizer_and_scheduler)
+    except CheckpointError as e:
+        if "shape mismatch" not in str(e).lower():
             raise
-        directory = resolve_checkpoint(path)
         saved = dist_checkpointing.load_common_state_dict(str(directory)).get("common", {}).get("model_config")
         fix = ("use a new run.save_dir, or run.init_from to start from those weights" if field == "run.save_dir"
                else "point run.init_from at a checkpoint of this model, or change the model to match it")
@@ -92,7 +93,8 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
     dp_size = parallel_state.get_data_parallel_world_size()
     num_micro = cfg.num_microbatches(env.world_size)
     loader, materialize = build_loader(cfg, tokenizer, env.device, state=loader_state)
-    data = MeteredData(from_loader(loader, materialize), cfg.model, Trains.from_freeze(cfg.freeze))
+    data = MeteredData(from_loader(loader, materialize), cfg.model, Trains.from_freeze(cfg.freeze),
+                       cfg.parallel.tensor_model_parallel_size)
     monitor = TrainingMonitor(save_dir, run.train_steps, start, run.log_interval,
                               device_peak_flops(cfg.precision, run.peak_tflops),
                               tensorboard=run.tensorboard)
@@ -140,6 +142,7 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
                 break
     finally:
         monitor.close()
+        stop.close()
     if env.is_main and run.plot:
         from sail_megatron.training.plot_curves import plot_curves
 
@@ -162,7 +165,7 @@ def main(argv=None) -> None:
     try:
         train(cfg, tokenizer, args.config)
         dist.barrier()
-    except ConfigError as e:  # found after start-up (a resume or init_from that does not fit): the same on every rank
+    except (ConfigError, CheckpointError) as e:  # found after start-up (a resume or init_from that does not fit)
         logger.error("%s", e)
         sys.exit(2)
     except (NonFiniteStop, SaveFailed) as e:

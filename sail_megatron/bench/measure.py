@@ -56,7 +56,8 @@ def measure(cfg: TrainConfig, tokenizer, settings: BenchSettings) -> Dict:
     """Collective over all ranks; every rank returns the same figures."""
     env = read_dist_env()
     chunks, optimizer, scheduler = build_training(cfg, env.device)
-    data = MeteredData(_source(cfg, tokenizer, settings, env.device), cfg.model, Trains.from_freeze(cfg.freeze))
+    data = MeteredData(_source(cfg, tokenizer, settings, env.device), cfg.model, Trains.from_freeze(cfg.freeze),
+                       cfg.parallel.tensor_model_parallel_size)
     num_micro = cfg.num_microbatches(env.world_size)
 
     def step():

@@ -37,8 +37,9 @@ class DataConfig:
     decoder: str = "auto"
     """Tile decoder: 'dali' (device 'mixed' with CUDA, 'cpu' otherwise), 'pil' (reference), 'auto' (DALI if installed)."""
 
-    def validate(self) -> None:
-        if not self.path:
+    def validate(self, needs_path: bool = True) -> None:
+        """needs_path: False for runs on synthetic rows, which read no dataset."""
+        if needs_path and not self.path:
             raise ConfigError("data.path", "is empty", "point it at a prepared dataset folder or a blend YAML")
         if not self.tokenizer:
             raise ConfigError("data.tokenizer", "is empty", "point it at a local Hugging Face tokenizer folder")

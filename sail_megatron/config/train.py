@@ -76,14 +76,15 @@ class TrainConfig:
         return self.run.global_batch_size // per_step
 
     def validate(self, world_size: int, has_cuda: bool, has_te: bool,
-                 cuda_capability: Optional[Tuple[int, int]] = None) -> None:
-        """Every check, before any process group exists. cuda_capability: Backends.cuda_capability."""
+                 cuda_capability: Optional[Tuple[int, int]] = None, needs_data: bool = True) -> None:
+        """Every check, before any process group exists. cuda_capability: Backends.cuda_capability;
+        needs_data: False for runs on synthetic rows."""
         self.model.validate()
         self.parallel.validate(self.model, world_size)
         self.precision.validate(has_cuda=has_cuda, has_te=has_te, cuda_capability=cuda_capability)
         self.parallel.check_layer_backend(self.precision.resolve_layers(has_cuda, has_te))
         self.freeze.validate()
-        self.data.validate()
+        self.data.validate(needs_path=needs_data)
         self.optim.validate()
         self.run.validate()
         self.num_microbatches(world_size)

@@ -1,6 +1,7 @@
 """The small reductions the loop, monitor and benchmark agree through (float64 on this rank's device)."""
 
-from typing import List, Sequence
+from collections import Counter
+from typing import List, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,14 @@ def sum_over_data_parallel(values: Sequence[float]) -> List[float]:
     t = _tensor(values)
     dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
     return t.tolist()
+
+
+def sum_counts_over_data_parallel(counts: Mapping[str, int]) -> Counter:
+    """Named counts summed over this rank's data-parallel group; ranks may hold different names."""
+    group = parallel_state.get_data_parallel_group()
+    gathered: List = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, dict(counts), group=group)
+    return sum((Counter(c) for c in gathered), Counter())
 
 
 def max_over_world(values: Sequence[float]) -> List[float]:

@@ -57,9 +57,10 @@ class DataTally:
 class MeteredData:
     """Iterates Batches from a source of (Batch, sample lengths), tallying as it goes."""
 
-    def __init__(self, source: Iterable[Measured], model: ModelConfig, trains: Tuple[bool, bool, bool]):
+    def __init__(self, source: Iterable[Measured], model: ModelConfig, trains: Tuple[bool, bool, bool],
+                 tensor_parallel_size: int = 1):
         self._source: Iterator[Measured] = iter(source)
-        self._model, self._trains = model, trains
+        self._model, self._trains, self._tp = model, trains, tensor_parallel_size
         self.tally = DataTally()
         self.samples_consumed = 0
         """This rank's samples since the loader started (for the checkpoint's consumed-samples count)."""
@@ -77,7 +78,7 @@ class MeteredData:
         t.tokens += sum(lengths)
         t.slots += batch.tokens.numel()
         t.tiles += batch.num_tiles
-        t.flops += training_flops(self._model, lengths, batch.num_tiles, self._trains).total
+        t.flops += training_flops(self._model, lengths, batch.num_tiles, self._trains, self._tp).total
         self.samples_consumed += len(lengths)
         return batch
 

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Union
 import torch
 
 from sail_megatron.platform import read_dist_env
-from sail_megatron.training.collectives import max_over_world, sum_over_data_parallel
+from sail_megatron.training.collectives import max_over_world, sum_counts_over_data_parallel, sum_over_data_parallel
 from sail_megatron.training.flops import PeakFlops, mfu_figures, peak_flops
 from sail_megatron.training.metered_data import DataTally
 
@@ -126,6 +126,8 @@ class TrainingMonitor:
     def _log(self, step: int, result, lrs: Dict[str, float], skipped_samples: Counter) -> None:
         iv = self.interval
         r = self._reduce(iv)
+        # Each data-parallel rank's loader reads (and skips) its own slice of the data.
+        skipped_samples = sum_counts_over_data_parallel(skipped_samples)
         if not self.env.is_main:
             return
         t = max(iv.time_s, 1e-9)

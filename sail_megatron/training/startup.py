@@ -3,6 +3,7 @@ process group exists (a bad recipe exits with code 2 and no rank can hang), and 
 with its optimizer and schedule."""
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -12,15 +13,17 @@ from sail_megatron.data.dataset_path import check_dataset_path
 from sail_megatron.data.tokenizer import load_tokenizer
 from sail_megatron.model.build import build_model
 from sail_megatron.platform import detect_backends, read_dist_env
-from sail_megatron.training.checkpoint import resolve_checkpoint
+from sail_megatron.training.checkpoint_files import CheckpointError, check_checkpoint
 from sail_megatron.training.freezing import apply_freezing
 from sail_megatron.training.optimizer import setup_training
+from sail_megatron.training.run_dir import complete_checkpoints
 
 logger = logging.getLogger("sail_megatron.train")
 
 
-def prepare_config(args, world_size: int):
-    """Everything that can be wrong with the recipe fails here, on every rank, before any collective."""
+def prepare_config(args, world_size: int, needs_data: bool = True):
+    """Everything that can be wrong with the recipe fails here, on every rank, before any collective.
+    needs_data: False for runs on synthetic rows (sail-bench), which never read data.path."""
     cfg = load_train_config(args.config, args.overrides)
     tokenizer = _load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.language.vocab_size:
@@ -29,14 +32,14 @@ def prepare_config(args, world_size: int):
     cfg.model.image_context_token_id = tokenizer.ids.img_context
     backends = detect_backends()
     cfg.validate(world_size, has_cuda=backends.cuda, has_te=backends.transformer_engine,
-                 cuda_capability=backends.cuda_capability)
-    check_dataset_path(cfg.data.path)
-    if cfg.run.init_from:
-        try:
-            resolve_checkpoint(cfg.run.init_from)
-        except FileNotFoundError as e:
-            raise ConfigError("run.init_from", str(e), "point it at the previous stage's run folder or a "
-                              "converted checkpoint, or set run.init_from=null") from None
+                 cuda_capability=backends.cuda_capability, needs_data=needs_data)
+    if needs_data:
+        check_dataset_path(cfg.data.path)
+    # The checkpoint this run will load, complete and readable (the run's own newest, else init_from).
+    own = complete_checkpoints(Path(cfg.run.save_dir))
+    start_from = own[-1] if own else cfg.run.init_from
+    if start_from:
+        check_checkpoint(start_from)
     return cfg, tokenizer
 
 
@@ -61,16 +64,18 @@ def build_training(cfg: TrainConfig, device):
     return setup_training(model, cfg.optim, cfg.parallel, cfg.precision)
 
 
-def start(args):
+def start(args, needs_data: bool = True):
     """Logging for this rank, then the recipe resolved and validated: (env, cfg, tokenizer). A bad
     recipe exits with code 2 here, before any process group exists, so no rank can hang."""
     env = read_dist_env()
+    if not env.is_main:  # one progress bar (energon's packing-buffer fill), not one per rank and worker
+        os.environ["TQDM_DISABLE"] = "1"
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
     try:
-        cfg, tokenizer = prepare_config(args, env.world_size)
-    except (ConfigError, FileNotFoundError) as e:
+        cfg, tokenizer = prepare_config(args, env.world_size, needs_data)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
         logger.error("%s", e)
         sys.exit(2)
     return env, cfg, tokenizer

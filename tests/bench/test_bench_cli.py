@@ -47,7 +47,7 @@ def demo(tmp_path_factory):
 def test_synthetic_packed_vs_padded_under_pipeline_parallelism(tmp_path, demo):
     doc, stdout = _bench(tmp_path, 2, "--config", "examples/configs/tiny/3-sft-knowledge.yaml", "--compare", "packing",
                          "--compare", "kernels", "parallel.tensor_model_parallel_size=1", "run.global_batch_size=2",
-                         f"data.tokenizer={demo / 'raw' / 'tokenizer'}")
+                         f"data.tokenizer={demo / 'raw' / 'tokenizer'}", "data.path=''")  # synthetic: no dataset
     packed, padded = doc["results"]["packed"], doc["results"]["padded"]
     for r in (packed, padded):
         _check(r)

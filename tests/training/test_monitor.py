@@ -23,6 +23,7 @@ def one_process(monkeypatch):
     # The monitor's reductions are collectives; alone they are the identity.
     monkeypatch.setattr(monitor, "sum_over_data_parallel", list)
     monkeypatch.setattr(monitor, "max_over_world", list)
+    monkeypatch.setattr(monitor, "sum_counts_over_data_parallel", Counter)
 
 
 def _log_one_step(run_dir, peaks, capsys):
