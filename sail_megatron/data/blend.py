@@ -1,8 +1,10 @@
 """Weighted blends of prepared datasets, written as energon metadatasets (how SAIL-VL mixes
-caption, OCR and instruction data)."""
+caption, OCR and instruction data), and the join of the parts of one input prepared in shards."""
 
+import json
+import os
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -23,3 +25,83 @@ def write_blend(path: Union[str, Path], weights: Dict[str, float]) -> Path:
     }
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+def train_samples(folder: Path) -> int:
+    """Samples in the train split of a prepared dataset folder, as energon counts them."""
+    from megatron.energon.epathlib import EPath
+    from megatron.energon.flavors.webdataset.empty_dataset_error import EmptyDatasetError
+    from megatron.energon.flavors.webdataset.metadata import WebdatasetMeta
+
+    if not (Path(folder) / ".nv-meta").is_dir():
+        raise FileNotFoundError(f"{folder} is not a prepared dataset (no .nv-meta); run sail-data prepare")
+    try:
+        meta = WebdatasetMeta.from_config(EPath(str(Path(folder).resolve())), split_part="train")
+    except EmptyDatasetError:
+        return 0
+    return sum(shard.count for shard in meta.shards)
+
+
+def _input_shard(folder: Path) -> Optional[Tuple[int, int]]:
+    """(num_shards, shard_index) recorded by `sail-data prepare`, if any."""
+    try:
+        doc = json.loads((Path(folder) / "prepare_report.json").read_text())
+        shard = doc["input_shard"]
+        return int(shard["num_shards"]), int(shard["shard_index"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_parts_cover(parts: Sequence[Path]) -> List[str]:
+    """Errors for parts that repeat an input shard; returns warnings for shards no part holds."""
+    seen: Dict[Tuple[int, int], Path] = {}
+    for part in parts:
+        shard = _input_shard(part)
+        if shard is None:
+            continue
+        if shard in seen:
+            raise ValueError(f"{part} and {seen[shard]} both hold input shard {shard[1]} of {shard[0]}; "
+                             "join each shard once")
+        seen[shard] = part
+    warnings = []
+    for n in sorted({n for n, _ in seen}):
+        missing = sorted(set(range(n)) - {i for m, i in seen if m == n})
+        if missing:
+            warnings.append(f"the parts hold input shards {sorted(i for m, i in seen if m == n)} of {n}; "
+                            f"missing {missing}")
+    return warnings
+
+
+def join_parts(parts: Sequence[Union[str, Path]], blend_path: Union[str, Path],
+               overwrite: bool = False) -> Tuple[Dict[str, int], List[str]]:
+    """Write a blend over prepared folders (e.g. the shards of one input, prepared on several machines)
+    with weights equal to their train sample counts, so every sample is as likely as in one folder.
+
+    Returns ({path as written in the blend: train samples}, warnings about input shards no part holds)."""
+    blend_path = Path(blend_path)
+    parts = [Path(p) for p in parts]
+    if not parts:
+        raise ValueError("--parts needs at least one prepared folder")
+    real = [p.resolve() for p in parts]
+    dup = next((p for i, p in enumerate(parts) if real[i] in real[:i]), None)
+    if dup is not None:
+        raise ValueError(f"{dup} is listed twice in --parts")
+    warnings = check_parts_cover(parts)
+    if blend_path.exists() and not overwrite:
+        raise FileExistsError(f"{blend_path} exists; pass --overwrite to replace it")
+    if blend_path.is_dir():
+        raise ValueError(f"--out {blend_path} is a folder; name the blend YAML file to write")
+    counts: Dict[str, int] = {}
+    for part, full in zip(parts, real):
+        n = train_samples(part)
+        if n == 0:
+            raise ValueError(f"{part} has no samples in its train split; prepare it with a positive train share")
+        counts[os.path.relpath(full, blend_path.parent.resolve())] = n
+    blend_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = blend_path.with_name(f".{blend_path.name}.partial-{os.getpid()}")
+    try:
+        write_blend(tmp, {k: float(v) for k, v in counts.items()})
+        os.replace(tmp, blend_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return counts, warnings

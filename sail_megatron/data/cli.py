@@ -1,23 +1,41 @@
 """`sail-data`: dataset preparation commands.
 
   sail-data prepare --input FILE.jsonl --images DIR --out DIR [--format llava|caption]
+                    [--num-shards N --shard-index I]    one part of the input per machine
+  sail-data join --parts DIR [DIR ...] --out BLEND.yaml  a blend over the parts, weighted by sample count
   sail-data demo --out DIR       the embedded demo dataset (real photos, captions, conversations)
+
+User errors (bad arguments, unusable paths, unreadable input, a full disk) print a few lines naming the
+path and the fix, and exit with code 2.
 """
 
 import argparse
 import logging
-import shutil
+import signal
 import sys
 from pathlib import Path
 
-from sail_megatron.data.blend import write_blend
-from sail_megatron.data.prepare import FORMATS, prepare
+from sail_megatron.data.blend import join_parts, write_blend
+from sail_megatron.data.out_dir import check_out, layout_matches, staged
+from sail_megatron.data.prepare import FORMATS, is_prepared_output, prepare
+
+_DEMO_LAYOUT = ("raw", "captions", "sft", "blend.yaml")
+_DEMO_RAW_LAYOUT = ("images", "captions.jsonl", "sft.jsonl", "tokenizer")
 
 
 def _prepare(args) -> int:
+    rules = None
+    if args.recipe:
+        from sail_megatron.data.trainer_rules import TrainerRules
+
+        rules = TrainerRules.from_recipe(Path(args.recipe), args.set)
+    elif args.set:
+        raise ValueError("--set changes the --recipe; pass --recipe too")
     report = prepare(Path(args.input), Path(args.images), Path(args.out), fmt=args.format,
                      shard_size=args.shard_size, split_ratio=args.split_ratio, max_pixels=args.max_pixels,
-                     verify_decode=args.verify_decode, workers=args.workers, overwrite=args.overwrite)
+                     verify_decode=args.verify_decode, workers=args.workers, overwrite=args.overwrite,
+                     num_shards=args.num_shards, shard_index=args.shard_index,
+                     allow_outside_images=args.allow_outside_images, rules=rules)
     print(report.summary())
     for s in report.skipped:
         print(f"  skipped {s.source} (id {s.id}): {s.reason}: {s.detail}")
@@ -25,21 +43,40 @@ def _prepare(args) -> int:
     return 0
 
 
+def _join(args) -> int:
+    counts, warnings = join_parts(args.parts, Path(args.out), overwrite=args.overwrite)
+    for w in warnings:
+        print(f"sail-data: warning: {w}", file=sys.stderr)
+    total = sum(counts.values())
+    print(f"blend {args.out}: {len(counts)} parts, {total} train samples")
+    for path, n in sorted(counts.items()):
+        print(f"  {path}: {n} samples (weight {n / total:.4f})")
+    return 0
+
+
+def is_demo_output(folder: Path) -> bool:
+    """A folder `build_demo` wrote, and nothing else in it."""
+    if not (folder / "blend.yaml").is_file() or not layout_matches(folder, _DEMO_LAYOUT):
+        return False
+    raw = folder / "raw"
+    if raw.exists() and not (raw.is_dir() and layout_matches(raw, _DEMO_RAW_LAYOUT)):
+        return False
+    return all(not (folder / name).exists() or is_prepared_output(folder / name) for name in ("captions", "sft"))
+
+
 def build_demo(out: Path, overwrite: bool = False) -> Path:
     """Raw demo files -> two prepared datasets (captions, sft), a blend of both and the tokenizer."""
     from sail_megatron.data.demo_dataset import write_demo_raw
 
     out = Path(out)
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} exists; pass --overwrite to rebuild it")
-        shutil.rmtree(out)
-    raw = write_demo_raw(out / "raw")
-    prepare(raw.captions_jsonl, raw.images_dir, out / "captions", fmt="caption", shard_size=16,
-            verify_decode=True, progress=False)
-    prepare(raw.sft_jsonl, raw.images_dir, out / "sft", fmt="llava", shard_size=16, verify_decode=True,
-            progress=False)
-    write_blend(out / "blend.yaml", {"captions": 1.0, "sft": 1.0})
+    check_out(out, overwrite, is_demo_output, "a sail-data demo folder")
+    with staged(out) as stage:
+        raw = write_demo_raw(stage / "raw")
+        prepare(raw.captions_jsonl, raw.images_dir, stage / "captions", fmt="caption", shard_size=16,
+                verify_decode=True, progress=False)
+        prepare(raw.sft_jsonl, raw.images_dir, stage / "sft", fmt="llava", shard_size=16, verify_decode=True,
+                progress=False)
+        write_blend(stage / "blend.yaml", {"captions": 1.0, "sft": 1.0})
     return out
 
 
@@ -50,30 +87,55 @@ def _demo(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sail-data", description="Prepare image-text data for sail-megatron.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="JSON/JSONL + image folder -> energon WebDataset shards")
-    p.add_argument("--input", required=True, help="LLaVA JSON/JSONL or caption JSONL")
+    p.add_argument("--input", required=True, help="LLaVA JSON/JSONL or caption JSONL (UTF-8)")
     p.add_argument("--images", required=True, help="folder the records' image paths are relative to")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder to write; must not hold or lie inside --images")
     p.add_argument("--format", choices=FORMATS, default="llava")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
     p.add_argument("--split-ratio", default="1,0,0", help="train,val,test shares of the shards")
     p.add_argument("--max-pixels", type=int, default=64_000_000)
     p.add_argument("--verify-decode", action="store_true", help="fully decode every image (slower)")
     p.add_argument("--workers", type=int, default=8, help="threads reading images")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it holds an earlier sail-data prepare output (only once this run succeeded)")
+    p.add_argument("--num-shards", type=int, default=1,
+                   help="split the input into this many parts, one command (and --out) per part")
+    p.add_argument("--shard-index", type=int, default=0,
+                   help="the part this command writes: records i with i %% num-shards == shard-index")
+    p.add_argument("--allow-outside-images", action="store_true",
+                   help="read image paths that are absolute or climb out of --images with '..'")
+    p.add_argument("--recipe", help="training recipe whose tokenizer, seq_length and tiling the samples must fit "
+                                    "(skips what that training would always skip)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a --recipe key")
     p.set_defaults(func=_prepare)
+    j = sub.add_parser("join", help="blend prepared parts (e.g. --shard-index 0..N-1) into one energon metadataset")
+    j.add_argument("--parts", nargs="+", required=True, help="prepared folders")
+    j.add_argument("--out", required=True, help="blend YAML to write (use it as data.path)")
+    j.add_argument("--overwrite", action="store_true")
+    j.set_defaults(func=_join)
     d = sub.add_parser("demo", help="build the embedded demo dataset from scikit-image's sample photos")
     d.add_argument("--out", required=True)
-    d.add_argument("--overwrite", action="store_true")
+    d.add_argument("--overwrite", action="store_true", help="replace an earlier demo folder")
     d.set_defaults(func=_demo)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds, so the staging folder is removed
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    if argv is None:  # the command line, not a caller in the same process
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return args.func(args)
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # FileExistsError, FileNotFoundError, PermissionError, ENOSPC ...
         print(f"sail-data: error: {e}", file=sys.stderr)
         return 2
 

@@ -73,9 +73,24 @@ class BatchMaterializer:
             return
         slots = int((raw.tokens == self.image_token_id).sum())
         if slots != raw.num_tiles * self.tokens_per_tile:
-            raise ValueError(f"batch {raw.keys}: {slots} image tokens for {raw.num_tiles} tiles x "
-                             f"{self.tokens_per_tile} tokens; the task encoder and the model disagree on "
-                             "tokens_per_tile or the tile plan")
+            raise ValueError(f"the text and the tile plan disagree in {'; '.join(self._disagreements(raw))} "
+                             f"(batch {raw.keys}: {slots} image tokens for {raw.num_tiles} tiles x "
+                             f"{self.tokens_per_tile} tokens): the text holds image-context tokens outside its "
+                             "image blocks, or the task encoder and the model use different tokens_per_tile")
+
+    def _disagreements(self, raw: RawBatch) -> List[str]:
+        """'sample KEY (n image tokens, tiles x tokens_per_tile expected)' for each sample whose counts differ."""
+        if len(raw.spans) != len(raw.keys):  # no per-sample spans: name the whole batch
+            return [f"samples {', '.join(raw.keys)}"]
+        tiles = [0] * len(raw.keys)
+        for plan, owner in zip(raw.plans, raw.image_sample):
+            tiles[owner] += plan.num_tiles
+        found = []
+        for key, (row, start, end), n in zip(raw.keys, raw.spans, tiles):
+            slots = int((raw.tokens[row, start:end] == self.image_token_id).sum())
+            if slots != n * self.tokens_per_tile:
+                found.append(f"sample {key} ({slots} image tokens, {n} tiles x {self.tokens_per_tile} expected)")
+        return found or [f"samples {', '.join(raw.keys)}"]  # only padding outside the spans differs
 
     def __call__(self, raw: RawBatch) -> Batch:
         self._check_expansion(raw)

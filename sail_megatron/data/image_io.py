@@ -2,6 +2,10 @@
 
 Every failure is an `ImageError` with a machine-readable `reason`, so a loader can count and skip
 bad samples instead of crashing or, worse, training on half-decoded pixels.
+
+A JPEG cut short and then closed with an EOI marker is the subtle case: libjpeg only warns ("premature
+end of data segment") and fills the rest of the image with grey, and PIL drops that warning. The full
+decode therefore checks that the scan data really ends where the file says it does (`_decode_jpeg`).
 """
 
 import io
@@ -143,6 +147,74 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.copy() if im.mode == "RGB" else im.convert("RGB")
 
 
+# Bytes that stand in for data libjpeg might still want; never 0xFF, so they cannot form a marker.
+_FILLER = bytes((i * 73 + 41) % 255 for i in range(64))
+_EOI = b"\xff\xd9"
+_SOF_HUFFMAN_SEQUENTIAL = frozenset({0xC0, 0xC1})
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # 0xC4 DHT, 0xC8 JPG, 0xCC DAC
+
+
+def _single_huffman_scan(data: bytes) -> bool:
+    """True for a sequential Huffman JPEG whose first scan holds every component (one scan in all).
+
+    Walks the marker segments up to the first SOS; anything unexpected answers False, which only
+    selects the slower check.
+    """
+    pos, components = 2, None
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker in _SOF_MARKERS:
+            if marker not in _SOF_HUFFMAN_SEQUENTIAL or pos + 10 > len(data):
+                return False
+            components = data[pos + 9]
+        elif marker == 0xDA:  # SOS
+            return components is not None and pos + 5 <= len(data) and data[pos + 4] == components
+        pos += 2 + length
+    return False
+
+
+def _load_jpeg(data: bytes) -> Image.Image:
+    with warnings.catch_warnings():  # the size was already checked against max_pixels in _open
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = Image.open(io.BytesIO(data))
+    try:
+        im.load()
+    except (OSError, EOFError, SyntaxError, ValueError, struct.error) as e:
+        im.close()
+        raise ImageError("truncated", f"pixel data is truncated or corrupt ({e})") from None
+    return im
+
+
+def _decode_jpeg(data: bytes) -> Image.Image:
+    """Decode a JPEG, failing when its scan data stops before the image is complete.
+
+    One scan: decode with the final EOI swapped for a few filler bytes. A complete scan only uses
+    them as libjpeg's bit lookahead, so the pixels are those of the plain decode; a short scan runs
+    out of data with rows missing and PIL reports a truncated file (the first suspicion is confirmed
+    below). Several scans (progressive): libjpeg needs the EOI, so decode twice, once with filler
+    bytes before the EOI; filler that changes the pixels was read as scan data, so the scan was short.
+    """
+    body = data.rstrip(b"\x00")[: -len(_EOI)]
+    if _single_huffman_scan(data):
+        try:
+            return _load_jpeg(body + _FILLER[:16])
+        except ImageError:
+            pass  # truncated, or a layout this check does not cover: the two-decode check decides
+    full = _load_jpeg(data)
+    with _load_jpeg(body + _FILLER + _EOI) as padded:
+        if padded.tobytes() != full.tobytes():
+            full.close()
+            raise ImageError("truncated", "JPEG scan data ends before the image is complete "
+                             "(the file was cut short and closed with an EOI marker)")
+    return full
+
+
 def decode_rgb(data: bytes, max_pixels: int = 64_000_000) -> Image.Image:
     """Fully decode to an upright 8-bit RGB image; truncated or corrupt pixel data raises.
 
@@ -150,6 +222,9 @@ def decode_rgb(data: bytes, max_pixels: int = 64_000_000) -> Image.Image:
     fails in load() instead of being padded with grey.
     """
     im, orientation = _open(data, max_pixels)
+    if im.format == "JPEG":  # MPO's first frame ends inside the file: the plain path below
+        im.close()
+        im = _decode_jpeg(data)
     with im:
         try:
             im.load()

@@ -1,32 +1,61 @@
 """LLaVA-style conversations or caption JSONL + an image folder -> energon-ready WebDataset shards.
 
 Every input record is either written or reported with the reason it was skipped (missing file,
-unreadable image, malformed line, placeholder mismatch); nothing is dropped silently. Images are
-checked from their headers (and fully decoded with `verify_decode`), and their sizes are stored.
+unreadable image, malformed line, placeholder mismatch, a sample the trainer would reject); nothing is
+dropped silently. Images are checked from their headers (and fully decoded with `verify_decode`), and
+their sizes are stored.
+
+Safety: every argument and input is checked before anything is written; the output is built in a hidden
+sibling folder and renamed into place at the end, so a failed run leaves no half-written `out_dir`, and
+`overwrite` only ever replaces an earlier output of this function (`out_dir.py`).
+
+Memory stays flat in the input's size: at most `max_in_flight` records (images included) are read ahead
+of the writer, and shards are written in input order whatever the thread timing.
+
+Scale-out: `num_shards`/`shard_index` select every N-th record (`records.py`), one command per machine,
+each into its own folder; `sail-data join` blends the parts (`blend.join_parts`).
 """
 
+import errno
 import io
 import json
 import logging
-import shutil
+import math
+import os
 import subprocess
 import sys
 import tarfile
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple, TypeVar, Union
 
 from tqdm import tqdm
 
 from sail_megatron.data.image_io import ImageError, decode_rgb, read_image_size
+from sail_megatron.data.out_dir import OutputError, check_out, check_separate, layout_matches, staged
+from sail_megatron.data.records import Record, check_shard, read_records
 from sail_megatron.data.sample import IMAGE_PLACEHOLDER
+from sail_megatron.data.trainer_rules import TrainerRules
 
 logger = logging.getLogger(__name__)
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 FORMATS = ("llava", "caption")
+REPORT_NAME = "prepare_report.json"
+# What a finished prepare folder holds (energon adds .nv-meta and the .tar.idx files).
+OUTPUT_LAYOUT = ("shard-*.tar", "shard-*.tar.idx", REPORT_NAME, ".nv-meta")
+
+# Errors of the output's filesystem: reported as one line naming the file, not as a traceback.
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class PrepareError(ValueError):
+    """The run cannot produce a usable dataset; the message says why and what to change."""
 
 
 @dataclass
@@ -60,34 +89,47 @@ class _Skip(Exception):
         super().__init__(f"{reason}: {detail}")
 
 
-def _read_records(path: Path) -> Iterator[Tuple[str, object]]:
-    """(source, record or the exception that parsing raised), for JSONL or a JSON array file."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
-        for i, rec in enumerate(records):
-            yield f"{path.name}:[{i}]", rec
-        return
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path.name}:{n}", json.loads(line)
-        except json.JSONDecodeError as e:
-            yield f"{path.name}:{n}", e
+def is_prepared_output(folder: Path) -> bool:
+    """A folder this module wrote: its report or energon's metadata, and nothing we do not write."""
+    has_marker = (folder / REPORT_NAME).is_file() or (folder / ".nv-meta").is_dir()
+    return has_marker and layout_matches(folder, OUTPUT_LAYOUT)
+
+
+def parse_split_ratio(text: str) -> Tuple[float, float, float]:
+    """`train,val,test` shares as energon reads them (three numbers it normalizes by their sum)."""
+    fix = "give three non-negative numbers train,val,test with a positive train share, e.g. 1,0,0 or 8,1,1"
+    try:
+        parts = tuple(float(x) for x in str(text).split(","))
+    except ValueError:
+        raise PrepareError(f"--split-ratio {text!r} is not three numbers; {fix}") from None
+    if len(parts) != 3 or not all(math.isfinite(x) and x >= 0 for x in parts) or parts[0] <= 0:
+        raise PrepareError(f"--split-ratio {text!r}: {fix}")
+    return parts  # type: ignore[return-value]
+
+
+def _check_train_split(ratio: Tuple[float, float, float], shards: int, shard_size: int, split_ratio: str) -> None:
+    # energon assigns int(shards * cumulative share) shards to each split, in order.
+    if int(shards * ratio[0] / sum(ratio)) < 1:
+        raise PrepareError(f"--split-ratio {split_ratio} leaves the train split no shard of the {shards} written; "
+                           f"lower --shard-size (now {shard_size}) or raise the train share")
 
 
 def _normalize(record: object, fmt: str) -> Tuple[dict, List[str], List[str]]:
     """Record -> (shard json without image info, image paths, conversions applied). Raises _Skip."""
     if isinstance(record, Exception):
         raise _Skip("malformed_line", str(record))
+    if isinstance(record, list):
+        raise _Skip("malformed_line", "expected a JSON object, got a list (a JSON array of records belongs in "
+                                      "a .json file)")
     if not isinstance(record, dict):
         raise _Skip("malformed_line", f"expected a JSON object, got {type(record).__name__}")
-    images = record.get("image", record.get("images", []))
-    images = [images] if isinstance(images, str) else list(images or [])
+    images = record.get("image", record.get("images"))
+    if images is None:
+        images = []
+    elif isinstance(images, str):
+        images = [images]
+    elif not isinstance(images, list):
+        raise _Skip("malformed_line", f"'image' must be a path or a list of paths, got {type(images).__name__}")
     if not all(isinstance(p, str) for p in images):
         raise _Skip("malformed_line", "image paths must be strings")
     if fmt == "caption":
@@ -99,7 +141,8 @@ def _normalize(record: object, fmt: str) -> Tuple[dict, List[str], List[str]]:
         return {"kind": "caption", "turns": [{"role": "caption", "text": caption.strip()}]}, images, []
     conversations = record.get("conversations")
     if not isinstance(conversations, list) or not conversations:
-        raise _Skip("malformed_line", "no conversations list")
+        keys = ", ".join(map(str, list(record)[:6])) or "none"
+        raise _Skip("malformed_line", f"no conversations list (the record's keys: {keys})")
     turns = []
     for turn in conversations:
         if not isinstance(turn, dict) or turn.get("from") not in _ROLES or not isinstance(turn.get("value"), str):
@@ -111,7 +154,9 @@ def _normalize(record: object, fmt: str) -> Tuple[dict, List[str], List[str]]:
     conversions = []
     if placeholders == 0 and images:
         # LLaVA/InternVL convention: images without placeholders go before the first user text.
-        first_user = next(t for t in turns if t["role"] == "user")
+        first_user = next((t for t in turns if t["role"] == "user"), None)
+        if first_user is None:
+            raise _Skip("placeholder_mismatch", f"{len(images)} images but no user turn to show them in")
         first_user["text"] = "\n".join([IMAGE_PLACEHOLDER] * len(images)) + "\n" + first_user["text"]
         conversions.append("added_image_placeholders")
     elif placeholders != len(images):
@@ -119,22 +164,87 @@ def _normalize(record: object, fmt: str) -> Tuple[dict, List[str], List[str]]:
     return {"kind": "conversation", "turns": turns}, images, conversions
 
 
-def _load_image(path: Path, max_pixels: int, verify_decode: bool) -> Tuple[bytes, int, int]:
-    if not path.is_file():
-        raise _Skip("missing_image", str(path))
-    data = path.read_bytes()
-    try:
-        width, height = read_image_size(data, max_pixels=max_pixels)
-        if verify_decode:
-            decode_rgb(data, max_pixels=max_pixels)
-    except ImageError as e:
-        raise _Skip(f"image_{e.reason}", f"{path}: {e}")
-    return data, width, height
+def _image_path(images_dir: Path, name: str, allow_outside: bool) -> Path:
+    """`name` under `images_dir`; absolute paths and `..` that leave the folder only when allowed."""
+    rel = os.path.normpath(name)
+    if not allow_outside and (os.path.isabs(name) or rel == ".." or rel.startswith(".." + os.sep)):
+        raise _Skip("outside_images", f"{name!r} is not inside --images {images_dir}; "
+                                      "pass --allow-outside-images to read it anyway")
+    return images_dir / name
+
+
+def _read_file(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+@dataclass(frozen=True)
+class _Reader:
+    """Everything a worker thread needs to turn one record into a shard entry."""
+
+    fmt: str
+    images_dir: Path
+    max_pixels: int
+    verify_decode: bool
+    allow_outside: bool
+    rules: TrainerRules
+    read_file: Callable[[Path], bytes]
+
+    def _image(self, path: Path) -> Tuple[bytes, int, int]:
+        try:
+            data = self.read_file(path)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise _Skip("missing_image", str(path)) from None
+        except OSError as e:  # permissions, I/O errors: this image only, not the whole run
+            raise _Skip("unreadable_image", f"{path}: {e.strerror or e}") from None
+        try:
+            width, height = read_image_size(data, max_pixels=self.max_pixels)
+            if self.verify_decode:
+                decode_rgb(data, max_pixels=self.max_pixels)
+        except ImageError as e:
+            raise _Skip(f"image_{e.reason}", f"{path}: {e}")
+        return data, width, height
+
+    def __call__(self, rec: Record) -> Union[SkippedRecord, Tuple[bytes, List[Tuple[bytes, str]], List[str]]]:
+        """(shard json, [(image bytes, extension)], conversions), or why the record is skipped."""
+        record = rec.value
+        try:
+            meta, paths, conversions = _normalize(record, self.fmt)
+            loaded = [self._image(_image_path(self.images_dir, p, self.allow_outside)) for p in paths]
+            meta.update(conversions=conversions, source=rec.source, id=record.get("id"), num_images=len(loaded),
+                        images=[{"width": w, "height": h, "format": _extension(p)}
+                                for (_, w, h), p in zip(loaded, paths)])
+            meta_json = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()
+            images = [(d, _extension(p)) for (d, _, _), p in zip(loaded, paths)]
+            rejected = self.rules.rejection(meta_json, images)
+            if rejected is not None:
+                raise _Skip(*rejected)
+        except _Skip as s:
+            rid = record.get("id") if isinstance(record, dict) else None
+            return SkippedRecord(rec.source, None if rid is None else str(rid), s.reason, s.detail)
+        return meta_json, images, conversions
 
 
 def _extension(path: str) -> str:
     ext = Path(path).suffix.lower().lstrip(".")
     return {"jpeg": "jpg"}.get(ext, ext) or "img"
+
+
+def bounded_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], window: int) -> Iterator[R]:
+    """`pool.map` in input order, but with at most `window` results submitted and not yet consumed,
+    so memory does not grow with the number of items (Executor.map submits them all at once)."""
+    if window < 1:
+        raise ValueError(f"window must be at least 1, got {window}")
+    pending: deque[Future] = deque()
+    try:
+        for item in items:
+            if len(pending) >= window:
+                yield pending.popleft().result()
+            pending.append(pool.submit(fn, item))
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:  # the consumer stopped early (an error): do not read what nobody will write
+            f.cancel()
 
 
 class _ShardWriter:
@@ -143,84 +253,150 @@ class _ShardWriter:
     def __init__(self, out_dir: Path, shard_size: int):
         self.out_dir, self.shard_size = out_dir, shard_size
         self.count, self.shards, self._tar = 0, 0, None
+        self.current = out_dir / "shard-000000.tar"  # the file being written, for error messages
 
     def _add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "", ""
         self._tar.addfile(info, io.BytesIO(data))
 
-    def write(self, meta: dict, images: List[Tuple[bytes, str]]) -> None:
+    def write(self, meta: Union[dict, bytes], images: List[Tuple[bytes, str]]) -> None:
         if self.count % self.shard_size == 0:
             self.close()
-            self._tar = tarfile.open(self.out_dir / f"shard-{self.shards:06d}.tar", "w", format=tarfile.USTAR_FORMAT)
+            self.current = self.out_dir / f"shard-{self.shards:06d}.tar"
+            self._tar = tarfile.open(self.current, "w", format=tarfile.USTAR_FORMAT)
             self.shards += 1
         key = f"{self.count:09d}"  # sortable and dot-free: WebDataset splits keys at the first dot
-        self._add(f"{key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode())
+        if isinstance(meta, dict):
+            meta = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()
+        self._add(f"{key}.json", meta)
         for i, (data, ext) in enumerate(images):
             self._add(f"{key}.img{i}.{ext}", data)
         self.count += 1
 
     def close(self) -> None:
         if self._tar is not None:
-            self._tar.close()
-            self._tar = None
+            tar, self._tar = self._tar, None
+            tar.close()
+
+    def abandon(self) -> None:
+        """Drop the open shard after a failure (its folder is deleted anyway)."""
+        try:
+            self.close()
+        except OSError:
+            pass
 
 
-def run_energon_prepare(out_dir: Path, split_ratio: str) -> None:
-    """energon's own preparation (index + split + dataset.yaml for cooked crude samples)."""
+def run_energon_prepare(out_dir: Path, split_ratio: str, name: Optional[Path] = None) -> None:
+    """energon's own preparation (index + split + dataset.yaml for cooked crude samples).
+
+    name: the folder to name in errors (the final path when `out_dir` is a staging folder)."""
     cmd = [sys.executable, "-m", "megatron.energon.cli.main", "prepare", str(out_dir), "--non-interactive",
            "--split-ratio", split_ratio, "--sample-type", "CrudeWebdataset", "--no-progress"]
     result = subprocess.run(cmd, capture_output=True, text=True)
+    output = "\n".join((result.stdout + result.stderr).strip().splitlines()[-5:])
+    name = name or out_dir
     if result.returncode != 0:
-        raise RuntimeError(f"energon prepare failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise PrepareError(f"energon prepare failed for {name} (exit code {result.returncode}):\n{output}")
+    # energon reports some problems (an invalid split) on stdout and still exits 0.
+    if not (Path(out_dir) / ".nv-meta" / "dataset.yaml").is_file():
+        raise PrepareError(f"energon prepare wrote no .nv-meta/dataset.yaml for {name}:\n{output}")
+
+
+def _check_arguments(fmt: str, shard_size: int, max_pixels: int, workers: int, split_ratio: str,
+                     num_shards: int, shard_index: int) -> Tuple[float, float, float]:
+    if fmt not in FORMATS:
+        raise PrepareError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    for flag, value in (("--shard-size", shard_size), ("--max-pixels", max_pixels), ("--workers", workers)):
+        if value < 1:
+            raise PrepareError(f"{flag} must be at least 1, got {value}")
+    check_shard(num_shards, shard_index)
+    return parse_split_ratio(split_ratio)
+
+
+def _check_inputs(input_path: Path, images_dir: Path) -> None:
+    if not input_path.is_file():
+        raise FileNotFoundError(f"--input {input_path} does not exist or is not a file")
+    if not os.access(input_path, os.R_OK):
+        raise PrepareError(f"--input {input_path} is not readable (permissions)")
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"--images {images_dir} does not exist or is not a folder")
+
+
+def _no_records_error(input_path: Path, report: PrepareReport, num_shards: int, shard_index: int) -> PrepareError:
+    where = f"{input_path}" + (f" (shard {shard_index} of {num_shards})" if num_shards > 1 else "")
+    if not report.skipped:
+        return PrepareError(f"no records in {where}: the file is empty")
+    reasons = ", ".join(f"{n} x {r}" for r, n in report.by_reason().most_common())
+    first = "\n".join(f"  {s.source}: {s.reason}: {s.detail}" for s in report.skipped[:3])
+    return PrepareError(f"no valid records in {where}; skipped {reasons}. The first:\n{first}")
+
+
+def _write_report(out_dir: Path, report: PrepareReport, shard: Tuple[int, int], rules: TrainerRules) -> None:
+    doc = {"written": report.written, "shards": report.shards, "converted": dict(report.converted),
+           "skipped_by_reason": dict(report.by_reason()), "skipped": [asdict(s) for s in report.skipped],
+           "input_shard": {"num_shards": shard[0], "shard_index": shard[1]}, "trainer_rules": rules.source}
+    (out_dir / REPORT_NAME).write_text(json.dumps(doc, indent=1, sort_keys=True))
+
+
+def _write_shards(stage: Path, records: Iterable[Record], reader: _Reader, shard_size: int, workers: int,
+                  window: int, progress: bool, out_name: Path) -> PrepareReport:
+    report = PrepareReport()
+    writer = _ShardWriter(stage, shard_size)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = bounded_map(pool, reader, records, window)
+            for result in tqdm(results, desc="prepare", unit=" records", disable=not progress):
+                if isinstance(result, SkippedRecord):
+                    report.skipped.append(result)
+                    logger.warning("skipped %s (id %s): %s: %s", result.source, result.id, result.reason,
+                                   result.detail)
+                    continue
+                meta_json, images, conversions = result
+                report.converted.update(conversions)
+                writer.write(meta_json, images)
+            writer.close()
+    except OSError as e:
+        writer.abandon()
+        if e.errno in _WRITE_ERRNOS:
+            raise OutputError(f"cannot write {out_name}/{writer.current.name}: {e.strerror}; free space there "
+                              "or choose another --out") from None
+        raise
+    except BaseException:
+        writer.abandon()
+        raise
+    report.written, report.shards = writer.count, writer.shards
+    return report
 
 
 def prepare(input_path: Path, images_dir: Path, out_dir: Path, fmt: str = "llava", shard_size: int = 1000,
             split_ratio: str = "1,0,0", max_pixels: int = 64_000_000, verify_decode: bool = False,
-            workers: int = 8, overwrite: bool = False, progress: bool = True) -> PrepareReport:
-    if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
-    if shard_size < 1:
-        raise ValueError("--shard-size must be at least 1")
+            workers: int = 8, overwrite: bool = False, progress: bool = True, num_shards: int = 1,
+            shard_index: int = 0, allow_outside_images: bool = False, rules: Optional[TrainerRules] = None,
+            max_in_flight: Optional[int] = None, read_file: Callable[[Path], bytes] = _read_file) -> PrepareReport:
+    """Write `input_path`'s records (shard `shard_index` of `num_shards`) as shards into `out_dir`.
+
+    rules: the trainer checks to apply (default: those that hold for every recipe).
+    max_in_flight: records read ahead of the writer (default 4 per worker).
+    read_file: how image files are read (tests inject one to watch the reads).
+    """
+    ratio = _check_arguments(fmt, shard_size, max_pixels, workers, split_ratio, num_shards, shard_index)
     input_path, images_dir, out_dir = Path(input_path), Path(images_dir), Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report = PrepareReport()
-    writer = _ShardWriter(out_dir, shard_size)
-
-    def load(item):
-        source, record = item
+    _check_inputs(input_path, images_dir)
+    check_separate(out_dir, input_files=[input_path], input_dirs=[images_dir])
+    check_out(out_dir, overwrite, is_prepared_output, "a sail-data prepare output")
+    rules = rules or TrainerRules.structural(max_pixels)
+    reader = _Reader(fmt, images_dir, max_pixels, verify_decode, allow_outside_images, rules, read_file)
+    window = max_in_flight or 4 * workers
+    with staged(out_dir) as stage:
+        records = read_records(input_path, num_shards, shard_index)
+        report = _write_shards(stage, records, reader, shard_size, workers, window, progress, out_dir)
+        if report.written == 0:
+            raise _no_records_error(input_path, report, num_shards, shard_index)
+        _check_train_split(ratio, report.shards, shard_size, split_ratio)
         try:
-            meta, paths, conversions = _normalize(record, fmt)
-            loaded = [_load_image(images_dir / p, max_pixels, verify_decode) for p in paths]
-        except _Skip as s:
-            rid = record.get("id") if isinstance(record, dict) else None
-            return source, None, SkippedRecord(source, None if rid is None else str(rid), s.reason, s.detail)
-        meta["conversions"] = conversions
-        meta.update(source=source, id=record.get("id"), num_images=len(loaded),
-                    images=[{"width": w, "height": h, "format": _extension(p)} for (_, w, h), p in zip(loaded, paths)])
-        return source, (meta, [(d, _extension(p)) for (d, _, _), p in zip(loaded, paths)]), None
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        # map() keeps input order, so shards are deterministic whatever the thread timing.
-        for source, item, skipped in tqdm(pool.map(load, _read_records(input_path)), desc="prepare",
-                                          unit=" records", disable=not progress):
-            if skipped is not None:
-                report.skipped.append(skipped)
-                logger.warning("skipped %s (id %s): %s: %s", skipped.source, skipped.id, skipped.reason, skipped.detail)
-            else:
-                report.converted.update(item[0]["conversions"])
-                writer.write(*item)
-    writer.close()
-    report.written, report.shards = writer.count, writer.shards
-    (out_dir / "prepare_report.json").write_text(json.dumps(
-        {"written": report.written, "shards": report.shards, "converted": dict(report.converted),
-         "skipped_by_reason": dict(report.by_reason()), "skipped": [asdict(s) for s in report.skipped]},
-        indent=1, sort_keys=True))
-    if report.written == 0:
-        raise ValueError(f"no valid records in {input_path}; see {out_dir / 'prepare_report.json'}")
-    run_energon_prepare(out_dir, split_ratio)
+            _write_report(stage, report, (num_shards, shard_index), rules)
+        except OSError as e:
+            raise OutputError(f"cannot write {out_dir / REPORT_NAME}: {e.strerror}") from None
+        run_energon_prepare(stage, split_ratio, name=out_dir)
     return report
