@@ -8,6 +8,11 @@ from sail_megatron.config.errors import ConfigError
 DECODERS = ("auto", "dali", "pil")
 
 
+DEFAULT_MAX_PIXELS = 64_000_000
+"""Largest image accepted (width x height), everywhere images are read: larger ones are skipped and
+counted. 64 MP keeps a decode well under a second and a few hundred MB."""
+
+
 @dataclass
 class DataConfig:
     path: str = ""
@@ -20,7 +25,7 @@ class DataConfig:
     max_tiles: int = 6
     """SAIL-VL trains with up to 6 tiles per image (10-12 in evaluation, up to 24 for documents)."""
     use_thumbnail: bool = True
-    max_pixels: int = 64_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     """Images whose header claims more pixels are skipped (decompression bombs)."""
     packing: bool = True
     """Pack several samples into each row (THD attention, per-sample RoPE); micro_batch_size must be 1."""

@@ -15,6 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
+from sail_megatron.config.data import DEFAULT_MAX_PIXELS
 from sail_megatron.data.blend import join_parts, write_blend
 from sail_megatron.data.out_dir import check_out, layout_matches, staged
 from sail_megatron.data.prepare import FORMATS, is_prepared_output, prepare
@@ -97,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, default="llava")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
     p.add_argument("--split-ratio", default="1,0,0", help="train,val,test shares of the shards")
-    p.add_argument("--max-pixels", type=int, default=64_000_000)
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.add_argument("--verify-decode", action="store_true", help="fully decode every image (slower)")
     p.add_argument("--workers", type=int, default=8, help="threads reading images")
     p.add_argument("--overwrite", action="store_true",

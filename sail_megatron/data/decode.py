@@ -17,6 +17,7 @@ from typing import Callable, List, Optional
 
 import torch
 
+from sail_megatron.config.data import DEFAULT_MAX_PIXELS
 from sail_megatron.data.batch import Batch
 from sail_megatron.data.decode_pil import PilTileDecoder
 from sail_megatron.data.image_io import ImageError
@@ -28,15 +29,17 @@ logger = logging.getLogger(__name__)
 TileDecoder = Callable[[List[bytes], List[TilePlan], int], torch.Tensor]
 
 
-def build_tile_decoder(kind: str, device: torch.device, dtype: torch.dtype = torch.float32) -> TileDecoder:
+def build_tile_decoder(kind: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                       max_pixels: int = DEFAULT_MAX_PIXELS) -> TileDecoder:
+    """max_pixels: the same limit the loader applied to the image headers (`data.max_pixels`)."""
     if kind == "auto":
         kind = "dali" if importlib.util.find_spec("nvidia.dali") is not None else "pil"
     if kind == "dali":
         from sail_megatron.data.decode_dali import DaliTileDecoder
 
-        return DaliTileDecoder(device, dtype=dtype)
+        return DaliTileDecoder(device, dtype=dtype, max_pixels=max_pixels)
     if kind == "pil":
-        pil = PilTileDecoder()
+        pil = PilTileDecoder(max_pixels)
         return lambda images, plans, tile_size: pil(images, plans, tile_size).to(device, dtype)
     raise ValueError(f"unknown tile decoder {kind!r}: use 'dali', 'pil' or 'auto'")
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sail_megatron.config.data import DEFAULT_MAX_PIXELS
 from sail_megatron.data.decode_pil import PilTileDecoder
 from sail_megatron.data.tiling import TilePlan
 from sail_megatron.kernels.tile_normalize import normalize_hwc, tiles_from_grid
@@ -55,7 +56,8 @@ def _dali_reason(error: Exception) -> str:
 class DaliTileDecoder:
     """Callable like PilTileDecoder: (images, plans, tile_size) -> normalized tiles [N, 3, S, S]."""
 
-    def __init__(self, device: torch.device, num_threads: int = 2, dtype: torch.dtype = torch.float32):
+    def __init__(self, device: torch.device, num_threads: int = 2, dtype: torch.dtype = torch.float32,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         self.device = torch.device(device)
         self.dali_device = "mixed" if self.device.type == "cuda" else "cpu"
         self.num_threads = num_threads
@@ -64,7 +66,7 @@ class DaliTileDecoder:
         self._tile_size: Optional[int] = None
         self._capacity = 0  # kept across rebuilds, so a rebuilt pipeline does not grow again from the minimum
         self.pipelines_built = 0
-        self._reference = PilTileDecoder()
+        self._reference = PilTileDecoder(max_pixels)
 
     def _pipeline(self, num_images: int, tile_size: int):
         if self._pipe is not None and self._capacity >= num_images and self._tile_size == tile_size:

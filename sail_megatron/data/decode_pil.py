@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sail_megatron.config.data import DEFAULT_MAX_PIXELS
 from sail_megatron.data.image_io import decode_rgb
 from sail_megatron.data.tiling import TilePlan
 from sail_megatron.kernels.tile_normalize import IMAGENET_MEAN, IMAGENET_STD, normalize_hwc_reference  # noqa: F401
@@ -48,7 +49,7 @@ class PilTileDecoder:
     The call signature is the tile-decoder interface; a DALI (GPU) decoder implements the same one.
     """
 
-    def __init__(self, max_pixels: int = 64_000_000, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS, dtype: torch.dtype = torch.float32) -> None:
         self.max_pixels = max_pixels
         self.dtype = dtype
 

@@ -17,6 +17,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageFile
 
+from sail_megatron.config.data import DEFAULT_MAX_PIXELS
+
 Reason = Literal["empty", "not_an_image", "truncated", "too_large", "unsupported"]
 
 # Formats whose pixel decoders we let untrusted bytes reach (e.g. EPS would shell out to Ghostscript).
@@ -116,7 +118,7 @@ def _open(data: bytes, max_pixels: int) -> tuple[ImageFile.ImageFile, int]:
         raise
 
 
-def read_image_size(data: bytes, max_pixels: int = 64_000_000) -> tuple[int, int]:
+def read_image_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """(width, height) as displayed (EXIF orientation applied), from the header only."""
     im, orientation = _open(data, max_pixels)
     width, height = im.size
@@ -215,7 +217,7 @@ def _decode_jpeg(data: bytes) -> Image.Image:
     return full
 
 
-def decode_rgb(data: bytes, max_pixels: int = 64_000_000) -> Image.Image:
+def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Fully decode to an upright 8-bit RGB image; truncated or corrupt pixel data raises.
 
     Relies on ImageFile.LOAD_TRUNCATED_IMAGES being False (PIL's default), so a short file

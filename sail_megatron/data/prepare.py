@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Iterator, List, Optional, Tuple, TypeVar,
 
 from tqdm import tqdm
 
+from sail_megatron.config.data import DEFAULT_MAX_PIXELS
 from sail_megatron.data.image_io import ImageError, decode_rgb, read_image_size
 from sail_megatron.data.out_dir import OutputError, check_out, check_separate, layout_matches, staged
 from sail_megatron.data.records import Record, check_shard, read_records
@@ -370,7 +371,7 @@ def _write_shards(stage: Path, records: Iterable[Record], reader: _Reader, shard
 
 
 def prepare(input_path: Path, images_dir: Path, out_dir: Path, fmt: str = "llava", shard_size: int = 1000,
-            split_ratio: str = "1,0,0", max_pixels: int = 64_000_000, verify_decode: bool = False,
+            split_ratio: str = "1,0,0", max_pixels: int = DEFAULT_MAX_PIXELS, verify_decode: bool = False,
             workers: int = 8, overwrite: bool = False, progress: bool = True, num_shards: int = 1,
             shard_index: int = 0, allow_outside_images: bool = False, rules: Optional[TrainerRules] = None,
             max_in_flight: Optional[int] = None, read_file: Callable[[Path], bytes] = _read_file) -> PrepareReport:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from sail_megatron.config.data import DataConfig
+from sail_megatron.config.data import DEFAULT_MAX_PIXELS, DataConfig
 from sail_megatron.data.sample import cook_vl_sample
 from sail_megatron.data.task_encoder import PaddedTaskEncoder
 from sail_megatron.data.tokenizer import TokenIds
@@ -54,7 +54,7 @@ class TrainerRules:
     source: str  # what the budgets come from, for the report
 
     @classmethod
-    def structural(cls, max_pixels: int = 64_000_000) -> "TrainerRules":
+    def structural(cls, max_pixels: int = DEFAULT_MAX_PIXELS) -> "TrainerRules":
         cfg = DataConfig(path="-", tokenizer="-", seq_length=_UNBOUNDED, max_tiles_per_pack=_UNBOUNDED,
                          max_pixels=max_pixels, packing=False)
         return cls(_Probe(cfg, _UntokenizedText(), tile_size=448, tokens_per_tile=1), "no recipe")

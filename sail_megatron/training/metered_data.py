@@ -26,8 +26,8 @@ def build_loader(cfg, tokenizer, device, state=None):
                                 seed=cfg.run.seed, state=state)
     # Every stage reads the same micro-batches (the schedules call next() on each), but only the first
     # runs the vision encoder: later stages skip decoding and the copy of the tiles to the device.
-    materialize = BatchMaterializer(build_tile_decoder(cfg.data.decoder, device), tile, device, model.tokens_per_tile,
-                                    tokenizer.ids.img_context,
+    decoder = build_tile_decoder(cfg.data.decoder, device, max_pixels=cfg.data.max_pixels)
+    materialize = BatchMaterializer(decoder, tile, device, model.tokens_per_tile, tokenizer.ids.img_context,
                                     decode_images=parallel_state.is_pipeline_first_stage(ignore_virtual=True))
     return loader, materialize
 
