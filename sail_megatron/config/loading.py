@@ -120,7 +120,3 @@ def load_yaml(path: Path) -> Dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(str(path), "a recipe must be a YAML mapping", "start the file with top-level keys")
     return data
-
-
-def to_dict(obj) -> Dict[str, Any]:
-    return dataclasses.asdict(obj)

@@ -143,9 +143,6 @@ class SafetensorsFolder:
         return {n: i.shape for n, i in self.tensors.items()}
 
     @property
-    def total_bytes(self) -> int:
-        return sum(i.nbytes for i in self.tensors.values())
-
     def read(self, name: str) -> torch.Tensor:
         """A fresh tensor holding `name`'s data (nothing stays mapped)."""
         info = self.tensors[name]
