@@ -13,6 +13,7 @@ they stay compiled and the interpreter cannot call them. Our own helpers get re-
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Iterator, Literal
 
 import torch
@@ -23,21 +24,21 @@ from triton.runtime.jit import JITFunction
 Impl = Literal["auto", "triton", "reference"]
 IMPLS: tuple[str, ...] = ("auto", "triton", "reference")
 
-# What callers asking for "auto" get; `prefer()` changes it process-wide (benchmarks compare the two).
-_auto_choice: str = "auto"
+# What callers asking for "auto" get inside a `prefer()` block (benchmarks compare the two); a context
+# variable, so a block changes only its own thread or task.
+_auto_choice: ContextVar[str] = ContextVar("sail_megatron_kernel_impl", default="auto")
 
 
 @contextmanager
 def prefer(impl: str) -> Iterator[None]:
     """Within the block, kernels called with impl='auto' use `impl` ('triton' or 'reference')."""
-    global _auto_choice
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    previous, _auto_choice = _auto_choice, impl
+    token = _auto_choice.set(impl)
     try:
         yield
     finally:
-        _auto_choice = previous
+        _auto_choice.reset(token)
 
 
 def use_triton(impl: str, kernel: object, *tensors: torch.Tensor) -> bool:
@@ -50,7 +51,7 @@ def use_triton(impl: str, kernel: object, *tensors: torch.Tensor) -> bool:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     on_cuda = all(t.is_cuda for t in tensors)
     if impl == "auto":
-        impl = _auto_choice
+        impl = _auto_choice.get()
     if impl == "reference":
         return False
     if impl == "auto":

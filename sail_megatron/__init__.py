@@ -7,3 +7,10 @@ __version__ = "0.1.0"
 # megatron-core warns on import when apex or Transformer Engine is absent, once per module and rank;
 # our one `backends:` log line (sail_megatron.platform.backends) reports the same fact.
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*(not installed|Falling back)")
+
+# Installs map the top-level kernels/ folder to sail_megatron.kernels (setup.py package_dir). When this
+# package is imported from a source checkout (tests run from the repo with a non-editable install, or
+# no install at all), let the checkout's kernels/ be found under the same name, without importing it now.
+_checkout = __import__("pathlib").Path(__file__).resolve().parent.parent
+if (_checkout / "kernels" / "__init__.py").is_file() and not (_checkout / "sail_megatron" / "kernels").exists():
+    __path__.append(str(_checkout))

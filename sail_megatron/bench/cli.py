@@ -119,7 +119,7 @@ def main(argv=None) -> None:
             p.error(f"{flag} {out}: {problem}")  # before minutes of measuring, not after
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         p.error("--peak-tflops must be > 0")
-    env, cfg, tokenizer = start(args, needs_data=args.data == "real")
+    env, cfg, tokenizer = start(args, needs_data=args.data == "real", loads_checkpoints=False)  # random weights
     init_distributed(cfg.parallel, seed=cfg.run.seed)
     try:
         peaks = device_peak_flops(cfg.precision, args.peak_tflops)

@@ -142,7 +142,6 @@ class SafetensorsFolder:
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
         return {n: i.shape for n, i in self.tensors.items()}
 
-    @property
     def read(self, name: str) -> torch.Tensor:
         """A fresh tensor holding `name`'s data (nothing stays mapped)."""
         info = self.tensors[name]

@@ -21,9 +21,10 @@ from sail_megatron.training.run_dir import complete_checkpoints
 logger = logging.getLogger("sail_megatron.train")
 
 
-def prepare_config(args, world_size: int, needs_data: bool = True):
+def prepare_config(args, world_size: int, needs_data: bool = True, loads_checkpoints: bool = True):
     """Everything that can be wrong with the recipe fails here, on every rank, before any collective.
-    needs_data: False for runs on synthetic rows (sail-bench), which never read data.path."""
+    needs_data: False for runs on synthetic rows, which never read data.path; loads_checkpoints: False
+    for runs that start from random weights whatever the recipe says (sail-bench)."""
     cfg = load_train_config(args.config, args.overrides)
     tokenizer = _load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.language.vocab_size:
@@ -38,7 +39,7 @@ def prepare_config(args, world_size: int, needs_data: bool = True):
     # The checkpoint this run will load, complete and readable (the run's own newest, else init_from).
     own = complete_checkpoints(Path(cfg.run.save_dir))
     start_from = own[-1] if own else cfg.run.init_from
-    if start_from:
+    if start_from and loads_checkpoints:
         check_checkpoint(start_from)
     return cfg, tokenizer
 
@@ -64,7 +65,7 @@ def build_training(cfg: TrainConfig, device):
     return setup_training(model, cfg.optim, cfg.parallel, cfg.precision)
 
 
-def start(args, needs_data: bool = True):
+def start(args, needs_data: bool = True, loads_checkpoints: bool = True):
     """Logging for this rank, then the recipe resolved and validated: (env, cfg, tokenizer). A bad
     recipe exits with code 2 here, before any process group exists, so no rank can hang."""
     env = read_dist_env()
@@ -74,7 +75,7 @@ def start(args, needs_data: bool = True):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
     try:
-        cfg, tokenizer = prepare_config(args, env.world_size, needs_data)
+        cfg, tokenizer = prepare_config(args, env.world_size, needs_data, loads_checkpoints)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         logger.error("%s", e)
         sys.exit(2)

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from sail_megatron.config.data import DEFAULT_MAX_PIXELS
 from sail_megatron.data.batch import Batch
 from sail_megatron.data.decode import BatchMaterializer
 from sail_megatron.data.task_encoder import RawBatch
@@ -97,7 +98,7 @@ def test_build_loader_decodes_only_on_the_first_pipeline_stage(monkeypatch, firs
     monkeypatch.setattr(parallel_state, "is_pipeline_first_stage", lambda ignore_virtual=False: first_stage)
     monkeypatch.setattr(loader_module, "build_train_loader", lambda *a, **k: [_packed_raw()])
     cfg = SimpleNamespace(model=SimpleNamespace(vision=SimpleNamespace(image_size=TILE), tokens_per_tile=PER_TILE),
-                          data=SimpleNamespace(decoder="pil"), run=SimpleNamespace(seed=0))
+                          data=SimpleNamespace(decoder="pil", max_pixels=DEFAULT_MAX_PIXELS), run=SimpleNamespace(seed=0))
     tokenizer = SimpleNamespace(ids=SimpleNamespace(img_context=IMG))
     _, materialize = build_loader(cfg, tokenizer, torch.device("cpu"))
     assert materialize.decode_images is first_stage
