@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 DEMO_DATA ?= demo_data
 
-.PHONY: demo stages test lint venv clean gpu-check
+.PHONY: demo stages test lint format venv clean gpu-check
 
 venv: $(STAMP)
 
@@ -43,9 +43,16 @@ stages: $(STAMP) $(DEMO_DATA)/blend.yaml
 test: lint
 	$(PY) -m pytest -q
 
-# ruff's lint rules (pyproject.toml): undefined names, unused imports, style errors, import order.
+# ruff (pyproject.toml): lint rules (undefined names, unused imports, style errors, import order) and the
+# formatter's layout; `make format` applies both fixes.
+LINTED := sail_megatron kernels tools tests benchmarks
 lint: $(STAMP)
-	$(VENV)/bin/ruff check sail_megatron kernels tools tests benchmarks
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix $(LINTED)
+	$(VENV)/bin/ruff format $(LINTED)
 
 # On a machine with a CUDA GPU (about 6-8 minutes on one H100/H200): the GPU tests, Transformer Engine vs local
 # layers, bf16 and FP8 training throughput and MFU, compiled Triton kernels, DALI decoding and CPU-written

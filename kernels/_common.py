@@ -57,8 +57,10 @@ def use_triton(impl: str, kernel: object, *tensors: torch.Tensor) -> bool:
     if impl == "auto":
         return on_cuda
     if not on_cuda and isinstance(kernel, JITFunction):  # compiled (not interpreted) kernel, host tensors
-        raise ValueError("impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                         "sail_megatron.kernels is imported (Triton's CPU interpreter)")
+        raise ValueError(
+            "impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+            "sail_megatron.kernels is imported (Triton's CPU interpreter)"
+        )
     return True
 
 

@@ -32,8 +32,9 @@ def _row_source_map(n: int, positions: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _merge_fwd_kernel(text_ptr, vision_ptr, src_ptr, out_ptr, N, H, s_text, s_vision, s_out,
-                      BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+def _merge_fwd_kernel(
+    text_ptr, vision_ptr, src_ptr, out_ptr, N, H, s_text, s_vision, s_out, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr
+):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_ok = rows < N
@@ -49,9 +50,21 @@ def _merge_fwd_kernel(text_ptr, vision_ptr, src_ptr, out_ptr, N, H, s_text, s_vi
 
 
 @triton.jit
-def _merge_bwd_kernel(grad_ptr, src_ptr, grad_text_ptr, grad_vision_ptr, N, H, s_grad, s_gt, s_gv,
-                      WRITE_TEXT: tl.constexpr, WRITE_VISION: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+def _merge_bwd_kernel(
+    grad_ptr,
+    src_ptr,
+    grad_text_ptr,
+    grad_vision_ptr,
+    N,
+    H,
+    s_grad,
+    s_gt,
+    s_gv,
+    WRITE_TEXT: tl.constexpr,
+    WRITE_VISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_ok = rows < N
@@ -80,8 +93,19 @@ def _merge_fwd_triton(text: torch.Tensor, vision: torch.Tensor, src: torch.Tenso
     out = torch.empty_like(text, memory_format=torch.contiguous_format)
     if n and h:
         grid, block_r, block_h = _grid_and_blocks(n, h)
-        _merge_fwd_kernel[grid](text, vision, src, out, n, h, text.stride(0), vision.stride(0), out.stride(0),
-                                BLOCK_R=block_r, BLOCK_H=block_h)
+        _merge_fwd_kernel[grid](
+            text,
+            vision,
+            src,
+            out,
+            n,
+            h,
+            text.stride(0),
+            vision.stride(0),
+            out.stride(0),
+            BLOCK_R=block_r,
+            BLOCK_H=block_h,
+        )
     return out
 
 
@@ -102,30 +126,47 @@ class _MergeVision(torch.autograd.Function):
         grad_text = torch.empty_like(grad_out) if want_text else None
         # Zeros, not empty: a vision row dropped through a -1 slot is in no output row, the kernel never
         # writes its gradient, and that gradient is 0.
-        grad_vision = (torch.zeros(ctx.vision_shape, dtype=ctx.vision_dtype, device=grad_out.device)
-                       if want_vision else None)
+        grad_vision = (
+            torch.zeros(ctx.vision_shape, dtype=ctx.vision_dtype, device=grad_out.device) if want_vision else None
+        )
         if n and h and (want_text or want_vision):
             grid, block_r, block_h = _grid_and_blocks(n, h)
             # Unused outputs get grad_out as a never-written placeholder pointer.
             gt = grad_text if want_text else grad_out
             gv = grad_vision if want_vision else grad_out
-            _merge_bwd_kernel[grid](grad_out, src, gt, gv, n, h, grad_out.stride(0), gt.stride(0), gv.stride(0),
-                                    WRITE_TEXT=want_text, WRITE_VISION=want_vision,
-                                    BLOCK_R=block_r, BLOCK_H=block_h)
+            _merge_bwd_kernel[grid](
+                grad_out,
+                src,
+                gt,
+                gv,
+                n,
+                h,
+                grad_out.stride(0),
+                gt.stride(0),
+                gv.stride(0),
+                WRITE_TEXT=want_text,
+                WRITE_VISION=want_vision,
+                BLOCK_R=block_r,
+                BLOCK_H=block_h,
+            )
         return grad_text, grad_vision, None
 
 
 def _validate(text: torch.Tensor, vision: torch.Tensor, positions: torch.Tensor) -> None:
     if text.dim() != 2 or vision.dim() != 2:
-        raise ValueError(f"merge_vision: text and vision must be 2-D [rows, hidden], got {tuple(text.shape)} "
-                         f"and {tuple(vision.shape)}")
+        raise ValueError(
+            f"merge_vision: text and vision must be 2-D [rows, hidden], got {tuple(text.shape)} "
+            f"and {tuple(vision.shape)}"
+        )
     if text.shape[1] != vision.shape[1]:
         raise ValueError(f"merge_vision: hidden sizes differ: text {text.shape[1]} vs vision {vision.shape[1]}")
     if not (text.is_floating_point() and vision.is_floating_point()):
         raise ValueError(f"merge_vision: text and vision must be floating point, got {text.dtype} and {vision.dtype}")
     if positions.dim() != 1 or positions.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"merge_vision: positions must be a 1-D int64/int32 tensor, got "
-                         f"{positions.dtype} of shape {tuple(positions.shape)}")
+        raise ValueError(
+            f"merge_vision: positions must be a 1-D int64/int32 tensor, got "
+            f"{positions.dtype} of shape {tuple(positions.shape)}"
+        )
     if positions.numel() != vision.shape[0]:
         raise ValueError(f"merge_vision: {positions.numel()} positions for {vision.shape[0]} vision rows")
     if vision.shape[0] > text.shape[0]:
@@ -138,8 +179,9 @@ def _validate(text: torch.Tensor, vision: torch.Tensor, positions: torch.Tensor)
             raise ValueError("merge_vision: positions must be unique and sorted ascending")
 
 
-def merge_vision(text: torch.Tensor, vision: torch.Tensor, positions: torch.Tensor,
-                 impl: Impl = "auto") -> torch.Tensor:
+def merge_vision(
+    text: torch.Tensor, vision: torch.Tensor, positions: torch.Tensor, impl: Impl = "auto"
+) -> torch.Tensor:
     """text [N, H], vision [M, H], positions [M] -> [N, H] in text's dtype, differentiable in text and vision."""
     _validate(text, vision, positions)
     if not use_triton(impl, _merge_fwd_kernel, text, vision, positions):

@@ -19,8 +19,9 @@ from sail_megatron.kernels._common import Impl, add_combine, block_size, check_s
 _MAX_BLOCK = 1024  # tokens per program; the scan in between then covers N/1024 counts
 
 
-def packed_metadata_reference(tokens: torch.Tensor, cu_seqlens: torch.Tensor,
-                              image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_metadata_reference(
+    tokens: torch.Tensor, cu_seqlens: torch.Tensor, image_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch (repeat_interleave and nonzero sync on a GPU; fine for a reference)."""
     n = tokens.numel()
     cu = cu_seqlens.long()
@@ -31,8 +32,9 @@ def packed_metadata_reference(tokens: torch.Tensor, cu_seqlens: torch.Tensor,
 
 
 @triton.jit
-def _positions_and_count_kernel(tokens_ptr, cu_ptr, pos_ptr, counts_ptr, N, B, search_steps, image_token_id,
-                                BLOCK: tl.constexpr):
+def _positions_and_count_kernel(
+    tokens_ptr, cu_ptr, pos_ptr, counts_ptr, N, B, search_steps, image_token_id, BLOCK: tl.constexpr
+):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     # Vectorised binary search for the sample of each token: the last s in [0, B) with cu[s] <= i.
@@ -60,8 +62,9 @@ def _write_image_positions_kernel(tokens_ptr, block_start_ptr, out_ptr, N, M, im
     tl.store(out_ptr + dst, offs.to(tl.int64), mask=(is_img > 0) & (dst < M))  # dst < M: a too-small hint
 
 
-def _packed_metadata_triton(tokens: torch.Tensor, cu_seqlens: torch.Tensor, image_token_id: int,
-                            num_image_tokens: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _packed_metadata_triton(
+    tokens: torch.Tensor, cu_seqlens: torch.Tensor, image_token_id: int, num_image_tokens: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     n, dev = tokens.numel(), tokens.device
     position_ids = torch.empty(n, dtype=torch.int64, device=dev)
     block = block_size(n, _MAX_BLOCK)  # smaller only for short inputs (N < 1024)
@@ -70,8 +73,9 @@ def _packed_metadata_triton(tokens: torch.Tensor, cu_seqlens: torch.Tensor, imag
     b = cu_seqlens.numel() - 1
     if n:
         steps = max(1, (b - 1).bit_length())  # ceil(log2(B)) halvings of [0, B)
-        _positions_and_count_kernel[(n_blocks,)](tokens, cu_seqlens, position_ids, counts, n, b, steps,
-                                                 image_token_id, BLOCK=block)
+        _positions_and_count_kernel[(n_blocks,)](
+            tokens, cu_seqlens, position_ids, counts, n, b, steps, image_token_id, BLOCK=block
+        )
     block_start = torch.cumsum(counts, 0) - counts
     m = int(counts.sum()) if num_image_tokens is None else num_image_tokens  # the one host sync, if no hint
     # -1 fill with a hint: if it is larger than the true count, the tail is recognisably invalid, not garbage.
@@ -80,33 +84,44 @@ def _packed_metadata_triton(tokens: torch.Tensor, cu_seqlens: torch.Tensor, imag
     else:
         image_positions = torch.full((m,), -1, dtype=torch.int64, device=dev)
     if n and m:
-        _write_image_positions_kernel[(n_blocks,)](tokens, block_start, image_positions, n, m, image_token_id,
-                                                   BLOCK=block)
+        _write_image_positions_kernel[(n_blocks,)](
+            tokens, block_start, image_positions, n, m, image_token_id, BLOCK=block
+        )
     return position_ids, image_positions
 
 
 def _validate(tokens: torch.Tensor, cu_seqlens: torch.Tensor, num_image_tokens: int | None) -> None:
     int_types = (torch.int64, torch.int32)
     if tokens.dim() != 1 or tokens.dtype not in int_types:
-        raise ValueError(f"packed_metadata: tokens must be a 1-D int64/int32 tensor, got {tokens.dtype} "
-                         f"of shape {tuple(tokens.shape)}")
+        raise ValueError(
+            f"packed_metadata: tokens must be a 1-D int64/int32 tensor, got {tokens.dtype} "
+            f"of shape {tuple(tokens.shape)}"
+        )
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in int_types:
-        raise ValueError(f"packed_metadata: cu_seqlens must be a 1-D int32/int64 tensor of B+1 >= 2 offsets, "
-                         f"got {cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
+        raise ValueError(
+            f"packed_metadata: cu_seqlens must be a 1-D int32/int64 tensor of B+1 >= 2 offsets, "
+            f"got {cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}"
+        )
     check_same_device("packed_metadata", tokens, cu_seqlens)
     if num_image_tokens is not None and num_image_tokens < 0:
         raise ValueError(f"packed_metadata: num_image_tokens must be >= 0, got {num_image_tokens}")
     if not cu_seqlens.is_cuda:  # value checks only where they cost no device sync
         n = tokens.numel()
         if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n:
-            raise ValueError(f"packed_metadata: cu_seqlens must run from 0 to N={n}, got "
-                             f"{int(cu_seqlens[0])}..{int(cu_seqlens[-1])}")
+            raise ValueError(
+                f"packed_metadata: cu_seqlens must run from 0 to N={n}, got {int(cu_seqlens[0])}..{int(cu_seqlens[-1])}"
+            )
         if bool((cu_seqlens.diff() < 0).any()):
             raise ValueError("packed_metadata: cu_seqlens must be non-decreasing")
 
 
-def packed_metadata(tokens: torch.Tensor, cu_seqlens: torch.Tensor, image_token_id: int, impl: Impl = "auto",
-                    num_image_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_metadata(
+    tokens: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    image_token_id: int,
+    impl: Impl = "auto",
+    num_image_tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens [N], cu_seqlens [B+1] -> (position_ids [N] int64, image_positions [M] int64 ascending).
 
     num_image_tokens: optional known M; saves the Triton path its host sync. If it is wrong the result is

@@ -20,7 +20,7 @@ PS_VERSIONS: tuple[str, ...] = ("v1", "v2")
 def pixel_shuffle_reference(x: torch.Tensor, downsample_ratio: float = 0.5, ps_version: str = "v2") -> torch.Tensor:
     """InternVL's pixel shuffle, copied line for line."""
     n, num_patches, c = x.shape
-    g = int(round(num_patches ** 0.5))
+    g = int(round(num_patches**0.5))
     r = downsample_ratio
     x = x.reshape(n, g, g, c)
     x = x.view(n, g, int(g * r), int(c / r))
@@ -32,8 +32,27 @@ def pixel_shuffle_reference(x: torch.Tensor, downsample_ratio: float = 0.5, ps_v
 
 
 @triton.jit
-def _pixel_shuffle_kernel(x_ptr, o_ptr, sxb, sxt, sxc, sob, sot, soc, T_out, n_tb, C_out, c, g, G, k,
-                          V2: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr):
+def _pixel_shuffle_kernel(
+    x_ptr,
+    o_ptr,
+    sxb,
+    sxt,
+    sxc,
+    sob,
+    sot,
+    soc,
+    T_out,
+    n_tb,
+    C_out,
+    c,
+    g,
+    G,
+    k,
+    V2: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+):
     # Tiles walk the output [n, T_out, C_out]; program 0-axis = (tile, token block), 1-axis = channel block.
     b = (tl.program_id(0) // n_tb).to(tl.int64)
     t = (tl.program_id(0) % n_tb) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -64,8 +83,23 @@ def _launch(x: torch.Tensor, o: torch.Tensor, g: int, k: int, v2: bool, backward
     block_t = block_size(max(1, 4096 // block_q), triton.next_power_of_2(t_out))
     n_tb = triton.cdiv(t_out, block_t)  # token blocks per tile
     grid = (n * n_tb, triton.cdiv(c_out, block_q))
-    _pixel_shuffle_kernel[grid](x, o, *x.stride(), *o.stride(), t_out, n_tb, c_out, x.shape[2], g, g // k, k,
-                                V2=v2, BACKWARD=backward, BLOCK_T=block_t, BLOCK_Q=block_q)
+    _pixel_shuffle_kernel[grid](
+        x,
+        o,
+        *x.stride(),
+        *o.stride(),
+        t_out,
+        n_tb,
+        c_out,
+        x.shape[2],
+        g,
+        g // k,
+        k,
+        V2=v2,
+        BACKWARD=backward,
+        BLOCK_T=block_t,
+        BLOCK_Q=block_q,
+    )
 
 
 class _PixelShuffle(torch.autograd.Function):
@@ -91,7 +125,7 @@ def _validate(x: torch.Tensor, downsample_ratio: float, ps_version: str) -> tupl
     if ps_version not in PS_VERSIONS:
         raise ValueError(f"pixel_shuffle: ps_version must be one of {PS_VERSIONS}, got {ps_version!r}")
     n, num_patches, c = x.shape
-    g = int(round(num_patches ** 0.5))
+    g = int(round(num_patches**0.5))
     if g * g != num_patches:
         raise ValueError(f"pixel_shuffle needs a square patch grid, got {num_patches} patches")
     if not 0 < downsample_ratio <= 1:
@@ -100,18 +134,23 @@ def _validate(x: torch.Tensor, downsample_ratio: float, ps_version: str) -> tupl
     if abs(k * downsample_ratio - 1) > 1e-6:
         raise ValueError(f"pixel_shuffle: downsample_ratio must be 1/k for an integer k, got {downsample_ratio}")
     if g % k:
-        raise ValueError(f"pixel_shuffle: the {g}x{g} patch grid does not split into {k}x{k} blocks "
-                         f"(downsample_ratio {downsample_ratio})")
+        raise ValueError(
+            f"pixel_shuffle: the {g}x{g} patch grid does not split into {k}x{k} blocks "
+            f"(downsample_ratio {downsample_ratio})"
+        )
     # The reference's int(g*r), int(c/r), int(c/r^2) must come out exact, or its views disagree with k.
     r = downsample_ratio
     if int(g * r) != g // k or int(c / r) != c * k or int(c / (r * r)) != c * k * k:
-        raise ValueError(f"pixel_shuffle: downsample_ratio {downsample_ratio} is not exact in floating point "
-                         f"for g={g}, c={c}; use 0.5 / 0.25 or a grid where int(g*r) == g/k")
+        raise ValueError(
+            f"pixel_shuffle: downsample_ratio {downsample_ratio} is not exact in floating point "
+            f"for g={g}, c={c}; use 0.5 / 0.25 or a grid where int(g*r) == g/k"
+        )
     return g, k
 
 
-def pixel_shuffle(x: torch.Tensor, downsample_ratio: float = 0.5, ps_version: str = "v2",
-                  impl: Impl = "auto") -> torch.Tensor:
+def pixel_shuffle(
+    x: torch.Tensor, downsample_ratio: float = 0.5, ps_version: str = "v2", impl: Impl = "auto"
+) -> torch.Tensor:
     """[n, g*g, c] -> [n, (g*r)^2, c/r^2], bit-identical to InternVL's; differentiable."""
     g, k = _validate(x, downsample_ratio, ps_version)
     if not use_triton(impl, _pixel_shuffle_kernel, x):

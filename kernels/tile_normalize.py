@@ -21,17 +21,27 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 OUT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def normalize_hwc_reference(tiles: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
-                            std: Sequence[float] = IMAGENET_STD, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def normalize_hwc_reference(
+    tiles: torch.Tensor,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """[n, S, S, 3] uint8 -> [n, 3, S, S] ((x/255 - mean)/std) in fp32, then cast to dtype."""
     m = torch.tensor(mean, dtype=torch.float32, device=tiles.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=tiles.device).view(1, 3, 1, 1)
     return ((tiles.permute(0, 3, 1, 2).float() / 255 - m) / s).to(dtype)
 
 
-def tiles_from_grid_reference(image: torch.Tensor, rows: int, cols: int, tile_size: int,
-                              mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def tiles_from_grid_reference(
+    image: torch.Tensor,
+    rows: int,
+    cols: int,
+    tile_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """[rows*S, cols*S, 3] uint8 -> [rows*cols, 3, S, S]: cut row-major, then normalise."""
     s = tile_size
     tiles = image.reshape(rows, s, cols, s, 3).permute(0, 2, 1, 3, 4).reshape(rows * cols, s, s, 3)
@@ -39,8 +49,24 @@ def tiles_from_grid_reference(image: torch.Tensor, rows: int, cols: int, tile_si
 
 
 @triton.jit
-def _normalize_tiles_kernel(img_ptr, out_ptr, cols, tile_row_stride, tile_col_stride, s_y, s_x, s_c, S,
-                            scale0, scale1, scale2, shift0, shift1, shift2, BLOCK: tl.constexpr):
+def _normalize_tiles_kernel(
+    img_ptr,
+    out_ptr,
+    cols,
+    tile_row_stride,
+    tile_col_stride,
+    s_y,
+    s_x,
+    s_c,
+    S,
+    scale0,
+    scale1,
+    scale2,
+    shift0,
+    shift1,
+    shift2,
+    BLOCK: tl.constexpr,
+):
     # Program (k, p): BLOCK pixels of tile k; reads the 3 interleaved bytes, writes the 3 planes.
     k = tl.program_id(0)
     p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -59,9 +85,20 @@ def _normalize_tiles_kernel(img_ptr, out_ptr, cols, tile_row_stride, tile_col_st
     tl.store(dst + 2 * S * S, cast_rne(v * scale2 + shift2, dtype), mask=ok)
 
 
-def _launch(src: torch.Tensor, n_tiles: int, cols: int, tile_row_stride: int, tile_col_stride: int,
-            s_y: int, s_x: int, s_c: int, tile_size: int, mean: Sequence[float], std: Sequence[float],
-            dtype: torch.dtype) -> torch.Tensor:
+def _launch(
+    src: torch.Tensor,
+    n_tiles: int,
+    cols: int,
+    tile_row_stride: int,
+    tile_col_stride: int,
+    s_y: int,
+    s_x: int,
+    s_c: int,
+    tile_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    dtype: torch.dtype,
+) -> torch.Tensor:
     out = torch.empty((n_tiles, 3, tile_size, tile_size), dtype=dtype, device=src.device)
     if n_tiles and tile_size:
         # Fold in double precision, hand over as fp32 scalars.
@@ -69,8 +106,9 @@ def _launch(src: torch.Tensor, n_tiles: int, cols: int, tile_row_stride: int, ti
         shift = [-float(mu) / float(sd) for mu, sd in zip(mean, std)]
         block = min(1024, triton.next_power_of_2(tile_size * tile_size))
         grid = (n_tiles, triton.cdiv(tile_size * tile_size, block))
-        _normalize_tiles_kernel[grid](src, out, cols, tile_row_stride, tile_col_stride, s_y, s_x, s_c, tile_size,
-                                      *scale, *shift, BLOCK=block)
+        _normalize_tiles_kernel[grid](
+            src, out, cols, tile_row_stride, tile_col_stride, s_y, s_x, s_c, tile_size, *scale, *shift, BLOCK=block
+        )
     return out
 
 
@@ -85,26 +123,41 @@ def _check_common(name: str, x: torch.Tensor, mean: Sequence[float], std: Sequen
         raise ValueError(f"{name}: dtype must be one of {OUT_DTYPES}, got {dtype}")
 
 
-def tiles_from_grid(image: torch.Tensor, rows: int, cols: int, tile_size: int,
-                    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                    dtype: torch.dtype = torch.float32, impl: Impl = "auto") -> torch.Tensor:
+def tiles_from_grid(
+    image: torch.Tensor,
+    rows: int,
+    cols: int,
+    tile_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    dtype: torch.dtype = torch.float32,
+    impl: Impl = "auto",
+) -> torch.Tensor:
     """image [rows*S, cols*S, 3] uint8 (HWC) -> [rows*cols, 3, S, S] normalised tiles of dtype."""
     _check_common("tiles_from_grid", image, mean, std, dtype)
     if rows < 1 or cols < 1 or tile_size < 1:
         raise ValueError(f"tiles_from_grid: rows, cols, tile_size must be >= 1, got {rows}, {cols}, {tile_size}")
     expected = (rows * tile_size, cols * tile_size, 3)
     if tuple(image.shape) != expected:
-        raise ValueError(f"tiles_from_grid: a {rows}x{cols} grid of {tile_size}px tiles needs an image of shape "
-                         f"{expected} (HWC), got {tuple(image.shape)}")
+        raise ValueError(
+            f"tiles_from_grid: a {rows}x{cols} grid of {tile_size}px tiles needs an image of shape "
+            f"{expected} (HWC), got {tuple(image.shape)}"
+        )
     if not use_triton(impl, _normalize_tiles_kernel, image):
         return tiles_from_grid_reference(image, rows, cols, tile_size, mean, std, dtype)
     s_h, s_w, s_c = image.stride()
-    return _launch(image, rows * cols, cols, tile_size * s_h, tile_size * s_w, s_h, s_w, s_c, tile_size,
-                   mean, std, dtype)
+    return _launch(
+        image, rows * cols, cols, tile_size * s_h, tile_size * s_w, s_h, s_w, s_c, tile_size, mean, std, dtype
+    )
 
 
-def normalize_hwc(tiles: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                  dtype: torch.dtype = torch.float32, impl: Impl = "auto") -> torch.Tensor:
+def normalize_hwc(
+    tiles: torch.Tensor,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    dtype: torch.dtype = torch.float32,
+    impl: Impl = "auto",
+) -> torch.Tensor:
     """tiles [n, S, S, 3] uint8 (HWC) -> [n, 3, S, S] normalised, of dtype."""
     _check_common("normalize_hwc", tiles, mean, std, dtype)
     if tiles.dim() != 4 or tiles.shape[3] != 3 or tiles.shape[1] != tiles.shape[2]:

@@ -61,8 +61,11 @@ def _load(field: str, path, cfg: TrainConfig, chunks, *optimizer_and_scheduler):
         if "shape mismatch" not in str(e).lower():
             raise
         saved = dist_checkpointing.load_common_state_dict(str(directory)).get("common", {}).get("model_config")
-        fix = ("use a new run.save_dir, or run.init_from to start from those weights" if field == "run.save_dir"
-               else "point run.init_from at a checkpoint of this model, or change the model to match it")
+        fix = (
+            "use a new run.save_dir, or run.init_from to start from those weights"
+            if field == "run.save_dir"
+            else "point run.init_from at a checkpoint of this model, or change the model to match it"
+        )
         raise another_model_error(field, directory, saved, cfg.model, fix) from None
 
 
@@ -93,23 +96,50 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
     dp_size = parallel_state.get_data_parallel_world_size()
     num_micro = cfg.num_microbatches(env.world_size)
     loader, materialize = build_loader(cfg, tokenizer, env.device, state=loader_state)
-    data = MeteredData(from_loader(loader, materialize), cfg.model, Trains.from_freeze(cfg.freeze),
-                       cfg.parallel.tensor_model_parallel_size)
-    monitor = TrainingMonitor(save_dir, run.train_steps, start, run.log_interval,
-                              device_peak_flops(cfg.precision, run.peak_tflops),
-                              tensorboard=run.tensorboard)
-    logger.info("training %s (%s) steps %d..%d: world %d = TP %d x PP %d x DP %d, %d micro-batches per step",
-                config_path, cfg.model_preset, start, run.train_steps, env.world_size,
-                cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size, dp_size, num_micro)
+    data = MeteredData(
+        from_loader(loader, materialize),
+        cfg.model,
+        Trains.from_freeze(cfg.freeze),
+        cfg.parallel.tensor_model_parallel_size,
+    )
+    monitor = TrainingMonitor(
+        save_dir,
+        run.train_steps,
+        start,
+        run.log_interval,
+        device_peak_flops(cfg.precision, run.peak_tflops),
+        tensorboard=run.tensorboard,
+    )
+    logger.info(
+        "training %s (%s) steps %d..%d: world %d = TP %d x PP %d x DP %d, %d micro-batches per step",
+        config_path,
+        cfg.model_preset,
+        start,
+        run.train_steps,
+        env.world_size,
+        cfg.parallel.tensor_model_parallel_size,
+        cfg.parallel.pipeline_model_parallel_size,
+        dp_size,
+        num_micro,
+    )
 
     def save(step: int) -> None:
         (samples,) = sum_over_data_parallel([data.samples_consumed])
         try:
-            save_checkpoint(save_dir, step, chunks, optimizer, scheduler, keep_last=run.keep_last,
-                            common={"consumed_rows": step * run.global_batch_size,
-                                    "consumed_samples": samples_before + int(samples),
-                                    "model_config": dataclasses.asdict(cfg.model)},
-                            rank_state={"loader": loader.save_state_rank()})
+            save_checkpoint(
+                save_dir,
+                step,
+                chunks,
+                optimizer,
+                scheduler,
+                keep_last=run.keep_last,
+                common={
+                    "consumed_rows": step * run.global_batch_size,
+                    "consumed_samples": samples_before + int(samples),
+                    "model_config": dataclasses.asdict(cfg.model),
+                },
+                rank_state={"loader": loader.save_state_rank()},
+            )
         except Exception as e:
             raise SaveFailed(describe_save_failure(save_dir, step, e)) from e
 
@@ -117,28 +147,46 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
     try:
         while step < run.train_steps:
             began = time.perf_counter()
-            result = train_step(chunks, optimizer, scheduler, data, num_micro, cfg.data.seq_length,
-                                cfg.data.micro_batch_size)
+            result = train_step(
+                chunks, optimizer, scheduler, data, num_micro, cfg.data.seq_length, cfg.data.micro_batch_size
+            )
             step += 1
-            monitor.end_step(step, result, time.perf_counter() - began, data.take_tally(),
-                             part_learning_rates(scheduler, cfg.optim), materialize.skipped)
+            monitor.end_step(
+                step,
+                result,
+                time.perf_counter() - began,
+                data.take_tally(),
+                part_learning_rates(scheduler, cfg.optim),
+                materialize.skipped,
+            )
             in_a_row = in_a_row + 1 if result.skipped else 0
             if result.skipped and env.is_main:
-                logger.warning("step %d: non-finite loss (%s) or gradient: update skipped (%d in a row, limit %d)",
-                               step, result.loss, in_a_row, run.max_nonfinite_steps)
+                logger.warning(
+                    "step %d: non-finite loss (%s) or gradient: update skipped (%d in a row, limit %d)",
+                    step,
+                    result.loss,
+                    in_a_row,
+                    run.max_nonfinite_steps,
+                )
             elif result.overflow and env.is_main:
-                logger.info("step %d: fp16 gradients overflowed: update skipped, loss scale now %g",
-                            step, result.loss_scale)
+                logger.info(
+                    "step %d: fp16 gradients overflowed: update skipped, loss scale now %g", step, result.loss_scale
+                )
             if in_a_row >= run.max_nonfinite_steps:
-                raise NonFiniteStop(f"{in_a_row} consecutive steps had a non-finite loss or gradient (last at step "
-                                    f"{step}); stopping without saving: resume from the last checkpoint in {save_dir} "
-                                    "with a lower optim.lr or check the data")
+                raise NonFiniteStop(
+                    f"{in_a_row} consecutive steps had a non-finite loss or gradient (last at step "
+                    f"{step}); stopping without saving: resume from the last checkpoint in {save_dir} "
+                    "with a lower optim.lr or check the data"
+                )
             stopping = stop.agreed()
             if step % run.save_interval == 0 or step == run.train_steps or stopping:
                 save(step)
             if stopping:
-                logger.warning("received %s: saved the checkpoint at step %d; exiting", stop.received or "a stop signal "
-                               "on another rank", step)
+                logger.warning(
+                    "received %s: saved the checkpoint at step %d; exiting",
+                    stop.received or "a stop signal on another rank",
+                    step,
+                )
                 break
     finally:
         monitor.close()
@@ -159,8 +207,11 @@ def main(argv=None) -> None:
     try:
         init_distributed(cfg.parallel, seed=cfg.run.seed)
     except dist.DistNetworkError as e:
-        logger.error("cannot start the process group: %s. Fix: if the port is in use (another training on this "
-                     "host?), set MASTER_PORT to a free port or pass torchrun --master-port", str(e).splitlines()[0])
+        logger.error(
+            "cannot start the process group: %s. Fix: if the port is in use (another training on this "
+            "host?), set MASTER_PORT to a free port or pass torchrun --master-port",
+            str(e).splitlines()[0],
+        )
         sys.exit(2)
     try:
         train(cfg, tokenizer, args.config)

@@ -43,11 +43,23 @@ def write_random_checkpoint(folder: Path, seed: int = 0) -> int:
     for name, shape in shapes.items():
         writer.write(name, (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16))
     writer.close()
-    template = {"llm_config": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
-                               "torch_dtype": "bfloat16", "use_sliding_window": False},
-                "vision_config": {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
-                                  "hidden_act": "gelu", "num_channels": 3},
-                "template": "internvl2_5", "force_image_size": 448}
+    template = {
+        "llm_config": {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "hidden_act": "silu",
+            "torch_dtype": "bfloat16",
+            "use_sliding_window": False,
+        },
+        "vision_config": {
+            "architectures": ["InternVisionModel"],
+            "model_type": "intern_vit_6b",
+            "hidden_act": "gelu",
+            "num_channels": 3,
+        },
+        "template": "internvl2_5",
+        "force_image_size": 448,
+    }
     write_json(folder / "config.json", hf_config_from_model(cfg, template, "bf16"))
     return writer.total
 
@@ -115,8 +127,10 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         size = write_random_checkpoint(work / "hf")
-        print(f"random sail-vl-2b checkpoint: {size / 1e9:.2f} GB bf16 written in {time.perf_counter() - t0:.0f} s",
-              flush=True)
+        print(
+            f"random sail-vl-2b checkpoint: {size / 1e9:.2f} GB bf16 written in {time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
         tool = [sys.executable, str(ROOT / "tools" / "sail_convert.py")]
         to_mcore = ["hf-to-mcore", "--hf", str(work / "hf"), "--out", str(work / "mcore")]
         to_hf = ["mcore-to-hf", "--ckpt", str(work / "mcore"), "--out", str(work / "hf2")]
@@ -126,8 +140,10 @@ def main() -> None:
         config_same = configs[0] == configs[1]
         print(f"{'command':<14}{'wall s':>8}{'peak PSS GB':>13}{'ratio':>7}{'peak RSS GB':>13}{'ratio':>7}")
         for name, r in rows:
-            print(f"{name:<14}{r['seconds']:>8.1f}{r['peak_pss'] / 1e9:>13.2f}{r['peak_pss'] / size:>7.2f}"
-                  f"{r['peak_rss'] / 1e9:>13.2f}{r['peak_rss'] / size:>7.2f}")
+            print(
+                f"{name:<14}{r['seconds']:>8.1f}{r['peak_pss'] / 1e9:>13.2f}{r['peak_pss'] / size:>7.2f}"
+                f"{r['peak_rss'] / 1e9:>13.2f}{r['peak_rss'] / size:>7.2f}"
+            )
         print(f"round trip: {count} tensors bitwise equal: {same}; config.json identical: {config_same}")
         print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}")
     finally:

@@ -44,15 +44,26 @@ def _child(src: Path, images: Path, out: Path, workers: int, unbounded: bool) ->
     report = prepare_module.prepare(src, images, out, workers=workers, shard_size=100, progress=False)
     wall, cpu1 = time.perf_counter() - start, os.times()
     self_cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
-    print(json.dumps({"written": report.written, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "wall_s": wall, "energon_s": energon["s"], "cpu_s": self_cpu}))
+    print(
+        json.dumps(
+            {
+                "written": report.written,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "wall_s": wall,
+                "energon_s": energon["s"],
+                "cpu_s": self_cpu,
+            }
+        )
+    )
 
 
 def _measure(root: Path, n: int, workers: int, unbounded: bool) -> dict:
     images = root / "images"
     src = root / f"in{n}.jsonl"
-    record = {"conversations": [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "Noise."}],
-              "image": "big.bmp"}
+    record = {
+        "conversations": [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "Noise."}],
+        "image": "big.bmp",
+    }
     src.write_text("".join(json.dumps({**record, "id": str(i)}) + "\n" for i in range(n)))
     out = root / f"out{n}"
     cmd = [sys.executable, __file__, "--child", str(src), str(images), str(out), str(workers)]
@@ -83,15 +94,20 @@ def main() -> None:
         size_mb = (root / "images" / "big.bmp").stat().st_size / 1e6
         mode = "unbounded (Executor.map)" if args.unbounded else f"bounded (window {4 * args.workers})"
         print(f"image {size_mb:.2f} MB per record, {args.workers} workers, read-ahead {mode}")
-        print(f"{'records':>8} {'peak RSS MB':>12} {'wall s':>8} {'shards s':>9} {'samples/s':>10} "
-              f"{'samples/CPU-s':>14}")
+        print(
+            f"{'records':>8} {'peak RSS MB':>12} {'wall s':>8} {'shards s':>9} {'samples/s':>10} {'samples/CPU-s':>14}"
+        )
         for n in args.sizes:
             f = _measure(root, n, args.workers, args.unbounded)
             shards_s = f["wall_s"] - f["energon_s"]
-            print(f"{f['written']:8d} {f['peak_rss_mb']:12.0f} {f['wall_s']:8.2f} {shards_s:9.2f} "
-                  f"{f['written'] / shards_s:10.0f} {f['written'] / f['cpu_s']:14.0f}")
-        print("shards s: the prepare process without energon's indexing subprocess; samples/CPU-s: samples per "
-              "second of one core (user + system time of the prepare process)")
+            print(
+                f"{f['written']:8d} {f['peak_rss_mb']:12.0f} {f['wall_s']:8.2f} {shards_s:9.2f} "
+                f"{f['written'] / shards_s:10.0f} {f['written'] / f['cpu_s']:14.0f}"
+            )
+        print(
+            "shards s: the prepare process without energon's indexing subprocess; samples/CPU-s: samples per "
+            "second of one core (user + system time of the prepare process)"
+        )
 
 
 if __name__ == "__main__":

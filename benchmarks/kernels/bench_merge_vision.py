@@ -28,13 +28,21 @@ def main() -> None:
             vision = torch.randn(m, h, device=dev, dtype=torch.bfloat16)
             positions = torch.randperm(N, device=dev)[:m].sort().values
             if on_cuda():  # never time something wrong
-                assert torch.equal(merge_vision(text, vision, positions, impl="triton"),
-                                   merge_vision_reference(text, vision, positions))
+                assert torch.equal(
+                    merge_vision(text, vision, positions, impl="triton"),
+                    merge_vision_reference(text, vision, positions),
+                )
             el = 2  # bf16
             fwd_bytes = ((N - m) * h + m * h + N * h) * el  # read kept text rows + vision, write out
-            results.append(run_case(f"fwd N={N} H={h} M={m}", fwd_bytes,
-                                    lambda: merge_vision(text, vision, positions, impl="reference"),
-                                    lambda: merge_vision(text, vision, positions, impl="triton"), iters=iters))
+            results.append(
+                run_case(
+                    f"fwd N={N} H={h} M={m}",
+                    fwd_bytes,
+                    lambda: merge_vision(text, vision, positions, impl="reference"),
+                    lambda: merge_vision(text, vision, positions, impl="triton"),
+                    iters=iters,
+                )
+            )
             # Backward alone: grad_out -> grad_text (N rows) + grad_vision (M rows).
             grad = torch.randn(N, h, device=dev, dtype=torch.bfloat16)
             graphs = {}
@@ -47,8 +55,15 @@ def main() -> None:
                 out, t, v = graphs[impl]
                 torch.autograd.grad(out, (t, v), grad, retain_graph=True)
 
-            results.append(run_case(f"bwd N={N} H={h} M={m}", bwd_bytes, lambda: backward("reference"),
-                                    lambda: backward("triton"), iters=iters))
+            results.append(
+                run_case(
+                    f"bwd N={N} H={h} M={m}",
+                    bwd_bytes,
+                    lambda: backward("reference"),
+                    lambda: backward("triton"),
+                    iters=iters,
+                )
+            )
     print_table("merge_vision (bf16)", results)
 
 

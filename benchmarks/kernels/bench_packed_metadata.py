@@ -30,13 +30,25 @@ def main() -> None:
             want = packed_metadata_reference(tokens, cu, IMG)
             assert all(torch.equal(a, b) for a, b in zip(got, want))
         nbytes = n * 8 + cu.numel() * 4 + n * 8 + m * 8  # read tokens + cu_seqlens, write positions + indices
-        results.append(run_case(f"N={n} M={m}", nbytes, lambda: packed_metadata(tokens, cu, IMG, impl="reference"),
-                                lambda: packed_metadata(tokens, cu, IMG, impl="triton"), iters=iters))
+        results.append(
+            run_case(
+                f"N={n} M={m}",
+                nbytes,
+                lambda: packed_metadata(tokens, cu, IMG, impl="reference"),
+                lambda: packed_metadata(tokens, cu, IMG, impl="triton"),
+                iters=iters,
+            )
+        )
         if on_cuda():  # the hint only changes the Triton path (no host sync); on CPU this row would repeat
-            results.append(run_case(f"N={n} M={m}, count given (no sync)", nbytes,
-                                    lambda: packed_metadata(tokens, cu, IMG, impl="reference"),
-                                    lambda: packed_metadata(tokens, cu, IMG, impl="triton", num_image_tokens=m),
-                                    iters=iters))
+            results.append(
+                run_case(
+                    f"N={n} M={m}, count given (no sync)",
+                    nbytes,
+                    lambda: packed_metadata(tokens, cu, IMG, impl="reference"),
+                    lambda: packed_metadata(tokens, cu, IMG, impl="triton", num_image_tokens=m),
+                    iters=iters,
+                )
+            )
     print_table("packed_metadata (int64 tokens)", results)
 
 

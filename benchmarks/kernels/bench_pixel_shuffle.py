@@ -28,9 +28,15 @@ def main() -> None:
             assert torch.equal(pixel_shuffle(x, impl="triton"), pixel_shuffle_reference(x))
         nbytes = 2 * x.numel() * x.element_size()  # read every element once, write it once
         name = str(dtype).replace("torch.", "")
-        results.append(run_case(f"fwd n={n} g={g} c={c} {name}", nbytes,
-                                lambda: pixel_shuffle(x, impl="reference"), lambda: pixel_shuffle(x, impl="triton"),
-                                iters=iters))
+        results.append(
+            run_case(
+                f"fwd n={n} g={g} c={c} {name}",
+                nbytes,
+                lambda: pixel_shuffle(x, impl="reference"),
+                lambda: pixel_shuffle(x, impl="triton"),
+                iters=iters,
+            )
+        )
         grad = torch.randn(n, (g // 2) ** 2, 4 * c, device=dev, dtype=dtype)
         graphs = {}
         for impl in ("reference", "triton") if on_cuda() else ("reference",):
@@ -42,8 +48,15 @@ def main() -> None:
             torch.autograd.grad(out, leaf, grad, retain_graph=True)
 
         # The gradient of the CLS slice adds a zero-fill + copy into full; the table counts only the shuffle.
-        results.append(run_case(f"bwd n={n} g={g} c={c} {name}", nbytes, lambda: backward("reference"),
-                                lambda: backward("triton"), iters=iters))
+        results.append(
+            run_case(
+                f"bwd n={n} g={g} c={c} {name}",
+                nbytes,
+                lambda: backward("reference"),
+                lambda: backward("triton"),
+                iters=iters,
+            )
+        )
     print_table("pixel_shuffle (ratio 0.5, v2)", results)
 
 

@@ -32,18 +32,36 @@ def main() -> None:
         el = torch.empty(0, dtype=dtype).element_size()
         name = str(dtype).replace("torch.", "")
         if on_cuda():
-            torch.testing.assert_close(tiles_from_grid(image, ROWS, COLS, S, dtype=dtype, impl="triton"),
-                                       tiles_from_grid_reference(image, ROWS, COLS, S, dtype=dtype),
-                                       atol=1e-6, rtol=2.0 ** -7)
-            torch.testing.assert_close(normalize_hwc(tiles, dtype=dtype, impl="triton"),
-                                       normalize_hwc_reference(tiles, dtype=dtype), atol=1e-6, rtol=2.0 ** -7)
-        results.append(run_case(f"tiles_from_grid {ROWS}x{COLS}x{S} {name}", image.numel() * (1 + el),
-                                lambda: tiles_from_grid(image, ROWS, COLS, S, dtype=dtype, impl="reference"),
-                                lambda: tiles_from_grid(image, ROWS, COLS, S, dtype=dtype, impl="triton"),
-                                iters=iters))
-        results.append(run_case(f"normalize_hwc {tiles.shape[0]}x{S} {name}", tiles.numel() * (1 + el),
-                                lambda: normalize_hwc(tiles, dtype=dtype, impl="reference"),
-                                lambda: normalize_hwc(tiles, dtype=dtype, impl="triton"), iters=iters))
+            torch.testing.assert_close(
+                tiles_from_grid(image, ROWS, COLS, S, dtype=dtype, impl="triton"),
+                tiles_from_grid_reference(image, ROWS, COLS, S, dtype=dtype),
+                atol=1e-6,
+                rtol=2.0**-7,
+            )
+            torch.testing.assert_close(
+                normalize_hwc(tiles, dtype=dtype, impl="triton"),
+                normalize_hwc_reference(tiles, dtype=dtype),
+                atol=1e-6,
+                rtol=2.0**-7,
+            )
+        results.append(
+            run_case(
+                f"tiles_from_grid {ROWS}x{COLS}x{S} {name}",
+                image.numel() * (1 + el),
+                lambda: tiles_from_grid(image, ROWS, COLS, S, dtype=dtype, impl="reference"),
+                lambda: tiles_from_grid(image, ROWS, COLS, S, dtype=dtype, impl="triton"),
+                iters=iters,
+            )
+        )
+        results.append(
+            run_case(
+                f"normalize_hwc {tiles.shape[0]}x{S} {name}",
+                tiles.numel() * (1 + el),
+                lambda: normalize_hwc(tiles, dtype=dtype, impl="reference"),
+                lambda: normalize_hwc(tiles, dtype=dtype, impl="triton"),
+                iters=iters,
+            )
+        )
     print_table("tile normalize (uint8 HWC -> CHW)", results)
 
 

@@ -56,8 +56,14 @@ class Result:
     triton_s: float | None  # None where no GPU: Triton is not timed
 
 
-def run_case(case: str, bytes_moved: int, reference: Callable[[], object], triton: Callable[[], object],
-             warmup: int = 5, iters: int = 20) -> Result:
+def run_case(
+    case: str,
+    bytes_moved: int,
+    reference: Callable[[], object],
+    triton: Callable[[], object],
+    warmup: int = 5,
+    iters: int = 20,
+) -> Result:
     """Time the reference always, Triton only on CUDA."""
     ref_s = time_fn(reference, warmup, iters)
     tri_s = time_fn(triton, warmup, iters) if on_cuda() else None
@@ -82,8 +88,10 @@ def print_table(title: str, results: list[Result]) -> None:
             line += f" {'-':>10} {'-':>12} {'-':>12} {'-':>11}"
         else:
             tri = _gbps(r.bytes_moved, r.triton_s)
-            line += (f" {r.triton_s * 1e3:>10.3f} {tri:>12.1f} {100 * tri * 1e9 / H100_PEAK_BYTES_PER_S:>11.1f}%"
-                     f" {r.reference_s / r.triton_s:>10.2f}x")
+            line += (
+                f" {r.triton_s * 1e3:>10.3f} {tri:>12.1f} {100 * tri * 1e9 / H100_PEAK_BYTES_PER_S:>11.1f}%"
+                f" {r.reference_s / r.triton_s:>10.2f}x"
+            )
         print(line)
     if not on_cuda():
         print("Triton columns need a CUDA GPU (the CPU interpreter is for correctness, not timing): reference only.")

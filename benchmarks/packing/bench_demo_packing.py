@@ -25,13 +25,21 @@ from tests.data.test_packing import first_fit_decreasing  # noqa: E402
 
 def sample_counts(dataset: Path, tokenizer, tile: int, per_tile: int, max_tiles: int, seq: int, n: int):
     """(tokens, tiles) of the first n samples of one epoch (padded loader, no shuffle: each sample once)."""
-    cfg = DataConfig(path=str(dataset), tokenizer="-", seq_length=seq, micro_batch_size=1, max_tiles=max_tiles,
-                     num_workers=0, shuffle_buffer_size=0, packing=False)
+    cfg = DataConfig(
+        path=str(dataset),
+        tokenizer="-",
+        seq_length=seq,
+        micro_batch_size=1,
+        max_tiles=max_tiles,
+        num_workers=0,
+        shuffle_buffer_size=0,
+        packing=False,
+    )
     it = iter(build_train_loader(cfg, tokenizer, tile, per_tile))
     counts = []
     for _ in range(n):
         raw = next(it)
-        (_, start, end), = raw.spans
+        ((_, start, end),) = raw.spans
         counts.append((end - start, raw.num_tiles))
     return counts
 
@@ -47,8 +55,10 @@ def main() -> None:
 
         root = build_demo(Path(tempfile.mkdtemp()) / "demo")
     tokenizer = load_tokenizer(root / "raw" / "tokenizer")
-    shapes = {"tiny (112 px, 16 tok/tile, seq 512)": (112, 16, 4, 512, 24),
-              "SAIL-VL (448 px, 256 tok/tile, seq 4096)": (448, 256, 6, 4096, 40)}
+    shapes = {
+        "tiny (112 px, 16 tok/tile, seq 512)": (112, 16, 4, 512, 24),
+        "SAIL-VL (448 px, 256 tok/tile, seq 4096)": (448, 256, 6, 4096, 40),
+    }
     print(f"{'shapes':<42}{'planner':<22}{'packs':>6}{'util':>9}{'max/mean':>10}")
     for name, (tile, per_tile, max_tiles, seq, pack_tiles) in shapes.items():
         counts = []

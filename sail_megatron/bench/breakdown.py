@@ -17,11 +17,23 @@ VISION = "vision-forward"
 PHASES = {
     "forward": ["forward-compute"],
     "backward": ["backward-compute"],
-    "pipeline_p2p": ["forward-recv", "forward-send", "backward-recv", "backward-send", "forward-send-backward-recv",
-                     "backward-send-forward-recv"],
+    "pipeline_p2p": [
+        "forward-recv",
+        "forward-send",
+        "backward-recv",
+        "backward-send",
+        "forward-send-backward-recv",
+        "backward-send-forward-recv",
+    ],
     "grad_sync": ["all-grads-sync", "embedding-grads-all-reduce", "non-tensor-parallel-grads-all-reduce"],
-    "optimizer": ["optimizer-copy-to-main-grad", "optimizer-unscale-and-check-inf", "optimizer-clip-main-grad",
-                  "optimizer-count-zeros", "optimizer-inner-step", "optimizer-copy-main-to-model-params"],
+    "optimizer": [
+        "optimizer-copy-to-main-grad",
+        "optimizer-unscale-and-check-inf",
+        "optimizer-clip-main-grad",
+        "optimizer-count-zeros",
+        "optimizer-inner-step",
+        "optimizer-copy-main-to-model-params",
+    ],
     "param_gather": ["params-all-gather"],
 }
 

@@ -73,7 +73,12 @@ def _layout_problem(cfg: TrainConfig, backends) -> str:
 
 
 def _ratios(results: Dict[str, Dict]) -> Dict[str, float]:
-    pairs = [("packed", "padded"), ("dali", "pil"), ("triton-kernels", "reference-kernels"), ("te-layers", "local-layers")]
+    pairs = [
+        ("packed", "padded"),
+        ("dali", "pil"),
+        ("triton-kernels", "reference-kernels"),
+        ("te-layers", "local-layers"),
+    ]
     out = {}
     for a, b in pairs:
         if a in results and b in results and "skipped" not in results[a] and "skipped" not in results[b]:
@@ -97,16 +102,20 @@ def _output_problem(path: Optional[str]) -> Optional[str]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[1].splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     p.add_argument("--config", required=True)
     p.add_argument("--steps", type=int, default=10, help="measured steps per variant")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (compilation, caches)")
     p.add_argument("--breakdown-steps", type=int, default=3, help="extra timed steps for the breakdown (0: none)")
     p.add_argument("--data", choices=("synthetic", "real"), default="synthetic")
     p.add_argument("--compare", action="append", choices=COMPARISONS, default=[])
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="per-device dense bf16/fp16 peak (default: from the GPU name)")
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="per-device dense bf16/fp16 peak (default: from the GPU name)"
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
@@ -123,25 +132,40 @@ def main(argv=None) -> None:
     init_distributed(cfg.parallel, seed=cfg.run.seed)
     try:
         peaks = device_peak_flops(cfg.precision, args.peak_tflops)
-        settings = BenchSettings(steps=args.steps, warmup=args.warmup, breakdown_steps=args.breakdown_steps,
-                                 data=args.data, peaks=peaks)
+        settings = BenchSettings(
+            steps=args.steps, warmup=args.warmup, breakdown_steps=args.breakdown_steps, data=args.data, peaks=peaks
+        )
         results = {}
         for name, variant, context, why in _variants(cfg, args.compare, args.data):
             if why:
                 results[name] = {"skipped": why}
                 continue
             if env.is_main:
-                logger.info("measuring %s: %d warmup + %d steps + %d timed", name, args.warmup, args.steps,
-                            args.breakdown_steps)
+                logger.info(
+                    "measuring %s: %d warmup + %d steps + %d timed", name, args.warmup, args.steps, args.breakdown_steps
+                )
             with context:
                 results[name] = measure(variant, tokenizer, settings)
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads/rank)"
-        doc = {"config": args.config, "overrides": args.overrides, "data": args.data, "device": device,
-               "world_size": env.world_size, "date": datetime.date.today().isoformat(),
-               "peak_tflops_per_device": peaks.bf16 / 1e12 if peaks.bf16 else None,
-               "peak_tflops_per_device_fp8": peaks.fp8 / 1e12 if peaks.fp8 else None, "precision": cfg.precision.dtype,
-               "fp8": cfg.precision.fp8, "results": results, "ratios": _ratios(results),
-               "resolved_config": dataclasses.asdict(cfg)}
+        device = (
+            torch.cuda.get_device_name()
+            if torch.cuda.is_available()
+            else f"CPU ({torch.get_num_threads()} threads/rank)"
+        )
+        doc = {
+            "config": args.config,
+            "overrides": args.overrides,
+            "data": args.data,
+            "device": device,
+            "world_size": env.world_size,
+            "date": datetime.date.today().isoformat(),
+            "peak_tflops_per_device": peaks.bf16 / 1e12 if peaks.bf16 else None,
+            "peak_tflops_per_device_fp8": peaks.fp8 / 1e12 if peaks.fp8 else None,
+            "precision": cfg.precision.dtype,
+            "fp8": cfg.precision.fp8,
+            "results": results,
+            "ratios": _ratios(results),
+            "resolved_config": dataclasses.asdict(cfg),
+        }
         if env.is_main:
             print(table(results), flush=True)
             for k, v in doc["ratios"].items():

@@ -44,8 +44,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 TE_REQUIREMENT = "transformer-engine[pytorch]>=2.9,<2.12"  # what megatron-core 0.16 supports
-TE_MISSING = ("Transformer Engine is not importable ({error}); `make gpu-check INSTALL_TE=1` installs it "
-              f"(pip install --no-build-isolation '{TE_REQUIREMENT}')")
+TE_MISSING = (
+    "Transformer Engine is not importable ({error}); `make gpu-check INSTALL_TE=1` installs it "
+    f"(pip install --no-build-isolation '{TE_REQUIREMENT}')"
+)
 DEFAULT_BUDGET_S = 450  # the whole check, from the start (probe, parts); the last part may be cut short
 MIN_START_S = 30  # a part is not started with less budget than this left
 LOG_TAIL_LINES = 40
@@ -77,6 +79,7 @@ MAX_DECODE_MEAN_LEVELS = 2.0
 # ------------------------------------------------------------------------------------------------------------
 # Parts and their results
 # ------------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Context:
@@ -149,8 +152,13 @@ def run_part(part: Part, ctx: Context, timeout_s: float) -> PartResult:
         argv = part.command(ctx)
     except Exception as e:  # a part that cannot even say what to run (missing input)
         return PartResult(part.name, part.title, "failed", reason=f"{type(e).__name__}: {e}")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           **part.extra_env}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        **part.extra_env,
+    }
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):  # a worker is a world of its own
         env.pop(var, None)
     result = PartResult(part.name, part.title, "failed", command=" ".join(argv), log=str(log_path))
@@ -158,8 +166,9 @@ def run_part(part: Part, ctx: Context, timeout_s: float) -> PartResult:
     with open(log_path, "w") as log:
         log.write(f"$ {result.command}\n")
         log.flush()
-        proc = subprocess.Popen(argv, cwd=ctx.root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv, cwd=ctx.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             result.returncode = proc.wait(timeout=timeout_s)
             result.status = "passed" if result.returncode == 0 else "failed"
@@ -181,8 +190,9 @@ def run_part(part: Part, ctx: Context, timeout_s: float) -> PartResult:
     return result
 
 
-def run_parts(parts: Sequence[Part], ctx: Context, budget_s: float,
-              on_done: Optional[Callable[[PartResult], None]] = None) -> List[PartResult]:
+def run_parts(
+    parts: Sequence[Part], ctx: Context, budget_s: float, on_done: Optional[Callable[[PartResult], None]] = None
+) -> List[PartResult]:
     """Every part in order, whatever happened to the previous ones, within one time budget."""
     deadline = time.monotonic() + budget_s
     te_ok = bool(ctx.env.get("transformer_engine"))
@@ -190,13 +200,21 @@ def run_parts(parts: Sequence[Part], ctx: Context, budget_s: float,
     for part in parts:
         left = deadline - time.monotonic()
         if part.needs_te and not te_ok:
-            result = PartResult(part.name, part.title, "skipped",
-                                reason=TE_MISSING.format(error=ctx.env.get(
-                                    "transformer_engine_error",
-                                    "the environment probe failed" if "probe_error" in ctx.env else "not installed")))
+            result = PartResult(
+                part.name,
+                part.title,
+                "skipped",
+                reason=TE_MISSING.format(
+                    error=ctx.env.get(
+                        "transformer_engine_error",
+                        "the environment probe failed" if "probe_error" in ctx.env else "not installed",
+                    )
+                ),
+            )
         elif left < MIN_START_S:
-            result = PartResult(part.name, part.title, "skipped",
-                                reason=f"not started: {max(left, 0):.0f} s of the time budget left")
+            result = PartResult(
+                part.name, part.title, "skipped", reason=f"not started: {max(left, 0):.0f} s of the time budget left"
+            )
         else:
             result = run_part(part, ctx, min(part.timeout_s, left))
         results.append(result)
@@ -208,6 +226,7 @@ def run_parts(parts: Sequence[Part], ctx: Context, budget_s: float,
 # ------------------------------------------------------------------------------------------------------------
 # The report
 # ------------------------------------------------------------------------------------------------------------
+
 
 def _fmt(value: Any) -> str:
     if value is None:
@@ -265,35 +284,52 @@ def _environment_lines(env: Dict[str, Any]) -> List[str]:
         f"DALI {env.get('dali') or 'n/a'}, apex {_fmt(env.get('apex'))}, Python {env.get('python', 'n/a')}",
         f"- Peak dense TFLOP/s (bf16 / fp8): {_fmt(env.get('peak_tflops_bf16'))} / {_fmt(env.get('peak_tflops_fp8'))}; "
         f"memory bandwidth {_fmt(bandwidth)} TB/s ({env.get('memory_bandwidth_source') or 'unknown'})",
-    ] + [f"- {label}: {_fmt(env[key])}" for key, label in (("probe_error", "Environment probe failed"),
-                                                           ("tokenizer_error", "Demo tokenizer failed")) if key in env]
+    ] + [
+        f"- {label}: {_fmt(env[key])}"
+        for key, label in (("probe_error", "Environment probe failed"), ("tokenizer_error", "Demo tokenizer failed"))
+        if key in env
+    ]
 
 
-def report_document(env: Dict[str, Any], results: Sequence[PartResult], started: datetime.datetime,
-                    seconds: float, budget_s: float) -> Dict[str, Any]:
+def report_document(
+    env: Dict[str, Any], results: Sequence[PartResult], started: datetime.datetime, seconds: float, budget_s: float
+) -> Dict[str, Any]:
     counts = {s: sum(r.status == s for r in results) for s in STATUSES}
-    return {"date": started.isoformat(timespec="seconds"), "duration_s": round(seconds, 1), "budget_s": budget_s,
-            "environment": env, "counts": counts, "ok": counts["failed"] == 0 and counts["timeout"] == 0,
-            "parts": [asdict(r) for r in results]}
+    return {
+        "date": started.isoformat(timespec="seconds"),
+        "duration_s": round(seconds, 1),
+        "budget_s": budget_s,
+        "environment": env,
+        "counts": counts,
+        "ok": counts["failed"] == 0 and counts["timeout"] == 0,
+        "parts": [asdict(r) for r in results],
+    }
 
 
 def render_markdown(doc: Dict[str, Any]) -> str:
     env, counts = doc["environment"], doc["counts"]
     minutes, secs = divmod(int(round(doc["duration_s"])), 60)
-    lines = ["# GPU check", "",
-             f"- Date: {doc['date']}; {minutes} min {secs:02d} s (budget {doc['budget_s']:.0f} s)",
-             *_environment_lines(env),
-             f"- Result: {counts['passed']} passed, {counts['failed']} failed, {counts['timeout']} timed out, "
-             f"{counts['skipped']} skipped", "",
-             "| part | status | time | summary |", "| --- | --- | --- | --- |"]
+    lines = [
+        "# GPU check",
+        "",
+        f"- Date: {doc['date']}; {minutes} min {secs:02d} s (budget {doc['budget_s']:.0f} s)",
+        *_environment_lines(env),
+        f"- Result: {counts['passed']} passed, {counts['failed']} failed, {counts['timeout']} timed out, "
+        f"{counts['skipped']} skipped",
+        "",
+        "| part | status | time | summary |",
+        "| --- | --- | --- | --- |",
+    ]
     for p in doc["parts"]:
         summary = p["summary"] or p["reason"]
         lines.append(f"| {p['name']} | {p['status']} | {p['seconds']:.0f} s | {_fmt(summary) if summary else ''} |")
     for p in doc["parts"]:
         lines += ["", f"## {p['name']}: {p['status']}", "", p["title"]]
         if p["command"]:
-            lines += ["", f"`{p['command']}` ({p['seconds']:.0f} s, exit code {_fmt(p['returncode'])}; log: "
-                          f"`{p['log']}`)"]
+            lines += [
+                "",
+                f"`{p['command']}` ({p['seconds']:.0f} s, exit code {_fmt(p['returncode'])}; log: `{p['log']}`)",
+            ]
         if p["reason"]:
             lines += ["", f"**{p['reason']}**"]
         if p["figures"]:
@@ -322,8 +358,16 @@ BENCH_OVERRIDES = ("data.seq_length=4096", "run.global_batch_size=4")
 
 
 def _worker_command(name: str) -> Callable[[Context], List[str]]:
-    return lambda ctx: [ctx.python, "-m", "sail_megatron.bench.gpu_check", "worker", name,
-                        str(ctx.figures_path(name)), "--root", str(ctx.root)]
+    return lambda ctx: [
+        ctx.python,
+        "-m",
+        "sail_megatron.bench.gpu_check",
+        "worker",
+        name,
+        str(ctx.figures_path(name)),
+        "--root",
+        str(ctx.root),
+    ]
 
 
 def _read_figures(name: str) -> Callable[[Context, str], Tuple[Dict[str, Any], str]]:
@@ -347,8 +391,14 @@ def _pytest_part(name: str, title: str, paths: Sequence[str], timeout_s: float) 
     def collect(ctx: Context, log: str) -> Tuple[Dict[str, Any], str]:
         import re
 
-        summary = next((line.strip("= ") for line in reversed(log.splitlines())
-                        if re.search(r"\d+ (passed|failed|skipped|errors?|deselected)", line)), "")
+        summary = next(
+            (
+                line.strip("= ")
+                for line in reversed(log.splitlines())
+                if re.search(r"\d+ (passed|failed|skipped|errors?|deselected)", line)
+            ),
+            "",
+        )
         counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed)", summary)}
         return counts, summary
 
@@ -359,9 +409,19 @@ def _bench_part(name: str, title: str, overrides: Sequence[str], timeout_s: floa
     def command(ctx: Context) -> List[str]:
         if ctx.tokenizer is None:
             raise RuntimeError("no tokenizer: building the demo tokenizer failed (see the environment section)")
-        return [ctx.python, "-m", "sail_megatron.bench", "--config", BENCH_RECIPE, *BENCH_ARGS,
-                "--json", str(ctx.figures_path(name)), f"data.tokenizer={ctx.tokenizer}", *BENCH_OVERRIDES,
-                *overrides]
+        return [
+            ctx.python,
+            "-m",
+            "sail_megatron.bench",
+            "--config",
+            BENCH_RECIPE,
+            *BENCH_ARGS,
+            "--json",
+            str(ctx.figures_path(name)),
+            f"data.tokenizer={ctx.tokenizer}",
+            *BENCH_OVERRIDES,
+            *overrides,
+        ]
 
     def collect(ctx: Context, log: str) -> Tuple[Dict[str, Any], str]:
         path = ctx.figures_path(name)
@@ -379,23 +439,39 @@ def bench_figures(doc: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
         return {"skipped": {n: v.get("skipped") for n, v in doc.get("results", {}).items()}}, "no variant was measured"
     step = r.get("step_time_s", {})
     figures = {
-        "variant": name, "device": doc.get("device"), "precision": doc.get("precision"), "fp8": doc.get("fp8"),
+        "variant": name,
+        "device": doc.get("device"),
+        "precision": doc.get("precision"),
+        "fp8": doc.get("fp8"),
         "layers": doc.get("resolved_config", {}).get("precision", {}).get("layers"),
-        "step time median (s)": step.get("median"), "tokens/s per GPU": r.get("tokens_per_s_per_device"),
-        "samples/s": r.get("samples_per_s"), "tiles/s": r.get("tiles_per_s"),
+        "step time median (s)": step.get("median"),
+        "tokens/s per GPU": r.get("tokens_per_s_per_device"),
+        "samples/s": r.get("samples_per_s"),
+        "tiles/s": r.get("tiles_per_s"),
         "TFLOP/s per GPU (ViT counted)": r.get("tflops_per_s_per_device"),
     }
-    for key, label in (("mfu", "MFU vs bf16 peak"), ("mfu_fp8", "MFU vs FP8 peak"),
-                       ("mfu_vs_bf16_peak", "MFU vs bf16 peak (older field)")):
+    for key, label in (
+        ("mfu", "MFU vs bf16 peak"),
+        ("mfu_fp8", "MFU vs FP8 peak"),
+        ("mfu_vs_bf16_peak", "MFU vs bf16 peak (older field)"),
+    ):
         if r.get(key) is not None:
             figures[label] = r[key]
-    figures.update({"packing utilization": r.get("packing_utilization"), "data wait share": r.get("data_wait_frac"),
-                    "peak memory (GiB)": r.get("peak_memory_gib"), "final loss": r.get("final_loss")})
+    figures.update(
+        {
+            "packing utilization": r.get("packing_utilization"),
+            "data wait share": r.get("data_wait_frac"),
+            "peak memory (GiB)": r.get("peak_memory_gib"),
+            "final loss": r.get("final_loss"),
+        }
+    )
     if r.get("breakdown_s_per_step"):
         figures["breakdown (ms/step)"] = {k: 1000 * v for k, v in r["breakdown_s_per_step"].items()}
     mfu = r.get("mfu") if r.get("mfu") is not None else r.get("mfu_vs_bf16_peak")
-    summary = (f"{_fmt(r.get('tokens_per_s_per_device'))} tok/s/GPU, {_fmt(r.get('tflops_per_s_per_device'))} TFLOP/s, "
-               f"MFU {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'}")
+    summary = (
+        f"{_fmt(r.get('tokens_per_s_per_device'))} tok/s/GPU, {_fmt(r.get('tflops_per_s_per_device'))} TFLOP/s, "
+        f"MFU {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'}"
+    )
     if r.get("mfu_fp8") is not None:
         summary += f" ({100 * r['mfu_fp8']:.1f}% of the FP8 peak)"
     return figures, summary
@@ -403,34 +479,77 @@ def bench_figures(doc: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
 
 def default_parts() -> List[Part]:
     return [
-        _pytest_part("pytest-gpu", "The GPU tests (tests/gpu): training steps on NCCL + CUDA, bf16 and (with "
-                     "Transformer Engine) FP8.", ["tests/gpu"], 150),
-        Part("layers", "Transformer Engine vs megatron-core local layers on the same weights (bf16 logits): the tiny "
-             "model and a small sail-vl-2b-shaped one (ViT 2 of 5 layers, LM 2 layers, real widths and vocabulary), "
-             "on a padded batch and on a packed THD row.", 180, _worker_command("layers"), _read_figures("layers"),
-             needs_te=True),
-        _bench_part("train-bf16", f"sail-bench on {BENCH_RECIPE} (SAIL-VL-2B, every part trained), bf16, packed rows "
-                    "of 4096 tokens, global batch 4.", (), 150, needs_te=False),
-        _bench_part("train-fp8", "The same with Transformer Engine FP8 (precision.fp8=hybrid, delayed scaling) in the "
-                    "language model.", ("precision.fp8=hybrid",), 150, needs_te=True),
-        Part("kernels-bench", "The benchmarks/kernels scripts: compiled Triton kernels vs their PyTorch references at "
-             "training sizes, GB/s against the device's memory bandwidth.", 120, _worker_command("kernels-bench"),
-             _read_figures("kernels-bench")),
-        Part("decode", "Image decode + tile + normalize: DALI (device 'mixed': nvJPEG and resize on the GPU) vs the "
-             "PIL path, on 28 JPEGs (7 photographs at native size, 4 times each; 448 px tiles, up to 6 + "
-             "thumbnail).", 90,
-             _worker_command("decode"), _read_figures("decode")),
-        Part("checkpoint", "A checkpoint written with local layers on the CPU (CUDA hidden) loaded into TE layers on "
-             "the GPU through the `run.init_from` code; its logits against the CPU's.", 180,
-             _worker_command("checkpoint"), _read_figures("checkpoint"), needs_te=True),
-        _pytest_part("kernel-tests", "The kernel tests (tests/kernels): on CUDA they run the compiled kernels against "
-                     "their PyTorch references, forward and backward.", ["tests/kernels"], 150),
+        _pytest_part(
+            "pytest-gpu",
+            "The GPU tests (tests/gpu): training steps on NCCL + CUDA, bf16 and (with Transformer Engine) FP8.",
+            ["tests/gpu"],
+            150,
+        ),
+        Part(
+            "layers",
+            "Transformer Engine vs megatron-core local layers on the same weights (bf16 logits): the tiny "
+            "model and a small sail-vl-2b-shaped one (ViT 2 of 5 layers, LM 2 layers, real widths and vocabulary), "
+            "on a padded batch and on a packed THD row.",
+            180,
+            _worker_command("layers"),
+            _read_figures("layers"),
+            needs_te=True,
+        ),
+        _bench_part(
+            "train-bf16",
+            f"sail-bench on {BENCH_RECIPE} (SAIL-VL-2B, every part trained), bf16, packed rows "
+            "of 4096 tokens, global batch 4.",
+            (),
+            150,
+            needs_te=False,
+        ),
+        _bench_part(
+            "train-fp8",
+            "The same with Transformer Engine FP8 (precision.fp8=hybrid, delayed scaling) in the language model.",
+            ("precision.fp8=hybrid",),
+            150,
+            needs_te=True,
+        ),
+        Part(
+            "kernels-bench",
+            "The benchmarks/kernels scripts: compiled Triton kernels vs their PyTorch references at "
+            "training sizes, GB/s against the device's memory bandwidth.",
+            120,
+            _worker_command("kernels-bench"),
+            _read_figures("kernels-bench"),
+        ),
+        Part(
+            "decode",
+            "Image decode + tile + normalize: DALI (device 'mixed': nvJPEG and resize on the GPU) vs the "
+            "PIL path, on 28 JPEGs (7 photographs at native size, 4 times each; 448 px tiles, up to 6 + "
+            "thumbnail).",
+            90,
+            _worker_command("decode"),
+            _read_figures("decode"),
+        ),
+        Part(
+            "checkpoint",
+            "A checkpoint written with local layers on the CPU (CUDA hidden) loaded into TE layers on "
+            "the GPU through the `run.init_from` code; its logits against the CPU's.",
+            180,
+            _worker_command("checkpoint"),
+            _read_figures("checkpoint"),
+            needs_te=True,
+        ),
+        _pytest_part(
+            "kernel-tests",
+            "The kernel tests (tests/kernels): on CUDA they run the compiled kernels against "
+            "their PyTorch references, forward and backward.",
+            ["tests/kernels"],
+            150,
+        ),
     ]
 
 
 # ------------------------------------------------------------------------------------------------------------
 # The environment probe (in a subprocess: the parent never creates a CUDA context)
 # ------------------------------------------------------------------------------------------------------------
+
 
 def _version(dist: str) -> Optional[str]:
     from importlib import metadata
@@ -445,8 +564,9 @@ def _driver_version() -> Optional[str]:
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
-            out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                                 text=True, timeout=30)
+            out = subprocess.run(
+                [smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+            )
             if out.returncode == 0 and out.stdout.strip():
                 return out.stdout.strip().splitlines()[0]
         except (OSError, subprocess.SubprocessError):
@@ -475,16 +595,25 @@ def memory_bandwidth(device_name: str, props: Any = None) -> Tuple[Optional[floa
 def probe_environment() -> Dict[str, Any]:
     import torch
 
-    env: Dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                           "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-                           "megatron_core": _version("megatron-core"), "triton": _version("triton"),
-                           "dali": _version("nvidia-dali-cuda120") or _version("nvidia-dali-cuda110"),
-                           "driver": _driver_version()}
+    env: Dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "megatron_core": _version("megatron-core"),
+        "triton": _version("triton"),
+        "dali": _version("nvidia-dali-cuda120") or _version("nvidia-dali-cuda110"),
+        "driver": _driver_version(),
+    }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        env.update(device=torch.cuda.get_device_name(0), capability=f"sm_{props.major}{props.minor}",
-                   memory_gib=props.total_memory / 2**30, device_count=torch.cuda.device_count(),
-                   cudnn=torch.backends.cudnn.version())
+        env.update(
+            device=torch.cuda.get_device_name(0),
+            capability=f"sm_{props.major}{props.minor}",
+            memory_gib=props.total_memory / 2**30,
+            device_count=torch.cuda.device_count(),
+            cudnn=torch.backends.cudnn.version(),
+        )
         bandwidth, source = memory_bandwidth(env["device"], props)
         env.update(memory_bandwidth_tbps=bandwidth / 1e12 if bandwidth else None, memory_bandwidth_source=source)
         from sail_megatron.training.flops import peak_flops
@@ -509,8 +638,13 @@ def probe_environment() -> Dict[str, Any]:
 def _probe_in_subprocess(ctx: Context, timeout_s: float = 120) -> Dict[str, Any]:
     path = ctx.work / "environment.json"
     try:
-        run = subprocess.run([ctx.python, "-m", "sail_megatron.bench.gpu_check", "worker", "env", str(path),
-                              "--root", str(ctx.root)], cwd=ctx.root, capture_output=True, text=True, timeout=timeout_s)
+        run = subprocess.run(
+            [ctx.python, "-m", "sail_megatron.bench.gpu_check", "worker", "env", str(path), "--root", str(ctx.root)],
+            cwd=ctx.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
         if run.returncode == 0 and path.is_file():
             return json.loads(path.read_text())["figures"]
         return {"probe_error": _tail(run.stdout + run.stderr, 15)}
@@ -535,6 +669,7 @@ def _build_tokenizer(ctx: Context) -> Tuple[Optional[Path], str]:
 # Workers: what runs inside the parts' subprocesses
 # ------------------------------------------------------------------------------------------------------------
 
+
 class _Figures:
     """A worker's results, rewritten to its JSON file after every item so a timeout keeps what was done."""
 
@@ -543,8 +678,11 @@ class _Figures:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({"figures": self.figures, "summary": self.summary,
-                                         "failures": self.failures}, indent=1, default=str))
+        self.path.write_text(
+            json.dumps(
+                {"figures": self.figures, "summary": self.summary, "failures": self.failures}, indent=1, default=str
+            )
+        )
 
     def fail(self, what: str) -> None:
         print(f"FAILED: {what}", flush=True)
@@ -575,18 +713,31 @@ def _check_batches(cfg) -> Dict[str, Any]:
 
     image_block = 2 + 2 * cfg.tokens_per_tile
     seq = 64 * math.ceil((image_block + 100) / 64)
-    src = SyntheticImageCaptions(SyntheticConfig(
-        seq_length=seq, micro_batch_size=1, image_size=cfg.vision.image_size, tokens_per_tile=cfg.tokens_per_tile,
-        vocab_size=cfg.language.vocab_size, max_images=1, max_tiles_per_image=2, seed=11))
+    src = SyntheticImageCaptions(
+        SyntheticConfig(
+            seq_length=seq,
+            micro_batch_size=1,
+            image_size=cfg.vision.image_size,
+            tokens_per_tile=cfg.tokens_per_tile,
+            vocab_size=cfg.language.vocab_size,
+            max_images=1,
+            max_tiles_per_image=2,
+            seed=11,
+        )
+    )
     padded = Batch.collate([src.sample(0), src.sample(1)])
     samples = [src.sample(i) for i in (2, 3, 4)]
     lengths = [min(int((s.tokens != PAD).sum()) + 1, seq) for s in samples]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-    packed = Batch(tokens=torch.cat([s.tokens[0, :n] for s, n in zip(samples, lengths)])[None],
-                   labels=torch.cat([s.labels[0, :n] for s, n in zip(samples, lengths)])[None],
-                   loss_mask=torch.cat([s.loss_mask[0, :n] for s, n in zip(samples, lengths)])[None],
-                   position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
-                   pixel_values=torch.cat([s.pixel_values for s in samples]), cu_seqlens=cu, max_seqlen=max(lengths))
+    packed = Batch(
+        tokens=torch.cat([s.tokens[0, :n] for s, n in zip(samples, lengths)])[None],
+        labels=torch.cat([s.labels[0, :n] for s, n in zip(samples, lengths)])[None],
+        loss_mask=torch.cat([s.loss_mask[0, :n] for s, n in zip(samples, lengths)])[None],
+        position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
+        pixel_values=torch.cat([s.pixel_values for s in samples]),
+        cu_seqlens=cu,
+        max_seqlen=max(lengths),
+    )
     return {"padded": padded, "packed": packed}
 
 
@@ -604,7 +755,7 @@ def _logits(model, batch, device, every: int = 1):
 
 
 def compare_logits(reference, other) -> Dict[str, Any]:
-    diff = (other.float() - reference.float())
+    diff = other.float() - reference.float()
     rel = float(diff.norm() / reference.float().norm().clamp_min(1e-30))
     top1 = float((other.argmax(-1) == reference.argmax(-1)).float().mean())
     return {"rel_l2": rel, "max_abs": float(diff.abs().max()), "top1_agree": top1, "ok": rel <= MAX_REL_L2}
@@ -671,13 +822,23 @@ def worker_layers(fig: _Figures, root: Path) -> None:
             local, te = models
             for kind, batch in _check_batches(cfg).items():
                 began = time.perf_counter()
-                result = _attempt(fig, f"{name} {kind}", lambda: compare_logits(_logits(local, batch, device),
-                                                                                 _logits(te, batch, device)))
+                result = _attempt(
+                    fig,
+                    f"{name} {kind}",
+                    lambda: compare_logits(_logits(local, batch, device), _logits(te, batch, device)),
+                )
                 if result is None:
                     rows.append({"model": name, "batch": kind, "ok": False})
                     continue
-                rows.append({"model": name, "batch": kind, "layers": f"{_linear_class(local)} vs {_linear_class(te)}",
-                             **result, "seconds": time.perf_counter() - began})
+                rows.append(
+                    {
+                        "model": name,
+                        "batch": kind,
+                        "layers": f"{_linear_class(local)} vs {_linear_class(te)}",
+                        **result,
+                        "seconds": time.perf_counter() - began,
+                    }
+                )
                 if not result["ok"]:
                     fig.fail(f"{name} {kind}: TE vs local logits differ by {result['rel_l2']:.3g} (rel L2)")
                 fig.save()
@@ -714,8 +875,10 @@ def worker_write_cpu_checkpoint(fig: _Figures, root: Path) -> None:
             exact = build_model(cfg, parallel, PrecisionConfig(dtype="fp32", layers="local")).eval()
             exact.load_state_dict(model.state_dict())
             every = _positions_every(name)
-            references[name] = {kind: _logits(exact, batch, torch.device("cpu"), every).to(torch.bfloat16)
-                                for kind, batch in _check_batches(cfg).items()}
+            references[name] = {
+                kind: _logits(exact, batch, torch.device("cpu"), every).to(torch.bfloat16)
+                for kind, batch in _check_batches(cfg).items()
+            }
             fig.figures[name] = {"linear class": _linear_class(model), "checkpoint": str(directory)}
             del model, exact
             _free()
@@ -740,8 +903,20 @@ def worker_checkpoint(fig: _Figures, root: Path) -> None:
 
     began = time.perf_counter()
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "MASTER_PORT": str(free_port())}
-    writer = subprocess.run([sys.executable, "-m", "sail_megatron.bench.gpu_check", "worker", "write-cpu-checkpoint",
-                             str(fig.path.parent / "checkpoint-writer.json"), "--root", str(root)], env=env, cwd=root)
+    writer = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sail_megatron.bench.gpu_check",
+            "worker",
+            "write-cpu-checkpoint",
+            str(fig.path.parent / "checkpoint-writer.json"),
+            "--root",
+            str(root),
+        ],
+        env=env,
+        cwd=root,
+    )
     fig.figures["CPU writer (s)"] = time.perf_counter() - began
     if writer.returncode != 0:
         fig.fail(f"the CPU writer (CUDA hidden) exited with {writer.returncode}")
@@ -754,6 +929,7 @@ def worker_checkpoint(fig: _Figures, root: Path) -> None:
     fig.figures["comparisons"] = rows
     try:
         for name, cfg in _check_models().items():
+
             def load():
                 te = build_model(cfg, parallel, PrecisionConfig(dtype="bf16", layers="te")).to(device).eval()
                 return te, load_checkpoint(base / name, [te])  # what run.init_from does
@@ -764,16 +940,28 @@ def worker_checkpoint(fig: _Figures, root: Path) -> None:
             te, info = loaded
             for kind, batch in _check_batches(cfg).items():
                 every = _positions_every(name)
-                result = _attempt(fig, f"{name} {kind}", lambda: compare_logits(
-                    references[name][kind], _logits(te, batch, device, every).cpu()))
+                result = _attempt(
+                    fig,
+                    f"{name} {kind}",
+                    lambda: compare_logits(references[name][kind], _logits(te, batch, device, every).cpu()),
+                )
                 if result is None:
                     rows.append({"model": name, "batch": kind, "ok": False})
                     continue
-                rows.append({"model": name, "batch": kind, "loaded into": _linear_class(te),
-                             "iteration": info["iteration"], **result})
+                rows.append(
+                    {
+                        "model": name,
+                        "batch": kind,
+                        "loaded into": _linear_class(te),
+                        "iteration": info["iteration"],
+                        **result,
+                    }
+                )
                 if not result["ok"]:
-                    fig.fail(f"{name} {kind}: the CPU-written checkpoint in TE layers gives logits "
-                             f"{result['rel_l2']:.3g} (rel L2) from the CPU's")
+                    fig.fail(
+                        f"{name} {kind}: the CPU-written checkpoint in TE layers gives logits "
+                        f"{result['rel_l2']:.3g} (rel L2) from the CPU's"
+                    )
                 fig.save()
             te = loaded = None
             _free()
@@ -804,13 +992,23 @@ def worker_kernels_bench(fig: _Figures, root: Path) -> None:
 
     def keep(title, results):
         for r in results:
-            row = {"kernel": title, "case": r.case, "MB moved": r.bytes_moved / 1e6,
-                   "reference ms": r.reference_s * 1e3, "reference GB/s": r.bytes_moved / r.reference_s / 1e9}
+            row = {
+                "kernel": title,
+                "case": r.case,
+                "MB moved": r.bytes_moved / 1e6,
+                "reference ms": r.reference_s * 1e3,
+                "reference GB/s": r.bytes_moved / r.reference_s / 1e9,
+            }
             if r.triton_s is not None:
                 gbps = r.bytes_moved / r.triton_s / 1e9
-                row.update({"triton ms": r.triton_s * 1e3, "triton GB/s": gbps,
-                            "% of bandwidth": 100 * gbps * 1e9 / bandwidth if bandwidth else None,
-                            "speed-up": r.reference_s / r.triton_s})
+                row.update(
+                    {
+                        "triton ms": r.triton_s * 1e3,
+                        "triton GB/s": gbps,
+                        "% of bandwidth": 100 * gbps * 1e9 / bandwidth if bandwidth else None,
+                        "speed-up": r.reference_s / r.triton_s,
+                    }
+                )
             rows.append(row)
         fig.save()
         show(title, results)
@@ -825,10 +1023,12 @@ def worker_kernels_bench(fig: _Figures, root: Path) -> None:
     timed = [r for r in rows if "triton GB/s" in r]
     if timed:
         best = max(timed, key=lambda r: r["triton GB/s"])
-        fig.summary = (f"{len(timed)} cases; best {best['triton GB/s']:.0f} GB/s"
-                       + (f" ({best['% of bandwidth']:.0f}% of bandwidth)" if best.get("% of bandwidth") else "")
-                       + f"; speed-up over the reference {min(r['speed-up'] for r in timed):.2f}x"
-                         f"-{max(r['speed-up'] for r in timed):.2f}x")
+        fig.summary = (
+            f"{len(timed)} cases; best {best['triton GB/s']:.0f} GB/s"
+            + (f" ({best['% of bandwidth']:.0f}% of bandwidth)" if best.get("% of bandwidth") else "")
+            + f"; speed-up over the reference {min(r['speed-up'] for r in timed):.2f}x"
+            f"-{max(r['speed-up'] for r in timed):.2f}x"
+        )
     else:
         fig.fail("no Triton timing came back")
 
@@ -859,20 +1059,26 @@ def worker_decode(fig: _Figures, root: Path) -> None:
             decode(images, plans, tile)
         torch.cuda.synchronize()
         seconds = (time.perf_counter() - began) / repeats
-        rows.append({"path": name, "ms per batch": 1e3 * seconds, "images/s": len(images) / seconds,
-                     "tiles/s": tiles / seconds})
+        rows.append(
+            {"path": name, "ms per batch": 1e3 * seconds, "images/s": len(images) / seconds, "tiles/s": tiles / seconds}
+        )
         fig.save()
     for row in rows:
         row["vs pil"] = rows[0]["ms per batch"] / row["ms per batch"]
     level = 1 / 255 / 0.225  # one uint8 level after normalization
     diff = (outputs["dali-mixed"].float() - outputs["pil"].float()).abs() / level
-    agreement = {"mean": float(diff.mean()), "p99": float(torch.quantile(diff.flatten()[::97].cpu(), 0.99)),
-                 "max": float(diff.max())}
+    agreement = {
+        "mean": float(diff.mean()),
+        "p99": float(torch.quantile(diff.flatten()[::97].cpu(), 0.99)),
+        "max": float(diff.max()),
+    }
     fig.figures["DALI vs PIL tiles (uint8 levels)"] = agreement
     if agreement["mean"] > MAX_DECODE_MEAN_LEVELS:
         fig.fail(f"DALI's tiles differ from PIL's by {agreement['mean']:.2f} levels on average")
-    fig.summary = (f"DALI mixed {rows[1]['images/s']:.0f} images/s vs PIL {rows[0]['images/s']:.1f} "
-                   f"({rows[1]['vs pil']:.1f}x); mean difference {agreement['mean']:.2f} levels")
+    fig.summary = (
+        f"DALI mixed {rows[1]['images/s']:.0f} images/s vs PIL {rows[0]['images/s']:.1f} "
+        f"({rows[1]['vs pil']:.1f}x); mean difference {agreement['mean']:.2f} levels"
+    )
 
 
 def worker_env(fig: _Figures, root: Path) -> None:
@@ -880,8 +1086,12 @@ def worker_env(fig: _Figures, root: Path) -> None:
 
 
 WORKERS: Dict[str, Callable[[_Figures, Path], None]] = {
-    "env": worker_env, "layers": worker_layers, "write-cpu-checkpoint": worker_write_cpu_checkpoint,
-    "checkpoint": worker_checkpoint, "kernels-bench": worker_kernels_bench, "decode": worker_decode,
+    "env": worker_env,
+    "layers": worker_layers,
+    "write-cpu-checkpoint": worker_write_cpu_checkpoint,
+    "checkpoint": worker_checkpoint,
+    "kernels-bench": worker_kernels_bench,
+    "decode": worker_decode,
 }
 
 
@@ -911,6 +1121,7 @@ def worker_main(argv: Sequence[str]) -> int:
 # The command
 # ------------------------------------------------------------------------------------------------------------
 
+
 def cuda_problem() -> Optional[str]:
     """Why this machine cannot run the check, or None."""
     try:
@@ -926,14 +1137,19 @@ def cuda_problem() -> Optional[str]:
 def main(argv: Optional[Sequence[str]] = None, root: Optional[Path] = None) -> int:
     parts = default_parts()
     names = [p.name for p in parts]
-    ap = argparse.ArgumentParser(prog="gpu_check", description="One-shot check of the GPU-only paths; writes "
-                                 "OUT/report.md and OUT/report.json (docs/gpu.md).")
+    ap = argparse.ArgumentParser(
+        prog="gpu_check",
+        description="One-shot check of the GPU-only paths; writes OUT/report.md and OUT/report.json (docs/gpu.md).",
+    )
     ap.add_argument("--out", type=Path, default=Path("gpu_check"), help="report folder (default: gpu_check)")
     ap.add_argument("--only", action="append", choices=names, default=[], help="run only these parts (repeatable)")
     ap.add_argument("--skip", action="append", choices=names, default=[], help="leave these parts out (repeatable)")
-    ap.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
-                    help=f"seconds for the whole check; parts that do not fit are cut or skipped (default "
-                         f"{DEFAULT_BUDGET_S})")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=DEFAULT_BUDGET_S,
+        help=f"seconds for the whole check; parts that do not fit are cut or skipped (default {DEFAULT_BUDGET_S})",
+    )
     ap.add_argument("--list", action="store_true", help="list the parts and exit")
     args = ap.parse_args(argv)
     if args.list:
@@ -966,8 +1182,11 @@ def main(argv: Optional[Sequence[str]] = None, root: Optional[Path] = None) -> i
     doc = report_document(ctx.env, results, started, time.monotonic() - began, args.budget)
     md, js = write_report(out, doc)
     counts = doc["counts"]
-    print(f"gpu-check: {counts['passed']} passed, {counts['failed']} failed, {counts['timeout']} timed out, "
-          f"{counts['skipped']} skipped; report: {md} and {js}", flush=True)
+    print(
+        f"gpu-check: {counts['passed']} passed, {counts['failed']} failed, {counts['timeout']} timed out, "
+        f"{counts['skipped']} skipped; report: {md} and {js}",
+        flush=True,
+    )
     return 0 if doc["ok"] else 1
 
 

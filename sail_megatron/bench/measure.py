@@ -37,12 +37,19 @@ def _source(cfg: TrainConfig, tokenizer, settings: BenchSettings, device):
     if settings.data == "synthetic":
         dp_rank = parallel_state.get_data_parallel_rank()
         rows = SyntheticRowsConfig(
-            seq_length=cfg.data.seq_length, packed=cfg.data.packing, tile_size=model.vision.image_size,
-            tokens_per_tile=model.tokens_per_tile, vocab_size=model.language.vocab_size,
-            image_token_id=model.image_context_token_id, max_tiles_per_pack=cfg.data.max_tiles_per_pack,
-            max_tiles_per_sample=cfg.data.max_tiles + int(cfg.data.use_thumbnail), seed=cfg.run.seed + dp_rank,
+            seq_length=cfg.data.seq_length,
+            packed=cfg.data.packing,
+            tile_size=model.vision.image_size,
+            tokens_per_tile=model.tokens_per_tile,
+            vocab_size=model.language.vocab_size,
+            image_token_id=model.image_context_token_id,
+            max_tiles_per_pack=cfg.data.max_tiles_per_pack,
+            max_tiles_per_sample=cfg.data.max_tiles + int(cfg.data.use_thumbnail),
+            seed=cfg.run.seed + dp_rank,
             # Samples of 1/8 to 1/2 row (512-2048 tokens at 4096): several per packed row.
-            min_sample_tokens=max(cfg.data.seq_length // 8, 32), max_sample_tokens=cfg.data.seq_length // 2)
+            min_sample_tokens=max(cfg.data.seq_length // 8, 32),
+            max_sample_tokens=cfg.data.seq_length // 2,
+        )
         return iter(SyntheticRows(rows, device))
     return from_loader(*build_loader(cfg, tokenizer, device))
 
@@ -56,8 +63,12 @@ def measure(cfg: TrainConfig, tokenizer, settings: BenchSettings) -> Dict:
     """Collective over all ranks; every rank returns the same figures."""
     env = read_dist_env()
     chunks, optimizer, scheduler = build_training(cfg, env.device)
-    data = MeteredData(_source(cfg, tokenizer, settings, env.device), cfg.model, Trains.from_freeze(cfg.freeze),
-                       cfg.parallel.tensor_model_parallel_size)
+    data = MeteredData(
+        _source(cfg, tokenizer, settings, env.device),
+        cfg.model,
+        Trains.from_freeze(cfg.freeze),
+        cfg.parallel.tensor_model_parallel_size,
+    )
     num_micro = cfg.num_microbatches(env.world_size)
 
     def step():
@@ -85,17 +96,25 @@ def measure(cfg: TrainConfig, tokenizer, settings: BenchSettings) -> Dict:
             step()
         breakdown = timers.read(settings.breakdown_steps, data_wait_s=data.take_tally().wait_s)
         timers.disable()
-    samples, tokens, slots, tiles, flops = sum_over_data_parallel([tally.samples, tally.tokens, tally.slots,
-                                                                   tally.tiles, tally.flops])
+    samples, tokens, slots, tiles, flops = sum_over_data_parallel(
+        [tally.samples, tally.tokens, tally.slots, tally.tiles, tally.flops]
+    )
     wait, memory = max_over_world([tally.wait_s, peak_memory_gib()])
     total = sum(times)
     per_device = flops / total / env.world_size
     result = {
-        "steps": settings.steps, "world_size": env.world_size,
-        "step_time_s": {"mean": total / len(times), "median": statistics.median(times), "min": min(times),
-                        "max": max(times)},
-        "tokens_per_s": tokens / total, "tokens_per_s_per_device": tokens / total / env.world_size,
-        "samples_per_s": samples / total, "tiles_per_s": tiles / total,
+        "steps": settings.steps,
+        "world_size": env.world_size,
+        "step_time_s": {
+            "mean": total / len(times),
+            "median": statistics.median(times),
+            "min": min(times),
+            "max": max(times),
+        },
+        "tokens_per_s": tokens / total,
+        "tokens_per_s_per_device": tokens / total / env.world_size,
+        "samples_per_s": samples / total,
+        "tiles_per_s": tiles / total,
         "tflops_per_s_per_device": per_device / 1e12,
         **mfu_figures(per_device, settings.peaks),
         "packing_utilization": tokens / slots if slots else None,

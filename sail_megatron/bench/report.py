@@ -5,14 +5,24 @@ import json
 from pathlib import Path
 from typing import Dict
 
-BREAKDOWN_ORDER = ["data_wait", "vision_forward", "language_forward", "backward", "pipeline_p2p", "grad_sync",
-                   "optimizer", "param_gather"]
+BREAKDOWN_ORDER = [
+    "data_wait",
+    "vision_forward",
+    "language_forward",
+    "backward",
+    "pipeline_p2p",
+    "grad_sync",
+    "optimizer",
+    "param_gather",
+]
 
 
 def table(results: Dict[str, Dict]) -> str:
     # MFU against the bf16 peak; FP8 runs also against the FP8 peak ("MFU fp8").
-    lines = [f"{'variant':<16}{'ms/step':>10}{'tok/s/dev':>12}{'TFLOP/s/dev':>13}{'MFU':>8}{'MFU fp8':>9}{'pack':>7}"
-             f"{'data wait':>11}{'mem GiB':>9}"]
+    lines = [
+        f"{'variant':<16}{'ms/step':>10}{'tok/s/dev':>12}{'TFLOP/s/dev':>13}{'MFU':>8}{'MFU fp8':>9}{'pack':>7}"
+        f"{'data wait':>11}{'mem GiB':>9}"
+    ]
     for name, r in results.items():
         if "skipped" in r:
             lines.append(f"{name:<16}  skipped: {r['skipped']}")
@@ -20,9 +30,11 @@ def table(results: Dict[str, Dict]) -> str:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         mfu_fp8 = f"{100 * r['mfu_fp8']:.1f}%" if r.get("mfu_fp8") is not None else "n/a"
         pack = f"{100 * r['packing_utilization']:.0f}%" if r["packing_utilization"] is not None else "n/a"
-        lines.append(f"{name:<16}{1000 * r['step_time_s']['median']:>10.1f}{r['tokens_per_s_per_device']:>12,.0f}"
-                     f"{r['tflops_per_s_per_device']:>13.4g}{mfu:>8}{mfu_fp8:>9}{pack:>7}"
-                     f"{100 * r['data_wait_frac']:>10.0f}%{r['peak_memory_gib']:>9.2f}")
+        lines.append(
+            f"{name:<16}{1000 * r['step_time_s']['median']:>10.1f}{r['tokens_per_s_per_device']:>12,.0f}"
+            f"{r['tflops_per_s_per_device']:>13.4g}{mfu:>8}{mfu_fp8:>9}{pack:>7}"
+            f"{100 * r['data_wait_frac']:>10.0f}%{r['peak_memory_gib']:>9.2f}"
+        )
         if r["breakdown_s_per_step"]:
             parts = ", ".join(f"{k} {1000 * r['breakdown_s_per_step'].get(k, 0):.1f}" for k in BREAKDOWN_ORDER)
             lines.append(f"{'':<16}breakdown ms/step: {parts}")
@@ -49,8 +61,9 @@ def plot(doc: Dict, path: Path) -> None:
     for bar, n in zip(bars, names):
         mfu = results[n]["mfu"]
         label = f"{100 * mfu:.1f}% MFU" if mfu is not None else f"{results[n]['tflops_per_s_per_device']:.3g} TFLOP/s"
-        ax_tput.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                         fontsize=8)
+        ax_tput.annotate(
+            label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8
+        )
     bottom = [0.0] * len(names)
     for phase in BREAKDOWN_ORDER:
         values = [1000 * results[n]["breakdown_s_per_step"].get(phase, 0.0) for n in names]

@@ -70,9 +70,9 @@ class SyntheticRows:
         position_ids = torch.zeros(s, dtype=torch.long)
         offset = 0
         for length, n in zip(lengths, tiles):
-            tokens[offset + 1: offset + 1 + n * c.tokens_per_tile] = c.image_token_id
-            loss_mask[offset + 1 + n * c.tokens_per_tile: offset + length - 1] = 1.0
-            position_ids[offset: offset + length] = torch.arange(length)
+            tokens[offset + 1 : offset + 1 + n * c.tokens_per_tile] = c.image_token_id
+            loss_mask[offset + 1 + n * c.tokens_per_tile : offset + length - 1] = 1.0
+            position_ids[offset : offset + length] = torch.arange(length)
             offset += length
         tokens[offset:] = 0
         cu = None
@@ -84,9 +84,15 @@ class SyntheticRows:
         else:
             position_ids = torch.arange(s)
         pixels = torch.randn(sum(tiles), 3, c.tile_size, c.tile_size, device=self.device)
-        batch = Batch(tokens=tokens[None, :-1], labels=tokens[None, 1:], loss_mask=loss_mask[None],
-                      position_ids=position_ids[None], pixel_values=pixels, cu_seqlens=cu,
-                      max_seqlen=int((cu[1:] - cu[:-1]).max()) if c.packed else 0)
+        batch = Batch(
+            tokens=tokens[None, :-1],
+            labels=tokens[None, 1:],
+            loss_mask=loss_mask[None],
+            position_ids=position_ids[None],
+            pixel_values=pixels,
+            cu_seqlens=cu,
+            max_seqlen=int((cu[1:] - cu[:-1]).max()) if c.packed else 0,
+        )
         return batch.to(self.device)
 
     def __iter__(self) -> Iterator[Tuple[Batch, List[int]]]:

@@ -7,6 +7,13 @@ from sail_megatron.config.parallel import ParallelConfig
 from sail_megatron.config.precision import PrecisionConfig
 
 __all__ = [
-    "ConfigError", "FreezeConfig", "MODEL_PARTS", "LanguageConfig", "ModelConfig", "ProjectorConfig",
-    "VisionConfig", "ParallelConfig", "PrecisionConfig",
+    "ConfigError",
+    "FreezeConfig",
+    "MODEL_PARTS",
+    "LanguageConfig",
+    "ModelConfig",
+    "ProjectorConfig",
+    "VisionConfig",
+    "ParallelConfig",
+    "PrecisionConfig",
 ]

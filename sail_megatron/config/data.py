@@ -48,16 +48,29 @@ class DataConfig:
             raise ConfigError("data.path", "is empty", "point it at a prepared dataset folder or a blend YAML")
         if not self.tokenizer:
             raise ConfigError("data.tokenizer", "is empty", "point it at a local Hugging Face tokenizer folder")
-        for name in ("seq_length", "micro_batch_size", "min_tiles", "max_tiles", "max_pixels", "max_tiles_per_pack",
-                     "packing_buffer_size"):
+        for name in (
+            "seq_length",
+            "micro_batch_size",
+            "min_tiles",
+            "max_tiles",
+            "max_pixels",
+            "max_tiles_per_pack",
+            "packing_buffer_size",
+        ):
             if getattr(self, name) < 1:
-                raise ConfigError(f"data.{name}", f"must be positive, got {getattr(self, name)}", "set a positive value")
+                raise ConfigError(
+                    f"data.{name}", f"must be positive, got {getattr(self, name)}", "set a positive value"
+                )
         if self.min_tiles > self.max_tiles:
-            raise ConfigError("data.min_tiles", f"{self.min_tiles} exceeds max_tiles={self.max_tiles}",
-                              "keep min_tiles <= max_tiles")
+            raise ConfigError(
+                "data.min_tiles", f"{self.min_tiles} exceeds max_tiles={self.max_tiles}", "keep min_tiles <= max_tiles"
+            )
         if self.packing and self.micro_batch_size != 1:
-            raise ConfigError("data.micro_batch_size", f"is {self.micro_batch_size} with packing on",
-                              "use micro_batch_size=1 (a packed row holds many samples) or set data.packing=false")
+            raise ConfigError(
+                "data.micro_batch_size",
+                f"is {self.micro_batch_size} with packing on",
+                "use micro_batch_size=1 (a packed row holds many samples) or set data.packing=false",
+            )
         if self.num_workers < 0:
             raise ConfigError("data.num_workers", "must be >= 0", "use 0 to load in the training process")
         if self.decoder not in DECODERS:

@@ -89,8 +89,9 @@ def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, d
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
-                                                    key_node.start_mark)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
+            )
         seen.add(key)
     return loader.construct_mapping(node, deep=deep)
 
@@ -113,8 +114,11 @@ def load_yaml(path: Path) -> Dict[str, Any]:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(str(path), f"is not valid YAML{line}: {problem}",
-                          "fix the YAML there (indent with spaces, close every bracket, give each key once)") from None
+        raise ConfigError(
+            str(path),
+            f"is not valid YAML{line}: {problem}",
+            "fix the YAML there (indent with spaces, close every bracket, give each key once)",
+        ) from None
     if data is None:
         raise ConfigError(str(path), "the recipe is empty", "give at least model_preset and data, or inherit a recipe")
     if not isinstance(data, dict):

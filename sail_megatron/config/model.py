@@ -41,22 +41,40 @@ class VisionConfig:
         return self.select_layer if self.select_layer >= 0 else self.num_layers + 1 + self.select_layer
 
     def validate(self, prefix: str = "model.vision") -> None:
-        _positive(self, prefix, "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
-                  "image_size", "patch_size")
+        _positive(
+            self,
+            prefix,
+            "hidden_size",
+            "num_layers",
+            "num_attention_heads",
+            "ffn_hidden_size",
+            "image_size",
+            "patch_size",
+        )
         if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"{prefix}.hidden_size", f"{self.hidden_size} is not divisible by "
-                              f"num_attention_heads={self.num_attention_heads}",
-                              "choose a hidden size that is a multiple of the head count")
+            raise ConfigError(
+                f"{prefix}.hidden_size",
+                f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}",
+                "choose a hidden size that is a multiple of the head count",
+            )
         if self.image_size % self.patch_size:
-            raise ConfigError(f"{prefix}.image_size", f"{self.image_size} is not a multiple of "
-                              f"patch_size={self.patch_size}", "use a tile size made of whole patches")
+            raise ConfigError(
+                f"{prefix}.image_size",
+                f"{self.image_size} is not a multiple of patch_size={self.patch_size}",
+                "use a tile size made of whole patches",
+            )
         if not 1 <= self.num_built_layers <= self.num_layers:
-            raise ConfigError(f"{prefix}.select_layer",
-                              f"{self.select_layer} leaves {self.num_built_layers} of {self.num_layers} layers",
-                              f"use a value in [1, {self.num_layers}] or [{-self.num_layers}, -1]")
+            raise ConfigError(
+                f"{prefix}.select_layer",
+                f"{self.select_layer} leaves {self.num_built_layers} of {self.num_layers} layers",
+                f"use a value in [1, {self.num_layers}] or [{-self.num_layers}, -1]",
+            )
         if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ConfigError(f"{prefix}.drop_path_rate", f"{self.drop_path_rate} is outside [0, 1)",
-                              "use 0.0 to disable or a small rate such as 0.1")
+            raise ConfigError(
+                f"{prefix}.drop_path_rate",
+                f"{self.drop_path_rate} is outside [0, 1)",
+                "use 0.0 to disable or a small rate such as 0.1",
+            )
 
 
 @dataclass
@@ -76,18 +94,26 @@ class ProjectorConfig:
 
     def validate(self, vision: VisionConfig, prefix: str = "model.projector") -> None:
         if not 0 < self.downsample_ratio <= 1:
-            raise ConfigError(f"{prefix}.downsample_ratio", f"{self.downsample_ratio} is outside (0, 1]",
-                              "use 0.5 (SAIL-VL) or another 1/k")
+            raise ConfigError(
+                f"{prefix}.downsample_ratio",
+                f"{self.downsample_ratio} is outside (0, 1]",
+                "use 0.5 (SAIL-VL) or another 1/k",
+            )
         if self.ps_version not in ("v1", "v2"):
             raise ConfigError(f"{prefix}.ps_version", f"unknown version {self.ps_version!r}", "use 'v1' or 'v2'")
         if abs(self.merge_factor * self.downsample_ratio - 1.0) > 1e-9:
-            raise ConfigError(f"{prefix}.downsample_ratio", f"{self.downsample_ratio} is not 1/k for an integer k",
-                              "use 0.5 (SAIL-VL) or another 1/k")
+            raise ConfigError(
+                f"{prefix}.downsample_ratio",
+                f"{self.downsample_ratio} is not 1/k for an integer k",
+                "use 0.5 (SAIL-VL) or another 1/k",
+            )
         grid = vision.image_size // vision.patch_size
         if grid % self.merge_factor:
-            raise ConfigError(f"{prefix}.downsample_ratio", f"the {grid}x{grid} patch grid does not split into "
-                              f"{self.merge_factor}x{self.merge_factor} blocks",
-                              "choose image_size/patch_size divisible by 1/downsample_ratio")
+            raise ConfigError(
+                f"{prefix}.downsample_ratio",
+                f"the {grid}x{grid} patch grid does not split into {self.merge_factor}x{self.merge_factor} blocks",
+                "choose image_size/patch_size divisible by 1/downsample_ratio",
+            )
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
@@ -124,14 +150,29 @@ class LanguageConfig:
         return padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tensor_parallel_size)
 
     def validate(self, prefix: str = "model.language") -> None:
-        _positive(self, prefix, "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
-                  "ffn_hidden_size", "vocab_size", "make_vocab_size_divisible_by")
+        _positive(
+            self,
+            prefix,
+            "hidden_size",
+            "num_layers",
+            "num_attention_heads",
+            "num_query_groups",
+            "ffn_hidden_size",
+            "vocab_size",
+            "make_vocab_size_divisible_by",
+        )
         if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"{prefix}.hidden_size", f"{self.hidden_size} is not divisible by "
-                              f"num_attention_heads={self.num_attention_heads}", "fix the head count")
+            raise ConfigError(
+                f"{prefix}.hidden_size",
+                f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}",
+                "fix the head count",
+            )
         if self.num_attention_heads % self.num_query_groups:
-            raise ConfigError(f"{prefix}.num_query_groups", f"{self.num_attention_heads} heads do not split into "
-                              f"{self.num_query_groups} groups", "use a divisor of num_attention_heads")
+            raise ConfigError(
+                f"{prefix}.num_query_groups",
+                f"{self.num_attention_heads} heads do not split into {self.num_query_groups} groups",
+                "use a divisor of num_attention_heads",
+            )
 
 
 @dataclass
@@ -147,7 +188,7 @@ class ModelConfig:
     @property
     def tokens_per_tile(self) -> int:
         """Language tokens one image tile becomes (256 for 448px tiles at ratio 0.5)."""
-        return self.vision.num_patches // self.projector.merge_factor ** 2
+        return self.vision.num_patches // self.projector.merge_factor**2
 
     def validate(self) -> None:
         self.vision.validate()
@@ -155,13 +196,17 @@ class ModelConfig:
         self.language.validate()
         tid = self.image_context_token_id
         if tid is not None and not 0 <= tid < self.language.vocab_size:
-            raise ConfigError("model.image_context_token_id", f"{tid} is outside the vocabulary "
-                              f"[0, {self.language.vocab_size})", "look the id up in the tokenizer")
+            raise ConfigError(
+                "model.image_context_token_id",
+                f"{tid} is outside the vocabulary [0, {self.language.vocab_size})",
+                "look the id up in the tokenizer",
+            )
 
 
 def _positive(cfg, prefix: str, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{prefix}.{name}", f"must be a positive integer, got {value!r}",
-                              "set a positive integer")
+            raise ConfigError(
+                f"{prefix}.{name}", f"must be a positive integer, got {value!r}", "set a positive integer"
+            )

@@ -39,7 +39,7 @@ class OptimConfig:
     wsd_decay_steps: int = 0
     """wsd only: length of the final anneal."""
     wsd_decay_style: str = "linear"
-    initial_loss_scale: float = 2.0 ** 32
+    initial_loss_scale: float = 2.0**32
     """fp16 only: the dynamic loss scale to start from (megatron's default). The first steps overflow
     and halve it until the gradients fit; those steps are skipped and logged, not counted as faults."""
     min_loss_scale: float = 1.0
@@ -66,21 +66,33 @@ class OptimConfig:
         if self.schedule not in SCHEDULES:
             raise ConfigError("optim.schedule", f"unknown schedule {self.schedule!r}", f"use one of {SCHEDULES}")
         if self.warmup_steps < 0 or self.decay_steps <= self.warmup_steps:
-            raise ConfigError("optim.decay_steps", f"warmup={self.warmup_steps}, decay={self.decay_steps}",
-                              "use warmup_steps >= 0 and decay_steps > warmup_steps")
+            raise ConfigError(
+                "optim.decay_steps",
+                f"warmup={self.warmup_steps}, decay={self.decay_steps}",
+                "use warmup_steps >= 0 and decay_steps > warmup_steps",
+            )
         if self.schedule == "wsd":
             if self.wsd_decay_style not in WSD_DECAY_STYLES:
-                raise ConfigError("optim.wsd_decay_style", f"unknown style {self.wsd_decay_style!r}",
-                                  f"use one of {WSD_DECAY_STYLES}")
+                raise ConfigError(
+                    "optim.wsd_decay_style", f"unknown style {self.wsd_decay_style!r}", f"use one of {WSD_DECAY_STYLES}"
+                )
             if not 0 < self.wsd_decay_steps <= self.decay_steps - self.warmup_steps:
-                raise ConfigError("optim.wsd_decay_steps", f"{self.wsd_decay_steps} with warmup {self.warmup_steps} "
-                                  f"and decay_steps {self.decay_steps}",
-                                  "use 0 < wsd_decay_steps <= decay_steps - warmup_steps")
+                raise ConfigError(
+                    "optim.wsd_decay_steps",
+                    f"{self.wsd_decay_steps} with warmup {self.warmup_steps} and decay_steps {self.decay_steps}",
+                    "use 0 < wsd_decay_steps <= decay_steps - warmup_steps",
+                )
         if not 0 < self.min_loss_scale <= self.initial_loss_scale:
-            raise ConfigError("optim.min_loss_scale", f"{self.min_loss_scale} with initial_loss_scale "
-                              f"{self.initial_loss_scale}", "use 0 < min_loss_scale <= initial_loss_scale")
+            raise ConfigError(
+                "optim.min_loss_scale",
+                f"{self.min_loss_scale} with initial_loss_scale {self.initial_loss_scale}",
+                "use 0 < min_loss_scale <= initial_loss_scale",
+            )
         if self.loss_scale_window < 1 or self.loss_scale_hysteresis < 1:
-            raise ConfigError("optim.loss_scale_window", f"window {self.loss_scale_window}, hysteresis "
-                              f"{self.loss_scale_hysteresis}", "use loss_scale_window >= 1 and loss_scale_hysteresis >= 1")
+            raise ConfigError(
+                "optim.loss_scale_window",
+                f"window {self.loss_scale_window}, hysteresis {self.loss_scale_hysteresis}",
+                "use loss_scale_window >= 1 and loss_scale_hysteresis >= 1",
+            )
         if self.clip_grad < 0:
             raise ConfigError("optim.clip_grad", f"must be >= 0, got {self.clip_grad}", "use 0 to disable clipping")

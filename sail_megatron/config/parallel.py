@@ -45,10 +45,15 @@ class ParallelConfig:
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
         for name, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
             if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"parallel.{name}", f"must be a positive integer, got {value!r}", "set it to 1 or more")
+                raise ConfigError(
+                    f"parallel.{name}", f"must be a positive integer, got {value!r}", "set it to 1 or more"
+                )
         if world_size < 1 or world_size % (tp * pp):
-            raise ConfigError("parallel", f"world size {world_size} is not divisible by TP*PP = {tp}*{pp}",
-                              f"launch a multiple of {tp * pp} processes or change TP/PP")
+            raise ConfigError(
+                "parallel",
+                f"world size {world_size} is not divisible by TP*PP = {tp}*{pp}",
+                f"launch a multiple of {tp * pp} processes or change TP/PP",
+            )
         lang, vision = model.language, model.vision
         checks = [
             ("model.language.num_attention_heads", lang.num_attention_heads),
@@ -59,32 +64,47 @@ class ParallelConfig:
         ]
         for name, value in checks:
             if value % tp:
-                raise ConfigError(name, f"{value} is not divisible by tensor_model_parallel_size={tp}",
-                                  "choose a TP size that divides it")
+                raise ConfigError(
+                    name,
+                    f"{value} is not divisible by tensor_model_parallel_size={tp}",
+                    "choose a TP size that divides it",
+                )
         if lang.num_layers % pp:
-            raise ConfigError("parallel.pipeline_model_parallel_size",
-                              f"{lang.num_layers} language layers do not split evenly over {pp} stages",
-                              "choose a PP size that divides model.language.num_layers")
+            raise ConfigError(
+                "parallel.pipeline_model_parallel_size",
+                f"{lang.num_layers} language layers do not split evenly over {pp} stages",
+                "choose a PP size that divides model.language.num_layers",
+            )
         if self.sequence_parallel and tp == 1:
-            raise ConfigError("parallel.sequence_parallel", "needs tensor_model_parallel_size > 1",
-                              "turn it off or raise TP")
+            raise ConfigError(
+                "parallel.sequence_parallel", "needs tensor_model_parallel_size > 1", "turn it off or raise TP"
+            )
         if self.recompute_granularity not in (None, "selective", "full"):
-            raise ConfigError("parallel.recompute_granularity", f"unknown value {self.recompute_granularity!r}",
-                              "use null, selective or full")
+            raise ConfigError(
+                "parallel.recompute_granularity",
+                f"unknown value {self.recompute_granularity!r}",
+                "use null, selective or full",
+            )
         if self.recompute_method not in ("uniform", "block"):
-            raise ConfigError("parallel.recompute_method", f"unknown value {self.recompute_method!r}",
-                              "use uniform or block")
+            raise ConfigError(
+                "parallel.recompute_method", f"unknown value {self.recompute_method!r}", "use uniform or block"
+            )
         per_stage = lang.num_layers // pp
         if self.recompute_granularity == "full" and not 1 <= self.recompute_num_layers <= per_stage:
-            raise ConfigError("parallel.recompute_num_layers", f"{self.recompute_num_layers} with {per_stage} language "
-                              f"layers per pipeline stage", f"use 1..{per_stage}")
+            raise ConfigError(
+                "parallel.recompute_num_layers",
+                f"{self.recompute_num_layers} with {per_stage} language layers per pipeline stage",
+                f"use 1..{per_stage}",
+            )
 
     def check_layer_backend(self, layer_backend: str) -> None:
         """The layout against the layer implementation ('te' or 'local'); raises ConfigError."""
         # megatron-core's local spec builds RMSNorm as WrappedTorchNorm, with or without apex, and
         # WrappedTorchNorm asserts that sequence parallelism is off.
         if self.sequence_parallel and layer_backend == "local":
-            raise ConfigError("parallel.sequence_parallel", "megatron-core's local layers use torch norms, which "
-                              "cannot shard activations along the sequence",
-                              "use Transformer Engine layers (precision.layers=auto or te, on a CUDA GPU with "
-                              "transformer-engine installed) or set parallel.sequence_parallel=false")
+            raise ConfigError(
+                "parallel.sequence_parallel",
+                "megatron-core's local layers use torch norms, which cannot shard activations along the sequence",
+                "use Transformer Engine layers (precision.layers=auto or te, on a CUDA GPU with "
+                "transformer-engine installed) or set parallel.sequence_parallel=false",
+            )

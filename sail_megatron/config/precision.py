@@ -54,19 +54,29 @@ class PrecisionConfig:
         if self.layers not in ("auto", "te", "local"):
             raise ConfigError("precision.layers", f"unknown value {self.layers!r}", "use auto, te or local")
         if self.layers == "te" and not (has_cuda and has_te):
-            raise ConfigError("precision.layers", "te layers need Transformer Engine and a CUDA GPU",
-                              "use precision.layers=auto or local")
+            raise ConfigError(
+                "precision.layers",
+                "te layers need Transformer Engine and a CUDA GPU",
+                "use precision.layers=auto or local",
+            )
         if self.fp8 is not None and self.layers == "local":
-            raise ConfigError("precision.fp8", "FP8 runs in Transformer Engine layers", "set precision.layers=auto or te")
+            raise ConfigError(
+                "precision.fp8", "FP8 runs in Transformer Engine layers", "set precision.layers=auto or te"
+            )
         if self.fp8 is None:
             return
         if self.fp8 not in _FP8_FORMATS:
             raise ConfigError("precision.fp8", f"unknown FP8 format {self.fp8!r}", f"use one of {_FP8_FORMATS} or null")
         if self.fp8_recipe not in _FP8_RECIPES:
-            raise ConfigError("precision.fp8_recipe", f"unknown recipe {self.fp8_recipe!r}", f"use one of {_FP8_RECIPES}")
+            raise ConfigError(
+                "precision.fp8_recipe", f"unknown recipe {self.fp8_recipe!r}", f"use one of {_FP8_RECIPES}"
+            )
         if not (has_cuda and has_te):
-            raise ConfigError("precision.fp8", "FP8 needs Transformer Engine and a CUDA GPU",
-                              "install transformer-engine (pip install 'sail-megatron[te]') or set precision.fp8=null")
+            raise ConfigError(
+                "precision.fp8",
+                "FP8 needs Transformer Engine and a CUDA GPU",
+                "install transformer-engine (pip install 'sail-megatron[te]') or set precision.fp8=null",
+            )
         if self.dtype == "fp32":
             raise ConfigError("precision.fp8", "FP8 runs inside bf16/fp16 mixed precision", "set precision.dtype=bf16")
         self.check_cuda_capability(cuda_capability)
@@ -77,6 +87,8 @@ class PrecisionConfig:
             return
         if self.fp8_recipe == "mxfp8" and tuple(cuda_capability) < _MXFP8_MIN_CAPABILITY:
             major, minor = cuda_capability
-            raise ConfigError("precision.fp8_recipe", f"mxfp8 needs a Blackwell GPU (compute capability 10.0 or "
-                              f"newer), this one is {major}.{minor}",
-                              "use precision.fp8_recipe=delayed or tensorwise")
+            raise ConfigError(
+                "precision.fp8_recipe",
+                f"mxfp8 needs a Blackwell GPU (compute capability 10.0 or newer), this one is {major}.{minor}",
+                "use precision.fp8_recipe=delayed or tensorwise",
+            )

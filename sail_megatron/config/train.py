@@ -50,8 +50,14 @@ class RunConfig:
     """Draw `curves.png` (loss, throughput, lr) from metrics.jsonl when the run ends."""
 
     def validate(self) -> None:
-        for name in ("train_steps", "global_batch_size", "log_interval", "save_interval", "keep_last",
-                     "max_nonfinite_steps"):
+        for name in (
+            "train_steps",
+            "global_batch_size",
+            "log_interval",
+            "save_interval",
+            "keep_last",
+            "max_nonfinite_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"run.{name}", f"must be >= 1, got {getattr(self, name)}", "set a positive value")
 
@@ -70,13 +76,21 @@ class TrainConfig:
     def num_microbatches(self, world_size: int) -> int:
         per_step = self.data.micro_batch_size * self.parallel.data_parallel_size(world_size)
         if self.run.global_batch_size % per_step:
-            raise ConfigError("run.global_batch_size", f"{self.run.global_batch_size} is not a multiple of "
-                              f"micro_batch_size x data-parallel size = {per_step}",
-                              f"use a multiple of {per_step} or change the layout")
+            raise ConfigError(
+                "run.global_batch_size",
+                f"{self.run.global_batch_size} is not a multiple of micro_batch_size x data-parallel size = {per_step}",
+                f"use a multiple of {per_step} or change the layout",
+            )
         return self.run.global_batch_size // per_step
 
-    def validate(self, world_size: int, has_cuda: bool, has_te: bool,
-                 cuda_capability: Optional[Tuple[int, int]] = None, needs_data: bool = True) -> None:
+    def validate(
+        self,
+        world_size: int,
+        has_cuda: bool,
+        has_te: bool,
+        cuda_capability: Optional[Tuple[int, int]] = None,
+        needs_data: bool = True,
+    ) -> None:
         """Every check, before any process group exists. cuda_capability: Backends.cuda_capability;
         needs_data: False for runs on synthetic rows."""
         self.model.validate()

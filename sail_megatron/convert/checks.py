@@ -14,24 +14,39 @@ DTYPE_OPTIONS = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.fl
 DTYPE_OF = {v: k for k, v in DTYPE_OPTIONS.items()}
 
 
-def tensor_problems(actual: Dict[str, Tuple[int, ...]], expected: Dict[str, Tuple[int, ...]],
-                    dtypes: Dict[str, torch.dtype], where: str = "") -> List[str]:
+def tensor_problems(
+    actual: Dict[str, Tuple[int, ...]],
+    expected: Dict[str, Tuple[int, ...]],
+    dtypes: Dict[str, torch.dtype],
+    where: str = "",
+) -> List[str]:
     """Every missing, unexpected, mis-shaped or non-float tensor, one line each."""
     at = f" in {where}" if where else ""
     problems = [f"missing tensor{at}: {n} (expected shape {list(expected[n])})" for n in expected if n not in actual]
     problems += [f"unexpected tensor{at}: {n} (shape {list(actual[n])})" for n in sorted(actual) if n not in expected]
-    problems += [f"wrong shape{at}: {n} is {list(actual[n])}, the config implies {list(expected[n])}"
-                 for n in expected if n in actual and tuple(actual[n]) != tuple(expected[n])]
-    problems += [f"unsupported dtype{at}: {n} is {dtypes[n]}" for n in expected
-                 if n in dtypes and dtypes[n] not in DTYPE_OF]
+    problems += [
+        f"wrong shape{at}: {n} is {list(actual[n])}, the config implies {list(expected[n])}"
+        for n in expected
+        if n in actual and tuple(actual[n]) != tuple(expected[n])
+    ]
+    problems += [
+        f"unsupported dtype{at}: {n} is {dtypes[n]}" for n in expected if n in dtypes and dtypes[n] not in DTYPE_OF
+    ]
     return problems
 
 
-def check_tensors(actual: Dict[str, Tuple[int, ...]], expected: Dict[str, Tuple[int, ...]],
-                  dtypes: Dict[str, torch.dtype], source: str) -> None:
+def check_tensors(
+    actual: Dict[str, Tuple[int, ...]],
+    expected: Dict[str, Tuple[int, ...]],
+    dtypes: Dict[str, torch.dtype],
+    source: str,
+) -> None:
     """Raise a ConversionError naming every tensor that does not fit the config."""
-    raise_if(tensor_problems(actual, expected, dtypes), f"the tensors in {source} do not match its config",
-             "check that config.json and the safetensors files belong to the same model")
+    raise_if(
+        tensor_problems(actual, expected, dtypes),
+        f"the tensors in {source} do not match its config",
+        "check that config.json and the safetensors files belong to the same model",
+    )
 
 
 def layout_problems(cfg: ModelConfig, tp: int, pp: int) -> List[str]:
@@ -43,12 +58,14 @@ def layout_problems(cfg: ModelConfig, tp: int, pp: int) -> List[str]:
     if problems:
         return problems
     lang, vision = cfg.language, cfg.vision
-    for name, value in (("language num_attention_heads", lang.num_attention_heads),
-                        ("language num_key_value_heads (query groups)", lang.num_query_groups),
-                        ("language intermediate_size", lang.ffn_hidden_size),
-                        ("language hidden_size (projector output)", lang.hidden_size),
-                        ("vision num_attention_heads", vision.num_attention_heads),
-                        ("vision intermediate_size", vision.ffn_hidden_size)):
+    for name, value in (
+        ("language num_attention_heads", lang.num_attention_heads),
+        ("language num_key_value_heads (query groups)", lang.num_query_groups),
+        ("language intermediate_size", lang.ffn_hidden_size),
+        ("language hidden_size (projector output)", lang.hidden_size),
+        ("vision num_attention_heads", vision.num_attention_heads),
+        ("vision intermediate_size", vision.ffn_hidden_size),
+    ):
         if value % tp:
             problems.append(f"TP {tp} does not divide the {name} ({value})")
     if lang.num_layers % pp:
@@ -62,8 +79,11 @@ def layout_problems(cfg: ModelConfig, tp: int, pp: int) -> List[str]:
 
 
 def check_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
-    raise_if(layout_problems(cfg, tp, pp), f"the model cannot be laid out as TP {tp} x PP {pp}",
-             "choose --tp dividing the head, query-group and FFN sizes and --pp dividing the layer count")
+    raise_if(
+        layout_problems(cfg, tp, pp),
+        f"the model cannot be laid out as TP {tp} x PP {pp}",
+        "choose --tp dividing the head, query-group and FFN sizes and --pp dividing the layer count",
+    )
 
 
 def _float_counts(dtypes: Sequence[torch.dtype]) -> Dict[torch.dtype, int]:
@@ -83,12 +103,16 @@ def stored_dtype(dtypes: Sequence[torch.dtype]) -> str:
 def resolve_dtype(requested: str, dtypes: Sequence[torch.dtype], source: str = "the checkpoint") -> str:
     """'auto' -> the stored floating dtype holding most tensors; otherwise the requested one."""
     if requested != "auto":
-        raise_if([] if requested in DTYPE_OPTIONS else [f"unknown dtype {requested!r}"], "bad --dtype",
-                 f"use one of auto, {', '.join(DTYPE_OPTIONS)}")
+        raise_if(
+            [] if requested in DTYPE_OPTIONS else [f"unknown dtype {requested!r}"],
+            "bad --dtype",
+            f"use one of auto, {', '.join(DTYPE_OPTIONS)}",
+        )
         return requested
     chosen, counts = stored_dtype(dtypes), _float_counts(dtypes)
     if len(counts) > 1:  # a silent pick would hide that some tensors change dtype
         mix = ", ".join(f"{DTYPE_OF[d]} ({n} tensors)" for d, n in sorted(counts.items(), key=lambda c: -c[1]))
-        logger.warning("dtype auto: %s mixes %s; using %s for every tensor (pass --dtype to choose)",
-                       source, mix, chosen)
+        logger.warning(
+            "dtype auto: %s mixes %s; using %s for every tensor (pass --dtype to choose)", source, mix, chosen
+        )
     return chosen

@@ -41,8 +41,12 @@ def _shard_size(text: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sail-convert", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    p = argparse.ArgumentParser(
+        prog="sail-convert",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 2)[2],
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("hf-to-mcore", help="Hugging Face InternVL-chat folder -> megatron checkpoint")
@@ -57,13 +61,25 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("mcore-to-hf", help="megatron checkpoint -> Hugging Face InternVL-chat folder")
     b.add_argument("--ckpt", required=True, help="checkpoint folder or run folder (its `latest`)")
     b.add_argument("--out", required=True, help="new folder for the Hugging Face model")
-    b.add_argument("--tokenizer", default=None, help="copy these tokenizer files (default: the training run's "
-                   "data.tokenizer, else the checkpoint's or --base-hf's)")
-    b.add_argument("--base-hf", default=None, help="HF folder (or converted checkpoint) the run started from: "
-                   "config template and the ViT layers after select_layer for trainer checkpoints")
+    b.add_argument(
+        "--tokenizer",
+        default=None,
+        help="copy these tokenizer files (default: the training run's "
+        "data.tokenizer, else the checkpoint's or --base-hf's)",
+    )
+    b.add_argument(
+        "--base-hf",
+        default=None,
+        help="HF folder (or converted checkpoint) the run started from: "
+        "config template and the ViT layers after select_layer for trainer checkpoints",
+    )
     b.add_argument("--dtype", default=None, help="bf16, fp32 or fp16 (default: the checkpoint's)")
-    b.add_argument("--max-shard-size", default="5GB", type=_shard_size,
-                   help="largest safetensors file: bytes, or a number with KB, MB, GB, KiB, MiB, GiB (default 5GB)")
+    b.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        type=_shard_size,
+        help="largest safetensors file: bytes, or a number with KB, MB, GB, KiB, MiB, GiB (default 5GB)",
+    )
 
     c = sub.add_parser("init", help="fresh stage-1 checkpoint: Qwen2 + InternViT + a new projector")
     c.add_argument("--llm", required=True, help="Qwen2 / Qwen2.5 Hugging Face folder")
@@ -75,8 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--downsample-ratio", type=float, default=0.5)
     c.add_argument("--ps-version", default="v2", choices=["v1", "v2"])
     c.add_argument("--template", default="internvl2_5", help="chat template name recorded in config.json")
-    c.add_argument("--tokenizer", default=None, help="tokenizer folder with <img>, </img>, <IMG_CONTEXT> "
-                   "(default: the --llm folder's)")
+    c.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer folder with <img>, </img>, <IMG_CONTEXT> (default: the --llm folder's)",
+    )
     c.add_argument("--dtype", default="auto")
     c.add_argument("--seed", type=int, default=1234, help="projector initialization seed")
     c.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
@@ -100,28 +119,59 @@ def _run(args) -> int:
     if args.command == "hf-to-mcore":
         from sail_megatron.convert.to_mcore import hf_to_mcore
 
-        out = hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                          make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                          image_token_id=args.image_token_id)
+        out = hf_to_mcore(
+            args.hf,
+            args.out,
+            tp=args.tp,
+            pp=args.pp,
+            dtype=args.dtype,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+            image_token_id=args.image_token_id,
+        )
     elif args.command == "mcore-to-hf":
         from sail_megatron.convert.to_hf import mcore_to_hf
 
-        out = mcore_to_hf(args.ckpt, args.out, tokenizer=args.tokenizer, base_hf=args.base_hf, dtype=args.dtype,
-                          max_shard_size=args.max_shard_size)
+        out = mcore_to_hf(
+            args.ckpt,
+            args.out,
+            tokenizer=args.tokenizer,
+            base_hf=args.base_hf,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+        )
     elif args.command == "init":
         from sail_megatron.convert.init_stage1 import init_stage1
 
-        out = init_stage1(args.llm, args.vision, args.out, tp=args.tp, pp=args.pp, select_layer=args.select_layer,
-                          downsample_ratio=args.downsample_ratio, ps_version=args.ps_version, template=args.template,
-                          tokenizer=args.tokenizer, dtype=args.dtype, seed=args.seed,
-                          make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                          image_token_id=args.image_token_id)
+        out = init_stage1(
+            args.llm,
+            args.vision,
+            args.out,
+            tp=args.tp,
+            pp=args.pp,
+            select_layer=args.select_layer,
+            downsample_ratio=args.downsample_ratio,
+            ps_version=args.ps_version,
+            template=args.template,
+            tokenizer=args.tokenizer,
+            dtype=args.dtype,
+            seed=args.seed,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+            image_token_id=args.image_token_id,
+        )
     else:
         from sail_megatron.convert.verify import verify
 
-        report = verify(args.hf, args.ckpt, dtype=args.dtype, atol=args.atol, min_top1=args.min_top1,
-                        tiles=args.tiles, text_tokens=args.text_tokens, seed=args.seed,
-                        image_token_id=args.image_token_id)
+        report = verify(
+            args.hf,
+            args.ckpt,
+            dtype=args.dtype,
+            atol=args.atol,
+            min_top1=args.min_top1,
+            tiles=args.tiles,
+            text_tokens=args.text_tokens,
+            seed=args.seed,
+            image_token_id=args.image_token_id,
+        )
         print(report.format(), flush=True)
         return 0 if report.passed else 1
     print(f"wrote {out}", flush=True)

@@ -22,12 +22,32 @@ _MISSING = object()
 
 # Defaults of InternVL's InternVisionConfig / InternVLChatConfig and transformers' Qwen2Config for keys a
 # config.json may omit (InternViT's own defaults describe the 6B model: rms_norm, qk-norm, no qkv bias).
-VISION_DEFAULTS = {"layer_norm_eps": 1e-6, "drop_path_rate": 0.0, "initializer_factor": 0.1, "qkv_bias": False,
-                   "qk_normalization": True, "norm_type": "rms_norm", "hidden_act": "gelu", "num_channels": 3}
-CHAT_DEFAULTS = {"select_layer": -1, "downsample_ratio": 0.5, "ps_version": "v1", "force_image_size": None,
-                 "use_backbone_lora": 0, "use_llm_lora": 0}
-LLM_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
-                "max_position_embeddings": 32768, "hidden_act": "silu", "use_sliding_window": False}
+VISION_DEFAULTS = {
+    "layer_norm_eps": 1e-6,
+    "drop_path_rate": 0.0,
+    "initializer_factor": 0.1,
+    "qkv_bias": False,
+    "qk_normalization": True,
+    "norm_type": "rms_norm",
+    "hidden_act": "gelu",
+    "num_channels": 3,
+}
+CHAT_DEFAULTS = {
+    "select_layer": -1,
+    "downsample_ratio": 0.5,
+    "ps_version": "v1",
+    "force_image_size": None,
+    "use_backbone_lora": 0,
+    "use_llm_lora": 0,
+}
+LLM_DEFAULTS = {
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 32768,
+    "hidden_act": "silu",
+    "use_sliding_window": False,
+}
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
@@ -77,8 +97,9 @@ def _image_size(value, name: str, problems: List[str]) -> int:
     return _int(value, name, problems)
 
 
-def vision_from_hf(vcfg: Dict[str, Any], select_layer: int, problems: List[str],
-                   prefix: str = "vision_config") -> VisionConfig:
+def vision_from_hf(
+    vcfg: Dict[str, Any], select_layer: int, problems: List[str], prefix: str = "vision_config"
+) -> VisionConfig:
     """An InternViT config dict (InternVisionConfig fields) -> VisionConfig; appends what is unsupported."""
     g = lambda key: _get(vcfg, key, VISION_DEFAULTS, prefix, problems)  # noqa: E731
     if g("qk_normalization"):
@@ -115,13 +136,16 @@ def rope_theta_of(lcfg: Dict[str, Any]) -> Optional[float]:
     return None
 
 
-def language_from_hf(lcfg: Dict[str, Any], problems: List[str], prefix: str = "llm_config",
-                     make_vocab_size_divisible_by: int = 128) -> LanguageConfig:
+def language_from_hf(
+    lcfg: Dict[str, Any], problems: List[str], prefix: str = "llm_config", make_vocab_size_divisible_by: int = 128
+) -> LanguageConfig:
     """A Qwen2 config dict -> LanguageConfig; appends what is unsupported."""
     archs = lcfg.get("architectures") or []
     if QWEN2_ARCHITECTURE not in archs and lcfg.get("model_type") != "qwen2":
-        problems.append(f"{prefix} describes {archs or lcfg.get('model_type')!r}: only {QWEN2_ARCHITECTURE} "
-                        "(Qwen2 / Qwen2.5) language models are supported")
+        problems.append(
+            f"{prefix} describes {archs or lcfg.get('model_type')!r}: only {QWEN2_ARCHITECTURE} "
+            "(Qwen2 / Qwen2.5) language models are supported"
+        )
     g = lambda key: _get(lcfg, key, LLM_DEFAULTS, prefix, problems)  # noqa: E731
     if g("hidden_act") != "silu":
         problems.append(f"{prefix}.hidden_act is {g('hidden_act')!r}: only 'silu' (SwiGLU) is supported")
@@ -153,8 +177,9 @@ def language_from_hf(lcfg: Dict[str, Any], problems: List[str], prefix: str = "l
     )
 
 
-def model_config_from_hf(config: Dict[str, Any], make_vocab_size_divisible_by: int = 128,
-                         source: str = "config.json") -> ModelConfig:
+def model_config_from_hf(
+    config: Dict[str, Any], make_vocab_size_divisible_by: int = 128, source: str = "config.json"
+) -> ModelConfig:
     """An InternVL-chat config.json dict -> a validated ModelConfig. Raises ConversionError listing every
     problem found."""
     problems: List[str] = []
@@ -173,10 +198,13 @@ def model_config_from_hf(config: Dict[str, Any], make_vocab_size_divisible_by: i
     vision = vision_from_hf(config["vision_config"], _int(g("select_layer"), "select_layer", problems), problems)
     force = g("force_image_size")
     if force is not None and _image_size(force, "force_image_size", problems) != vision.image_size:
-        problems.append(f"force_image_size {force} differs from vision_config.image_size {vision.image_size}: "
-                        "resized position embeddings are not supported")
-    language = language_from_hf(config["llm_config"], problems,
-                                make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+        problems.append(
+            f"force_image_size {force} differs from vision_config.image_size {vision.image_size}: "
+            "resized position embeddings are not supported"
+        )
+    language = language_from_hf(
+        config["llm_config"], problems, make_vocab_size_divisible_by=make_vocab_size_divisible_by
+    )
     projector = ProjectorConfig(downsample_ratio=float(g("downsample_ratio") or 0.0), ps_version=g("ps_version"))
     model = ModelConfig(vision=vision, projector=projector, language=language)
     if not problems:
@@ -184,8 +212,12 @@ def model_config_from_hf(config: Dict[str, Any], make_vocab_size_divisible_by: i
             model.validate()
         except ConfigError as e:
             problems.append(str(e))
-    raise_if(problems, f"unsupported model in {source}", "convert a SAIL-VL / InternVL-chat model with an "
-             "InternViT-300M style vision encoder and a Qwen2 language model")
+    raise_if(
+        problems,
+        f"unsupported model in {source}",
+        "convert a SAIL-VL / InternVL-chat model with an "
+        "InternViT-300M style vision encoder and a Qwen2 language model",
+    )
     return model
 
 
@@ -269,8 +301,9 @@ def hf_config_from_model(model: ModelConfig, template: Dict[str, Any], dtype: Op
     return out
 
 
-def stage1_template(llm_config: Dict[str, Any], vision_config: Dict[str, Any], template: str,
-                    dtype: str) -> Dict[str, Any]:
+def stage1_template(
+    llm_config: Dict[str, Any], vision_config: Dict[str, Any], template: str, dtype: str
+) -> Dict[str, Any]:
     """A fresh InternVL-chat config around a standalone Qwen2 and InternViT config (for `init`)."""
     return {
         "architectures": ["InternVLChatModel"],

@@ -24,9 +24,18 @@ _CHUNK = 256 << 20  # bytes per pread/pwrite call (Linux moves at most ~2 GiB pe
 _HEADER_LIMIT = 100 << 20
 
 DTYPES: Dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 
@@ -84,8 +93,9 @@ def read_header(path: Path, problems: List[str]) -> Dict[str, TensorInfo]:
         for s in shape:
             numel *= s
         if end - begin != numel * dtype.itemsize:
-            problems.append(f"{path.name}: {name} spans {end - begin} bytes, but {shape} x {dtype} needs "
-                            f"{numel * dtype.itemsize}")
+            problems.append(
+                f"{path.name}: {name} spans {end - begin} bytes, but {shape} x {dtype} needs {numel * dtype.itemsize}"
+            )
             continue
         if base + end > size:
             cut.append((base + end, name))
@@ -93,8 +103,9 @@ def read_header(path: Path, problems: List[str]) -> Dict[str, TensorInfo]:
         out[name] = TensorInfo(path, dtype, shape, base + begin, base + end)
     if cut:
         end, name = min(cut)
-        problems.append(f"{path.name}: {name} ends at byte {end}, past the end of the file ({size} bytes): "
-                        "the file is truncated")
+        problems.append(
+            f"{path.name}: {name} ends at byte {end}, past the end of the file ({size} bytes): the file is truncated"
+        )
     return out
 
 
@@ -117,8 +128,14 @@ class SafetensorsFolder:
             files = sorted(p.name for p in self.folder.glob("*.safetensors"))
         if not files:
             bins = sorted(p.name for p in self.folder.glob("*.bin"))
-            problems.append(f"no safetensors files in {self.folder}" + (f" (found {bins[:3]}: PyTorch .bin "
-                            "checkpoints are not read; save with safe_serialization=True)" if bins else ""))
+            problems.append(
+                f"no safetensors files in {self.folder}"
+                + (
+                    f" (found {bins[:3]}: PyTorch .bin checkpoints are not read; save with safe_serialization=True)"
+                    if bins
+                    else ""
+                )
+            )
         self.tensors: Dict[str, TensorInfo] = {}
         damaged: Set[str] = set()
         for name in files:
@@ -154,7 +171,7 @@ class SafetensorsFolder:
         view = _byte_view(out)
         pos = 0
         while pos < info.nbytes:
-            got = os.preadv(fd, [view[pos:pos + _CHUNK]], info.start + pos)
+            got = os.preadv(fd, [view[pos : pos + _CHUNK]], info.start + pos)
             if got <= 0:
                 raise OSError(f"{info.file}: unexpected end of file while reading {name}")
             pos += got
@@ -172,8 +189,9 @@ class SafetensorsFolder:
         self.close()
 
 
-def _index_problems(folder: Path, weight_map: Dict[str, str], tensors: Dict[str, TensorInfo],
-                    damaged: Set[str]) -> List[str]:
+def _index_problems(
+    folder: Path, weight_map: Dict[str, str], tensors: Dict[str, TensorInfo], damaged: Set[str]
+) -> List[str]:
     """Index entries the files do not back. The tensors a damaged file loses follow from its own problem,
     so they are counted in one line per file rather than listed."""
     problems, lost = [], {}
@@ -190,7 +208,7 @@ def _index_problems(folder: Path, weight_map: Dict[str, str], tensors: Dict[str,
 
 
 PlanEntry = Tuple[str, torch.dtype, Tuple[int, ...]]
-_SIZE_UNITS = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "b": 1}
+_SIZE_UNITS = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
 
 
 def parse_size(text) -> int:
@@ -205,8 +223,10 @@ def parse_size(text) -> int:
     except ValueError:
         size = math.nan
     if not math.isfinite(size) or size < 1:
-        raise ValueError(f"{text!r} is not a shard size: use a positive byte count or a number with KB, MB, GB, "
-                         "KiB, MiB or GiB (e.g. 5GB)")
+        raise ValueError(
+            f"{text!r} is not a shard size: use a positive byte count or a number with KB, MB, GB, "
+            "KiB, MiB or GiB (e.g. 5GB)"
+        )
     return int(size)
 
 
@@ -217,8 +237,9 @@ class ShardedSafetensorsWriter:
     right away and nothing accumulates in memory; `close` checks that every planned tensor arrived.
     """
 
-    def __init__(self, folder: Path, plan: Sequence[PlanEntry], max_shard_bytes: int = 4 << 30,
-                 file_name: Optional[str] = None):
+    def __init__(
+        self, folder: Path, plan: Sequence[PlanEntry], max_shard_bytes: int = 4 << 30, file_name: Optional[str] = None
+    ):
         """`file_name`: write one file of that name and no index instead of numbered shards."""
         self.folder = Path(folder)
         self.single = file_name is not None
@@ -241,8 +262,11 @@ class ShardedSafetensorsWriter:
             header, offset = {"__metadata__": {"format": "pt"}}, 0
             for name, dtype, shape in shard:
                 nbytes = _numel(shape) * dtype.itemsize
-                header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape),
-                                "data_offsets": [offset, offset + nbytes]}
+                header[name] = {
+                    "dtype": DTYPE_CODES[dtype],
+                    "shape": list(shape),
+                    "data_offsets": [offset, offset + nbytes],
+                }
                 offset += nbytes
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)  # the format allows space padding; keeps data 8-byte aligned
@@ -269,7 +293,7 @@ class ShardedSafetensorsWriter:
         view = _byte_view(tensor.contiguous())
         pos = 0
         while pos < len(view):
-            pos += os.pwrite(self.fds[shard], view[pos:pos + _CHUNK], offset + pos)
+            pos += os.pwrite(self.fds[shard], view[pos : pos + _CHUNK], offset + pos)
         self.written.add(name)
 
     def close(self) -> None:

@@ -19,12 +19,21 @@ from sail_megatron.convert.hf_io import SafetensorsFolder
 from sail_megatron.convert.mapping import LLM_PREFIX, PROJECTOR_PREFIX, VISION_PREFIX
 
 # InternViT (InternVL-chat) layer names -> transformers InternVLVisionModel names.
-_VISION_LAYER_NAMES = {"attn.proj": "attention.projection_layer", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
-                       "norm1": "layernorm_before", "norm2": "layernorm_after", "ls1": "lambda_1", "ls2": "lambda_2"}
-_VISION_EMBEDDING_NAMES = {"embeddings.class_embedding": "embeddings.cls_token",
-                           "embeddings.position_embedding": "embeddings.position_embeddings",
-                           "embeddings.patch_embedding.weight": "embeddings.patch_embeddings.projection.weight",
-                           "embeddings.patch_embedding.bias": "embeddings.patch_embeddings.projection.bias"}
+_VISION_LAYER_NAMES = {
+    "attn.proj": "attention.projection_layer",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "norm1": "layernorm_before",
+    "norm2": "layernorm_after",
+    "ls1": "lambda_1",
+    "ls2": "lambda_2",
+}
+_VISION_EMBEDDING_NAMES = {
+    "embeddings.class_embedding": "embeddings.cls_token",
+    "embeddings.position_embedding": "embeddings.position_embeddings",
+    "embeddings.patch_embedding.weight": "embeddings.patch_embeddings.projection.weight",
+    "embeddings.patch_embedding.bias": "embeddings.patch_embeddings.projection.bias",
+}
 
 
 def internvit_to_transformers(name: str, tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -41,7 +50,7 @@ def internvit_to_transformers(name: str, tensor: torch.Tensor) -> Dict[str, torc
         return {f"{prefix}attention.{p}_proj.{kind}": t for p, t in zip("qkv", (q, k, v))}
     for ours, theirs in _VISION_LAYER_NAMES.items():
         if rest == ours or rest.startswith(ours + "."):
-            return {prefix + theirs + rest[len(ours):]: tensor}
+            return {prefix + theirs + rest[len(ours) :]: tensor}
     raise KeyError(name)
 
 
@@ -49,7 +58,7 @@ def pixel_shuffle(features: torch.Tensor, downsample_ratio: float, ps_version: s
     """[n, g*g, c] -> [n, (g/k)^2, c*k*k]: token (i, j) of the k-times smaller grid concatenates the
     k x k patches (i*k + a, j*k + b) in (a, b) order; v1 orders tokens column-major (InternVL's bug kept)."""
     n, patches, c = features.shape
-    g = int(round(patches ** 0.5))
+    g = int(round(patches**0.5))
     k = int(round(1 / downsample_ratio))
     x = features.reshape(n, g // k, k, g // k, k, c)  # [n, i, a, j, b, c]
     order = (0, 1, 3, 2, 4, 5) if ps_version == "v2" else (0, 3, 1, 2, 4, 5)
@@ -67,18 +76,31 @@ class InternVLChatReference(nn.Module):
         self.cfg: ModelConfig = model_config_from_hf(hf_config)
         v, lang = self.cfg.vision, self.cfg.language
         vision_config = InternVLVisionConfig(
-            hidden_size=v.hidden_size, num_hidden_layers=v.num_layers, num_attention_heads=v.num_attention_heads,
-            intermediate_size=v.ffn_hidden_size, image_size=[v.image_size] * 2, patch_size=[v.patch_size] * 2,
-            layer_norm_eps=v.layernorm_epsilon, use_qk_norm=False, attention_bias=True, norm_type="layer_norm",
-            use_mean_pooling=False, use_absolute_position_embeddings=True, hidden_act="gelu")
+            hidden_size=v.hidden_size,
+            num_hidden_layers=v.num_layers,
+            num_attention_heads=v.num_attention_heads,
+            intermediate_size=v.ffn_hidden_size,
+            image_size=[v.image_size] * 2,
+            patch_size=[v.patch_size] * 2,
+            layer_norm_eps=v.layernorm_epsilon,
+            use_qk_norm=False,
+            attention_bias=True,
+            norm_type="layer_norm",
+            use_mean_pooling=False,
+            use_absolute_position_embeddings=True,
+            hidden_act="gelu",
+        )
         vision_config._attn_implementation = "eager"
         llm_config = Qwen2Config(**{k: val for k, val in hf_config["llm_config"].items() if k != "auto_map"})
         llm_config._attn_implementation = "eager"
         self.vision = InternVLVisionModel(vision_config)
-        width = v.hidden_size * self.cfg.projector.merge_factor ** 2
-        self.mlp1 = nn.Sequential(nn.LayerNorm(width, eps=self.cfg.projector.layernorm_epsilon),
-                                  nn.Linear(width, lang.hidden_size), nn.GELU(),
-                                  nn.Linear(lang.hidden_size, lang.hidden_size))
+        width = v.hidden_size * self.cfg.projector.merge_factor**2
+        self.mlp1 = nn.Sequential(
+            nn.LayerNorm(width, eps=self.cfg.projector.layernorm_epsilon),
+            nn.Linear(width, lang.hidden_size),
+            nn.GELU(),
+            nn.Linear(lang.hidden_size, lang.hidden_size),
+        )
         self.language = Qwen2ForCausalLM(llm_config)
         self.to(dtype).eval()
 
@@ -97,12 +119,14 @@ class InternVLChatReference(nn.Module):
         with torch.no_grad():
             for name, tensor in tensors.items():
                 if name.startswith(VISION_PREFIX):
-                    targets = {f"vision.{k}": t for k, t in
-                               internvit_to_transformers(name[len(VISION_PREFIX):], tensor).items()}
+                    targets = {
+                        f"vision.{k}": t
+                        for k, t in internvit_to_transformers(name[len(VISION_PREFIX) :], tensor).items()
+                    }
                 elif name.startswith(PROJECTOR_PREFIX):
-                    targets = {f"mlp1.{name[len(PROJECTOR_PREFIX):]}": tensor}
+                    targets = {f"mlp1.{name[len(PROJECTOR_PREFIX) :]}": tensor}
                 elif name.startswith(LLM_PREFIX):
-                    targets = {f"language.{name[len(LLM_PREFIX):]}": tensor}
+                    targets = {f"language.{name[len(LLM_PREFIX) :]}": tensor}
                 else:
                     raise KeyError(f"{name} is not an InternVL-chat tensor name")
                 for target, t in targets.items():
@@ -118,8 +142,9 @@ class InternVLChatReference(nn.Module):
         return self.mlp1(shuffled)
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
-                image_token_id: Optional[int] = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None, image_token_id: Optional[int] = None
+    ) -> torch.Tensor:
         """input_ids [b, s] -> logits [b, s, vocab]."""
         embeds = self.language.get_input_embeddings()(input_ids)
         if pixel_values is not None and pixel_values.shape[0] > 0:

@@ -58,62 +58,115 @@ def init_projector(model: torch.nn.Module, seed: int) -> Set[str]:
     return {f"projector.{n}" for n, _ in proj.named_parameters()}
 
 
-def _stage1_config(llm_config: dict, vision_config: dict, llm_dir: Path, vision_dir: Path, select_layer: int,
-                   downsample_ratio: float, ps_version: str, divisible_by: int) -> ModelConfig:
+def _stage1_config(
+    llm_config: dict,
+    vision_config: dict,
+    llm_dir: Path,
+    vision_dir: Path,
+    select_layer: int,
+    downsample_ratio: float,
+    ps_version: str,
+    divisible_by: int,
+) -> ModelConfig:
     problems: List[str] = []
-    language = language_from_hf(llm_config, problems, prefix=f"{llm_dir / 'config.json'}",
-                                make_vocab_size_divisible_by=divisible_by)
+    language = language_from_hf(
+        llm_config, problems, prefix=f"{llm_dir / 'config.json'}", make_vocab_size_divisible_by=divisible_by
+    )
     vision = vision_from_hf(vision_config, select_layer, problems, prefix=f"{vision_dir / 'config.json'}")
-    cfg = ModelConfig(vision=vision, projector=ProjectorConfig(downsample_ratio=downsample_ratio,
-                                                               ps_version=ps_version), language=language)
+    cfg = ModelConfig(
+        vision=vision,
+        projector=ProjectorConfig(downsample_ratio=downsample_ratio, ps_version=ps_version),
+        language=language,
+    )
     if not problems:
         try:
             cfg.validate()
         except ConfigError as e:
             problems.append(str(e))
-    raise_if(problems, "cannot build a stage-1 model from these folders",
-             "pass a Qwen2/Qwen2.5 folder as --llm and an InternViT-300M style folder as --vision")
+    raise_if(
+        problems,
+        "cannot build a stage-1 model from these folders",
+        "pass a Qwen2/Qwen2.5 folder as --llm and an InternViT-300M style folder as --vision",
+    )
     return cfg
 
 
-def init_stage1(llm_dir, vision_dir, out_dir, tp: int = 1, pp: int = 1, select_layer: int = -4,
-                downsample_ratio: float = 0.5, ps_version: str = "v2", template: str = "internvl2_5",
-                tokenizer=None, dtype: str = "auto", seed: int = 1234, make_vocab_size_divisible_by: int = 128,
-                image_token_id: Optional[int] = None) -> Path:
+def init_stage1(
+    llm_dir,
+    vision_dir,
+    out_dir,
+    tp: int = 1,
+    pp: int = 1,
+    select_layer: int = -4,
+    downsample_ratio: float = 0.5,
+    ps_version: str = "v2",
+    template: str = "internvl2_5",
+    tokenizer=None,
+    dtype: str = "auto",
+    seed: int = 1234,
+    make_vocab_size_divisible_by: int = 128,
+    image_token_id: Optional[int] = None,
+) -> Path:
     """Build a stage-1 checkpoint: Qwen2 + InternViT weights, a fresh projector. Checks everything first
     (ConversionError listing all problems) and writes nothing on failure."""
     llm_dir, vision_dir, out_dir = Path(llm_dir), Path(vision_dir), Path(out_dir)
     check_output_free(out_dir)
     llm_config, vision_config = read_json(llm_dir / "config.json"), read_json(vision_dir / "config.json")
-    cfg = _stage1_config(llm_config, vision_config, llm_dir, vision_dir, select_layer, downsample_ratio, ps_version,
-                         make_vocab_size_divisible_by)
+    cfg = _stage1_config(
+        llm_config,
+        vision_config,
+        llm_dir,
+        vision_dir,
+        select_layer,
+        downsample_ratio,
+        ps_version,
+        make_vocab_size_divisible_by,
+    )
     llm, vit = SafetensorsFolder(llm_dir), SafetensorsFolder(vision_dir)
     lm_head_stored = cfg.language.tie_word_embeddings and "lm_head.weight" in llm.tensors
     llm_dtypes = {n: i.dtype for n, i in llm.tensors.items()}
     vit_dtypes = {n: i.dtype for n, i in vit.tensors.items()}
     lm_head = lm_head_stored or not cfg.language.tie_word_embeddings
-    raise_if(tensor_problems(llm.shapes, mapping.language_shapes(cfg, prefix="", lm_head=lm_head), llm_dtypes,
-                             str(llm_dir))
-             + tensor_problems(vit.shapes, mapping.vision_shapes(cfg, prefix=""), vit_dtypes, str(vision_dir)),
-             "the weights do not match their config.json files",
-             "check that each folder's config.json and safetensors files belong together")
+    raise_if(
+        tensor_problems(llm.shapes, mapping.language_shapes(cfg, prefix="", lm_head=lm_head), llm_dtypes, str(llm_dir))
+        + tensor_problems(vit.shapes, mapping.vision_shapes(cfg, prefix=""), vit_dtypes, str(vision_dir)),
+        "the weights do not match their config.json files",
+        "check that each folder's config.json and safetensors files belong together",
+    )
     check_layout(cfg, tp, pp)
-    dtype = resolve_dtype(dtype, list(llm_dtypes.values()) + list(vit_dtypes.values()),
-                          source=f"{llm_dir} + {vision_dir}")
+    dtype = resolve_dtype(
+        dtype, list(llm_dtypes.values()) + list(vit_dtypes.values()), source=f"{llm_dir} + {vision_dir}"
+    )
     tok_dir = Path(tokenizer) if tokenizer is not None else llm_dir
     cfg.image_context_token_id = image_token_id if image_token_id is not None else find_token_id(tok_dir)
     if cfg.image_context_token_id is None:
-        logger.warning("the tokenizer in %s has no <IMG_CONTEXT> token: add <img>, </img>, <IMG_CONTEXT> before "
-                       "training", tok_dir)
+        logger.warning(
+            "the tokenizer in %s has no <IMG_CONTEXT> token: add <img>, </img>, <IMG_CONTEXT> before training", tok_dir
+        )
     hf_config = hf_config_from_model(cfg, stage1_template(llm_config, vision_config, template, dtype), dtype)
     rows = target_vocab_rows(cfg, tp)
     with llm, vit, atomic_output_dir(out_dir) as tmp:
-        unused = carry_unused(vit, mapping.unused_hf_names(cfg, prefix=""), tmp / HF_SOURCE_DIR,
-                              rename=lambda n: mapping.VISION_PREFIX + n)
+        unused = carry_unused(
+            vit,
+            mapping.unused_hf_names(cfg, prefix=""),
+            tmp / HF_SOURCE_DIR,
+            rename=lambda n: mapping.VISION_PREFIX + n,
+        )
         extra = [llm_dir / "generation_config.json"] if (llm_dir / "generation_config.json").is_file() else []
         files = copy_files(tokenizer_files(tok_dir) + extra, tmp / HF_SOURCE_DIR)
-        record = provenance(cfg, hf_config, dtype, tp, pp, rows, lm_head_stored, unused, files,
-                            f"{llm_dir.resolve()} + {vision_dir.resolve()}", "init")
+        record = provenance(
+            cfg,
+            hf_config,
+            dtype,
+            tp,
+            pp,
+            rows,
+            lm_head_stored,
+            unused,
+            files,
+            f"{llm_dir.resolve()} + {vision_dir.resolve()}",
+            "init",
+        )
         with single_process(seed):
             model = build_empty_model(cfg, dtype, rows)
             filled = fill_params(model, vit, mapping.vision_rules(cfg, prefix=""), cfg)

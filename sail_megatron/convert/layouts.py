@@ -31,13 +31,16 @@ def qkv_to_mcore(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: i
     d = _check_qkv(q, k, v, num_heads, num_groups)
     rest = q.shape[1:]
     per_group = num_heads // num_groups
-    grouped = torch.cat([q.reshape(num_groups, per_group * d, *rest), k.reshape(num_groups, d, *rest),
-                         v.reshape(num_groups, d, *rest)], dim=1)
+    grouped = torch.cat(
+        [q.reshape(num_groups, per_group * d, *rest), k.reshape(num_groups, d, *rest), v.reshape(num_groups, d, *rest)],
+        dim=1,
+    )
     return grouped.reshape(num_groups * (per_group + 2) * d, *rest)
 
 
-def qkv_from_mcore(qkv: torch.Tensor, num_heads: int,
-                   num_groups: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def qkv_from_mcore(
+    qkv: torch.Tensor, num_heads: int, num_groups: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of `qkv_to_mcore`: megatron's interleave -> contiguous q, k, v."""
     if num_heads % num_groups:
         raise ValueError(f"{num_heads} attention heads do not split into {num_groups} KV groups")
@@ -49,8 +52,11 @@ def qkv_from_mcore(qkv: torch.Tensor, num_heads: int,
     rest = qkv.shape[1:]
     grouped = qkv.reshape(num_groups, (per_group + 2) * d, *rest)
     q, k, v = torch.split(grouped, [per_group * d, d, d], dim=1)
-    return (q.reshape(num_heads * d, *rest).contiguous(), k.reshape(num_groups * d, *rest).contiguous(),
-            v.reshape(num_groups * d, *rest).contiguous())
+    return (
+        q.reshape(num_heads * d, *rest).contiguous(),
+        k.reshape(num_groups * d, *rest).contiguous(),
+        v.reshape(num_groups * d, *rest).contiguous(),
+    )
 
 
 def stacked_qkv_to_mcore(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -52,8 +52,9 @@ def single_process(seed: int = 1234) -> Iterator[None]:
     from sail_megatron.platform import destroy_distributed, init_distributed
 
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
-        raise ConversionError("sail-convert runs as one process",
-                              [f"WORLD_SIZE is {os.environ['WORLD_SIZE']}"], "run it without torchrun")
+        raise ConversionError(
+            "sail-convert runs as one process", [f"WORLD_SIZE is {os.environ['WORLD_SIZE']}"], "run it without torchrun"
+        )
     hide_cuda()
     if torch.cuda.is_available():
         raise RuntimeError("CUDA was initialized before conversion started; run sail-convert in a fresh process")
@@ -88,8 +89,9 @@ def build_empty_model(cfg: ModelConfig, dtype: str, vocab_rows: Optional[int] = 
     cfg.validate()
     cpu = Backends(cuda=False, transformer_engine=False, apex=False)  # same parameter names on any machine
     parts = build_part_configs(cfg, ParallelConfig(), PrecisionConfig(dtype=dtype), cpu)
-    parts = PartConfigs(*(dataclasses.replace(c, perform_initialization=False)
-                          for c in (parts.vision, parts.projector, parts.language)))
+    parts = PartConfigs(
+        *(dataclasses.replace(c, perform_initialization=False) for c in (parts.vision, parts.projector, parts.language))
+    )
     return SailVLModel(cfg, parts, build_specs(cpu.layer_backend), pre_process=True, post_process=True).eval()
 
 
@@ -112,8 +114,9 @@ def tp1_sharded_state_dict(model: "SailVLModel") -> Dict[str, Any]:
         first = parts[0]
         pre = first.prepend_axis_num
         offsets = [(ax, first.global_offset[ax], first.axis_fragmentations[ax]) for ax in range(pre)]
-        whole = ShardedTensor.from_rank_offsets(first.key, entry.data, *offsets, replica_id=first.replica_id,
-                                                prepend_axis_num=pre)
+        whole = ShardedTensor.from_rank_offsets(
+            first.key, entry.data, *offsets, replica_id=first.replica_id, prepend_axis_num=pre
+        )
         if whole.global_shape != first.global_shape:
             raise RuntimeError(f"{name}: whole-tensor shape {whole.global_shape} != factory {first.global_shape}")
         sd[name] = whole

@@ -12,8 +12,17 @@ from sail_megatron.convert.errors import ConversionError
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 _REWRITTEN = ("config.json",)
 _SIDE_FILE_LIMIT = 100 << 20
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 def check_output_free(final: Path) -> None:
@@ -21,18 +30,26 @@ def check_output_free(final: Path) -> None:
     be created (an ancestor that is a file, a folder without write permission)."""
     final = Path(final)
     if final.is_file() or (final.exists() and not final.is_dir()):
-        raise ConversionError(f"cannot write {final}", [f"{final} is a file, not a folder"],
-                              "choose a new --out folder")
+        raise ConversionError(
+            f"cannot write {final}", [f"{final} is a file, not a folder"], "choose a new --out folder"
+        )
     if final.is_dir() and any(final.iterdir()):
-        raise ConversionError(f"cannot write {final}", [f"{final} already exists and is not empty"],
-                              "choose a new --out folder or remove the old one")
+        raise ConversionError(
+            f"cannot write {final}",
+            [f"{final} already exists and is not empty"],
+            "choose a new --out folder or remove the old one",
+        )
     parent = _nearest_existing(final.absolute().parent)
     if not parent.is_dir():
-        raise ConversionError(f"cannot write {final}", [f"{parent} is a file, not a folder"],
-                              "choose an --out path under a folder")
+        raise ConversionError(
+            f"cannot write {final}", [f"{parent} is a file, not a folder"], "choose an --out path under a folder"
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConversionError(f"cannot write {final}", [f"no permission to create folders in {parent}"],
-                              "choose an --out path in a folder you can write")
+        raise ConversionError(
+            f"cannot write {final}",
+            [f"no permission to create folders in {parent}"],
+            "choose an --out path in a folder you can write",
+        )
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -47,9 +64,11 @@ def _make_dir(path: Path, final: Path, parents: bool = False) -> None:
     try:
         path.mkdir(parents=parents, exist_ok=parents)
     except OSError as e:
-        raise ConversionError(f"cannot write {final}",
-                              [f"cannot create {e.filename or path}: {e.strerror or e}"],
-                              "choose an --out path in a folder you can write") from e
+        raise ConversionError(
+            f"cannot write {final}",
+            [f"cannot create {e.filename or path}: {e.strerror or e}"],
+            "choose an --out path in a folder you can write",
+        ) from e
 
 
 @contextmanager

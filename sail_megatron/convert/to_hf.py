@@ -72,12 +72,15 @@ class ExportSource:
 
 def _converted_source(root: Path, record: Dict) -> ExportSource:
     source = root / HF_SOURCE_DIR
-    return ExportSource(cfg=from_dict(ModelConfig, record["model"], "model"), ckpt_dtype=record["dtype"],
-                        vocab_rows=record["vocab_rows"], template=record["hf_config"],
-                        lm_head_stored=record.get("lm_head_stored", False),
-                        unused_dir=source if record.get("unused_tensors") and (source / UNUSED_TENSORS_FILE).is_file()
-                        else None,
-                        side_dir=source if source.is_dir() else None)
+    return ExportSource(
+        cfg=from_dict(ModelConfig, record["model"], "model"),
+        ckpt_dtype=record["dtype"],
+        vocab_rows=record["vocab_rows"],
+        template=record["hf_config"],
+        lm_head_stored=record.get("lm_head_stored", False),
+        unused_dir=source if record.get("unused_tensors") and (source / UNUSED_TENSORS_FILE).is_file() else None,
+        side_dir=source if source.is_dir() else None,
+    )
 
 
 def _run_source(run_config: Path) -> ExportSource:
@@ -85,10 +88,16 @@ def _run_source(run_config: Path) -> ExportSource:
 
     train = resolve(yaml.safe_load(run_config.read_text()))
     lang = train.model.language
-    rows = padded_vocab_size(lang.vocab_size, lang.make_vocab_size_divisible_by,
-                             train.parallel.tensor_model_parallel_size)
-    return ExportSource(cfg=train.model, ckpt_dtype=train.precision.dtype, vocab_rows=rows, template={},
-                        run_tokenizer=Path(train.data.tokenizer) if train.data.tokenizer else None)
+    rows = padded_vocab_size(
+        lang.vocab_size, lang.make_vocab_size_divisible_by, train.parallel.tensor_model_parallel_size
+    )
+    return ExportSource(
+        cfg=train.model,
+        ckpt_dtype=train.precision.dtype,
+        vocab_rows=rows,
+        template={},
+        run_tokenizer=Path(train.data.tokenizer) if train.data.tokenizer else None,
+    )
 
 
 def _hf_source(hf_dir: Path) -> ExportSource:
@@ -98,9 +107,15 @@ def _hf_source(hf_dir: Path) -> ExportSource:
         dtype = stored_dtype([i.dtype for i in folder.tensors.values()])
         head = f"{mapping.LLM_PREFIX}lm_head.weight" in folder.tensors
     rows = padded_vocab_size(cfg.language.vocab_size, cfg.language.make_vocab_size_divisible_by, 1)
-    return ExportSource(cfg=cfg, ckpt_dtype=dtype, vocab_rows=rows, template=config,
-                        lm_head_stored=cfg.language.tie_word_embeddings and head,
-                        unused_dir=hf_dir, side_dir=hf_dir)
+    return ExportSource(
+        cfg=cfg,
+        ckpt_dtype=dtype,
+        vocab_rows=rows,
+        template=config,
+        lm_head_stored=cfg.language.tie_word_embeddings and head,
+        unused_dir=hf_dir,
+        side_dir=hf_dir,
+    )
 
 
 def _base_source(base: Path) -> ExportSource:
@@ -108,8 +123,11 @@ def _base_source(base: Path) -> ExportSource:
     if (base / "latest").is_file() or (base / HF_SOURCE_DIR).is_dir():
         record = read_provenance(base)
         if record is None:
-            raise ConversionError(f"--base-hf {base}", ["it is a megatron checkpoint without a conversion record"],
-                                  "pass the Hugging Face folder the run started from")
+            raise ConversionError(
+                f"--base-hf {base}",
+                ["it is a megatron checkpoint without a conversion record"],
+                "pass the Hugging Face folder the run started from",
+            )
         return _converted_source(checkpoint_root(base), record)
     return _hf_source(base)
 
@@ -126,9 +144,11 @@ def resolve_export_source(ckpt: Path, base_hf: Optional[Path] = None) -> ExportS
     elif base is not None:
         src = dataclasses.replace(base, unused_dir=None, side_dir=None)
     else:
-        raise ConversionError(f"cannot tell the model of {ckpt}", [
-            "the checkpoint has no sail-convert record and its folder no training config.yaml"],
-            "pass --base-hf with the Hugging Face model the run started from")
+        raise ConversionError(
+            f"cannot tell the model of {ckpt}",
+            ["the checkpoint has no sail-convert record and its folder no training config.yaml"],
+            "pass --base-hf with the Hugging Face model the run started from",
+        )
     if base is not None:
         # The base fills what the checkpoint lacks; it must describe the same vision encoder.
         if not src.template:
@@ -161,8 +181,15 @@ def _unused_folder(src: ExportSource) -> Optional[SafetensorsFolder]:
     return folder
 
 
-def write_weights(model: torch.nn.Module, src: ExportSource, export_cfg: ModelConfig, out: Path,
-                  dtype: torch.dtype, max_shard_bytes: int, unused: Optional[SafetensorsFolder]) -> None:
+def write_weights(
+    model: torch.nn.Module,
+    src: ExportSource,
+    export_cfg: ModelConfig,
+    out: Path,
+    dtype: torch.dtype,
+    max_shard_bytes: int,
+    unused: Optional[SafetensorsFolder],
+) -> None:
     """Stream the model's parameters (and carried tensors) into HF safetensors shards."""
     shapes = mapping.expected_hf_shapes(export_cfg, src.lm_head_stored)
     writer = ShardedSafetensorsWriter(out, [(n, dtype, s) for n, s in shapes.items()], max_shard_bytes)
@@ -194,8 +221,9 @@ def _export_tokenizer(src: ExportSource, tokenizer: Optional[Path]) -> List[Path
         if files:
             logger.info("tokenizer from the run's config.yaml: %s", src.run_tokenizer)
             return files
-        logger.warning("the run's config.yaml names the tokenizer %s, but it holds no tokenizer files here",
-                       src.run_tokenizer)
+        logger.warning(
+            "the run's config.yaml names the tokenizer %s, but it holds no tokenizer files here", src.run_tokenizer
+        )
     carried = tokenizer_files(src.side_dir) if src.side_dir is not None else []
     if not carried:
         logger.warning("the export has no tokenizer: pass --tokenizer DIR (or --base-hf with one) to include it")
@@ -209,8 +237,9 @@ def _shard_bytes(max_shard_size) -> int:
         raise ConversionError("bad --max-shard-size", [str(e)]) from None
 
 
-def mcore_to_hf(ckpt, out_dir, tokenizer=None, base_hf=None, dtype: Optional[str] = None,
-                max_shard_size: str = "5GB") -> Path:
+def mcore_to_hf(
+    ckpt, out_dir, tokenizer=None, base_hf=None, dtype: Optional[str] = None, max_shard_size: str = "5GB"
+) -> Path:
     """Export a megatron checkpoint (from sail-convert or the trainer) as an InternVL-chat HF folder:
     safetensors shards + index, config.json, tokenizer and other carried files."""
     ckpt, out_dir = Path(ckpt), Path(out_dir)
@@ -218,19 +247,26 @@ def mcore_to_hf(ckpt, out_dir, tokenizer=None, base_hf=None, dtype: Optional[str
     shard_bytes = _shard_bytes(max_shard_size)
     tokenizer = Path(tokenizer) if tokenizer is not None else None
     if tokenizer is not None and not tokenizer_files(tokenizer):
-        raise ConversionError(f"--tokenizer {tokenizer}",
-                              ["no tokenizer files there (tokenizer.json, vocab.json, ...)"])
+        raise ConversionError(
+            f"--tokenizer {tokenizer}", ["no tokenizer files there (tokenizer.json, vocab.json, ...)"]
+        )
     check_checkpoint(ckpt)  # a damaged checkpoint is reported before any model is built
     src = resolve_export_source(ckpt, base_hf)
     out_dtype = dtype or src.ckpt_dtype
-    raise_if([] if out_dtype in DTYPE_OPTIONS else [f"unknown dtype {out_dtype!r}"], "bad --dtype",
-             f"use one of {', '.join(DTYPE_OPTIONS)}")
+    raise_if(
+        [] if out_dtype in DTYPE_OPTIONS else [f"unknown dtype {out_dtype!r}"],
+        "bad --dtype",
+        f"use one of {', '.join(DTYPE_OPTIONS)}",
+    )
     unused = _unused_folder(src)
     export_cfg = src.cfg if unused is not None or not mapping.unused_hf_names(src.cfg) else truncated(src.cfg)
     if export_cfg is not src.cfg:
-        logger.warning("no source for the %d ViT layers after select_layer: exporting the %d built layers with "
-                       "select_layer=-1 (same model); pass --base-hf to carry them",
-                       src.cfg.vision.num_layers - src.cfg.vision.num_built_layers, src.cfg.vision.num_built_layers)
+        logger.warning(
+            "no source for the %d ViT layers after select_layer: exporting the %d built layers with "
+            "select_layer=-1 (same model); pass --base-hf to carry them",
+            src.cfg.vision.num_layers - src.cfg.vision.num_built_layers,
+            src.cfg.vision.num_built_layers,
+        )
     # No template (trainer checkpoint, no --base-hf): a fresh InternVL-chat config with every field explicit.
     template = src.template or stage1_template({}, {}, "internvl2_5", out_dtype)
     config = hf_config_from_model(export_cfg, template, out_dtype)

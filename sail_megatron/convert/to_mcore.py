@@ -38,8 +38,9 @@ from sail_megatron.convert.tokens import find_token_id
 logger = logging.getLogger(__name__)
 
 
-def fill_params(model: torch.nn.Module, folder: SafetensorsFolder, rules: Iterable[mapping.TensorRule],
-                cfg: ModelConfig) -> Set[str]:
+def fill_params(
+    model: torch.nn.Module, folder: SafetensorsFolder, rules: Iterable[mapping.TensorRule], cfg: ModelConfig
+) -> Set[str]:
     """Copy each rule's HF tensors, re-laid-out, into the model's parameter (cast to its dtype).
     Returns the parameter names filled."""
     params = dict(model.named_parameters())
@@ -51,13 +52,15 @@ def fill_params(model: torch.nn.Module, folder: SafetensorsFolder, rules: Iterab
             param = params[rule.mcore]
             if rule.kind == mapping.TIED_HEAD:
                 if not torch.equal(tensors[0].to(param.dtype), param[:vocab]):
-                    raise ConversionError("inconsistent tied embeddings", [
-                        f"tie_word_embeddings is true but {rule.hf[0]} differs from the token embedding"],
-                        "set llm_config.tie_word_embeddings=false if the output layer is separate")
+                    raise ConversionError(
+                        "inconsistent tied embeddings",
+                        [f"tie_word_embeddings is true but {rule.hf[0]} differs from the token embedding"],
+                        "set llm_config.tie_word_embeddings=false if the output layer is separate",
+                    )
                 continue
             if rule.kind == mapping.VOCAB:  # in place: no padded temporary of the largest tensor
                 param[: tensors[0].shape[0]].copy_(tensors[0])
-                param[tensors[0].shape[0]:].zero_()
+                param[tensors[0].shape[0] :].zero_()
             else:
                 value = mapping.to_mcore(rule, tensors, cfg, param.shape[0])
                 if value.shape != param.shape:
@@ -75,8 +78,9 @@ def check_all_filled(model: torch.nn.Module, filled: Set[str]) -> None:
         raise RuntimeError(f"{len(left)} parameters have no source in the mapping: {left}")
 
 
-def carry_unused(folder: SafetensorsFolder, names: List[str], dest: Path,
-                 rename: Callable[[str], str] = lambda n: n) -> List[str]:
+def carry_unused(
+    folder: SafetensorsFolder, names: List[str], dest: Path, rename: Callable[[str], str] = lambda n: n
+) -> List[str]:
     """Copy the tensors our model does not use (ViT layers after select_layer) into `dest`, bit for bit,
     under their InternVL-chat names. Returns those names."""
     if not names:
@@ -90,16 +94,45 @@ def carry_unused(folder: SafetensorsFolder, names: List[str], dest: Path,
     return [p[0] for p in plan]
 
 
-def provenance(cfg: ModelConfig, hf_config: Dict, dtype: str, tp: int, pp: int, vocab_rows: int,
-               lm_head_stored: bool, unused: List[str], files: List[str], source: str, tool: str) -> Dict:
+def provenance(
+    cfg: ModelConfig,
+    hf_config: Dict,
+    dtype: str,
+    tp: int,
+    pp: int,
+    vocab_rows: int,
+    lm_head_stored: bool,
+    unused: List[str],
+    files: List[str],
+    source: str,
+    tool: str,
+) -> Dict:
     """What a later export or verify needs to rebuild the model and the HF folder without guessing."""
-    return {"format_version": FORMAT_VERSION, "tool": tool, "source": source, "model": dataclasses.asdict(cfg),
-            "hf_config": hf_config, "dtype": dtype, "target_tp": tp, "target_pp": pp, "vocab_rows": vocab_rows,
-            "lm_head_stored": lm_head_stored, "unused_tensors": unused, "side_files": files}
+    return {
+        "format_version": FORMAT_VERSION,
+        "tool": tool,
+        "source": source,
+        "model": dataclasses.asdict(cfg),
+        "hf_config": hf_config,
+        "dtype": dtype,
+        "target_tp": tp,
+        "target_pp": pp,
+        "vocab_rows": vocab_rows,
+        "lm_head_stored": lm_head_stored,
+        "unused_tensors": unused,
+        "side_files": files,
+    }
 
 
-def hf_to_mcore(hf_dir, out_dir, tp: int = 1, pp: int = 1, dtype: str = "auto",
-                make_vocab_size_divisible_by: int = 128, image_token_id: Optional[int] = None) -> Path:
+def hf_to_mcore(
+    hf_dir,
+    out_dir,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: str = "auto",
+    make_vocab_size_divisible_by: int = 128,
+    image_token_id: Optional[int] = None,
+) -> Path:
     """Convert an InternVL-chat / SAIL-VL Hugging Face folder into a megatron checkpoint folder.
 
     `tp`/`pp` name the layout it will train under: the model must split that way, and the vocabulary
@@ -119,19 +152,22 @@ def hf_to_mcore(hf_dir, out_dir, tp: int = 1, pp: int = 1, dtype: str = "auto",
     dtype = resolve_dtype(dtype, list(dtypes.values()), source=str(hf_dir))
     cfg.image_context_token_id = image_token_id if image_token_id is not None else find_token_id(hf_dir)
     if cfg.image_context_token_id is None:
-        logger.warning("%s has no tokenizer with an <IMG_CONTEXT> token: the checkpoint records no image-token id "
-                       "(training takes it from data.tokenizer); pass --image-token-id to record one", hf_dir)
+        logger.warning(
+            "%s has no tokenizer with an <IMG_CONTEXT> token: the checkpoint records no image-token id "
+            "(training takes it from data.tokenizer); pass --image-token-id to record one",
+            hf_dir,
+        )
     rows = target_vocab_rows(cfg, tp)
     logger.info("hf-to-mcore %s -> %s: %s, TP %d x PP %d, %d vocabulary rows", hf_dir, out_dir, dtype, tp, pp, rows)
     with folder, atomic_output_dir(out_dir) as tmp:
         unused = carry_unused(folder, mapping.unused_hf_names(cfg), tmp / HF_SOURCE_DIR)
         files = copy_files(side_files(hf_dir), tmp / HF_SOURCE_DIR)
-        record = provenance(cfg, hf_config, dtype, tp, pp, rows, lm_head_stored, unused, files,
-                            str(hf_dir.resolve()), "hf-to-mcore")
+        record = provenance(
+            cfg, hf_config, dtype, tp, pp, rows, lm_head_stored, unused, files, str(hf_dir.resolve()), "hf-to-mcore"
+        )
         with single_process():
             model = build_empty_model(cfg, dtype, rows)
             check_all_filled(model, fill_params(model, folder, mapping.tensor_rules(cfg, lm_head_stored), cfg))
             save_model(model, tmp, record)
             del model
     return out_dir
-

@@ -64,8 +64,15 @@ def _model_problems(hf: ModelConfig, ours: ModelConfig) -> List[str]:
     for f in dataclasses.fields(lang_a):
         if getattr(lang_a, f.name) != getattr(lang_b, f.name):
             problems.append(f"language {f.name}: HF {getattr(lang_a, f.name)} vs checkpoint {getattr(lang_b, f.name)}")
-    for name in ("hidden_size", "num_attention_heads", "ffn_hidden_size", "image_size", "patch_size",
-                 "layernorm_epsilon", "num_built_layers"):
+    for name in (
+        "hidden_size",
+        "num_attention_heads",
+        "ffn_hidden_size",
+        "image_size",
+        "patch_size",
+        "layernorm_epsilon",
+        "num_built_layers",
+    ):
         a, b = getattr(hf.vision, name), getattr(ours.vision, name)
         if a != b:
             problems.append(f"vision {name}: HF {a} vs checkpoint {b}")
@@ -74,8 +81,9 @@ def _model_problems(hf: ModelConfig, ours: ModelConfig) -> List[str]:
     return problems
 
 
-def make_inputs(cfg: ModelConfig, image_token_id: int, tiles: int, text_tokens: int,
-                seed: int) -> Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+def make_inputs(
+    cfg: ModelConfig, image_token_id: int, tiles: int, text_tokens: int, seed: int
+) -> Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """A text-only case and a case with `tiles` image tiles between text: (token ids [1, s], pixels)."""
     gen = torch.Generator().manual_seed(seed)
     vocab = cfg.language.vocab_size
@@ -86,16 +94,22 @@ def make_inputs(cfg: ModelConfig, image_token_id: int, tiles: int, text_tokens: 
 
     image = torch.full((tiles * cfg.tokens_per_tile,), image_token_id)
     size = cfg.vision.image_size
-    return {"text": (text(2 * text_tokens)[None], None),
-            "image": (torch.cat([text(text_tokens), image, text(text_tokens)])[None],
-                      torch.randn(tiles, 3, size, size, generator=gen))}
+    return {
+        "text": (text(2 * text_tokens)[None], None),
+        "image": (
+            torch.cat([text(text_tokens), image, text(text_tokens)])[None],
+            torch.randn(tiles, 3, size, size, generator=gen),
+        ),
+    }
 
 
 def input_size_problems(tiles: int, text_tokens: int) -> List[str]:
     """Both cases need at least one image tile and one text token on each side of it."""
-    return [f"--{name} must be a positive integer, got {value!r}"
-            for name, value in (("tiles", tiles), ("text-tokens", text_tokens))
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1]
+    return [
+        f"--{name} must be a positive integer, got {value!r}"
+        for name, value in (("tiles", tiles), ("text-tokens", text_tokens))
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1
+    ]
 
 
 def compare(name: str, expected: torch.Tensor, actual: torch.Tensor) -> CaseResult:
@@ -105,20 +119,37 @@ def compare(name: str, expected: torch.Tensor, actual: torch.Tensor) -> CaseResu
 
 
 def _image_token_id(explicit: Optional[int], cfg: ModelConfig, hf_dir: Path, ckpt: Path) -> int:
-    for candidate in (explicit, cfg.image_context_token_id, find_token_id(hf_dir),
-                      find_token_id(checkpoint_root(ckpt) / HF_SOURCE_DIR)):
+    for candidate in (
+        explicit,
+        cfg.image_context_token_id,
+        find_token_id(hf_dir),
+        find_token_id(checkpoint_root(ckpt) / HF_SOURCE_DIR),
+    ):
         if candidate is not None:
             return int(candidate)
-    raise ConversionError("no <IMG_CONTEXT> id", ["neither the checkpoint nor the tokenizer files name it"],
-                          "pass --image-token-id")
+    raise ConversionError(
+        "no <IMG_CONTEXT> id", ["neither the checkpoint nor the tokenizer files name it"], "pass --image-token-id"
+    )
 
 
-def verify(hf_dir, ckpt, dtype: str = "fp32", atol: Optional[float] = None, min_top1: Optional[float] = None,
-           tiles: int = 2, text_tokens: int = 16, seed: int = 0, image_token_id: Optional[int] = None) -> VerifyReport:
+def verify(
+    hf_dir,
+    ckpt,
+    dtype: str = "fp32",
+    atol: Optional[float] = None,
+    min_top1: Optional[float] = None,
+    tiles: int = 2,
+    text_tokens: int = 16,
+    seed: int = 0,
+    image_token_id: Optional[int] = None,
+) -> VerifyReport:
     """Run the HF folder and the megatron checkpoint on the same inputs and compare their logits."""
     hf_dir, ckpt = Path(hf_dir), Path(ckpt)
-    raise_if([] if dtype in DTYPE_OPTIONS else [f"unknown dtype {dtype!r}"], "bad --dtype",
-             f"use one of {', '.join(DTYPE_OPTIONS)}")
+    raise_if(
+        [] if dtype in DTYPE_OPTIONS else [f"unknown dtype {dtype!r}"],
+        "bad --dtype",
+        f"use one of {', '.join(DTYPE_OPTIONS)}",
+    )
     raise_if(input_size_problems(tiles, text_tokens), "bad verify inputs")
     check_checkpoint(ckpt)  # a damaged checkpoint is reported before either model is built
     hf_cfg = model_config_from_hf(read_json(hf_dir / "config.json"), source=str(hf_dir / "config.json"))
@@ -136,8 +167,7 @@ def verify(hf_dir, ckpt, dtype: str = "fp32", atol: Optional[float] = None, min_
     vocab = src.cfg.language.vocab_size
     actual = {}
     with single_process():
-        model = build_empty_model(dataclasses.replace(src.cfg, image_context_token_id=image_id), dtype,
-                                  src.vocab_rows)
+        model = build_empty_model(dataclasses.replace(src.cfg, image_context_token_id=image_id), dtype, src.vocab_rows)
         load_model(model, ckpt)
         with torch.no_grad():
             for name, (ids, px) in inputs.items():
@@ -145,6 +175,8 @@ def verify(hf_dir, ckpt, dtype: str = "fp32", atol: Optional[float] = None, min_
                 actual[name] = model(ids, positions, None, pixel_values=px)[..., :vocab].float()
         del model
     default_atol, default_top1 = DEFAULT_TOLERANCES[dtype]
-    return VerifyReport([compare(name, expected[name], actual[name]) for name in inputs],
-                        atol if atol is not None else default_atol,
-                        min_top1 if min_top1 is not None else default_top1)
+    return VerifyReport(
+        [compare(name, expected[name], actual[name]) for name in inputs],
+        atol if atol is not None else default_atol,
+        min_top1 if min_top1 is not None else default_top1,
+    )

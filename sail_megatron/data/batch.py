@@ -47,5 +47,10 @@ class Batch:
             raise ValueError("packed rows are already micro-batches; they do not collate")
         if any(b.pixel_values is None for b in batches):
             raise ValueError("collate takes batches with pixel_values")
-        return Batch(**{f.name: torch.cat([getattr(b, f.name) for b in batches])
-                        for f in fields(Batch) if f.name not in ("cu_seqlens", "max_seqlen", "tile_count")})
+        return Batch(
+            **{
+                f.name: torch.cat([getattr(b, f.name) for b in batches])
+                for f in fields(Batch)
+                if f.name not in ("cu_seqlens", "max_seqlen", "tile_count")
+            }
+        )

@@ -25,8 +25,12 @@ def internvl_baseline(data: bytes, plan: TilePlan, tile_size: int) -> torch.Tens
     image = Image.open(io.BytesIO(data)).convert("RGB")
     cols, rows = plan.cols, plan.rows
     resized = image.resize((tile_size * cols, tile_size * rows))
-    tiles = [resized.crop(((i % cols) * tile_size, (i // cols) * tile_size,
-                           (i % cols + 1) * tile_size, (i // cols + 1) * tile_size)) for i in range(cols * rows)]
+    tiles = [
+        resized.crop(
+            ((i % cols) * tile_size, (i // cols) * tile_size, (i % cols + 1) * tile_size, (i // cols + 1) * tile_size)
+        )
+        for i in range(cols * rows)
+    ]
     if plan.thumbnail:
         tiles.append(image.resize((tile_size, tile_size)))
     out = []

@@ -17,7 +17,9 @@ def write_blend(path: Union[str, Path], weights: Dict[str, float]) -> Path:
         raise ValueError(f"blend weights must be positive, got {weights}")
     for folder in weights:
         if not (path.parent / folder / ".nv-meta").is_dir():
-            raise FileNotFoundError(f"{path.parent / folder} is not a prepared dataset (no .nv-meta); run sail-data prepare")
+            raise FileNotFoundError(
+                f"{path.parent / folder} is not a prepared dataset (no .nv-meta); run sail-data prepare"
+            )
     doc = {
         "__module__": "megatron.energon",
         "__class__": "MetadatasetV2",
@@ -60,20 +62,23 @@ def check_parts_cover(parts: Sequence[Path]) -> List[str]:
         if shard is None:
             continue
         if shard in seen:
-            raise ValueError(f"{part} and {seen[shard]} both hold input shard {shard[1]} of {shard[0]}; "
-                             "join each shard once")
+            raise ValueError(
+                f"{part} and {seen[shard]} both hold input shard {shard[1]} of {shard[0]}; join each shard once"
+            )
         seen[shard] = part
     warnings = []
     for n in sorted({n for n, _ in seen}):
         missing = sorted(set(range(n)) - {i for m, i in seen if m == n})
         if missing:
-            warnings.append(f"the parts hold input shards {sorted(i for m, i in seen if m == n)} of {n}; "
-                            f"missing {missing}")
+            warnings.append(
+                f"the parts hold input shards {sorted(i for m, i in seen if m == n)} of {n}; missing {missing}"
+            )
     return warnings
 
 
-def join_parts(parts: Sequence[Union[str, Path]], blend_path: Union[str, Path],
-               overwrite: bool = False) -> Tuple[Dict[str, int], List[str]]:
+def join_parts(
+    parts: Sequence[Union[str, Path]], blend_path: Union[str, Path], overwrite: bool = False
+) -> Tuple[Dict[str, int], List[str]]:
     """Write a blend over prepared folders (e.g. the shards of one input, prepared on several machines)
     with weights equal to their train sample counts, so every sample is as likely as in one folder.
 

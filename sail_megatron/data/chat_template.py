@@ -52,10 +52,14 @@ class ChatTemplate:
         self._newline = tokenizer.encode_text("\n")
 
     def _image_block(self, index: int, plan: TilePlan, round_: int) -> Piece:
-        ids = [self.ids.img_start] + [self.ids.img_context] * (plan.num_tiles * self.tokens_per_tile) + [self.ids.img_end]
+        ids = (
+            [self.ids.img_start] + [self.ids.img_context] * (plan.num_tiles * self.tokens_per_tile) + [self.ids.img_end]
+        )
         return Piece(ids, trained=False, image=index, round=round_)
 
-    def _text_with_images(self, text: str, plans: List[TilePlan], next_image: int, round_: int) -> Tuple[List[Piece], int]:
+    def _text_with_images(
+        self, text: str, plans: List[TilePlan], next_image: int, round_: int
+    ) -> Tuple[List[Piece], int]:
         pieces = []
         parts = text.split(IMAGE_PLACEHOLDER)
         for i, part in enumerate(parts):
@@ -73,8 +77,11 @@ class ChatTemplate:
         if sample.kind == "caption":
             pieces = [self._image_block(i, p, 0) for i, p in enumerate(plans)]
             caption = " ".join(text for role, text in sample.turns if role == "caption")
-            pieces += [Piece(self._newline, False), Piece(self.tok.encode_text(caption), True),
-                       Piece([ids.im_end], True)]
+            pieces += [
+                Piece(self._newline, False),
+                Piece(self.tok.encode_text(caption), True),
+                Piece([ids.im_end], True),
+            ]
             return pieces
         if sample.kind != "conversation":
             raise MalformedSample(f"unknown sample kind {sample.kind!r}")
@@ -114,9 +121,15 @@ class ChatTemplate:
         trained = torch.tensor([p.trained for p in pieces for _ in p.ids], dtype=torch.bool)
         if not trained[1:].any():
             raise SkipReason("no_target", "nothing left to train on")
-        return EncodedSample(key=sample.__key__, tokens=full[:-1], labels=full[1:], loss_mask=trained[1:],
-                             images=[images[i] for i in kept_images], plans=[plans[i] for i in kept_images],
-                             notes=notes)
+        return EncodedSample(
+            key=sample.__key__,
+            tokens=full[:-1],
+            labels=full[1:],
+            loss_mask=trained[1:],
+            images=[images[i] for i in kept_images],
+            plans=[plans[i] for i in kept_images],
+            notes=notes,
+        )
 
 
 def _length(pieces: List[Piece]) -> int:
@@ -136,9 +149,9 @@ def fit_to_length(pieces: List[Piece], budget: int, notes: Dict[str, int]) -> Li
     if excess <= 0:
         return pieces
     last_image = max((i for i, p in enumerate(pieces) if p.image is not None), default=-1)
-    cuttable = sum(len(p.ids) for p in pieces[last_image + 1:])
+    cuttable = sum(len(p.ids) for p in pieces[last_image + 1 :])
     if cuttable < excess:
-        raise SkipReason("too_long", f"image blocks need {_length(pieces[:last_image + 1])} tokens, budget {budget}")
+        raise SkipReason("too_long", f"image blocks need {_length(pieces[: last_image + 1])} tokens, budget {budget}")
     out = list(pieces)
     while excess > 0:
         tail = out[-1]
@@ -146,7 +159,7 @@ def fit_to_length(pieces: List[Piece], budget: int, notes: Dict[str, int]) -> Li
             out.pop()
             excess -= len(tail.ids)
         else:
-            out[-1] = Piece(tail.ids[:len(tail.ids) - excess], tail.trained, tail.image, tail.round)
+            out[-1] = Piece(tail.ids[: len(tail.ids) - excess], tail.trained, tail.image, tail.round)
             excess = 0
     notes["truncated_text"] = notes.get("truncated_text", 0) + 1
     return out

@@ -32,11 +32,22 @@ def _prepare(args) -> int:
         rules = TrainerRules.from_recipe(Path(args.recipe), args.set)
     elif args.set:
         raise ValueError("--set changes the --recipe; pass --recipe too")
-    report = prepare(Path(args.input), Path(args.images), Path(args.out), fmt=args.format,
-                     shard_size=args.shard_size, split_ratio=args.split_ratio, max_pixels=args.max_pixels,
-                     verify_decode=args.verify_decode, workers=args.workers, overwrite=args.overwrite,
-                     num_shards=args.num_shards, shard_index=args.shard_index,
-                     allow_outside_images=args.allow_outside_images, rules=rules)
+    report = prepare(
+        Path(args.input),
+        Path(args.images),
+        Path(args.out),
+        fmt=args.format,
+        shard_size=args.shard_size,
+        split_ratio=args.split_ratio,
+        max_pixels=args.max_pixels,
+        verify_decode=args.verify_decode,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
+        allow_outside_images=args.allow_outside_images,
+        rules=rules,
+    )
     print(report.summary())
     for s in report.skipped:
         print(f"  skipped {s.source} (id {s.id}): {s.reason}: {s.detail}")
@@ -73,18 +84,28 @@ def build_demo(out: Path, overwrite: bool = False) -> Path:
     check_out(out, overwrite, is_demo_output, "a sail-data demo folder")
     with staged(out) as stage:
         raw = write_demo_raw(stage / "raw")
-        prepare(raw.captions_jsonl, raw.images_dir, stage / "captions", fmt="caption", shard_size=16,
-                verify_decode=True, progress=False)
-        prepare(raw.sft_jsonl, raw.images_dir, stage / "sft", fmt="llava", shard_size=16, verify_decode=True,
-                progress=False)
+        prepare(
+            raw.captions_jsonl,
+            raw.images_dir,
+            stage / "captions",
+            fmt="caption",
+            shard_size=16,
+            verify_decode=True,
+            progress=False,
+        )
+        prepare(
+            raw.sft_jsonl, raw.images_dir, stage / "sft", fmt="llava", shard_size=16, verify_decode=True, progress=False
+        )
         write_blend(stage / "blend.yaml", {"captions": 1.0, "sft": 1.0})
     return out
 
 
 def _demo(args) -> int:
     out = build_demo(Path(args.out), overwrite=args.overwrite)
-    print(f"demo dataset: {out}/captions (pretraining), {out}/sft (conversations), blend {out}/blend.yaml, "
-          f"tokenizer {out}/raw/tokenizer")
+    print(
+        f"demo dataset: {out}/captions (pretraining), {out}/sft (conversations), blend {out}/blend.yaml, "
+        f"tokenizer {out}/raw/tokenizer"
+    )
     return 0
 
 
@@ -101,16 +122,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.add_argument("--verify-decode", action="store_true", help="fully decode every image (slower)")
     p.add_argument("--workers", type=int, default=8, help="threads reading images")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace --out if it holds an earlier sail-data prepare output (only once this run succeeded)")
-    p.add_argument("--num-shards", type=int, default=1,
-                   help="split the input into this many parts, one command (and --out) per part")
-    p.add_argument("--shard-index", type=int, default=0,
-                   help="the part this command writes: records i with i %% num-shards == shard-index")
-    p.add_argument("--allow-outside-images", action="store_true",
-                   help="read image paths that are absolute or climb out of --images with '..'")
-    p.add_argument("--recipe", help="training recipe whose tokenizer, seq_length and tiling the samples must fit "
-                                    "(skips what that training would always skip)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it holds an earlier sail-data prepare output (only once this run succeeded)",
+    )
+    p.add_argument(
+        "--num-shards",
+        type=int,
+        default=1,
+        help="split the input into this many parts, one command (and --out) per part",
+    )
+    p.add_argument(
+        "--shard-index",
+        type=int,
+        default=0,
+        help="the part this command writes: records i with i %% num-shards == shard-index",
+    )
+    p.add_argument(
+        "--allow-outside-images",
+        action="store_true",
+        help="read image paths that are absolute or climb out of --images with '..'",
+    )
+    p.add_argument(
+        "--recipe",
+        help="training recipe whose tokenizer, seq_length and tiling the samples must fit "
+        "(skips what that training would always skip)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a --recipe key")
     p.set_defaults(func=_prepare)
     j = sub.add_parser("join", help="blend prepared parts (e.g. --shard-index 0..N-1) into one energon metadataset")

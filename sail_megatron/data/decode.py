@@ -29,8 +29,9 @@ logger = logging.getLogger(__name__)
 TileDecoder = Callable[[List[bytes], List[TilePlan], int], torch.Tensor]
 
 
-def build_tile_decoder(kind: str, device: torch.device, dtype: torch.dtype = torch.float32,
-                       max_pixels: int = DEFAULT_MAX_PIXELS) -> TileDecoder:
+def build_tile_decoder(
+    kind: str, device: torch.device, dtype: torch.dtype = torch.float32, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> TileDecoder:
     """max_pixels: the same limit the loader applied to the image headers (`data.max_pixels`)."""
     if kind == "auto":
         kind = "dali" if importlib.util.find_spec("nvidia.dali") is not None else "pil"
@@ -47,9 +48,15 @@ def build_tile_decoder(kind: str, device: torch.device, dtype: torch.dtype = tor
 class BatchMaterializer:
     """RawBatch -> Batch, keeping the running counts of skipped and converted samples."""
 
-    def __init__(self, decoder: TileDecoder, tile_size: int, device: torch.device,
-                 tokens_per_tile: Optional[int] = None, image_token_id: Optional[int] = None,
-                 decode_images: bool = True):
+    def __init__(
+        self,
+        decoder: TileDecoder,
+        tile_size: int,
+        device: torch.device,
+        tokens_per_tile: Optional[int] = None,
+        image_token_id: Optional[int] = None,
+        decode_images: bool = True,
+    ):
         self.decoder, self.tile_size, self.device = decoder, tile_size, torch.device(device)
         self.tokens_per_tile, self.image_token_id = tokens_per_tile, image_token_id
         self.decode_images = decode_images
@@ -76,10 +83,12 @@ class BatchMaterializer:
             return
         slots = int((raw.tokens == self.image_token_id).sum())
         if slots != raw.num_tiles * self.tokens_per_tile:
-            raise ValueError(f"the text and the tile plan disagree in {'; '.join(self._disagreements(raw))} "
-                             f"(batch {raw.keys}: {slots} image tokens for {raw.num_tiles} tiles x "
-                             f"{self.tokens_per_tile} tokens): the text holds image-context tokens outside its "
-                             "image blocks, or the task encoder and the model use different tokens_per_tile")
+            raise ValueError(
+                f"the text and the tile plan disagree in {'; '.join(self._disagreements(raw))} "
+                f"(batch {raw.keys}: {slots} image tokens for {raw.num_tiles} tiles x "
+                f"{self.tokens_per_tile} tokens): the text holds image-context tokens outside its "
+                "image blocks, or the task encoder and the model use different tokens_per_tile"
+            )
 
     def _disagreements(self, raw: RawBatch) -> List[str]:
         """'sample KEY (n image tokens, tiles x tokens_per_tile expected)' for each sample whose counts differ."""
@@ -101,9 +110,16 @@ class BatchMaterializer:
         self.conversions.update(raw.conversions)
         loss_mask = raw.loss_mask.clone()
         pixels = self._decode(raw, loss_mask) if self.decode_images else None
-        return Batch(tokens=raw.tokens, labels=raw.labels, loss_mask=loss_mask, position_ids=raw.position_ids,
-                     pixel_values=pixels, cu_seqlens=raw.cu_seqlens, max_seqlen=raw.max_seqlen,
-                     tile_count=raw.num_tiles).to(self.device)
+        return Batch(
+            tokens=raw.tokens,
+            labels=raw.labels,
+            loss_mask=loss_mask,
+            position_ids=raw.position_ids,
+            pixel_values=pixels,
+            cu_seqlens=raw.cu_seqlens,
+            max_seqlen=raw.max_seqlen,
+            tile_count=raw.num_tiles,
+        ).to(self.device)
 
     def _decode(self, raw: RawBatch, loss_mask: torch.Tensor) -> torch.Tensor:
         try:

@@ -56,8 +56,13 @@ def _dali_reason(error: Exception) -> str:
 class DaliTileDecoder:
     """Callable like PilTileDecoder: (images, plans, tile_size) -> normalized tiles [N, 3, S, S]."""
 
-    def __init__(self, device: torch.device, num_threads: int = 2, dtype: torch.dtype = torch.float32,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        device: torch.device,
+        num_threads: int = 2,
+        dtype: torch.dtype = torch.float32,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
         self.device = torch.device(device)
         self.dali_device = "mixed" if self.device.type == "cuda" else "cpu"
         self.num_threads = num_threads
@@ -93,17 +98,22 @@ class DaliTileDecoder:
     def _build(self, batch_size: int, tile_size: int):
         from nvidia.dali import fn, pipeline_def, types
 
-        @pipeline_def(batch_size=batch_size, num_threads=self.num_threads,
-                      device_id=self.device.index or 0 if self.dali_device == "mixed" else None,
-                      exec_dynamic=True, prefetch_queue_depth=1)
+        @pipeline_def(
+            batch_size=batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device.index or 0 if self.dali_device == "mixed" else None,
+            exec_dynamic=True,
+            prefetch_queue_depth=1,
+        )
         def tiles():
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             width = fn.external_source(name="width", dtype=types.FLOAT, ndim=0)
             height = fn.external_source(name="height", dtype=types.FLOAT, ndim=0)
             image = fn.decoders.image(encoded, device=self.dali_device, output_type=types.RGB)
             grid = fn.resize(image, resize_x=width, resize_y=height, interp_type=types.INTERP_CUBIC, antialias=True)
-            thumb = fn.resize(image, resize_x=tile_size, resize_y=tile_size, interp_type=types.INTERP_CUBIC,
-                              antialias=True)
+            thumb = fn.resize(
+                image, resize_x=tile_size, resize_y=tile_size, interp_type=types.INTERP_CUBIC, antialias=True
+            )
             return grid, thumb
 
         pipe = tiles()
@@ -130,8 +140,12 @@ class DaliTileDecoder:
             return pipe.run()
         except RuntimeError as e:  # DALI raises every operator failure as a RuntimeError
             self._release()
-            logger.warning("DALI failed on a batch of %d images (%s); decoding it image by image with the "
-                           "reference and rebuilding the pipeline", len(images), _dali_reason(e))
+            logger.warning(
+                "DALI failed on a batch of %d images (%s); decoding it image by image with the "
+                "reference and rebuilding the pipeline",
+                len(images),
+                _dali_reason(e),
+            )
             return None
 
     def _decode_with_dali(self, images: List[bytes], plans: List[TilePlan], tile_size: int) -> List[torch.Tensor]:

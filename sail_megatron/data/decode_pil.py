@@ -58,8 +58,5 @@ class PilTileDecoder:
             raise ValueError(f"got {len(images)} images but {len(plans)} plans")
         if not images:
             return torch.empty((0, 3, tile_size, tile_size), dtype=self.dtype)
-        tiles = [
-            cut_tiles(decode_rgb(data, self.max_pixels), plan, tile_size)
-            for data, plan in zip(images, plans)
-        ]
+        tiles = [cut_tiles(decode_rgb(data, self.max_pixels), plan, tile_size) for data, plan in zip(images, plans)]
         return normalize_tiles(torch.cat(tiles), self.dtype)

@@ -48,31 +48,54 @@ class _Photo:
 
 
 # Licence statements are quoted from each function's docstring in skimage.data (v0.26).
-_PHOTOS: dict[str, _Photo] = {p.file.split(".")[0]: p for p in [
-    _Photo("astronaut.jpg", "astronaut", "NASA (Great Images database), Eileen Collins portrait",
-           "No known copyright restrictions, released into the public domain"),
-    _Photo("chelsea.jpg", "chelsea", "Stefan van der Walt", "CC0"),
-    _Photo("coffee.jpg", "coffee", "Rachel Michetti, courtesy of Pikolo Espresso Bar", "CC0"),
-    _Photo("rocket.jpg", "rocket", "SpaceX, DSCOVR launch photo", "Public domain (released by SpaceX)"),
-    # A tall narrow crop of the same photo, so the tiler sees an extreme aspect ratio.
-    _Photo("rocket_tall.jpg", "rocket", "SpaceX, DSCOVR launch photo (cropped)",
-           "Public domain (released by SpaceX)", crop=(slice(None), slice(250, 410))),
-    _Photo("horse.png", "horse", "Andreas Preuss (marauder), openclipart", "CC0"),
-    _Photo("hubble_deep_field.jpg", "hubble_deep_field", "NASA, Hubble eXtreme Deep Field",
-           "Public domain (NASA media guidelines)"),
-    _Photo("retina.jpg", "retina", "Mikael Häggström, Wikimedia Commons", "CC0 1.0"),
-    _Photo("text.png", "text", "Wikipedia, File:Corner.png",
-           "No known copyright restrictions, released into the public domain"),
-    _Photo("camera.jpg", "camera", "Lav Varshney", "CC0"),
-    _Photo("coins.jpg", "coins", "Brooklyn Museum open collection",
-           "No known copyright restrictions"),
-    _Photo("ihc.jpg", "immunohistochemistry", "Center for Microscopy And Molecular Imaging (CMMI)",
-           "No known copyright restrictions"),
-    _Photo("cell.png", "cell", "Paul Müller et al., quantitative phase image", "CC0"),
-    _Photo("brick.jpg", "brick", "CC0Textures (Bricks25), transformed by scikit-image", "CC0"),
-    _Photo("gravel.jpg", "gravel", "CC0Textures (Gravel04), transformed by scikit-image", "CC0"),
-    _Photo("grass.jpg", "grass", "linolafett, DeviantArt (Grass-01), cropped by scikit-image", "CC0"),
-]}
+_PHOTOS: dict[str, _Photo] = {
+    p.file.split(".")[0]: p
+    for p in [
+        _Photo(
+            "astronaut.jpg",
+            "astronaut",
+            "NASA (Great Images database), Eileen Collins portrait",
+            "No known copyright restrictions, released into the public domain",
+        ),
+        _Photo("chelsea.jpg", "chelsea", "Stefan van der Walt", "CC0"),
+        _Photo("coffee.jpg", "coffee", "Rachel Michetti, courtesy of Pikolo Espresso Bar", "CC0"),
+        _Photo("rocket.jpg", "rocket", "SpaceX, DSCOVR launch photo", "Public domain (released by SpaceX)"),
+        # A tall narrow crop of the same photo, so the tiler sees an extreme aspect ratio.
+        _Photo(
+            "rocket_tall.jpg",
+            "rocket",
+            "SpaceX, DSCOVR launch photo (cropped)",
+            "Public domain (released by SpaceX)",
+            crop=(slice(None), slice(250, 410)),
+        ),
+        _Photo("horse.png", "horse", "Andreas Preuss (marauder), openclipart", "CC0"),
+        _Photo(
+            "hubble_deep_field.jpg",
+            "hubble_deep_field",
+            "NASA, Hubble eXtreme Deep Field",
+            "Public domain (NASA media guidelines)",
+        ),
+        _Photo("retina.jpg", "retina", "Mikael Häggström, Wikimedia Commons", "CC0 1.0"),
+        _Photo(
+            "text.png",
+            "text",
+            "Wikipedia, File:Corner.png",
+            "No known copyright restrictions, released into the public domain",
+        ),
+        _Photo("camera.jpg", "camera", "Lav Varshney", "CC0"),
+        _Photo("coins.jpg", "coins", "Brooklyn Museum open collection", "No known copyright restrictions"),
+        _Photo(
+            "ihc.jpg",
+            "immunohistochemistry",
+            "Center for Microscopy And Molecular Imaging (CMMI)",
+            "No known copyright restrictions",
+        ),
+        _Photo("cell.png", "cell", "Paul Müller et al., quantitative phase image", "CC0"),
+        _Photo("brick.jpg", "brick", "CC0Textures (Bricks25), transformed by scikit-image", "CC0"),
+        _Photo("gravel.jpg", "gravel", "CC0Textures (Gravel04), transformed by scikit-image", "CC0"),
+        _Photo("grass.jpg", "grass", "linolafett, DeviantArt (Grass-01), cropped by scikit-image", "CC0"),
+    ]
+}
 
 _CAPTIONS: dict[str, list[str]] = {
     "astronaut": [
@@ -105,13 +128,11 @@ _CAPTIONS: dict[str, list[str]] = {
     "rocket_tall": [
         "A tall, narrow view of a white rocket standing upright against a dark blue evening sky, with a "
         "glowing light at its base.",
-        "Vertical crop of a Falcon 9 on its pad: the slender white body and rounded nose fill the middle of "
-        "the frame.",
+        "Vertical crop of a Falcon 9 on its pad: the slender white body and rounded nose fill the middle of the frame.",
     ],
     "horse": [
         "A solid black silhouette of a horse standing in profile, facing right, on a plain white background.",
-        "A clip-art horse drawn as a flat black shape on white, with its tail hanging down and all four legs "
-        "visible.",
+        "A clip-art horse drawn as a flat black shape on white, with its tail hanging down and all four legs visible.",
         "Black-and-white graphic of a standing horse with its head raised and ears pointed up.",
     ],
     "hubble_deep_field": [
@@ -119,8 +140,7 @@ _CAPTIONS: dict[str, list[str]] = {
         "across a black sky.",
         "A deep space image filled with small spiral and elliptical galaxies in white, blue, orange and red, "
         "plus a few foreground stars with diffraction spikes.",
-        "A photograph from the Hubble Space Telescope showing one of the farthest views of the universe ever "
-        "taken.",
+        "A photograph from the Hubble Space Telescope showing one of the farthest views of the universe ever taken.",
     ],
     "retina": [
         "A fundus photograph of a healthy human retina: an orange-red background, a bright yellowish optic "
@@ -131,10 +151,8 @@ _CAPTIONS: dict[str, list[str]] = {
         "the left side.",
     ],
     "text": [
-        "A grayscale close-up of handwritten mathematical formulas on lined paper, photographed at a steep "
-        "angle.",
-        "Handwritten equations in dark ink on ruled paper, with parentheses, equals signs and the letters s "
-        "and t.",
+        "A grayscale close-up of handwritten mathematical formulas on lined paper, photographed at a steep angle.",
+        "Handwritten equations in dark ink on ruled paper, with parentheses, equals signs and the letters s and t.",
     ],
     "camera": [
         "A black-and-white photo of a man in a dark overcoat filming with a video camera mounted on a "
@@ -144,8 +162,7 @@ _CAPTIONS: dict[str, list[str]] = {
         "A man in gloves and a long coat leans into a tripod-mounted camera on a wide field.",
     ],
     "coins": [
-        "A black-and-white photograph of 24 ancient Greek coins arranged in four rows of six on a dark "
-        "background.",
+        "A black-and-white photograph of 24 ancient Greek coins arranged in four rows of six on a dark background.",
         "Greek coins found at Pompeii, most stamped with a head in profile, laid out in a grid for a museum "
         "record photo.",
     ],
@@ -162,8 +179,7 @@ _CAPTIONS: dict[str, list[str]] = {
         "across the background.",
     ],
     "brick": [
-        "A grayscale close-up of a brick wall, rotated so the rows of bricks run vertically, seen at a "
-        "slight angle.",
+        "A grayscale close-up of a brick wall, rotated so the rows of bricks run vertically, seen at a slight angle.",
         "Long rectangular bricks separated by light mortar joints in a staggered pattern.",
     ],
     "gravel": [
@@ -181,205 +197,402 @@ _CAPTIONS: dict[str, list[str]] = {
 # except where a question already places its own placeholder.
 _Turns = list[tuple[str, str]]
 _SFT: list[tuple[list[str], _Turns]] = [
-    (["astronaut"], [
-        ("Who or what is shown in this photo?",
-         "It is a formal portrait of an astronaut: a smiling woman with short light-brown hair in an orange "
-         "spacesuit. An American flag hangs behind her on the left and a model of the Space Shuttle stands on "
-         "the right."),
-        ("What is on the round patch on her chest?",
-         "A round purple mission patch with a space shuttle, a satellite and small American and French flags. "
-         "The crew names Collins, Ashby, Coleman, Hawley and Tognini run around its edge."),
-        ("What is in the lower right corner?",
-         "A dark spacesuit helmet whose glossy shell reflects the studio lights."),
-    ]),
-    (["astronaut"], [
-        ("What colour is the spacesuit?",
-         "Bright orange. It is the launch-and-entry suit that shuttle crews wore, with a metal ring around the "
-         "neck where the helmet attaches."),
-    ]),
-    (["chelsea"], [
-        ("What animal is this?",
-         "A cat: a short-haired brown tabby, photographed so close that its face fills most of the frame."),
-        ("What colour are its eyes?", "Yellow-green, with large dark pupils."),
-    ]),
-    (["chelsea"], [
-        ("Describe the background.",
-         "It is out of focus: soft white and beige shapes that keep the attention on the cat's face."),
-    ]),
-    (["coffee"], [
-        ("What drink is in the cup?",
-         "Espresso. The small cup holds a short shot topped with a smooth, caramel-coloured layer of crema."),
-        ("Where is the spoon?",
-         "On the saucer to the right of the cup, with its handle pointing away from the viewer."),
-    ]),
-    (["coffee"], [
-        ("What is the table made of?",
-         "Wood. The tabletop is a warm brown with visible grain, scratches and worn patches."),
-    ]),
-    (["rocket"], [
-        ("What is happening in this picture?",
-         "A white rocket stands on its launch pad at dusk, ready for launch. Tall lattice towers surround it "
-         "and lights glow at ground level."),
-        ("How many tall towers can you see?",
-         "Four: two wide lattice towers at the left and right edges of the frame and two thinner masts closer "
-         "to the rocket."),
-    ]),
-    (["rocket"], [
-        ("Is it day or night?",
-         "Twilight. The sky is a deep blue that darkens toward the top, and the lights near the ground are "
-         "already on."),
-    ]),
-    (["rocket_tall"], [
-        ("Describe this image briefly.",
-         "A tall, narrow view of a white rocket standing upright against a dark blue evening sky, with a "
-         "bright light flaring near its base."),
-    ]),
-    (["horse"], [
-        ("What is this?", "A black silhouette of a horse standing side-on, on a white background."),
-        ("Which way is the horse facing?",
-         "To the right. Its head is at the upper right and its tail hangs down on the left."),
-    ]),
-    (["horse"], [
-        ("Is this a photograph?",
-         "No. It is a flat black-and-white graphic, a silhouette with no texture or shading, like clip art."),
-    ]),
-    (["hubble_deep_field"], [
-        ("What am I looking at?",
-         "The Hubble eXtreme Deep Field, a very long exposure of a tiny patch of sky. Almost every dot and "
-         "smudge in it is a distant galaxy."),
-        ("Are there any stars?",
-         "A few. The bright points with sharp cross-shaped diffraction spikes, such as the one right of centre, "
-         "are stars in our own galaxy that lie in front of the field."),
-    ]),
-    (["hubble_deep_field"], [
-        ("What colours appear in this image?",
-         "Mostly black, with galaxies in white, blue, yellow, orange and red. Blue galaxies are forming new "
-         "stars, while red and orange ones are full of older stars or very far away."),
-    ]),
-    (["retina"], [
-        ("What kind of image is this?",
-         "A fundus photograph: a picture of the back of the eye taken through the pupil. It shows a normal "
-         "retina."),
-        ("Where is the optic disc?",
-         "On the left side. It is the bright yellowish circle where the blood vessels come together."),
-    ]),
-    (["retina"], [
-        ("What is the darker spot in the middle?",
-         "The macula, with the fovea at its centre. It looks darker because it is rich in pigment and has no "
-         "large blood vessels."),
-    ]),
-    (["text"], [
-        ("Is the writing printed or handwritten?", "Handwritten, in dark ink on ruled paper."),
-        ("What subject does it look like?",
-         "Mathematics: there are equations with equals signs, parentheses and variables such as s and t."),
-    ]),
-    (["camera"], [
-        ("What is the man doing?",
-         "He is filming: he leans forward to look through the viewfinder of a small video camera mounted on a "
-         "tripod."),
-        ("Where is he?",
-         "Outdoors on a large grassy field. In the distance there are domed buildings and a tall tower under a "
-         "clear sky."),
-    ]),
-    (["camera"], [
-        ("Is this a colour photo?", "No, it is black and white."),
-    ]),
-    (["coins"], [
-        ("How many coins are there?", "24, arranged in four rows of six."),
-        ("What do the coins show?",
-         "Most show a head in profile and a few show a standing or seated figure. They are ancient Greek "
-         "coins photographed against a dark background."),
-    ]),
-    (["coins"], [
-        ("Why would a simple threshold struggle to separate these coins from the background?",
-         "The dark gray background shares many gray levels with the coins and the lighting is uneven, so no single "
-         "brightness cut separates every coin cleanly."),
-    ]),
-    (["ihc"], [
-        ("What does this microscope image show?",
-         "A section of colon tissue stained by immunohistochemistry. Several glands made of tall cells are "
-         "stained brown, and the pale tissue between them holds small blue nuclei."),
-        ("What do the brown and blue colours mean?",
-         "Brown is the DAB stain that marks where the target protein is present; blue is the hematoxylin "
-         "counterstain that colours cell nuclei."),
-    ]),
-    (["cell"], [
-        ("Describe this image.",
-         "A grayscale microscopy image with a single round, bright cell to the right of centre. It has a dark "
-         "halo around it and sits on a grainy gray background."),
-        ("Is the cell in the centre of the frame?",
-         "No. It is right of centre and slightly below the middle."),
-    ]),
-    (["brick"], [
-        ("What surface is this?",
-         "A brick wall. The bricks are long rectangles separated by light mortar lines, and the rows run "
-         "vertically because the image is rotated."),
-    ]),
-    (["gravel"], [
-        ("What is this a picture of?",
-         "Gravel: a layer of small, sharp-edged stones of roughly equal size, seen from above in grayscale."),
-    ]),
-    (["grass"], [
-        ("What texture is shown?",
-         "Grass seen from above in grayscale: a tangle of thin blades with some small rounded leaves mixed in."),
-    ]),
+    (
+        ["astronaut"],
+        [
+            (
+                "Who or what is shown in this photo?",
+                "It is a formal portrait of an astronaut: a smiling woman with short light-brown hair in an orange "
+                "spacesuit. An American flag hangs behind her on the left and a model of the Space Shuttle stands on "
+                "the right.",
+            ),
+            (
+                "What is on the round patch on her chest?",
+                "A round purple mission patch with a space shuttle, a satellite and small American and French flags. "
+                "The crew names Collins, Ashby, Coleman, Hawley and Tognini run around its edge.",
+            ),
+            (
+                "What is in the lower right corner?",
+                "A dark spacesuit helmet whose glossy shell reflects the studio lights.",
+            ),
+        ],
+    ),
+    (
+        ["astronaut"],
+        [
+            (
+                "What colour is the spacesuit?",
+                "Bright orange. It is the launch-and-entry suit that shuttle crews wore, with a metal ring around the "
+                "neck where the helmet attaches.",
+            ),
+        ],
+    ),
+    (
+        ["chelsea"],
+        [
+            (
+                "What animal is this?",
+                "A cat: a short-haired brown tabby, photographed so close that its face fills most of the frame.",
+            ),
+            ("What colour are its eyes?", "Yellow-green, with large dark pupils."),
+        ],
+    ),
+    (
+        ["chelsea"],
+        [
+            (
+                "Describe the background.",
+                "It is out of focus: soft white and beige shapes that keep the attention on the cat's face.",
+            ),
+        ],
+    ),
+    (
+        ["coffee"],
+        [
+            (
+                "What drink is in the cup?",
+                "Espresso. The small cup holds a short shot topped with a smooth, caramel-coloured layer of crema.",
+            ),
+            (
+                "Where is the spoon?",
+                "On the saucer to the right of the cup, with its handle pointing away from the viewer.",
+            ),
+        ],
+    ),
+    (
+        ["coffee"],
+        [
+            (
+                "What is the table made of?",
+                "Wood. The tabletop is a warm brown with visible grain, scratches and worn patches.",
+            ),
+        ],
+    ),
+    (
+        ["rocket"],
+        [
+            (
+                "What is happening in this picture?",
+                "A white rocket stands on its launch pad at dusk, ready for launch. Tall lattice towers surround it "
+                "and lights glow at ground level.",
+            ),
+            (
+                "How many tall towers can you see?",
+                "Four: two wide lattice towers at the left and right edges of the frame and two thinner masts closer "
+                "to the rocket.",
+            ),
+        ],
+    ),
+    (
+        ["rocket"],
+        [
+            (
+                "Is it day or night?",
+                "Twilight. The sky is a deep blue that darkens toward the top, and the lights near the ground are "
+                "already on.",
+            ),
+        ],
+    ),
+    (
+        ["rocket_tall"],
+        [
+            (
+                "Describe this image briefly.",
+                "A tall, narrow view of a white rocket standing upright against a dark blue evening sky, with a "
+                "bright light flaring near its base.",
+            ),
+        ],
+    ),
+    (
+        ["horse"],
+        [
+            ("What is this?", "A black silhouette of a horse standing side-on, on a white background."),
+            (
+                "Which way is the horse facing?",
+                "To the right. Its head is at the upper right and its tail hangs down on the left.",
+            ),
+        ],
+    ),
+    (
+        ["horse"],
+        [
+            (
+                "Is this a photograph?",
+                "No. It is a flat black-and-white graphic, a silhouette with no texture or shading, like clip art.",
+            ),
+        ],
+    ),
+    (
+        ["hubble_deep_field"],
+        [
+            (
+                "What am I looking at?",
+                "The Hubble eXtreme Deep Field, a very long exposure of a tiny patch of sky. Almost every dot and "
+                "smudge in it is a distant galaxy.",
+            ),
+            (
+                "Are there any stars?",
+                "A few. The bright points with sharp cross-shaped diffraction spikes, such as the one right of centre, "
+                "are stars in our own galaxy that lie in front of the field.",
+            ),
+        ],
+    ),
+    (
+        ["hubble_deep_field"],
+        [
+            (
+                "What colours appear in this image?",
+                "Mostly black, with galaxies in white, blue, yellow, orange and red. Blue galaxies are forming new "
+                "stars, while red and orange ones are full of older stars or very far away.",
+            ),
+        ],
+    ),
+    (
+        ["retina"],
+        [
+            (
+                "What kind of image is this?",
+                "A fundus photograph: a picture of the back of the eye taken through the pupil. It shows a normal "
+                "retina.",
+            ),
+            (
+                "Where is the optic disc?",
+                "On the left side. It is the bright yellowish circle where the blood vessels come together.",
+            ),
+        ],
+    ),
+    (
+        ["retina"],
+        [
+            (
+                "What is the darker spot in the middle?",
+                "The macula, with the fovea at its centre. It looks darker because it is rich in pigment and has no "
+                "large blood vessels.",
+            ),
+        ],
+    ),
+    (
+        ["text"],
+        [
+            ("Is the writing printed or handwritten?", "Handwritten, in dark ink on ruled paper."),
+            (
+                "What subject does it look like?",
+                "Mathematics: there are equations with equals signs, parentheses and variables such as s and t.",
+            ),
+        ],
+    ),
+    (
+        ["camera"],
+        [
+            (
+                "What is the man doing?",
+                "He is filming: he leans forward to look through the viewfinder of a small video camera mounted on a "
+                "tripod.",
+            ),
+            (
+                "Where is he?",
+                "Outdoors on a large grassy field. In the distance there are domed buildings and a tall tower under a "
+                "clear sky.",
+            ),
+        ],
+    ),
+    (
+        ["camera"],
+        [
+            ("Is this a colour photo?", "No, it is black and white."),
+        ],
+    ),
+    (
+        ["coins"],
+        [
+            ("How many coins are there?", "24, arranged in four rows of six."),
+            (
+                "What do the coins show?",
+                "Most show a head in profile and a few show a standing or seated figure. They are ancient Greek "
+                "coins photographed against a dark background.",
+            ),
+        ],
+    ),
+    (
+        ["coins"],
+        [
+            (
+                "Why would a simple threshold struggle to separate these coins from the background?",
+                "The dark gray background shares many gray levels with the coins and the lighting is uneven, so no single "
+                "brightness cut separates every coin cleanly.",
+            ),
+        ],
+    ),
+    (
+        ["ihc"],
+        [
+            (
+                "What does this microscope image show?",
+                "A section of colon tissue stained by immunohistochemistry. Several glands made of tall cells are "
+                "stained brown, and the pale tissue between them holds small blue nuclei.",
+            ),
+            (
+                "What do the brown and blue colours mean?",
+                "Brown is the DAB stain that marks where the target protein is present; blue is the hematoxylin "
+                "counterstain that colours cell nuclei.",
+            ),
+        ],
+    ),
+    (
+        ["cell"],
+        [
+            (
+                "Describe this image.",
+                "A grayscale microscopy image with a single round, bright cell to the right of centre. It has a dark "
+                "halo around it and sits on a grainy gray background.",
+            ),
+            ("Is the cell in the centre of the frame?", "No. It is right of centre and slightly below the middle."),
+        ],
+    ),
+    (
+        ["brick"],
+        [
+            (
+                "What surface is this?",
+                "A brick wall. The bricks are long rectangles separated by light mortar lines, and the rows run "
+                "vertically because the image is rotated.",
+            ),
+        ],
+    ),
+    (
+        ["gravel"],
+        [
+            (
+                "What is this a picture of?",
+                "Gravel: a layer of small, sharp-edged stones of roughly equal size, seen from above in grayscale.",
+            ),
+        ],
+    ),
+    (
+        ["grass"],
+        [
+            (
+                "What texture is shown?",
+                "Grass seen from above in grayscale: a tangle of thin blades with some small rounded leaves mixed in.",
+            ),
+        ],
+    ),
     # Two images: comparisons.
-    (["chelsea", "horse"], [
-        ("Which of the two images is a real photograph?",
-         "The first. It is a close-up photo of a tabby cat, while the second is a flat black silhouette of a "
-         "horse."),
-        ("What animals are shown?", "A cat in the first image and a horse in the second."),
-    ]),
-    (["rocket", "astronaut"], [
-        ("What do these two images have in common?",
-         "Both are about spaceflight: the first shows a rocket on its launch pad at dusk and the second is a "
-         "portrait of an astronaut in an orange spacesuit next to a Space Shuttle model."),
-    ]),
-    (["camera", "astronaut"], [
-        ("Which image is in colour?",
-         "The second. The astronaut portrait is in colour, while the man with the video camera is in black "
-         "and white."),
-        ("How many people are there in total?", "Two, one in each image."),
-    ]),
-    (["rocket", "rocket_tall"], [
-        ("How are these two images related?",
-         "The second is a narrow vertical crop of the first. Both show the same rocket on its pad at dusk, but "
-         "the crop cuts away the towers on either side."),
-    ]),
-    (["gravel", "grass"], [
-        ("Which image shows stones?", "The first. It shows loose gravel, while the second shows grass."),
-    ]),
-    (["hubble_deep_field", "retina"], [
-        ("Which image was taken through a telescope and which shows a human eye?",
-         "The first, the Hubble deep field full of galaxies, was taken by a space telescope. The second is a "
-         "fundus photograph of the retina at the back of a human eye."),
-    ]),
-    (["coffee", "coins"], [
-        ("Which image contains more objects?",
-         "The second: it shows 24 coins, while the first shows a single espresso cup on a saucer with a spoon."),
-    ]),
-    (["ihc", "cell"], [
-        ("Which image is in colour?",
-         "The first, with brown and blue stained tissue. The second is a grayscale image of one round cell."),
-        ("Which one shows more cells?",
-         "The first: many cells packed into glands. The second shows just one cell."),
-    ]),
+    (
+        ["chelsea", "horse"],
+        [
+            (
+                "Which of the two images is a real photograph?",
+                "The first. It is a close-up photo of a tabby cat, while the second is a flat black silhouette of a "
+                "horse.",
+            ),
+            ("What animals are shown?", "A cat in the first image and a horse in the second."),
+        ],
+    ),
+    (
+        ["rocket", "astronaut"],
+        [
+            (
+                "What do these two images have in common?",
+                "Both are about spaceflight: the first shows a rocket on its launch pad at dusk and the second is a "
+                "portrait of an astronaut in an orange spacesuit next to a Space Shuttle model.",
+            ),
+        ],
+    ),
+    (
+        ["camera", "astronaut"],
+        [
+            (
+                "Which image is in colour?",
+                "The second. The astronaut portrait is in colour, while the man with the video camera is in black "
+                "and white.",
+            ),
+            ("How many people are there in total?", "Two, one in each image."),
+        ],
+    ),
+    (
+        ["rocket", "rocket_tall"],
+        [
+            (
+                "How are these two images related?",
+                "The second is a narrow vertical crop of the first. Both show the same rocket on its pad at dusk, but "
+                "the crop cuts away the towers on either side.",
+            ),
+        ],
+    ),
+    (
+        ["gravel", "grass"],
+        [
+            ("Which image shows stones?", "The first. It shows loose gravel, while the second shows grass."),
+        ],
+    ),
+    (
+        ["hubble_deep_field", "retina"],
+        [
+            (
+                "Which image was taken through a telescope and which shows a human eye?",
+                "The first, the Hubble deep field full of galaxies, was taken by a space telescope. The second is a "
+                "fundus photograph of the retina at the back of a human eye.",
+            ),
+        ],
+    ),
+    (
+        ["coffee", "coins"],
+        [
+            (
+                "Which image contains more objects?",
+                "The second: it shows 24 coins, while the first shows a single espresso cup on a saucer with a spoon.",
+            ),
+        ],
+    ),
+    (
+        ["ihc", "cell"],
+        [
+            (
+                "Which image is in colour?",
+                "The first, with brown and blue stained tissue. The second is a grayscale image of one round cell.",
+            ),
+            (
+                "Which one shows more cells?",
+                "The first: many cells packed into glands. The second shows just one cell.",
+            ),
+        ],
+    ),
     # Two images, one per turn.
-    (["chelsea", "coffee"], [
-        (f"{IMAGE_PLACEHOLDER}\nWhat is in this picture?", "A close-up of a tabby cat with yellow-green eyes."),
-        (f"{IMAGE_PLACEHOLDER}\nAnd in this one?",
-         "A cup of espresso on a red saucer with a spoon, on a wooden table."),
-    ]),
+    (
+        ["chelsea", "coffee"],
+        [
+            (f"{IMAGE_PLACEHOLDER}\nWhat is in this picture?", "A close-up of a tabby cat with yellow-green eyes."),
+            (
+                f"{IMAGE_PLACEHOLDER}\nAnd in this one?",
+                "A cup of espresso on a red saucer with a spoon, on a wooden table.",
+            ),
+        ],
+    ),
     # Text only.
     ([], [("What is the boiling point of water at sea level?", "100 degrees Celsius, or 212 degrees Fahrenheit.")]),
     ([], [("Name the three primary colours of light.", "Red, green and blue.")]),
     ([], [("What is 12 times 7?", "84."), ("And half of that?", "42.")]),
-    ([], [("Write one sentence describing a sunny beach.",
-           "Golden sand stretches toward calm blue water under a bright, cloudless sky.")]),
+    (
+        [],
+        [
+            (
+                "Write one sentence describing a sunny beach.",
+                "Golden sand stretches toward calm blue water under a bright, cloudless sky.",
+            )
+        ],
+    ),
     ([], [("How many legs does a horse have?", "Four.")]),
-    ([], [("What does an astronaut wear during launch?",
-           "A pressure suit with a helmet and gloves, which protects them if the cabin loses pressure."),
-          ("What colour were the space shuttle launch suits?", "Bright orange, so crews were easy to spot.")]),
+    (
+        [],
+        [
+            (
+                "What does an astronaut wear during launch?",
+                "A pressure suit with a helmet and gloves, which protects them if the cabin loses pressure.",
+            ),
+            ("What colour were the space shuttle launch suits?", "Bright orange, so crews were easy to spot."),
+        ],
+    ),
 ]
 
 
@@ -401,19 +614,27 @@ def _write_images(images_dir: Path) -> None:
             img.save(images_dir / photo.file, format="PNG", **_PNG)
         else:
             img.save(images_dir / photo.file, format="JPEG", **_JPEG)
-    lines = ["# Demo image licences", "",
-             "All images come from scikit-image's bundled sample data (`skimage.data`, v0.26); the licence",
-             "column quotes each function's docstring. `rocket_tall.jpg` is a crop of `rocket`; grayscale and",
-             "binary images were converted to RGB.", "",
-             "| file | skimage.data source | credit | licence |", "|---|---|---|---|"]
+    lines = [
+        "# Demo image licences",
+        "",
+        "All images come from scikit-image's bundled sample data (`skimage.data`, v0.26); the licence",
+        "column quotes each function's docstring. `rocket_tall.jpg` is a crop of `rocket`; grayscale and",
+        "binary images were converted to RGB.",
+        "",
+        "| file | skimage.data source | credit | licence |",
+        "|---|---|---|---|",
+    ]
     for photo in _PHOTOS.values():
         lines.append(f"| {photo.file} | `{photo.source}()` | {photo.credit} | {photo.licence} |")
     (images_dir / "LICENSES.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def _caption_records() -> list[dict]:
-    return [{"id": f"cap-{name}-{k}", "image": _PHOTOS[name].file, "caption": caption}
-            for name, captions in _CAPTIONS.items() for k, caption in enumerate(captions)]
+    return [
+        {"id": f"cap-{name}-{k}", "image": _PHOTOS[name].file, "caption": caption}
+        for name, captions in _CAPTIONS.items()
+        for k, caption in enumerate(captions)
+    ]
 
 
 def _sft_records() -> list[dict]:
@@ -423,8 +644,11 @@ def _sft_records() -> list[dict]:
         for j, (question, answer) in enumerate(turns):
             if j == 0 and names and IMAGE_PLACEHOLDER not in question:
                 # Multi-image prompts label each image, as InternVL's multi-image data does.
-                prefix = (f"{IMAGE_PLACEHOLDER}\n" if len(names) == 1 else
-                          "".join(f"Image-{k + 1}: {IMAGE_PLACEHOLDER}\n" for k in range(len(names))))
+                prefix = (
+                    f"{IMAGE_PLACEHOLDER}\n"
+                    if len(names) == 1
+                    else "".join(f"Image-{k + 1}: {IMAGE_PLACEHOLDER}\n" for k in range(len(names)))
+                )
                 question = prefix + question
             conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
         n_placeholders = sum(c["value"].count(IMAGE_PLACEHOLDER) for c in conversations)
@@ -457,8 +681,12 @@ def demo_texts() -> list[str]:
 def write_demo_raw(out_dir: Path) -> DemoRawPaths:
     """Write images/ (+LICENSES.md), captions.jsonl, sft.jsonl and tokenizer/ under `out_dir`."""
     out_dir = Path(out_dir)
-    paths = DemoRawPaths(images_dir=out_dir / "images", captions_jsonl=out_dir / "captions.jsonl",
-                         sft_jsonl=out_dir / "sft.jsonl", tokenizer_dir=out_dir / "tokenizer")
+    paths = DemoRawPaths(
+        images_dir=out_dir / "images",
+        captions_jsonl=out_dir / "captions.jsonl",
+        sft_jsonl=out_dir / "sft.jsonl",
+        tokenizer_dir=out_dir / "tokenizer",
+    )
     _write_images(paths.images_dir)
     _write_jsonl(paths.captions_jsonl, _caption_records())
     _write_jsonl(paths.sft_jsonl, _sft_records())

@@ -212,8 +212,11 @@ def _decode_jpeg(data: bytes) -> Image.Image:
     with _load_jpeg(body + _FILLER + _EOI) as padded:
         if padded.tobytes() != full.tobytes():
             full.close()
-            raise ImageError("truncated", "JPEG scan data ends before the image is complete "
-                             "(the file was cut short and closed with an EOI marker)")
+            raise ImageError(
+                "truncated",
+                "JPEG scan data ends before the image is complete "
+                "(the file was cut short and closed with an EOI marker)",
+            )
     return full
 
 

@@ -11,22 +11,34 @@ from sail_megatron.data.tokenizer import Tokenizer
 
 # energon's loader always asks for pinned memory; on a machine without a GPU torch warns once per loader
 # that pinning does nothing there, which is true and harmless.
-warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true but no accelerator is found",
-                        category=UserWarning)
+warnings.filterwarnings(
+    "ignore", message="'pin_memory' argument is set as true but no accelerator is found", category=UserWarning
+)
 
 
-def build_train_loader(cfg: DataConfig, tokenizer: Tokenizer, tile_size: int, tokens_per_tile: int,
-                       data_parallel_rank: int = 0, data_parallel_size: int = 1, seed: int = 0,
-                       state: Optional[dict] = None) -> SavableDataLoader:
+def build_train_loader(
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    tile_size: int,
+    tokens_per_tile: int,
+    data_parallel_rank: int = 0,
+    data_parallel_size: int = 1,
+    seed: int = 0,
+    state: Optional[dict] = None,
+) -> SavableDataLoader:
     """An endless, shuffled, savable loader of RawBatch. Ranks of one data-parallel replica (its TP
     and PP peers) build the same loader and so read the same micro-batches.
     `state` (from `loader.save_state_rank()`) resumes exactly where that loader stood."""
     cfg.validate()
-    worker_config = WorkerConfig(rank=data_parallel_rank, world_size=data_parallel_size,
-                                 num_workers=cfg.num_workers, seed_offset=seed)
+    worker_config = WorkerConfig(
+        rank=data_parallel_rank, world_size=data_parallel_size, num_workers=cfg.num_workers, seed_offset=seed
+    )
     dataset = get_train_dataset(
-        cfg.path, worker_config=worker_config, batch_size=cfg.micro_batch_size,
-        shuffle_buffer_size=cfg.shuffle_buffer_size or None, max_samples_per_sequence=cfg.max_samples_per_sequence,
+        cfg.path,
+        worker_config=worker_config,
+        batch_size=cfg.micro_batch_size,
+        shuffle_buffer_size=cfg.shuffle_buffer_size or None,
+        max_samples_per_sequence=cfg.max_samples_per_sequence,
         packing_buffer_size=cfg.packing_buffer_size if cfg.packing else None,
         task_encoder=build_task_encoder(cfg, tokenizer, tile_size, tokens_per_tile, seed=seed),
     )
@@ -34,5 +46,3 @@ def build_train_loader(cfg: DataConfig, tokenizer: Tokenizer, tile_size: int, to
     if state is not None:
         loader.restore_state_rank(state)
     return loader
-
-

@@ -26,8 +26,9 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def check_separate(out: Path, input_files: Sequence[Path] = (), input_dirs: Sequence[Path] = (),
-                   flag: str = "--out") -> None:
+def check_separate(
+    out: Path, input_files: Sequence[Path] = (), input_dirs: Sequence[Path] = (), flag: str = "--out"
+) -> None:
     """Refuse an `out` that could hold an input: equal to, inside or around an input folder, or around an
     input file (a folder next to an input file is fine: deleting it cannot touch the file)."""
     real_out = _real(out)
@@ -35,12 +36,16 @@ def check_separate(out: Path, input_files: Sequence[Path] = (), input_dirs: Sequ
         real = _real(d)
         if _inside(real_out, real) or _inside(real, real_out):
             where = "is" if real_out == real else "is inside" if _inside(real_out, real) else "contains"
-            raise OutputError(f"{flag} {out} {where} the input folder {d}; replacing it could delete the "
-                              f"inputs: choose an {flag} outside {d}")
+            raise OutputError(
+                f"{flag} {out} {where} the input folder {d}; replacing it could delete the "
+                f"inputs: choose an {flag} outside {d}"
+            )
     for f in input_files:
         if _inside(_real(f), real_out):
-            raise OutputError(f"{flag} {out} contains the input file {f}; replacing it would delete the "
-                              f"input: choose an {flag} that does not hold {f}")
+            raise OutputError(
+                f"{flag} {out} contains the input file {f}; replacing it would delete the "
+                f"input: choose an {flag} that does not hold {f}"
+            )
 
 
 def layout_matches(folder: Path, patterns: Sequence[str]) -> bool:
@@ -62,8 +67,7 @@ def _blocking_ancestor(path: Path) -> Optional[str]:
     return None
 
 
-def check_out(out: Path, overwrite: bool, is_ours: Callable[[Path], bool], what: str,
-              flag: str = "--out") -> None:
+def check_out(out: Path, overwrite: bool, is_ours: Callable[[Path], bool], what: str, flag: str = "--out") -> None:
     """Every check on `out` that can fail before any work: wrong kind, not replaceable, not creatable."""
     if out.exists() or out.is_symlink():
         if not out.is_dir():
@@ -72,8 +76,10 @@ def check_out(out: Path, overwrite: bool, is_ours: Callable[[Path], bool], what:
             if not overwrite:
                 raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it")
             if not is_ours(out):
-                raise OutputError(f"{out} is not empty and is not {what}, so --overwrite will not delete it; "
-                                  "empty or remove it yourself, or choose another folder")
+                raise OutputError(
+                    f"{out} is not empty and is not {what}, so --overwrite will not delete it; "
+                    "empty or remove it yourself, or choose another folder"
+                )
         parent = _real(out).parent  # the new folder is staged next to the real one
         if not os.access(parent, os.W_OK | os.X_OK):
             raise OutputError(f"cannot replace {out}: no permission to write in {parent}")

@@ -128,8 +128,9 @@ class _FreeIndex:
         return pack
 
 
-def _best_fit(order: list[int], tok: list[int], til: list[int], seq_length: int, cap: int,
-              target: float) -> list[list[int]]:
+def _best_fit(
+    order: list[int], tok: list[int], til: list[int], seq_length: int, cap: int, target: float
+) -> list[list[int]]:
     """Two-dimensional best fit of `order` into packs of seq_length tokens and `cap` tiles.
 
     A sample goes to the pack minimising (token room left) / seq_length + |tiles after - target| /
@@ -143,8 +144,9 @@ def _best_fit(order: list[int], tok: list[int], til: list[int], seq_length: int,
     token_weight = 1.0 / seq_length
     tile_weight = 1.0 / max(target, 1.0)
     # For each sample tile count v: the admissible levels, cheapest tile penalty first.
-    scan = [sorted((abs(level + v - target) * tile_weight, level) for level in range(cap - v + 1))
-            for v in range(cap + 1)]
+    scan = [
+        sorted((abs(level + v - target) * tile_weight, level) for level in range(cap - v + 1)) for v in range(cap + 1)
+    ]
     for i in order:
         t, v = tok[i], til[i]
         best_score, best_level, best_free = math.inf, -1, -1
@@ -171,8 +173,9 @@ def _best_fit(order: list[int], tok: list[int], til: list[int], seq_length: int,
     return members
 
 
-def _plan_with_cap(tokens: np.ndarray, tiles: np.ndarray, fits: np.ndarray, tie: np.ndarray, seq_length: int,
-                   cap: int, target: float) -> list[list[int]]:
+def _plan_with_cap(
+    tokens: np.ndarray, tiles: np.ndarray, fits: np.ndarray, tie: np.ndarray, seq_length: int, cap: int, target: float
+) -> list[list[int]]:
     """Packs of the samples `fits` under a tile cap; larger samples first, by the scarcer budget
     (max of tokens / seq_length and tiles / cap, then their sum, then the seeded tie-break)."""
     token_share, tile_share = tokens[fits] / seq_length, tiles[fits] / max(cap, 1)
@@ -258,8 +261,9 @@ def plan_packs(
     return PackPlan([packs[j] for j in rng.permutation(len(packs)).tolist()], oversized)
 
 
-def balance_across_ranks(packs: Sequence[Sequence[int]], tile_counts: Sequence[int],
-                         num_groups: int) -> list[list[list[int]]]:
+def balance_across_ranks(
+    packs: Sequence[Sequence[int]], tile_counts: Sequence[int], num_groups: int
+) -> list[list[list[int]]]:
     """Split one global step's packs into `num_groups` groups of equal size with balanced tiles.
 
     Groups are (data-parallel rank, micro-batch) slots. Packs go in decreasing tile order, one per
@@ -277,7 +281,7 @@ def balance_across_ranks(packs: Sequence[Sequence[int]], tile_counts: Sequence[i
     totals = [0] * num_groups
     for start in range(0, len(order), num_groups):
         lightest = sorted(range(num_groups), key=lambda g: (totals[g], g))
-        for p, g in zip(order[start:start + num_groups], lightest):
+        for p, g in zip(order[start : start + num_groups], lightest):
             groups[g].append(list(packs[p]))
             totals[g] += weight[p]
     return groups

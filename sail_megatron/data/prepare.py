@@ -111,8 +111,10 @@ def parse_split_ratio(text: str) -> Tuple[float, float, float]:
 def _check_train_split(ratio: Tuple[float, float, float], shards: int, shard_size: int, split_ratio: str) -> None:
     # energon assigns int(shards * cumulative share) shards to each split, in order.
     if int(shards * ratio[0] / sum(ratio)) < 1:
-        raise PrepareError(f"--split-ratio {split_ratio} leaves the train split no shard of the {shards} written; "
-                           f"lower --shard-size (now {shard_size}) or raise the train share")
+        raise PrepareError(
+            f"--split-ratio {split_ratio} leaves the train split no shard of the {shards} written; "
+            f"lower --shard-size (now {shard_size}) or raise the train share"
+        )
 
 
 def _normalize(record: object, fmt: str) -> Tuple[dict, List[str], List[str]]:
@@ -120,8 +122,9 @@ def _normalize(record: object, fmt: str) -> Tuple[dict, List[str], List[str]]:
     if isinstance(record, Exception):
         raise _Skip("malformed_line", str(record))
     if isinstance(record, list):
-        raise _Skip("malformed_line", "expected a JSON object, got a list (a JSON array of records belongs in "
-                                      "a .json file)")
+        raise _Skip(
+            "malformed_line", "expected a JSON object, got a list (a JSON array of records belongs in a .json file)"
+        )
     if not isinstance(record, dict):
         raise _Skip("malformed_line", f"expected a JSON object, got {type(record).__name__}")
     images = record.get("image", record.get("images"))
@@ -169,8 +172,10 @@ def _image_path(images_dir: Path, name: str, allow_outside: bool) -> Path:
     """`name` under `images_dir`; absolute paths and `..` that leave the folder only when allowed."""
     rel = os.path.normpath(name)
     if not allow_outside and (os.path.isabs(name) or rel == ".." or rel.startswith(".." + os.sep)):
-        raise _Skip("outside_images", f"{name!r} is not inside --images {images_dir}; "
-                                      "pass --allow-outside-images to read it anyway")
+        raise _Skip(
+            "outside_images",
+            f"{name!r} is not inside --images {images_dir}; pass --allow-outside-images to read it anyway",
+        )
     return images_dir / name
 
 
@@ -211,9 +216,13 @@ class _Reader:
         try:
             meta, paths, conversions = _normalize(record, self.fmt)
             loaded = [self._image(_image_path(self.images_dir, p, self.allow_outside)) for p in paths]
-            meta.update(conversions=conversions, source=rec.source, id=record.get("id"), num_images=len(loaded),
-                        images=[{"width": w, "height": h, "format": _extension(p)}
-                                for (_, w, h), p in zip(loaded, paths)])
+            meta.update(
+                conversions=conversions,
+                source=rec.source,
+                id=record.get("id"),
+                num_images=len(loaded),
+                images=[{"width": w, "height": h, "format": _extension(p)} for (_, w, h), p in zip(loaded, paths)],
+            )
             meta_json = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()
             images = [(d, _extension(p)) for (d, _, _), p in zip(loaded, paths)]
             rejected = self.rules.rejection(meta_json, images)
@@ -292,8 +301,19 @@ def run_energon_prepare(out_dir: Path, split_ratio: str, name: Optional[Path] = 
     """energon's own preparation (index + split + dataset.yaml for cooked crude samples).
 
     name: the folder to name in errors (the final path when `out_dir` is a staging folder)."""
-    cmd = [sys.executable, "-m", "megatron.energon.cli.main", "prepare", str(out_dir), "--non-interactive",
-           "--split-ratio", split_ratio, "--sample-type", "CrudeWebdataset", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron.energon.cli.main",
+        "prepare",
+        str(out_dir),
+        "--non-interactive",
+        "--split-ratio",
+        split_ratio,
+        "--sample-type",
+        "CrudeWebdataset",
+        "--no-progress",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     output = "\n".join((result.stdout + result.stderr).strip().splitlines()[-5:])
     name = name or out_dir
@@ -304,8 +324,9 @@ def run_energon_prepare(out_dir: Path, split_ratio: str, name: Optional[Path] = 
         raise PrepareError(f"energon prepare wrote no .nv-meta/dataset.yaml for {name}:\n{output}")
 
 
-def _check_arguments(fmt: str, shard_size: int, max_pixels: int, workers: int, split_ratio: str,
-                     num_shards: int, shard_index: int) -> Tuple[float, float, float]:
+def _check_arguments(
+    fmt: str, shard_size: int, max_pixels: int, workers: int, split_ratio: str, num_shards: int, shard_index: int
+) -> Tuple[float, float, float]:
     if fmt not in FORMATS:
         raise PrepareError(f"--format must be one of {FORMATS}, got {fmt!r}")
     for flag, value in (("--shard-size", shard_size), ("--max-pixels", max_pixels), ("--workers", workers)):
@@ -334,14 +355,28 @@ def _no_records_error(input_path: Path, report: PrepareReport, num_shards: int, 
 
 
 def _write_report(out_dir: Path, report: PrepareReport, shard: Tuple[int, int], rules: TrainerRules) -> None:
-    doc = {"written": report.written, "shards": report.shards, "converted": dict(report.converted),
-           "skipped_by_reason": dict(report.by_reason()), "skipped": [asdict(s) for s in report.skipped],
-           "input_shard": {"num_shards": shard[0], "shard_index": shard[1]}, "trainer_rules": rules.source}
+    doc = {
+        "written": report.written,
+        "shards": report.shards,
+        "converted": dict(report.converted),
+        "skipped_by_reason": dict(report.by_reason()),
+        "skipped": [asdict(s) for s in report.skipped],
+        "input_shard": {"num_shards": shard[0], "shard_index": shard[1]},
+        "trainer_rules": rules.source,
+    }
     (out_dir / REPORT_NAME).write_text(json.dumps(doc, indent=1, sort_keys=True))
 
 
-def _write_shards(stage: Path, records: Iterable[Record], reader: _Reader, shard_size: int, workers: int,
-                  window: int, progress: bool, out_name: Path) -> PrepareReport:
+def _write_shards(
+    stage: Path,
+    records: Iterable[Record],
+    reader: _Reader,
+    shard_size: int,
+    workers: int,
+    window: int,
+    progress: bool,
+    out_name: Path,
+) -> PrepareReport:
     report = PrepareReport()
     writer = _ShardWriter(stage, shard_size)
     try:
@@ -350,8 +385,7 @@ def _write_shards(stage: Path, records: Iterable[Record], reader: _Reader, shard
             for result in tqdm(results, desc="prepare", unit=" records", disable=not progress):
                 if isinstance(result, SkippedRecord):
                     report.skipped.append(result)
-                    logger.warning("skipped %s (id %s): %s: %s", result.source, result.id, result.reason,
-                                   result.detail)
+                    logger.warning("skipped %s (id %s): %s: %s", result.source, result.id, result.reason, result.detail)
                     continue
                 meta_json, images, conversions = result
                 report.converted.update(conversions)
@@ -360,8 +394,9 @@ def _write_shards(stage: Path, records: Iterable[Record], reader: _Reader, shard
     except OSError as e:
         writer.abandon()
         if e.errno in _WRITE_ERRNOS:
-            raise OutputError(f"cannot write {out_name}/{writer.current.name}: {e.strerror}; free space there "
-                              "or choose another --out") from None
+            raise OutputError(
+                f"cannot write {out_name}/{writer.current.name}: {e.strerror}; free space there or choose another --out"
+            ) from None
         raise
     except BaseException:
         writer.abandon()
@@ -370,11 +405,25 @@ def _write_shards(stage: Path, records: Iterable[Record], reader: _Reader, shard
     return report
 
 
-def prepare(input_path: Path, images_dir: Path, out_dir: Path, fmt: str = "llava", shard_size: int = 1000,
-            split_ratio: str = "1,0,0", max_pixels: int = DEFAULT_MAX_PIXELS, verify_decode: bool = False,
-            workers: int = 8, overwrite: bool = False, progress: bool = True, num_shards: int = 1,
-            shard_index: int = 0, allow_outside_images: bool = False, rules: Optional[TrainerRules] = None,
-            max_in_flight: Optional[int] = None, read_file: Callable[[Path], bytes] = _read_file) -> PrepareReport:
+def prepare(
+    input_path: Path,
+    images_dir: Path,
+    out_dir: Path,
+    fmt: str = "llava",
+    shard_size: int = 1000,
+    split_ratio: str = "1,0,0",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    verify_decode: bool = False,
+    workers: int = 8,
+    overwrite: bool = False,
+    progress: bool = True,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    allow_outside_images: bool = False,
+    rules: Optional[TrainerRules] = None,
+    max_in_flight: Optional[int] = None,
+    read_file: Callable[[Path], bytes] = _read_file,
+) -> PrepareReport:
     """Write `input_path`'s records (shard `shard_index` of `num_shards`) as shards into `out_dir`.
 
     rules: the trainer checks to apply (default: those that hold for every recipe).

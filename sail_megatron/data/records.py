@@ -16,8 +16,12 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Union
 
 _UTF8_BOM = b"\xef\xbb\xbf"
-_OTHER_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16",
-               b"\xfe\xff": "UTF-16"}
+_OTHER_BOMS = {
+    b"\xff\xfe\x00\x00": "UTF-32",
+    b"\x00\x00\xfe\xff": "UTF-32",
+    b"\xff\xfe": "UTF-16",
+    b"\xfe\xff": "UTF-16",
+}
 
 
 class InputError(ValueError):
@@ -35,23 +39,28 @@ def check_shard(num_shards: int, shard_index: int) -> None:
     if num_shards < 1:
         raise ValueError(f"--num-shards must be at least 1, got {num_shards}")
     if not 0 <= shard_index < num_shards:
-        raise ValueError(f"--shard-index must be in 0..{num_shards - 1} for --num-shards {num_shards}, "
-                         f"got {shard_index}")
+        raise ValueError(
+            f"--shard-index must be in 0..{num_shards - 1} for --num-shards {num_shards}, got {shard_index}"
+        )
 
 
 def _decode(path: Path, raw: bytes, line: int) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InputError(f"{path} line {line} is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                         f"re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name}") from None
+        raise InputError(
+            f"{path} line {line} is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+            f"re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name}"
+        ) from None
 
 
 def _check_encoding(path: Path, head: bytes) -> None:
     for bom, name in _OTHER_BOMS.items():
         if head.startswith(bom):
-            raise InputError(f"{path} is {name} (it starts with a {name} byte-order mark); re-encode it as UTF-8, "
-                             f"e.g. iconv -f {name} -t utf-8 {path.name}")
+            raise InputError(
+                f"{path} is {name} (it starts with a {name} byte-order mark); re-encode it as UTF-8, "
+                f"e.g. iconv -f {name} -t utf-8 {path.name}"
+            )
 
 
 _WHOLE_DOCUMENT_LIMIT = 1 << 28  # parsed whole only to explain the error; larger files get the short answer
@@ -60,13 +69,17 @@ _WHOLE_DOCUMENT_LIMIT = 1 << 28  # parsed whole only to explain the error; large
 def _whole_document_error(path: Path, opener: str) -> None:
     """Raise a clear error for a file that is one JSON document (an array or object over many lines);
     `opener` is its first line, a lone '[' or '{' that no JSON Lines file starts with."""
-    spread = (f"{path} holds one JSON array spread over several lines, but JSON Lines needs one complete "
-              f"record per line; rename it to {path.stem}.json, or write one record per line: "
-              f"jq -c '.[]' {path.name}")
+    spread = (
+        f"{path} holds one JSON array spread over several lines, but JSON Lines needs one complete "
+        f"record per line; rename it to {path.stem}.json, or write one record per line: "
+        f"jq -c '.[]' {path.name}"
+    )
     if opener == "[":
         raise InputError(spread)
-    top = (f"{path} holds a single JSON object at the top level; the top level must be a JSON array of "
-           "records (.json) or one record per line (.jsonl)")
+    top = (
+        f"{path} holds a single JSON object at the top level; the top level must be a JSON array of "
+        "records (.json) or one record per line (.jsonl)"
+    )
     if path.stat().st_size > _WHOLE_DOCUMENT_LIMIT:
         raise InputError(top)
     try:
@@ -75,11 +88,16 @@ def _whole_document_error(path: Path, opener: str) -> None:
         raise InputError(top) from None
     if isinstance(doc, dict):
         lists = [k for k, v in doc.items() if isinstance(v, list)]
-        hint = f"; the records are probably under {lists[0]!r}: jq '.{lists[0]}' {path.name} > records.json" \
-            if lists else ""
+        hint = (
+            f"; the records are probably under {lists[0]!r}: jq '.{lists[0]}' {path.name} > records.json"
+            if lists
+            else ""
+        )
         keys = ", ".join(map(str, list(doc)[:5]))
-        raise InputError(f"{path} holds a single JSON object (keys: {keys}); the top level must be a JSON array "
-                         f"of records (.json) or one record per line (.jsonl){hint}")
+        raise InputError(
+            f"{path} holds a single JSON object (keys: {keys}); the top level must be a JSON array "
+            f"of records (.json) or one record per line (.jsonl){hint}"
+        )
     raise InputError(top)
 
 
@@ -89,8 +107,10 @@ def _json_array(path: Path, num_shards: int, shard_index: int) -> Iterator[Recor
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise InputError(f"{path} line {line} is not UTF-8 (byte 0x{data[e.start]:02x}); re-encode the file "
-                         f"as UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name}") from None
+        raise InputError(
+            f"{path} line {line} is not UTF-8 (byte 0x{data[e.start]:02x}); re-encode the file "
+            f"as UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name}"
+        ) from None
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:

@@ -44,8 +44,9 @@ def cook_vl_sample(raw: dict) -> VLSample:
         turns = [(t["role"], t["text"]) for t in meta["turns"]]
         kind = meta["kind"]
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
-        return VLSample(**basic_sample_keys(raw), kind="malformed", turns=[("error", f"{type(e).__name__}: {e}")],
-                        images=[])
+        return VLSample(
+            **basic_sample_keys(raw), kind="malformed", turns=[("error", f"{type(e).__name__}: {e}")], images=[]
+        )
     return VLSample(**basic_sample_keys(raw), kind=kind, turns=turns, images=[raw[k] for k in image_keys])
 
 

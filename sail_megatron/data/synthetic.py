@@ -39,8 +39,10 @@ class SyntheticImageCaptions:
         self.patterns = torch.randn(cfg.num_classes, 3, cfg.image_size, cfg.image_size, generator=g)
         image_block = cfg.max_images * (2 + cfg.max_tiles_per_image * cfg.tokens_per_tile)
         if image_block + 8 > cfg.seq_length:
-            raise ValueError(f"seq_length={cfg.seq_length} cannot hold {cfg.max_images} images of "
-                             f"{cfg.max_tiles_per_image} tiles ({image_block} tokens) plus a caption")
+            raise ValueError(
+                f"seq_length={cfg.seq_length} cannot hold {cfg.max_images} images of "
+                f"{cfg.max_tiles_per_image} tiles ({image_block} tokens) plus a caption"
+            )
 
     def sample(self, index: int) -> Batch:
         cfg = self.cfg
@@ -50,7 +52,9 @@ class SyntheticImageCaptions:
         tokens, tiles = [], []
         for _ in range(n_images):
             n_tiles = int(torch.randint(1, cfg.max_tiles_per_image + 1, (1,), generator=g))
-            tiles.append(self.patterns[cls] + 0.5 * torch.randn(n_tiles, 3, cfg.image_size, cfg.image_size, generator=g))
+            tiles.append(
+                self.patterns[cls] + 0.5 * torch.randn(n_tiles, 3, cfg.image_size, cfg.image_size, generator=g)
+            )
             tokens += [IMG_START] + [IMG_CONTEXT] * (n_tiles * cfg.tokens_per_tile) + [IMG_END]
         prompt_len = len(tokens)
         text_vocab = cfg.vocab_size - FIRST_TEXT_ID
@@ -60,12 +64,18 @@ class SyntheticImageCaptions:
         tokens += [FIRST_TEXT_ID + (start + step * j) % text_vocab for j in range(caption_len)]
         tokens = torch.tensor(tokens + [PAD] * (cfg.seq_length + 1 - len(tokens)))
         loss_mask = torch.zeros(cfg.seq_length)
-        loss_mask[prompt_len - 1: prompt_len - 1 + caption_len] = 1.0  # targets are caption tokens
-        return Batch(tokens=tokens[None, :-1], labels=tokens[None, 1:], loss_mask=loss_mask[None],
-                     position_ids=torch.arange(cfg.seq_length)[None], pixel_values=torch.cat(tiles))
+        loss_mask[prompt_len - 1 : prompt_len - 1 + caption_len] = 1.0  # targets are caption tokens
+        return Batch(
+            tokens=tokens[None, :-1],
+            labels=tokens[None, 1:],
+            loss_mask=loss_mask[None],
+            position_ids=torch.arange(cfg.seq_length)[None],
+            pixel_values=torch.cat(tiles),
+        )
 
-    def micro_batches(self, data_parallel_rank: int, data_parallel_size: int, num_microbatches: int,
-                      start_step: int = 0) -> Iterator[Batch]:
+    def micro_batches(
+        self, data_parallel_rank: int, data_parallel_size: int, num_microbatches: int, start_step: int = 0
+    ) -> Iterator[Batch]:
         """Endless micro-batches for one data-parallel rank: step k uses global samples
         [k*G, (k+1)*G) with G = micro_batch_size * num_microbatches * data_parallel_size, and this
         rank takes its contiguous share."""

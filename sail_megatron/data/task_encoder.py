@@ -91,8 +91,9 @@ class _SailVLEncoding(TaskEncoder[VLSample, EncodedSample, RawBatch, RawBatch]):
             self._skip(sample, "malformed", sample.turns[0][1])
         try:
             sizes = [read_image_size(b, max_pixels=cfg.max_pixels) for b in sample.images]
-            plans = [plan_tiles(w, h, cfg.min_tiles, cfg.max_tiles, self.tile_size, cfg.use_thumbnail)
-                     for w, h in sizes]
+            plans = [
+                plan_tiles(w, h, cfg.min_tiles, cfg.max_tiles, self.tile_size, cfg.use_thumbnail) for w, h in sizes
+            ]
             encoded = self.template.encode(sample, sample.images, plans, cfg.seq_length)
         except ImageError as e:
             self._skip(sample, f"image_{e.reason}", str(e))
@@ -101,7 +102,9 @@ class _SailVLEncoding(TaskEncoder[VLSample, EncodedSample, RawBatch, RawBatch]):
         except MalformedSample as e:
             self._skip(sample, "malformed", str(e))
         if encoded.num_tiles > cfg.max_tiles_per_pack:
-            self._skip(sample, "too_many_tiles", f"{encoded.num_tiles} tiles > max_tiles_per_pack={cfg.max_tiles_per_pack}")
+            self._skip(
+                sample, "too_many_tiles", f"{encoded.num_tiles} tiles > max_tiles_per_pack={cfg.max_tiles_per_pack}"
+            )
         self._conversions.update(encoded.notes)
         encoded.key = sample_id(sample)
         encoded.__restore_key__ = sample.__restore_key__  # energon re-creates buffered samples from it on resume
@@ -129,9 +132,19 @@ class _SailVLEncoding(TaskEncoder[VLSample, EncodedSample, RawBatch, RawBatch]):
                 plans += smp.plans
                 offset += n
             position_ids[i, offset:] = torch.arange(s - offset)
-        batch = RawBatch(keys=keys, tokens=tokens, labels=labels, loss_mask=loss_mask, position_ids=position_ids,
-                         images=images, plans=plans, image_sample=owners, spans=spans, skipped=dict(self._skipped),
-                         conversions=dict(self._conversions))
+        batch = RawBatch(
+            keys=keys,
+            tokens=tokens,
+            labels=labels,
+            loss_mask=loss_mask,
+            position_ids=position_ids,
+            images=images,
+            plans=plans,
+            image_sample=owners,
+            spans=spans,
+            skipped=dict(self._skipped),
+            conversions=dict(self._conversions),
+        )
         self._skipped.clear()
         self._conversions.clear()
         return batch
@@ -166,8 +179,13 @@ class PackedTaskEncoder(_SailVLEncoding):
     def select_samples_to_pack(self, samples: List[EncodedSample]) -> List[List[EncodedSample]]:
         # The seed is a function of the buffer itself, so a resumed loader re-plans identically.
         seed = (self.seed * 1_000_003 + zlib.crc32("|".join(s.key for s in samples).encode())) % 2**31
-        plan = plan_packs([s.num_tokens for s in samples], [s.num_tiles for s in samples],
-                          self.cfg.seq_length, self.cfg.max_tiles_per_pack, seed=seed)
+        plan = plan_packs(
+            [s.num_tokens for s in samples],
+            [s.num_tiles for s in samples],
+            self.cfg.seq_length,
+            self.cfg.max_tiles_per_pack,
+            seed=seed,
+        )
         for i in plan.oversized:  # cannot happen after _encode's checks; never drop silently if it does
             self._skipped["oversized"] += 1
             logger.warning("skipping sample %s: oversized for the pack budgets", samples[i].key)
@@ -195,8 +213,9 @@ class PackedTaskEncoder(_SailVLEncoding):
         return batch
 
 
-def build_task_encoder(cfg: DataConfig, tokenizer: Tokenizer, tile_size: int, tokens_per_tile: int,
-                       seed: int = 0) -> _SailVLEncoding:
+def build_task_encoder(
+    cfg: DataConfig, tokenizer: Tokenizer, tile_size: int, tokens_per_tile: int, seed: int = 0
+) -> _SailVLEncoding:
     if cfg.packing:
         return PackedTaskEncoder(cfg, tokenizer, tile_size, tokens_per_tile, seed=seed)
     return PaddedTaskEncoder(cfg, tokenizer, tile_size, tokens_per_tile)

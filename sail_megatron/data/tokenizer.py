@@ -36,12 +36,15 @@ IMAGE_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT)
 SPECIAL_TOKENS = CHAT_TOKENS + IMAGE_TOKENS
 
 # Qwen2's pre-tokenizer split pattern, so the demo tokenizer segments text the way Qwen2.5 does.
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
-def build_demo_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 4096,
-                         *, model_max_length: int = 8192) -> Path:
+def build_demo_tokenizer(
+    texts: Iterable[str], out_dir: str | Path, vocab_size: int = 4096, *, model_max_length: int = 8192
+) -> Path:
     """Train a byte-level BPE on `texts` and save a Hugging Face tokenizer folder in `out_dir`.
 
     Deterministic: the same texts give a byte-identical tokenizer.json. `vocab_size` is an upper
@@ -53,16 +56,22 @@ def build_demo_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: 
 
     tok = RawTokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     specials = [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=1, special_tokens=specials, show_progress=False,
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=specials,
+        show_progress=False,
         # All 256 byte symbols up front: any text encodes, and char ids do not depend on the corpus.
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
 
     def corpus() -> Iterable[str]:
         # Special-token strings must not feed merges of their pieces; a newline in their place keeps
@@ -131,17 +140,24 @@ class Tokenizer:
         pad = self.hf.pad_token or ENDOFTEXT
         eos = self.hf.eos_token or IM_END
         self.ids = TokenIds(
-            pad=self._special_id(pad), eos=self._special_id(eos),
-            im_start=self._special_id(IM_START), im_end=self._special_id(IM_END),
-            img_start=self._special_id(IMG_START), img_end=self._special_id(IMG_END),
-            img_context=self._special_id(IMG_CONTEXT))
+            pad=self._special_id(pad),
+            eos=self._special_id(eos),
+            im_start=self._special_id(IM_START),
+            im_end=self._special_id(IM_END),
+            img_start=self._special_id(IMG_START),
+            img_end=self._special_id(IMG_END),
+            img_context=self._special_id(IMG_CONTEXT),
+        )
         roles = (self.hf.bos_token, self.hf.eos_token, self.hf.pad_token, self.hf.unk_token)
         self.control_tokens = frozenset(SPECIAL_TOKENS) | {t for t in roles if t}
         self._text = _text_tokenizer(self.hf, self.control_tokens)
 
     def _special_id(self, token: str) -> int:
-        fix = ("add <IMG_CONTEXT>, <img>, </img> as special tokens, as InternVL/SAIL-VL tokenizers do"
-               if token in IMAGE_TOKENS else f"add {token} as a special token")
+        fix = (
+            "add <IMG_CONTEXT>, <img>, </img> as special tokens, as InternVL/SAIL-VL tokenizers do"
+            if token in IMAGE_TOKENS
+            else f"add {token} as a special token"
+        )
         if token not in self.hf.get_vocab():
             raise ValueError(f"tokenizer at {self.path} has no {token!r} token; {fix}")
         tid = self.hf.convert_tokens_to_ids(token)

@@ -55,8 +55,14 @@ class TrainerRules:
 
     @classmethod
     def structural(cls, max_pixels: int = DEFAULT_MAX_PIXELS) -> "TrainerRules":
-        cfg = DataConfig(path="-", tokenizer="-", seq_length=_UNBOUNDED, max_tiles_per_pack=_UNBOUNDED,
-                         max_pixels=max_pixels, packing=False)
+        cfg = DataConfig(
+            path="-",
+            tokenizer="-",
+            seq_length=_UNBOUNDED,
+            max_tiles_per_pack=_UNBOUNDED,
+            max_pixels=max_pixels,
+            packing=False,
+        )
         return cls(_Probe(cfg, _UntokenizedText(), tile_size=448, tokens_per_tile=1), "no recipe")
 
     @classmethod
@@ -75,13 +81,19 @@ class TrainerRules:
             raise ValueError(f"--recipe {recipe}: {reason}") from None
         tok_dir = Path(cfg.data.tokenizer)
         if not cfg.data.tokenizer or not tok_dir.is_dir():
-            raise ValueError(f"--recipe {recipe}: data.tokenizer {cfg.data.tokenizer!r} is not a folder; the budget "
-                             "check tokenizes the text: build the tokenizer first or pass --set data.tokenizer=DIR")
+            raise ValueError(
+                f"--recipe {recipe}: data.tokenizer {cfg.data.tokenizer!r} is not a folder; the budget "
+                "check tokenizes the text: build the tokenizer first or pass --set data.tokenizer=DIR"
+            )
         tokenizer = load_tokenizer(tok_dir)
-        probe = _Probe(cfg.data, tokenizer, tile_size=cfg.model.vision.image_size,
-                       tokens_per_tile=cfg.model.tokens_per_tile)
-        return cls(probe, f"recipe {recipe} (seq_length {cfg.data.seq_length}, max_tiles {cfg.data.max_tiles}, "
-                          f"max_tiles_per_pack {cfg.data.max_tiles_per_pack})")
+        probe = _Probe(
+            cfg.data, tokenizer, tile_size=cfg.model.vision.image_size, tokens_per_tile=cfg.model.tokens_per_tile
+        )
+        return cls(
+            probe,
+            f"recipe {recipe} (seq_length {cfg.data.seq_length}, max_tiles {cfg.data.max_tiles}, "
+            f"max_tiles_per_pack {cfg.data.max_tiles_per_pack})",
+        )
 
     def rejection(self, meta_json: bytes, images: Sequence[Tuple[bytes, str]]) -> Optional[Tuple[str, str]]:
         """(reason, detail) if the trainer would skip this shard entry, else None."""

@@ -29,8 +29,9 @@ def _shield_worker() -> None:
     signal.signal(signal.SIGINT, lambda *_: None)  # Ctrl-C reaches the whole group; the trainer saves first
     # Threads started from here on inherit the block; the waiter thread takes SIGTERM synchronously.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    threading.Thread(target=_exit_on_parent_sigterm, args=(os.getppid(),), daemon=True,
-                     name="sigterm-from-parent").start()
+    threading.Thread(
+        target=_exit_on_parent_sigterm, args=(os.getppid(),), daemon=True, name="sigterm-from-parent"
+    ).start()
 
 
 class shield_loader_workers:

@@ -18,8 +18,11 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, precision: Precisi
     backends = log_backends_once()
     model.validate()
     if model.image_context_token_id is None:
-        raise ConfigError("model.image_context_token_id", "is not set",
-                          "set it from the tokenizer's <IMG_CONTEXT> id before building the model")
+        raise ConfigError(
+            "model.image_context_token_id",
+            "is not set",
+            "set it from the tokenizer's <IMG_CONTEXT> id before building the model",
+        )
     layer_backend = precision.layer_backend(backends)
     # Checked again here, where the backends are known: callers that build without TrainConfig.validate.
     parallel.check_layer_backend(layer_backend)
@@ -27,7 +30,9 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, precision: Precisi
     specs = build_specs(layer_backend)
     configs = build_part_configs(model, parallel, precision, backends)
     stage = SailVLModel(
-        model, configs, specs,
+        model,
+        configs,
+        specs,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
     )

@@ -89,16 +89,30 @@ _block_masks = LastBlockMask()
 
 def _flex_document_attention(q, k, v, cu_seqlens, scale):
     block_mask = _block_masks(cu_seqlens, q.shape[2], q.device)
-    return _compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale,
-                                      enable_gqa=q.shape[1] != k.shape[1])
+    return _compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class PackedDotProductAttention(DotProductAttention):
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params: PackedSeqParams = None):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params: PackedSeqParams = None,
+    ):
         if packed_seq_params is None:
-            return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
-                                   attention_bias=attention_bias, packed_seq_params=None)
+            return super().forward(
+                query,
+                key,
+                value,
+                attention_mask,
+                attn_mask_type=attn_mask_type,
+                attention_bias=attention_bias,
+                packed_seq_params=None,
+            )
         if packed_seq_params.qkv_format != "thd":
             raise ValueError(f"packed attention takes qkv_format 'thd', got {packed_seq_params.qkv_format!r}")
         # THD: query [t, heads, d]; key/value [t, groups, d] (GQA) -> SDPA's [1, heads, t, d].
@@ -114,6 +128,7 @@ class PackedDotProductAttention(DotProductAttention):
                 v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
             mask = document_causal_mask(cu, total)
             with tensor_parallel.get_cuda_rng_tracker().fork():  # dropout differs per TP rank, as in megatron
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                     scale=self.softmax_scale)
+                out = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.softmax_scale
+                )
         return out.squeeze(0).permute(1, 0, 2).reshape(total, -1)  # [t, heads * d]

@@ -37,7 +37,7 @@ def vision_layer_parameters(v: VisionConfig) -> int:
 
 
 def vision_embedding_parameters(v: VisionConfig) -> int:
-    patch = _linear(3 * v.patch_size ** 2, v.hidden_size, True)
+    patch = _linear(3 * v.patch_size**2, v.hidden_size, True)
     return patch + v.hidden_size + (v.num_patches + 1) * v.hidden_size  # + CLS + positions
 
 
@@ -52,7 +52,7 @@ def language_parameters(lang: LanguageConfig) -> int:
 
 
 def projector_parameters(model: ModelConfig) -> int:
-    width = model.vision.hidden_size * model.projector.merge_factor ** 2
+    width = model.vision.hidden_size * model.projector.merge_factor**2
     h = model.language.hidden_size
     return 2 * width + _linear(width, h, True) + _linear(h, h, True)
 

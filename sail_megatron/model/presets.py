@@ -18,8 +18,10 @@ def main(argv=None) -> None:
     print(header)
     for name in args.names:
         c = count_parameters(get_preset(name))
-        print(f"{name:<12}{c.vision_built:>16,}{c.vision_checkpoint:>16,}{c.projector:>14,}{c.language:>16,}"
-              f"{c.total_built:>16,}{c.total_checkpoint:>16,}")
+        print(
+            f"{name:<12}{c.vision_built:>16,}{c.vision_checkpoint:>16,}{c.projector:>14,}{c.language:>16,}"
+            f"{c.total_built:>16,}{c.total_checkpoint:>16,}"
+        )
     print("vision built: layers up to select_layer; ckpt: all layers, as the released checkpoint stores them")
 
 

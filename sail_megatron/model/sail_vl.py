@@ -32,8 +32,9 @@ def _whole_row_bounds(length: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([0, length], dtype=torch.int32, device=device)
 
 
-def merge_vision_embeddings(text: torch.Tensor, vision: torch.Tensor, input_ids: torch.Tensor,
-                            image_token_id: int) -> torch.Tensor:
+def merge_vision_embeddings(
+    text: torch.Tensor, vision: torch.Tensor, input_ids: torch.Tensor, image_token_id: int
+) -> torch.Tensor:
     """Write vision tokens into the `<IMG_CONTEXT>` slots of the text embeddings.
 
     text [s, b, h]; vision [n, h] in (sample, position) order; input_ids [b, s] with n image tokens.
@@ -48,8 +49,10 @@ def merge_vision_embeddings(text: torch.Tensor, vision: torch.Tensor, input_ids:
     known = vision.shape[0] if input_ids.is_cuda else None
     _, slots = packed_metadata(input_ids.reshape(-1), whole, image_token_id, num_image_tokens=known)
     if slots.shape[0] != vision.shape[0]:
-        raise ValueError(f"the batch has {slots.shape[0]} <IMG_CONTEXT> tokens but the images give "
-                         f"{vision.shape[0]} vision tokens: tile count and token expansion disagree")
+        raise ValueError(
+            f"the batch has {slots.shape[0]} <IMG_CONTEXT> tokens but the images give "
+            f"{vision.shape[0]} vision tokens: tile count and token expansion disagree"
+        )
     merged = merge_vision(flat, vision, slots)
     return merged.view(b, s, -1).transpose(0, 1).contiguous()
 
@@ -57,8 +60,14 @@ def merge_vision_embeddings(text: torch.Tensor, vision: torch.Tensor, input_ids:
 class SailVLModel(MegatronModule):
     """One pipeline stage of a SAIL-VL model."""
 
-    def __init__(self, model: ModelConfig, configs: PartConfigs, specs: ModelSpecs,
-                 pre_process: bool = True, post_process: bool = True):
+    def __init__(
+        self,
+        model: ModelConfig,
+        configs: PartConfigs,
+        specs: ModelSpecs,
+        pre_process: bool = True,
+        post_process: bool = True,
+    ):
         super().__init__(config=configs.language)
         self.model_config = model
         self.model_type = ModelType.encoder_or_decoder  # read by the pipeline schedules
@@ -67,8 +76,10 @@ class SailVLModel(MegatronModule):
         self.sequence_parallel = configs.language.sequence_parallel
         if pre_process:
             self.vision_model = InternViTModel(configs.vision, specs.vision_layer, model.vision)
-            shuffled_width = model.vision.hidden_size * model.projector.merge_factor ** 2
-            self.projector = VisionProjector(configs.projector, specs.projector_norm, specs.projector_mlp, shuffled_width)
+            shuffled_width = model.vision.hidden_size * model.projector.merge_factor**2
+            self.projector = VisionProjector(
+                configs.projector, specs.projector_norm, specs.projector_mlp, shuffled_width
+            )
         lang = model.language
         self.language_model = GPTModel(
             config=configs.language,
@@ -94,8 +105,9 @@ class SailVLModel(MegatronModule):
         vision_trains = any(p.requires_grad for p in self.vision_model.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and vision_trains):
             features = self.vision_model(pixel_values)
-        shuffled = pixel_shuffle(features, self.model_config.projector.downsample_ratio,
-                                 self.model_config.projector.ps_version)
+        shuffled = pixel_shuffle(
+            features, self.model_config.projector.downsample_ratio, self.model_config.projector.ps_version
+        )
         return self.projector(shuffled).flatten(0, 1)
 
     def _blank_vision_term(self) -> torch.Tensor:
@@ -110,9 +122,15 @@ class SailVLModel(MegatronModule):
         blank = torch.zeros(1, 3, size, size, dtype=weight.dtype, device=weight.device)
         return self.encode_images(blank).sum() * 0.0
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, packed_seq_params: Optional[PackedSeqParams] = None):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        pixel_values: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ):
         """Returns per-token losses [b, s] on the last stage when `labels` is given, logits otherwise,
         and the hidden states for the next stage elsewhere."""
         decoder_input = None
@@ -125,12 +143,19 @@ class SailVLModel(MegatronModule):
                 vision, blank = None, self._blank_vision_term()
             embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
             if vision is not None:
-                embeddings = merge_vision_embeddings(embeddings, vision, input_ids,
-                                                     self.model_config.image_context_token_id)
+                embeddings = merge_vision_embeddings(
+                    embeddings, vision, input_ids, self.model_config.image_context_token_id
+                )
             else:
                 embeddings = embeddings + blank.to(embeddings.dtype)
             if self.sequence_parallel:
                 embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
             decoder_input = embeddings
-        return self.language_model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                                   decoder_input=decoder_input, labels=labels, packed_seq_params=packed_seq_params)
+        return self.language_model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            decoder_input=decoder_input,
+            labels=labels,
+            packed_seq_params=packed_seq_params,
+        )

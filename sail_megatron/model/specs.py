@@ -48,15 +48,16 @@ def _provider(backend: str) -> BackendSpecProvider:
 def _mlp(provider: BackendSpecProvider) -> MLPSubmodules:
     """fc1 with the pre-norm folded in where the backend can fuse it."""
     fc1 = provider.column_parallel_layer_norm_linear() if provider.fuse_layernorm_and_linear() else None
-    return MLPSubmodules(linear_fc1=fc1 or provider.column_parallel_linear(),
-                         linear_fc2=provider.row_parallel_linear())
+    return MLPSubmodules(linear_fc1=fc1 or provider.column_parallel_linear(), linear_fc2=provider.row_parallel_linear())
 
 
 # Checkpoint names of separate pre-norms under the names TE's fused LayerNorm+linear gives them, so a
 # checkpoint written with local layers (CPU, conversion) loads into TE layers and back (as megatron-core's
 # local GPT spec does for the language model).
-TE_NORM_KEYS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+TE_NORM_KEYS = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
 
 
 def vision_layer_spec(provider: BackendSpecProvider) -> ModuleSpec:

@@ -54,9 +54,12 @@ def _common(parallel: ParallelConfig, precision: PrecisionConfig, backends: Back
 def _fp8(precision: PrecisionConfig, enabled: bool) -> dict:
     if precision.fp8 is None or not enabled:
         return {}
-    return dict(fp8=precision.fp8, fp8_recipe=precision.fp8_recipe,
-                fp8_amax_history_len=precision.fp8_amax_history_len,
-                fp8_amax_compute_algo=precision.fp8_amax_compute_algo)
+    return dict(
+        fp8=precision.fp8,
+        fp8_recipe=precision.fp8_recipe,
+        fp8_amax_history_len=precision.fp8_amax_history_len,
+        fp8_amax_compute_algo=precision.fp8_amax_compute_algo,
+    )
 
 
 def _recompute_language(parallel: ParallelConfig) -> dict:
@@ -64,8 +67,11 @@ def _recompute_language(parallel: ParallelConfig) -> dict:
         return {}
     if parallel.recompute_granularity == "selective":
         return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
-    return dict(recompute_granularity="full", recompute_method=parallel.recompute_method,
-                recompute_num_layers=parallel.recompute_num_layers)
+    return dict(
+        recompute_granularity="full",
+        recompute_method=parallel.recompute_method,
+        recompute_num_layers=parallel.recompute_num_layers,
+    )
 
 
 def _recompute_vision(parallel: ParallelConfig) -> dict:
@@ -74,34 +80,62 @@ def _recompute_vision(parallel: ParallelConfig) -> dict:
     return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
 
 
-def build_part_configs(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
-                       backends: Backends) -> PartConfigs:
+def build_part_configs(
+    model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, backends: Backends
+) -> PartConfigs:
     common = _common(parallel, precision, backends)
     v, lang = model.vision, model.language
     # The ViT lives whole on stage 0. InternViT and `mlp1` use exact (erf) GELU; megatron's fused
     # bias-GELU is the tanh approximation, so the vision side never takes it.
     vision_common = {**common, "pipeline_model_parallel_size": 1, "bias_activation_fusion": False}
     vision = TransformerConfig(
-        num_layers=v.num_built_layers, hidden_size=v.hidden_size, num_attention_heads=v.num_attention_heads,
-        ffn_hidden_size=v.ffn_hidden_size, normalization="LayerNorm", layernorm_epsilon=v.layernorm_epsilon,
-        add_bias_linear=True, add_qkv_bias=True, gated_linear_unit=False, activation_func=F.gelu,
-        sequence_parallel=False, **vision_common, **_fp8(precision, precision.fp8_vision),
+        num_layers=v.num_built_layers,
+        hidden_size=v.hidden_size,
+        num_attention_heads=v.num_attention_heads,
+        ffn_hidden_size=v.ffn_hidden_size,
+        normalization="LayerNorm",
+        layernorm_epsilon=v.layernorm_epsilon,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        gated_linear_unit=False,
+        activation_func=F.gelu,
+        sequence_parallel=False,
+        **vision_common,
+        **_fp8(precision, precision.fp8_vision),
         **_recompute_vision(parallel),
     )
     projector = TransformerConfig(
         # The projector has no attention; megatron-core only asks that the head count divide by TP.
-        num_layers=1, hidden_size=lang.hidden_size, ffn_hidden_size=lang.hidden_size,
+        num_layers=1,
+        hidden_size=lang.hidden_size,
+        ffn_hidden_size=lang.hidden_size,
         num_attention_heads=parallel.tensor_model_parallel_size,
-        normalization="LayerNorm", layernorm_epsilon=model.projector.layernorm_epsilon,
-        add_bias_linear=True, gated_linear_unit=False, activation_func=F.gelu,
-        sequence_parallel=False, **vision_common, **_fp8(precision, precision.fp8_vision),
+        normalization="LayerNorm",
+        layernorm_epsilon=model.projector.layernorm_epsilon,
+        add_bias_linear=True,
+        gated_linear_unit=False,
+        activation_func=F.gelu,
+        sequence_parallel=False,
+        **vision_common,
+        **_fp8(precision, precision.fp8_vision),
     )
     language = TransformerConfig(
-        num_layers=lang.num_layers, hidden_size=lang.hidden_size, num_attention_heads=lang.num_attention_heads,
-        num_query_groups=lang.num_query_groups, ffn_hidden_size=lang.ffn_hidden_size, kv_channels=lang.kv_channels,
-        normalization="RMSNorm", layernorm_epsilon=lang.norm_epsilon,
-        add_bias_linear=False, add_qkv_bias=True, gated_linear_unit=True, activation_func=F.silu,
-        sequence_parallel=parallel.sequence_parallel, calculate_per_token_loss=True,
-        **common, **_fp8(precision, True), **_recompute_language(parallel),
+        num_layers=lang.num_layers,
+        hidden_size=lang.hidden_size,
+        num_attention_heads=lang.num_attention_heads,
+        num_query_groups=lang.num_query_groups,
+        ffn_hidden_size=lang.ffn_hidden_size,
+        kv_channels=lang.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=lang.norm_epsilon,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        sequence_parallel=parallel.sequence_parallel,
+        calculate_per_token_loss=True,
+        **common,
+        **_fp8(precision, True),
+        **_recompute_language(parallel),
     )
     return PartConfigs(vision=vision, projector=projector, language=language)

@@ -31,19 +31,23 @@ class InternViTModel(VisionModule):
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         factory = dict(dtype=config.params_dtype, device=device)
         hidden = vision.hidden_size
-        self.patch_embedding = torch.nn.Conv2d(3, hidden, kernel_size=vision.patch_size,
-                                               stride=vision.patch_size, bias=True, **factory)
+        self.patch_embedding = torch.nn.Conv2d(
+            3, hidden, kernel_size=vision.patch_size, stride=vision.patch_size, bias=True, **factory
+        )
         self.class_embedding = torch.nn.Parameter(torch.empty(1, 1, hidden, **factory))
         self.position_embedding = torch.nn.Parameter(torch.empty(1, vision.num_patches + 1, hidden, **factory))
         if config.perform_initialization:
             config.init_method(self.class_embedding)
             config.init_method(self.position_embedding)
-        layer_spec = dataclasses.replace(layer_spec, params={
-            **layer_spec.params,
-            "drop_path_rate": vision.drop_path_rate,
-            "drop_path_depth": vision.num_layers,
-            "layer_scale_init": vision.layer_scale_init,
-        })
+        layer_spec = dataclasses.replace(
+            layer_spec,
+            params={
+                **layer_spec.params,
+                "drop_path_rate": vision.drop_path_rate,
+                "drop_path_depth": vision.num_layers,
+                "layer_scale_init": vision.layer_scale_init,
+            },
+        )
         # All built layers live on this stage: the vision config says pipeline size 1.
         self.decoder = TransformerBlock(config=config, spec=layer_spec, pre_process=True, post_process=False)
         self.tile_multiple = fp8_tile_multiple(config, vision.num_patches + 1)

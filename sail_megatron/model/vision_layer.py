@@ -25,13 +25,18 @@ class LayerScaleTransformerLayer(TransformerLayer):
     the released encoder (`drop_path_depth` layers, built or not), as in InternViT.
     """
 
-    def __init__(self, *args, drop_path_rate: float = 0.0, drop_path_depth: int = 1,
-                 layer_scale_init: float = 0.1, **kwargs):
+    def __init__(
+        self, *args, drop_path_rate: float = 0.0, drop_path_depth: int = 1, layer_scale_init: float = 0.1, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         device = "cpu" if self.config.use_cpu_initialization else torch.cuda.current_device()
         hidden = self.config.hidden_size
-        self.ls1 = torch.nn.Parameter(torch.full((hidden,), layer_scale_init, dtype=self.config.params_dtype, device=device))
-        self.ls2 = torch.nn.Parameter(torch.full((hidden,), layer_scale_init, dtype=self.config.params_dtype, device=device))
+        self.ls1 = torch.nn.Parameter(
+            torch.full((hidden,), layer_scale_init, dtype=self.config.params_dtype, device=device)
+        )
+        self.ls2 = torch.nn.Parameter(
+            torch.full((hidden,), layer_scale_init, dtype=self.config.params_dtype, device=device)
+        )
         self.drop_path_rate = drop_path_rate * (self.layer_number - 1) / max(drop_path_depth - 1, 1)
         self.self_attn_bda = self._scaled_residual_add("ls1")
         self.mlp_bda = self._scaled_residual_add("ls2")

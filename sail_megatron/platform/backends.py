@@ -34,9 +34,11 @@ class Backends:
         return "te" if self.cuda and self.transformer_engine else "local"
 
     def describe(self) -> str:
-        return (f"device={'cuda' if self.cuda else 'cpu'} layers={self.layer_backend} "
-                f"transformer_engine={'yes' if self.transformer_engine else 'no'} "
-                f"apex={'yes' if self.apex else 'no'}")
+        return (
+            f"device={'cuda' if self.cuda else 'cpu'} layers={self.layer_backend} "
+            f"transformer_engine={'yes' if self.transformer_engine else 'no'} "
+            f"apex={'yes' if self.apex else 'no'}"
+        )
 
 
 def te_version_problem(version: Optional[str]) -> Optional[str]:
@@ -50,8 +52,10 @@ def te_version_problem(version: Optional[str]) -> Optional[str]:
         return f"transformer-engine version {version!r} cannot be compared with {TE_VERSION_RANGE}"
     if fits:
         return None
-    return (f"transformer-engine {version} is outside {TE_VERSION_RANGE}, the range megatron-core 0.16 is "
-            f"built for; install 'transformer-engine[pytorch]{TE_VERSION_RANGE}' (pip install 'sail-megatron[te]')")
+    return (
+        f"transformer-engine {version} is outside {TE_VERSION_RANGE}, the range megatron-core 0.16 is "
+        f"built for; install 'transformer-engine[pytorch]{TE_VERSION_RANGE}' (pip install 'sail-megatron[te]')"
+    )
 
 
 def _importable(name: str) -> bool:
@@ -75,9 +79,13 @@ def detect_backends() -> Backends:
     apex = _importable("apex") and _importable("amp_C")
     cuda = torch.cuda.is_available()
     te = _importable("transformer_engine")
-    return Backends(cuda=cuda, transformer_engine=te, apex=apex,
-                    cuda_capability=tuple(torch.cuda.get_device_capability()) if cuda else None,
-                    transformer_engine_version=_distribution_version("transformer-engine") if te else None)
+    return Backends(
+        cuda=cuda,
+        transformer_engine=te,
+        apex=apex,
+        cuda_capability=tuple(torch.cuda.get_device_capability()) if cuda else None,
+        transformer_engine_version=_distribution_version("transformer-engine") if te else None,
+    )
 
 
 _logged = False

@@ -34,8 +34,11 @@ def _is_cuda(device) -> bool:
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA device arguments to the CPU for every torch call on this thread."""
 
-    _TYPE_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.float16: "torch.cuda.HalfTensor",
-                   torch.bfloat16: "torch.cuda.BFloat16Tensor"}
+    _TYPE_NAMES = {
+        torch.float32: "torch.cuda.FloatTensor",
+        torch.float16: "torch.cuda.HalfTensor",
+        torch.bfloat16: "torch.cuda.BFloat16Tensor",
+    }
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -55,6 +58,7 @@ class _CudaToCpuMode(TorchFunctionMode):
 def _own_noop(name: str):
     """A distinct no-op per patched function: torch.compile's rule table maps functions by identity and
     refuses one object standing for several torch.cuda functions (seen when transformers runs after this)."""
+
     def noop(*args, **kwargs):
         return None
 

@@ -45,8 +45,9 @@ def _quiet_megatron_deprecations() -> None:
     """megatron-core 0.16 calls torch.distributed functions that torch 2.13 deprecates; every rank would
     print that on each bucket's first collective, and nothing a user does can change it."""
     for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
-        warnings.filterwarnings("ignore", message=rf"`torch\.distributed\.{name}` is deprecated",
-                                category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message=rf"`torch\.distributed\.{name}` is deprecated", category=FutureWarning
+        )
 
 
 def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 10) -> DistEnv:
@@ -68,9 +69,13 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     if not dist.is_initialized():
-        dist.init_process_group(backend=env.backend, rank=env.rank, world_size=env.world_size,
-                                timeout=datetime.timedelta(minutes=timeout_minutes),
-                                device_id=env.device if env.backend == "nccl" else None)
+        dist.init_process_group(
+            backend=env.backend,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=env.device if env.backend == "nccl" else None,
+        )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,

@@ -68,6 +68,7 @@ class Patches:
 
 # ------------------------------------------------------------------------------------------------ CPU
 
+
 def _cpu_patches() -> List[Patch]:
     from megatron.core.fusions import fused_softmax
     from megatron.core.tensor_parallel import random as mpu_random
@@ -91,6 +92,7 @@ megatron_on_cpu = Patches(_cpu_patches)
 
 
 # ----------------------------------------------------------------------------------------- torch Adam
+
 
 def _torch_adam_patches() -> List[Patch]:
     from megatron.core.optimizer import distrib_optimizer

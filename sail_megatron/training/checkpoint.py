@@ -58,8 +58,9 @@ def _materialize_adam_state(optimizer) -> None:
         for group in inner.param_groups:
             for p in group["params"]:
                 if not inner.state[p]:
-                    inner.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
-                                          exp_avg_sq=torch.zeros_like(p))
+                    inner.state[p].update(
+                        step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p)
+                    )
 
 
 def _gather_current_weights(chunks: List[torch.nn.Module]) -> None:
@@ -84,9 +85,16 @@ def _sharded_state(chunks, optimizer, is_loading: bool) -> Dict[str, Any]:
 
 
 @torch_adam_checkpoint_fix()
-def save_checkpoint(save_dir, iteration: int, chunks: List[torch.nn.Module], optimizer=None, scheduler=None,
-                    common: Optional[Dict[str, Any]] = None, rank_state: Optional[Dict[str, Any]] = None,
-                    keep_last: int = 3) -> Path:
+def save_checkpoint(
+    save_dir,
+    iteration: int,
+    chunks: List[torch.nn.Module],
+    optimizer=None,
+    scheduler=None,
+    common: Optional[Dict[str, Any]] = None,
+    rank_state: Optional[Dict[str, Any]] = None,
+    keep_last: int = 3,
+) -> Path:
     """Collective: every rank calls it. `common` is small run state (same on all ranks, e.g. consumed
     samples); `rank_state` is per rank (RNG, loader state)."""
     save_dir = Path(save_dir)
@@ -140,8 +148,7 @@ def load_checkpoint(path, chunks: List[torch.nn.Module], optimizer=None, schedul
     rank = state.get("rank_state") if same_world else None
     if rank is None:
         logger.warning("checkpoint %s was written by another world size: RNG and loader state start fresh", directory)
-    return {"iteration": common["iteration"], "common": common.get("common", {}), "rank_state": rank,
-            "path": directory}
+    return {"iteration": common["iteration"], "common": common.get("common", {}), "rank_state": rank, "path": directory}
 
 
 def rng_state() -> Dict[str, Any]:

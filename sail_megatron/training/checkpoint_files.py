@@ -67,10 +67,16 @@ def resolve_checkpoint_folder(path) -> Path:
         return path
     iters = _iter_folders(path)
     if iters:
-        raise CheckpointError(path, [f"has no `{LATEST}` pointer, only the folders {_names(iters)}"],
-                              f"pass the iter_* folder to use, or write its name into {pointer}")
-    raise CheckpointError(path, [f"holds no checkpoint (no `{LATEST}` pointer and no {METADATA_JSON}, {COMMON} "
-                                 f"or {DCP_METADATA})"], "pass a run folder or one of its iter_* folders")
+        raise CheckpointError(
+            path,
+            [f"has no `{LATEST}` pointer, only the folders {_names(iters)}"],
+            f"pass the iter_* folder to use, or write its name into {pointer}",
+        )
+    raise CheckpointError(
+        path,
+        [f"holds no checkpoint (no `{LATEST}` pointer and no {METADATA_JSON}, {COMMON} or {DCP_METADATA})"],
+        "pass a run folder or one of its iter_* folders",
+    )
 
 
 @contextmanager
@@ -90,8 +96,15 @@ def checkpoint_read_errors(folder) -> Iterator[None]:
         raise
     except dist.DistError:
         raise
-    except (CheckpointingException, CheckpointException, EOFError, OSError, pickle.UnpicklingError,
-            zipfile.BadZipFile, RuntimeError) as e:
+    except (
+        CheckpointingException,
+        CheckpointException,
+        EOFError,
+        OSError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        RuntimeError,
+    ) as e:
         cause = _first_failure(e)
         raise CheckpointError(folder, [f"loading failed: {_describe(cause)}"], _read_fix(cause)) from e
 
@@ -108,8 +121,10 @@ def _first_failure(e: BaseException) -> BaseException:
 
 def _read_fix(e: BaseException) -> str:
     if "shape mismatch" in str(e):  # megatron's words for a checkpoint of another model
-        return ("the checkpoint holds another model than the one being loaded: check the model config "
-                "(for a run folder, its config.yaml) against the checkpoint")
+        return (
+            "the checkpoint holds another model than the one being loaded: check the model config "
+            "(for a run folder, its config.yaml) against the checkpoint"
+        )
     return _FIX
 
 
@@ -136,8 +151,9 @@ def _follow_pointer(run: Path, pointer: Path) -> Path:
         raise CheckpointError(run, [f"`{LATEST}` is empty{_choices(run)}"], fix)
     if not _POINTER.fullmatch(name):
         shown = name if len(name) <= 60 else name[:57] + "..."
-        raise CheckpointError(run, [f"`{LATEST}` does not name an iter_* folder: it holds {shown!r}{_choices(run)}"],
-                              fix)
+        raise CheckpointError(
+            run, [f"`{LATEST}` does not name an iter_* folder: it holds {shown!r}{_choices(run)}"], fix
+        )
     folder = run / name
     if not folder.is_dir():
         raise CheckpointError(run, [f"`{LATEST}` names {name}, which does not exist{_choices(run)}"], fix)

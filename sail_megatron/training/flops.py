@@ -48,6 +48,7 @@ def training_multipliers(trains: Sequence[bool]) -> Trains:
 
 # --- forward FLOPs per part -------------------------------------------------------------------------
 
+
 def vit_tokens_per_tile(v: VisionConfig) -> int:
     """Patches plus the CLS token."""
     return v.num_patches + 1
@@ -58,13 +59,13 @@ def vit_forward_flops_per_tile(v: VisionConfig) -> int:
     h, t = v.hidden_size, vit_tokens_per_tile(v)
     linear = 2 * t * (4 * h * h + 2 * h * v.ffn_hidden_size)  # qkv 3h^2 + proj h^2; fc1 + fc2
     attention = 4 * t * t * h  # QK^T and AV, bidirectional
-    patch_embed = 2 * v.num_patches * (3 * v.patch_size ** 2 * h)  # the CLS token is not convolved
+    patch_embed = 2 * v.num_patches * (3 * v.patch_size**2 * h)  # the CLS token is not convolved
     return v.num_built_layers * (linear + attention) + patch_embed
 
 
 def projector_forward_flops_per_tile(model: ModelConfig) -> int:
     """Linear(h_vit * k^2 -> H) -> Linear(H -> H) over one tile's pixel-shuffled tokens."""
-    width_in = model.vision.hidden_size * model.projector.merge_factor ** 2
+    width_in = model.vision.hidden_size * model.projector.merge_factor**2
     h = model.language.hidden_size
     return 2 * model.tokens_per_tile * (width_in * h + h * h)
 
@@ -84,6 +85,7 @@ def llm_attention_forward_flops(lang: LanguageConfig, sample_lengths: Sequence[i
 
 
 # --- per micro-batch ---------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class FlopBreakdown:
@@ -110,16 +112,24 @@ class FlopBreakdown:
 
     @property
     def forward_total(self) -> int:
-        return (self.vision_forward + self.projector_forward + self.language_linear_forward
-                + self.language_attention_forward)
+        return (
+            self.vision_forward
+            + self.projector_forward
+            + self.language_linear_forward
+            + self.language_attention_forward
+        )
 
     def __add__(self, other: "FlopBreakdown") -> "FlopBreakdown":
         return FlopBreakdown(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
 
-def training_flops(model: ModelConfig, sample_lengths: Sequence[int], num_tiles: int,
-                   trains: Union[Trains, Sequence[bool], FreezeConfig],
-                   tensor_parallel_size: int = 1) -> FlopBreakdown:
+def training_flops(
+    model: ModelConfig,
+    sample_lengths: Sequence[int],
+    num_tiles: int,
+    trains: Union[Trains, Sequence[bool], FreezeConfig],
+    tensor_parallel_size: int = 1,
+) -> FlopBreakdown:
     """Model FLOPs of one micro-batch of the whole model (all TP/PP ranks together).
 
     sample_lengths: real token count of each packed sample (image tokens included, padding excluded).
@@ -138,9 +148,16 @@ def training_flops(model: ModelConfig, sample_lengths: Sequence[int], num_tiles:
     proj = num_tiles * projector_forward_flops_per_tile(model)
     lin = sum(sample_lengths) * llm_linear_forward_flops_per_token(model.language, tensor_parallel_size)
     att = llm_attention_forward_flops(model.language, sample_lengths)
-    return FlopBreakdown(vision=m.vision * vis, projector=m.projector * proj, language_linear=m.language * lin,
-                         language_attention=m.language * att, vision_forward=vis, projector_forward=proj,
-                         language_linear_forward=lin, language_attention_forward=att)
+    return FlopBreakdown(
+        vision=m.vision * vis,
+        projector=m.projector * proj,
+        language_linear=m.language * lin,
+        language_attention=m.language * att,
+        vision_forward=vis,
+        projector_forward=proj,
+        language_linear_forward=lin,
+        language_attention_forward=att,
+    )
 
 
 # --- peak throughput and MFU ---------------------------------------------------------------------------

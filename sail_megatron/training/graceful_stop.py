@@ -40,8 +40,10 @@ class GracefulStop:
         if signum == signal.SIGINT:
             if self.received == "SIGINT":
                 raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait for the save
-            print("interrupted: saving a checkpoint at the end of this step (Ctrl-C again aborts without saving)",
-                  flush=True)
+            print(
+                "interrupted: saving a checkpoint at the end of this step (Ctrl-C again aborts without saving)",
+                flush=True,
+            )
         self.received = signal.Signals(signum).name
 
     def agreed(self) -> bool:

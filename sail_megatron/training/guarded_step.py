@@ -51,8 +51,12 @@ def _clip(optimizer: MegatronOptimizer, grad_norm: float) -> None:
             continue
         params = part.get_parameters()
         if params:
-            clip_grad_by_total_norm_fp32(params, max_norm=part.config.clip_grad, total_norm=grad_norm,
-                                         use_decoupled_grad=part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+            clip_grad_by_total_norm_fp32(
+                params,
+                max_norm=part.config.clip_grad,
+                total_norm=grad_norm,
+                use_decoupled_grad=part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+            )
 
 
 @torch.no_grad()
@@ -60,8 +64,13 @@ def guarded_step(optimizer: MegatronOptimizer, loss_finite: bool) -> StepOutcome
     """Collective (every rank of the model calls it). `loss_finite` must be the same on every rank."""
     # Copies grads to the main grads; with fp16 also unscales, checks for overflow and updates the scale.
     if optimizer.prepare_grads():
-        return StepOutcome(updated=False, grad_norm=float("nan"), overflow=True,
-                           nonfinite=_scale_at_minimum(optimizer), loss_scale=loss_scale(optimizer))
+        return StepOutcome(
+            updated=False,
+            grad_norm=float("nan"),
+            overflow=True,
+            nonfinite=_scale_at_minimum(optimizer),
+            loss_scale=loss_scale(optimizer),
+        )
     grad_norm = float(optimizer.get_grad_norm())
     if not (loss_finite and math.isfinite(grad_norm)):
         return StepOutcome(updated=False, grad_norm=grad_norm, nonfinite=True, loss_scale=loss_scale(optimizer))

@@ -21,14 +21,27 @@ def build_loader(cfg, tokenizer, device, state=None):
     from sail_megatron.data.loader import build_train_loader
 
     model, tile = cfg.model, cfg.model.vision.image_size
-    loader = build_train_loader(cfg.data, tokenizer, tile, model.tokens_per_tile,
-                                parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
-                                seed=cfg.run.seed, state=state)
+    loader = build_train_loader(
+        cfg.data,
+        tokenizer,
+        tile,
+        model.tokens_per_tile,
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(),
+        seed=cfg.run.seed,
+        state=state,
+    )
     # Every stage reads the same micro-batches (the schedules call next() on each), but only the first
     # runs the vision encoder: later stages skip decoding and the copy of the tiles to the device.
     decoder = build_tile_decoder(cfg.data.decoder, device, max_pixels=cfg.data.max_pixels)
-    materialize = BatchMaterializer(decoder, tile, device, model.tokens_per_tile, tokenizer.ids.img_context,
-                                    decode_images=parallel_state.is_pipeline_first_stage(ignore_virtual=True))
+    materialize = BatchMaterializer(
+        decoder,
+        tile,
+        device,
+        model.tokens_per_tile,
+        tokenizer.ids.img_context,
+        decode_images=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+    )
     return loader, materialize
 
 
@@ -57,8 +70,13 @@ class DataTally:
 class MeteredData:
     """Iterates Batches from a source of (Batch, sample lengths), tallying as it goes."""
 
-    def __init__(self, source: Iterable[Measured], model: ModelConfig, trains: Tuple[bool, bool, bool],
-                 tensor_parallel_size: int = 1):
+    def __init__(
+        self,
+        source: Iterable[Measured],
+        model: ModelConfig,
+        trains: Tuple[bool, bool, bool],
+        tensor_parallel_size: int = 1,
+    ):
         self._source: Iterator[Measured] = iter(source)
         self._model, self._trains, self._tp = model, trains, tensor_parallel_size
         self.tally = DataTally()

@@ -78,8 +78,15 @@ class _Interval:
 class TrainingMonitor:
     """Collective `end_step` on every rank; prints and writes only on the main rank."""
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, log_interval: int,
-                 peak_flops: Union[PeakFlops, float, None], tensorboard: bool = True):
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        start_step: int,
+        log_interval: int,
+        peak_flops: Union[PeakFlops, float, None],
+        tensorboard: bool = True,
+    ):
         """peak_flops: device_peak_flops(...); a bare number is taken as the 16-bit peak."""
         self.env = read_dist_env()
         self.run_dir, self.total_steps, self.log_interval = Path(run_dir), total_steps, log_interval
@@ -98,8 +105,9 @@ class TrainingMonitor:
             self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=start_step + 1)
         self._jsonl = open(self.run_dir / METRICS_FILE, "a") if self.env.is_main else None
 
-    def end_step(self, step: int, result, step_time_s: float, tally: DataTally, lrs: Dict[str, float],
-                 skipped_samples: Counter) -> None:
+    def end_step(
+        self, step: int, result, step_time_s: float, tally: DataTally, lrs: Dict[str, float], skipped_samples: Counter
+    ) -> None:
         """Account one finished step (1-based `step`); logs when the interval is complete."""
         iv = self.interval
         iv.steps += 1
@@ -166,24 +174,33 @@ class TrainingMonitor:
     def _console(self, r: Dict, skipped: Counter) -> None:
         mfu = _mfu_text(r["mfu"], r["mfu_fp8"])
         skipped_text = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "0"
-        print(f"step {r['step']:6d}/{self.total_steps} | loss {r['loss']:.4f} | grad norm {r['grad_norm']:.3f} "
-              f"| lr {r['lr']:.2e} | {1000 * r['step_time_s']:.0f} ms/step | {r['tokens_per_s']:,.0f} tok/s "
-              f"| {r['tflops_per_s']:.3g} TFLOP/s/dev{mfu} | pack {100 * (r['packing_utilization'] or 0):.0f}% "
-              f"| data wait {100 * r['data_wait_frac']:.0f}% | mem {r['memory_gib']:.2f} GiB "
-              f"| nonfinite {r['nonfinite_steps']}{_loss_scale_text(r)} | skipped samples {skipped_text} "
-              f"| ETA {_format_eta(r['eta_s'])}",
-              flush=True)
+        print(
+            f"step {r['step']:6d}/{self.total_steps} | loss {r['loss']:.4f} | grad norm {r['grad_norm']:.3f} "
+            f"| lr {r['lr']:.2e} | {1000 * r['step_time_s']:.0f} ms/step | {r['tokens_per_s']:,.0f} tok/s "
+            f"| {r['tflops_per_s']:.3g} TFLOP/s/dev{mfu} | pack {100 * (r['packing_utilization'] or 0):.0f}% "
+            f"| data wait {100 * r['data_wait_frac']:.0f}% | mem {r['memory_gib']:.2f} GiB "
+            f"| nonfinite {r['nonfinite_steps']}{_loss_scale_text(r)} | skipped samples {skipped_text} "
+            f"| ETA {_format_eta(r['eta_s'])}",
+            flush=True,
+        )
 
     def _tensorboard(self, r: Dict) -> None:
         step = r["step"]
         scalars = {
-            "loss/train": r["loss"], "optim/grad_norm": r["grad_norm"],
-            "throughput/tokens_per_s": r["tokens_per_s"], "throughput/tokens_per_s_per_device": r["tokens_per_s_per_device"],
-            "throughput/samples_per_s": r["samples_per_s"], "throughput/tflops_per_s_per_device": r["tflops_per_s"],
-            "throughput/step_time_s": r["step_time_s"], "data/packing_utilization": r["packing_utilization"],
-            "data/wait_fraction": r["data_wait_frac"], "data/skipped_samples": r["skipped_samples"],
-            "faults/nonfinite_steps": r["nonfinite_steps"], "memory/peak_gib": r["memory_gib"],
-            "faults/overflow_steps": r["overflow_steps"], "optim/loss_scale": r["loss_scale"],
+            "loss/train": r["loss"],
+            "optim/grad_norm": r["grad_norm"],
+            "throughput/tokens_per_s": r["tokens_per_s"],
+            "throughput/tokens_per_s_per_device": r["tokens_per_s_per_device"],
+            "throughput/samples_per_s": r["samples_per_s"],
+            "throughput/tflops_per_s_per_device": r["tflops_per_s"],
+            "throughput/step_time_s": r["step_time_s"],
+            "data/packing_utilization": r["packing_utilization"],
+            "data/wait_fraction": r["data_wait_frac"],
+            "data/skipped_samples": r["skipped_samples"],
+            "faults/nonfinite_steps": r["nonfinite_steps"],
+            "memory/peak_gib": r["memory_gib"],
+            "faults/overflow_steps": r["overflow_steps"],
+            "optim/loss_scale": r["loss_scale"],
         }
         scalars["throughput/mfu"], scalars["throughput/mfu_fp8"] = r["mfu"], r["mfu_fp8"]  # None: not written
         for key, value in r.items():

@@ -27,27 +27,47 @@ def wrap_ddp(model: torch.nn.Module, parallel: ParallelConfig) -> DistributedDat
 def param_group_overrides(optim: OptimConfig) -> Dict[ParamKey, dict]:
     """No weight decay on biases and 1-D weights (megatron's standard rule, restated because passing
     overrides replaces it), and each part with its own lr gets its own max/min lr."""
-    overrides = {ParamKey(name="*.bias", predicate=ParamPredicate(name="param_len_1", fn=lambda p: p.dim() == 1)):
-                 {"wd_mult": 0.0}}
+    overrides = {
+        ParamKey(name="*.bias", predicate=ParamPredicate(name="param_len_1", fn=lambda p: p.dim() == 1)): {
+            "wd_mult": 0.0
+        }
+    }
     for part, lr in optim.part_lrs().items():
         if lr != optim.lr:
             # lr_mult is not applied by megatron-core's scheduler (max_lr/min_lr are); it is set because the
             # distributed optimizer tells param groups apart on load by (wd_mult, lr_mult, ...) alone, and
             # groups differing only in max_lr would get each other's lrs after a resume.
             overrides[ParamKey(name=f"*{PART_MODULES[part]}.*")] = {
-                "max_lr": lr, "min_lr": optim.min_lr * lr / optim.lr, "lr_mult": lr / optim.lr}
+                "max_lr": lr,
+                "min_lr": optim.min_lr * lr / optim.lr,
+                "lr_mult": lr / optim.lr,
+            }
     return overrides
 
 
-def build_optimizer(model_chunks: List[DistributedDataParallel], optim: OptimConfig, parallel: ParallelConfig,
-                    precision: PrecisionConfig) -> MegatronOptimizer:
+def build_optimizer(
+    model_chunks: List[DistributedDataParallel],
+    optim: OptimConfig,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+) -> MegatronOptimizer:
     config = OptimizerConfig(
-        optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
-        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
-        clip_grad=optim.clip_grad, bf16=precision.dtype == "bf16", fp16=precision.dtype == "fp16",
-        params_dtype=precision.torch_dtype, use_distributed_optimizer=parallel.use_distributed_optimizer,
-        initial_loss_scale=optim.initial_loss_scale, min_loss_scale=optim.min_loss_scale,
-        loss_scale_window=optim.loss_scale_window, hysteresis=optim.loss_scale_hysteresis,
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad,
+        bf16=precision.dtype == "bf16",
+        fp16=precision.dtype == "fp16",
+        params_dtype=precision.torch_dtype,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+        initial_loss_scale=optim.initial_loss_scale,
+        min_loss_scale=optim.min_loss_scale,
+        loss_scale_window=optim.loss_scale_window,
+        hysteresis=optim.loss_scale_hysteresis,
     )
     optimizer = get_megatron_optimizer(config, model_chunks, config_overrides=param_group_overrides(optim))
     # The pipeline schedules finish gradients (DP reduce, tied embeddings, per-token scaling) through this.
@@ -67,19 +87,28 @@ def build_scheduler(optimizer: MegatronOptimizer, optim: OptimConfig) -> Optimiz
     """megatron-core's scheduler: it reads each param group's max_lr/min_lr, so per-part lrs follow the
     same curve shape."""
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr,
-        lr_warmup_steps=optim.warmup_steps, lr_decay_steps=optim.decay_steps,
+        optimizer,
+        init_lr=0.0,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_steps,
+        lr_decay_steps=optim.decay_steps,
         lr_decay_style=_DECAY_STYLE[optim.schedule],
         wsd_decay_steps=optim.wsd_decay_steps if optim.schedule == "wsd" else None,
         lr_wsd_decay_style=optim.wsd_decay_style if optim.schedule == "wsd" else None,
-        start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=1, wd_incr_style="constant",
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=1,
+        wd_incr_style="constant",
     )
 
 
 def part_learning_rates(scheduler: OptimizerParamScheduler, optim: OptimConfig) -> Dict[str, float]:
     """The current lr of each model part (for logging; frozen parts included: they would get this)."""
-    return {part: scheduler.get_lr({"max_lr": lr, "min_lr": optim.min_lr * lr / optim.lr})
-            for part, lr in optim.part_lrs().items()}
+    return {
+        part: scheduler.get_lr({"max_lr": lr, "min_lr": optim.min_lr * lr / optim.lr})
+        for part, lr in optim.part_lrs().items()
+    }
 
 
 def setup_training(model: torch.nn.Module, optim: OptimConfig, parallel: ParallelConfig, precision: PrecisionConfig):

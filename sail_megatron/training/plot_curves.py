@@ -1,6 +1,6 @@
 """A PNG of a run's loss, throughput and learning-rate curves from its `metrics.jsonl`.
 
-    python -m sail_megatron.training.plot_curves RUN_DIR [--out PNG]
+python -m sail_megatron.training.plot_curves RUN_DIR [--out PNG]
 """
 
 import argparse
@@ -71,13 +71,14 @@ def _smooth(values: Sequence[float], weight: float = 0.9) -> List[float]:
     out, avg = [], 0.0
     for i, v in enumerate(values, start=1):
         avg = weight * avg + (1 - weight) * v
-        out.append(avg / (1 - weight ** i))
+        out.append(avg / (1 - weight**i))
     return out
 
 
 def plot_curves(run_dir_or_metrics_path: Union[str, Path], out_png: Optional[Union[str, Path]] = None) -> Path:
     """Draw loss (raw + smoothed), tokens/s (with TFLOP/s or MFU on a twin axis) and lr against step."""
     import matplotlib
+
     matplotlib.use("Agg")  # headless: no display on cluster nodes
     import matplotlib.pyplot as plt
 

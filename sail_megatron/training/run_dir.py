@@ -47,7 +47,7 @@ def checkpoints_to_prune(save_dir: Path, newest: Path, keep_last: int) -> List[P
     """What `keep_last` removes after `newest` was written: only complete checkpoints older than it (a
     run resumes from the newest, so those are its own); never anything newer, in progress or renamed."""
     older = [p for p in complete_checkpoints(save_dir) if p.name < newest.name]
-    return older[:max(len(older) - (keep_last - 1), 0)]
+    return older[: max(len(older) - (keep_last - 1), 0)]
 
 
 def checkpoint_to_resume(save_dir: Path) -> Optional[Path]:
@@ -60,8 +60,13 @@ def checkpoint_to_resume(save_dir: Path) -> Optional[Path]:
     pointer = save_dir / LATEST
     named = pointer.read_text().strip() if pointer.is_file() else None
     if named != newest.name:
-        logger.warning("%s: resuming from the newest complete checkpoint %s (the '%s' pointer %s)", save_dir,
-                       newest.name, LATEST, f"names {named!r}" if named else "is missing")
+        logger.warning(
+            "%s: resuming from the newest complete checkpoint %s (the '%s' pointer %s)",
+            save_dir,
+            newest.name,
+            LATEST,
+            f"names {named!r}" if named else "is missing",
+        )
     return newest
 
 
@@ -76,13 +81,15 @@ def _differences(saved: Dict[str, Any], current: Dict[str, Any], prefix: str = "
     return out
 
 
-def another_model_error(field: str, checkpoint: Path, saved_model: Optional[Dict[str, Any]], model_config,
-                        fix: str) -> ConfigError:
+def another_model_error(
+    field: str, checkpoint: Path, saved_model: Optional[Dict[str, Any]], model_config, fix: str
+) -> ConfigError:
     """The error for a checkpoint whose tensors do not fit this model, naming the config fields that differ."""
     diffs = _differences(saved_model or {}, dataclasses.asdict(model_config))
     shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
-    return ConfigError(field, f"{checkpoint} holds a checkpoint of another model ({shown or 'its tensor shapes differ'})",
-                       fix)
+    return ConfigError(
+        field, f"{checkpoint} holds a checkpoint of another model ({shown or 'its tensor shapes differ'})", fix
+    )
 
 
 def check_writable(save_dir: Path) -> None:
@@ -93,8 +100,9 @@ def check_writable(save_dir: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise ConfigError("run.save_dir", f"cannot write to {save_dir}: {e.strerror or e}",
-                          "choose a folder this user can write to") from None
+        raise ConfigError(
+            "run.save_dir", f"cannot write to {save_dir}: {e.strerror or e}", "choose a folder this user can write to"
+        ) from None
 
 
 class RunLock:
@@ -113,8 +121,11 @@ class RunLock:
                 f.seek(0)
                 holder = f.read().strip() or "another process"
                 f.close()
-                raise ConfigError("run.save_dir", f"another training is using {self.path.parent} ({holder})",
-                                  "wait for it to finish, stop it, or use another run.save_dir") from None
+                raise ConfigError(
+                    "run.save_dir",
+                    f"another training is using {self.path.parent} ({holder})",
+                    "wait for it to finish, stop it, or use another run.save_dir",
+                ) from None
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
             self._check_lock_file_without_flock(f)
@@ -134,9 +145,12 @@ class RunLock:
             alive = host != socket.gethostname() or _pid_alive(pid)
             if alive and pid != os.getpid():
                 f.close()
-                raise ConfigError("run.save_dir", f"another training may be using {self.path.parent} "
-                                  f"(pid {pid} on {host}; this filesystem has no locks to tell)",
-                                  f"if that run is gone, delete {self.path}")
+                raise ConfigError(
+                    "run.save_dir",
+                    f"another training may be using {self.path.parent} "
+                    f"(pid {pid} on {host}; this filesystem has no locks to tell)",
+                    f"if that run is gone, delete {self.path}",
+                )
 
     def release(self) -> None:
         if self._file is not None:
@@ -165,5 +179,7 @@ def describe_save_failure(save_dir: Path, step: int, error: BaseException) -> st
     cause = "the disk is full" if full else str(error).strip().splitlines()[0][:300]
     pointer = save_dir / LATEST
     kept = pointer.read_text().strip() if pointer.is_file() else "none"
-    return (f"could not write the step-{step} checkpoint to {save_dir} ({room}): {cause}. The previous checkpoint "
-            f"({kept}) and the '{LATEST}' pointer are intact; free space or move run.save_dir, then rerun to resume")
+    return (
+        f"could not write the step-{step} checkpoint to {save_dir} ({room}): {cause}. The previous checkpoint "
+        f"({kept}) and the '{LATEST}' pointer are intact; free space or move run.save_dir, then rerun to resume"
+    )

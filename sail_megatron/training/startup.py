@@ -28,12 +28,20 @@ def prepare_config(args, world_size: int, needs_data: bool = True, loads_checkpo
     cfg = load_train_config(args.config, args.overrides)
     tokenizer = _load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.language.vocab_size:
-        raise ConfigError("model.language.vocab_size", f"{cfg.model.language.vocab_size} rows cannot embed the "
-                          f"tokenizer's {tokenizer.vocab_size} tokens", "use the tokenizer the model was trained with")
+        raise ConfigError(
+            "model.language.vocab_size",
+            f"{cfg.model.language.vocab_size} rows cannot embed the tokenizer's {tokenizer.vocab_size} tokens",
+            "use the tokenizer the model was trained with",
+        )
     cfg.model.image_context_token_id = tokenizer.ids.img_context
     backends = detect_backends()
-    cfg.validate(world_size, has_cuda=backends.cuda, has_te=backends.transformer_engine,
-                 cuda_capability=backends.cuda_capability, needs_data=needs_data)
+    cfg.validate(
+        world_size,
+        has_cuda=backends.cuda,
+        has_te=backends.transformer_engine,
+        cuda_capability=backends.cuda_capability,
+        needs_data=needs_data,
+    )
     if needs_data:
         check_dataset_path(cfg.data.path)
     # The checkpoint this run will load, complete and readable (the run's own newest, else init_from).
@@ -46,15 +54,22 @@ def prepare_config(args, world_size: int, needs_data: bool = True, loads_checkpo
 
 def _load_tokenizer(path: str):
     if not Path(path).is_dir():
-        raise ConfigError("data.tokenizer", f"{path} is not a folder", "point it at a local tokenizer folder "
-                          "(tokenizer.json or vocab files, with <IMG_CONTEXT>, <img>, </img> added)")
+        raise ConfigError(
+            "data.tokenizer",
+            f"{path} is not a folder",
+            "point it at a local tokenizer folder "
+            "(tokenizer.json or vocab files, with <IMG_CONTEXT>, <img>, </img> added)",
+        )
     try:
         return load_tokenizer(path)
     except ConfigError:
         raise
     except Exception as e:  # transformers raises many types for an unusable folder
-        raise ConfigError("data.tokenizer", f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}",
-                          "point it at a folder saved by a Hugging Face tokenizer (save_pretrained)") from None
+        raise ConfigError(
+            "data.tokenizer",
+            f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}",
+            "point it at a folder saved by a Hugging Face tokenizer (save_pretrained)",
+        ) from None
 
 
 def build_training(cfg: TrainConfig, device):
@@ -71,8 +86,9 @@ def start(args, needs_data: bool = True, loads_checkpoints: bool = True):
     env = read_dist_env()
     if not env.is_main:  # one progress bar (energon's packing-buffer fill), not one per rank and worker
         os.environ["TQDM_DISABLE"] = "1"
-    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if env.is_main else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("megatron").setLevel(logging.WARNING)
     try:
         cfg, tokenizer = prepare_config(args, env.world_size, needs_data, loads_checkpoints)

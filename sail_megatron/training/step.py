@@ -33,14 +33,25 @@ def packed_seq_params(batch: Batch) -> Optional[PackedSeqParams]:
     if not batch.is_packed:
         return None
     cu = batch.cu_seqlens.to(torch.int32)
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen)
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=batch.max_seqlen,
+        max_seqlen_kv=batch.max_seqlen,
+    )
 
 
 def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
     batch = next(data_iterator).to(_device_of(model))
-    output = model(batch.tokens, batch.position_ids, None, pixel_values=batch.pixel_values, labels=batch.labels,
-                   packed_seq_params=packed_seq_params(batch))
+    output = model(
+        batch.tokens,
+        batch.position_ids,
+        None,
+        pixel_values=batch.pixel_values,
+        labels=batch.labels,
+        packed_seq_params=packed_seq_params(batch),
+    )
     return output, partial(masked_token_loss, batch.loss_mask)
 
 
@@ -73,9 +84,15 @@ def reduce_loss_reports(reports: List[dict]) -> torch.Tensor:
     return total
 
 
-def train_step(model_chunks: List[torch.nn.Module], optimizer: MegatronOptimizer, scheduler,
-               data_iterator: Iterator[Batch], num_microbatches: int, seq_length: int,
-               micro_batch_size: int) -> StepResult:
+def train_step(
+    model_chunks: List[torch.nn.Module],
+    optimizer: MegatronOptimizer,
+    scheduler,
+    data_iterator: Iterator[Batch],
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+) -> StepResult:
     """Forward and backward over `num_microbatches` micro-batches, then one guarded optimizer step
     (see `guarded_step`): a NaN/Inf loss or gradient skips the update and the lr step, and so does an
     fp16 loss-scaler overflow; the result says which."""
@@ -84,13 +101,23 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer: MegatronOptimizer
     optimizer.zero_grad()
     forward_backward = get_forward_backward_func()
     reports = forward_backward(
-        forward_step_func=forward_step, data_iterator=data_iterator, model=model_chunks,
-        num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
+        forward_step_func=forward_step,
+        data_iterator=data_iterator,
+        model=model_chunks,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
         forward_only=False,
     )
     loss_sum, tokens = reduce_loss_reports(reports).tolist()
     outcome = guarded_step(optimizer, loss_finite=math.isfinite(loss_sum))
     if outcome.updated:
         scheduler.step(increment=1)
-    return StepResult(loss=loss_sum / max(tokens, 1.0), trained_tokens=int(tokens), grad_norm=outcome.grad_norm,
-                      skipped=outcome.nonfinite, overflow=outcome.overflow, loss_scale=outcome.loss_scale)
+    return StepResult(
+        loss=loss_sum / max(tokens, 1.0),
+        trained_tokens=int(tokens),
+        grad_norm=outcome.grad_norm,
+        skipped=outcome.nonfinite,
+        overflow=outcome.overflow,
+        loss_scale=outcome.loss_scale,
+    )

@@ -13,20 +13,62 @@ from sail_megatron.data.cli import build_demo
 from tests.helpers.multiprocess import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-RESULT_KEYS = {"steps", "world_size", "step_time_s", "tokens_per_s", "tokens_per_s_per_device", "samples_per_s",
-               "tiles_per_s", "tflops_per_s_per_device", "mfu", "mfu_fp8", "packing_utilization",
-               "data_wait_frac", "peak_memory_gib", "breakdown_s_per_step", "final_loss"}
-PHASES = {"data_wait", "vision_forward", "language_forward", "backward", "pipeline_p2p", "grad_sync", "optimizer",
-          "param_gather"}
+RESULT_KEYS = {
+    "steps",
+    "world_size",
+    "step_time_s",
+    "tokens_per_s",
+    "tokens_per_s_per_device",
+    "samples_per_s",
+    "tiles_per_s",
+    "tflops_per_s_per_device",
+    "mfu",
+    "mfu_fp8",
+    "packing_utilization",
+    "data_wait_frac",
+    "peak_memory_gib",
+    "breakdown_s_per_step",
+    "final_loss",
+}
+PHASES = {
+    "data_wait",
+    "vision_forward",
+    "language_forward",
+    "backward",
+    "pipeline_p2p",
+    "grad_sync",
+    "optimizer",
+    "param_gather",
+}
 
 
 def _bench(tmp_path, nproc, *args):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           str(free_port()), "-m", "sail_megatron.bench", "--steps", "2", "--warmup", "1", "--breakdown-steps", "1",
-           "--json", str(out_json), "--plot", str(out_png), *args]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "sail_megatron.bench",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--breakdown-steps",
+        "1",
+        "--json",
+        str(out_json),
+        "--plot",
+        str(out_png),
+        *args,
+    ]
+    run = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert out_png.stat().st_size > 0
     return json.loads(out_json.read_text()), run.stdout
@@ -45,9 +87,20 @@ def demo(tmp_path_factory):
 
 
 def test_synthetic_packed_vs_padded_under_pipeline_parallelism(tmp_path, demo):
-    doc, stdout = _bench(tmp_path, 2, "--config", "examples/configs/tiny/3-sft-knowledge.yaml", "--compare", "packing",
-                         "--compare", "kernels", "parallel.tensor_model_parallel_size=1", "run.global_batch_size=2",
-                         f"data.tokenizer={demo / 'raw' / 'tokenizer'}", "data.path=''")  # synthetic: no dataset
+    doc, stdout = _bench(
+        tmp_path,
+        2,
+        "--config",
+        "examples/configs/tiny/3-sft-knowledge.yaml",
+        "--compare",
+        "packing",
+        "--compare",
+        "kernels",
+        "parallel.tensor_model_parallel_size=1",
+        "run.global_batch_size=2",
+        f"data.tokenizer={demo / 'raw' / 'tokenizer'}",
+        "data.path=''",
+    )  # synthetic: no dataset
     packed, padded = doc["results"]["packed"], doc["results"]["padded"]
     for r in (packed, padded):
         _check(r)
@@ -58,10 +111,21 @@ def test_synthetic_packed_vs_padded_under_pipeline_parallelism(tmp_path, demo):
 
 
 def test_real_data_dali_vs_pil(tmp_path, demo):
-    doc, _ = _bench(tmp_path, 1, "--config", "examples/configs/tiny/demo.yaml", "--data", "real", "--compare",
-                    "decoder", "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
-                    "run.global_batch_size=2", f"data.tokenizer={demo / 'raw' / 'tokenizer'}",
-                    f"data.path={demo / 'blend.yaml'}")
+    doc, _ = _bench(
+        tmp_path,
+        1,
+        "--config",
+        "examples/configs/tiny/demo.yaml",
+        "--data",
+        "real",
+        "--compare",
+        "decoder",
+        "parallel.tensor_model_parallel_size=1",
+        "parallel.pipeline_model_parallel_size=1",
+        "run.global_batch_size=2",
+        f"data.tokenizer={demo / 'raw' / 'tokenizer'}",
+        f"data.path={demo / 'blend.yaml'}",
+    )
     for name in ("dali", "pil"):
         _check(doc["results"][name])
     assert doc["device"].startswith("CPU") and doc["resolved_config"]["data"]["path"].endswith("blend.yaml")
@@ -70,6 +134,19 @@ def test_real_data_dali_vs_pil(tmp_path, demo):
 @pytest.mark.parametrize("flag", ["--json", "--plot"])
 def test_unwritable_outputs_are_refused_before_measuring(tmp_path, flag):
     # A folder where a file is wanted: refused by argparse (exit 2) before any process group or model.
-    run = subprocess.run([sys.executable, "-m", "sail_megatron.bench", "--config", "examples/configs/tiny/demo.yaml",
-                          flag, str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sail_megatron.bench",
+            "--config",
+            "examples/configs/tiny/demo.yaml",
+            flag,
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert run.returncode == 2 and "is a folder" in run.stderr and "Traceback" not in run.stderr

@@ -22,8 +22,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_exits_2_without_a_gpu(tmp_path):
-    run = subprocess.run([sys.executable, "tools/gpu_check.py", "--out", str(tmp_path / "report")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    run = subprocess.run(
+        [sys.executable, "tools/gpu_check.py", "--out", str(tmp_path / "report")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
     assert run.returncode == 2, run.stdout + run.stderr
     assert "gpu-check needs a CUDA GPU" in run.stderr and "sees no CUDA device" in run.stderr
     assert not (tmp_path / "report").exists()  # nothing run, nothing written
@@ -31,26 +37,69 @@ def test_exits_2_without_a_gpu(tmp_path):
 
 def _fake_results():
     return [
-        PartResult("pytest-gpu", "The GPU tests.", "passed", 41.2, "python -m pytest tests/gpu", 0,
-                   "3 passed in 40.1s", figures={"passed": 3}, log="gpu_check/logs/pytest-gpu.log",
-                   log_tail="...\n3 passed in 40.1s"),
-        PartResult("layers", "TE vs local.", "failed", 95.0, "python -m sail_megatron.bench.gpu_check worker layers",
-                   1, "3/4 within rel L2 0.05 (worst 0.9)",
-                   figures={"comparisons": [{"model": "tiny", "batch": "padded", "rel_l2": 0.0123, "ok": True},
-                                            {"model": "tiny", "batch": "packed", "rel_l2": 0.91, "ok": False}]},
-                   log_tail="FAILED: tiny packed: TE vs local logits differ | by 0.91"),
-        PartResult("train-bf16", "sail-bench.", "timeout", 150.0, "python -m sail_megatron.bench ...", None,
-                   reason="killed after 150 s", log_tail="measuring baseline"),
+        PartResult(
+            "pytest-gpu",
+            "The GPU tests.",
+            "passed",
+            41.2,
+            "python -m pytest tests/gpu",
+            0,
+            "3 passed in 40.1s",
+            figures={"passed": 3},
+            log="gpu_check/logs/pytest-gpu.log",
+            log_tail="...\n3 passed in 40.1s",
+        ),
+        PartResult(
+            "layers",
+            "TE vs local.",
+            "failed",
+            95.0,
+            "python -m sail_megatron.bench.gpu_check worker layers",
+            1,
+            "3/4 within rel L2 0.05 (worst 0.9)",
+            figures={
+                "comparisons": [
+                    {"model": "tiny", "batch": "padded", "rel_l2": 0.0123, "ok": True},
+                    {"model": "tiny", "batch": "packed", "rel_l2": 0.91, "ok": False},
+                ]
+            },
+            log_tail="FAILED: tiny packed: TE vs local logits differ | by 0.91",
+        ),
+        PartResult(
+            "train-bf16",
+            "sail-bench.",
+            "timeout",
+            150.0,
+            "python -m sail_megatron.bench ...",
+            None,
+            reason="killed after 150 s",
+            log_tail="measuring baseline",
+        ),
         PartResult("train-fp8", "FP8.", "skipped", reason="Transformer Engine is not importable (No module)"),
     ]
 
 
-ENV = {"device": "NVIDIA H100 80GB HBM3", "capability": "sm_90", "memory_gib": 79.1, "device_count": 1,
-       "driver": "550.54.15", "torch": "2.13.0", "torch_cuda": "12.8", "cudnn": 91000, "transformer_engine": None,
-       "transformer_engine_error": "ModuleNotFoundError: No module named 'transformer_engine'",
-       "megatron_core": "0.16.1", "triton": "3.9.0", "dali": "2.4.0", "apex": False, "python": "3.11.7",
-       "peak_tflops_bf16": 989.0, "peak_tflops_fp8": 1979.0, "memory_bandwidth_tbps": 3.35,
-       "memory_bandwidth_source": "datasheet figure for H100"}
+ENV = {
+    "device": "NVIDIA H100 80GB HBM3",
+    "capability": "sm_90",
+    "memory_gib": 79.1,
+    "device_count": 1,
+    "driver": "550.54.15",
+    "torch": "2.13.0",
+    "torch_cuda": "12.8",
+    "cudnn": 91000,
+    "transformer_engine": None,
+    "transformer_engine_error": "ModuleNotFoundError: No module named 'transformer_engine'",
+    "megatron_core": "0.16.1",
+    "triton": "3.9.0",
+    "dali": "2.4.0",
+    "apex": False,
+    "python": "3.11.7",
+    "peak_tflops_bf16": 989.0,
+    "peak_tflops_fp8": 1979.0,
+    "memory_bandwidth_tbps": 3.35,
+    "memory_bandwidth_source": "datasheet figure for H100",
+}
 
 
 def test_report_markdown_and_json(tmp_path):
@@ -66,8 +115,19 @@ def test_report_markdown_and_json(tmp_path):
     assert back["environment"]["device"] == "NVIDIA H100 80GB HBM3"
     assert [p["status"] for p in back["parts"]] == ["passed", "failed", "timeout", "skipped"]
     assert back["parts"][1]["figures"]["comparisons"][1]["rel_l2"] == 0.91
-    assert set(back["parts"][0]) >= {"name", "title", "status", "seconds", "command", "returncode", "summary",
-                                     "reason", "figures", "log", "log_tail"}
+    assert set(back["parts"][0]) >= {
+        "name",
+        "title",
+        "status",
+        "seconds",
+        "command",
+        "returncode",
+        "summary",
+        "reason",
+        "figures",
+        "log",
+        "log_tail",
+    }
 
     md = md_path.read_text()
     assert md == render_markdown(back)
@@ -118,11 +178,23 @@ def test_runner_records_each_outcome_and_goes_on(tmp_path):
 
 
 def test_bench_figures_from_a_sail_bench_document():
-    doc = {"device": "NVIDIA H100 80GB HBM3", "precision": "bf16", "fp8": "hybrid",
-           "resolved_config": {"precision": {"layers": "auto"}},
-           "results": {"baseline": {"step_time_s": {"median": 0.75}, "tokens_per_s_per_device": 21000.0,
-                                    "tflops_per_s_per_device": 420.0, "mfu": 0.4247, "mfu_fp8": 0.2122,
-                                    "peak_memory_gib": 61.0, "breakdown_s_per_step": {"backward": 0.4}}}}
+    doc = {
+        "device": "NVIDIA H100 80GB HBM3",
+        "precision": "bf16",
+        "fp8": "hybrid",
+        "resolved_config": {"precision": {"layers": "auto"}},
+        "results": {
+            "baseline": {
+                "step_time_s": {"median": 0.75},
+                "tokens_per_s_per_device": 21000.0,
+                "tflops_per_s_per_device": 420.0,
+                "mfu": 0.4247,
+                "mfu_fp8": 0.2122,
+                "peak_memory_gib": 61.0,
+                "breakdown_s_per_step": {"backward": 0.4},
+            }
+        },
+    }
     figures, summary = bench_figures(doc)
     assert figures["MFU vs bf16 peak"] == 0.4247 and figures["MFU vs FP8 peak"] == 0.2122
     assert figures["breakdown (ms/step)"] == {"backward": 400.0}
@@ -150,7 +222,9 @@ def test_pytest_summary_is_read_from_the_log():
     from sail_megatron.bench.gpu_check import default_parts
 
     part = next(p for p in default_parts() if p.name == "pytest-gpu")
-    log = "$ python -m pytest tests/gpu\n..s\nSKIPPED [1] tests/gpu/x.py: needs Transformer Engine\n" \
-          "2 passed, 1 skipped in 33.10s\n"
+    log = (
+        "$ python -m pytest tests/gpu\n..s\nSKIPPED [1] tests/gpu/x.py: needs Transformer Engine\n"
+        "2 passed, 1 skipped in 33.10s\n"
+    )
     counts, summary = part.collect(None, log)
     assert counts == {"passed": 2, "skipped": 1} and summary == "2 passed, 1 skipped in 33.10s"

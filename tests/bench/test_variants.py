@@ -33,19 +33,30 @@ def test_local_layers_are_skipped_under_sequence_parallelism(on_gpu_with_te):
 def test_both_layers_run_without_sequence_parallelism(on_gpu_with_te):
     variants = cli._variants(_recipe(False), ["layers"], "synthetic")
     assert [(name, cfg.precision.layers, why) for name, cfg, _, why in variants] == [
-        ("te-layers", "te", ""), ("local-layers", "local", "")]
+        ("te-layers", "te", ""),
+        ("local-layers", "local", ""),
+    ]
 
 
 def test_layers_need_cuda_and_te(monkeypatch):
     monkeypatch.setattr(cli, "detect_backends", lambda: Backends(cuda=False, transformer_engine=False, apex=False))
     assert {why for *_, why in cli._variants(_recipe(False), ["layers"], "synthetic")} == {
-        "needs CUDA and Transformer Engine"}
+        "needs CUDA and Transformer Engine"
+    }
 
 
 def _result(mfu, mfu_fp8):
-    return {"step_time_s": {"median": 0.5}, "tokens_per_s_per_device": 1000.0, "tflops_per_s_per_device": 400.0,
-            "mfu": mfu, "mfu_fp8": mfu_fp8, "packing_utilization": 0.95, "data_wait_frac": 0.01,
-            "peak_memory_gib": 40.0, "breakdown_s_per_step": {}}
+    return {
+        "step_time_s": {"median": 0.5},
+        "tokens_per_s_per_device": 1000.0,
+        "tflops_per_s_per_device": 400.0,
+        "mfu": mfu,
+        "mfu_fp8": mfu_fp8,
+        "packing_utilization": 0.95,
+        "data_wait_frac": 0.01,
+        "peak_memory_gib": 40.0,
+        "breakdown_s_per_step": {},
+    }
 
 
 def test_table_shows_mfu_against_both_peaks():

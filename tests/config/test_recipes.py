@@ -13,8 +13,13 @@ STAGE_RECIPES = [p for p in RECIPES if p.stem != "demo"]
 # World sizes the recipes are written for: tiny on 4 CPU processes, H100 recipes on one and two nodes.
 WORLD = {"tiny": (4, False, False), "sail-vl-2b": (8, True, True), "sail-vl-8b": (16, True, True)}
 STAGES = ["1-pretrain-alignment", "2-pretrain-advance", "3-sft-knowledge", "4-sft-instruction", "5-sft-preference"]
-TRAINABLE = {"1": ["projector"], "2": ["vision", "projector"], "3": ["vision", "projector", "language"],
-             "4": ["vision", "projector", "language"], "5": ["vision", "projector", "language"]}
+TRAINABLE = {
+    "1": ["projector"],
+    "2": ["vision", "projector"],
+    "3": ["vision", "projector", "language"],
+    "4": ["vision", "projector", "language"],
+    "5": ["vision", "projector", "language"],
+}
 
 
 def test_every_stage_exists_for_every_size():
@@ -45,16 +50,25 @@ def test_sizes_carry_the_real_dimensions():
 
 
 def test_dotted_overrides(tmp_path):
-    cfg = load_train_config(CONFIGS / "tiny" / "3-sft-knowledge.yaml",
-                            ["optim.lr=3e-5", "model.vision.select_layer=-2", "run.init_from=null"])
+    cfg = load_train_config(
+        CONFIGS / "tiny" / "3-sft-knowledge.yaml",
+        ["optim.lr=3e-5", "model.vision.select_layer=-2", "run.init_from=null"],
+    )
     assert cfg.optim.lr == 3e-5 and cfg.model.vision.select_layer == -2 and cfg.run.init_from is None
 
 
-@pytest.mark.parametrize("override,field", [("optim.lrr=1", "optim.lrr"), ("model.language.heads=2", "model.language.heads"),
-                                            ("run.train_steps=many", "run.train_steps"),
-                                            ("parallel.sequence_parallel=3", "parallel.sequence_parallel"),
-                                            ("freeze.trainable=projector", "freeze.trainable"),
-                                            ("model_preset=sail-vl-99b", "model_preset"), ("optim.lr", "optim.lr")])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("optim.lrr=1", "optim.lrr"),
+        ("model.language.heads=2", "model.language.heads"),
+        ("run.train_steps=many", "run.train_steps"),
+        ("parallel.sequence_parallel=3", "parallel.sequence_parallel"),
+        ("freeze.trainable=projector", "freeze.trainable"),
+        ("model_preset=sail-vl-99b", "model_preset"),
+        ("optim.lr", "optim.lr"),
+    ],
+)
 def test_bad_keys_and_values_name_the_key(override, field):
     with pytest.raises(ConfigError) as e:
         load_train_config(CONFIGS / "tiny" / "1-pretrain-alignment.yaml", [override])
@@ -82,13 +96,20 @@ def test_schedules_and_part_lrs_in_recipes():
     assert sft.optim.part_lrs() == {"vision": 2e-6, "projector": 2e-5, "language": 2e-5}
 
 
-@pytest.mark.parametrize("override,field", [
-    ("optim.schedule=linear", "optim.schedule"), ("optim.vision_lr=-1", "optim.vision_lr"),
-    ("optim.wsd_decay_steps=0", "optim.wsd_decay_steps"), ("optim.decay_steps=1", "optim.decay_steps"),
-    ("parallel.recompute_granularity=most", "parallel.recompute_granularity"),
-    ("parallel.recompute_method=ring", "parallel.recompute_method"),
-    ("run.max_nonfinite_steps=0", "run.max_nonfinite_steps"), ("precision.layers=te", "precision.layers"),
-    ("precision.layers=fast", "precision.layers")])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("optim.schedule=linear", "optim.schedule"),
+        ("optim.vision_lr=-1", "optim.vision_lr"),
+        ("optim.wsd_decay_steps=0", "optim.wsd_decay_steps"),
+        ("optim.decay_steps=1", "optim.decay_steps"),
+        ("parallel.recompute_granularity=most", "parallel.recompute_granularity"),
+        ("parallel.recompute_method=ring", "parallel.recompute_method"),
+        ("run.max_nonfinite_steps=0", "run.max_nonfinite_steps"),
+        ("precision.layers=te", "precision.layers"),
+        ("precision.layers=fast", "precision.layers"),
+    ],
+)
 def test_optim_and_recompute_errors_name_the_key(override, field):
     cfg = load_train_config(CONFIGS / "tiny" / "2-pretrain-advance.yaml", [override])
     with pytest.raises(ConfigError) as e:
@@ -103,13 +124,16 @@ def test_full_recompute_layers_must_fit_a_stage():
     assert e.value.field == "parallel.recompute_num_layers"
 
 
-@pytest.mark.parametrize("text,problem", [
-    ("optim: {lr: 1e-4\n", "is not valid YAML at line 2"),
-    ("optim:\n\tlr: 1e-4\n", "is not valid YAML at line 2"),
-    ("optim: {lr: 1e-4}\noptim: {lr: 2e-4}\n", "key 'optim' appears twice"),
-    ("", "the recipe is empty"),
-    ("- a list\n", "must be a YAML mapping"),
-])
+@pytest.mark.parametrize(
+    "text,problem",
+    [
+        ("optim: {lr: 1e-4\n", "is not valid YAML at line 2"),
+        ("optim:\n\tlr: 1e-4\n", "is not valid YAML at line 2"),
+        ("optim: {lr: 1e-4}\noptim: {lr: 2e-4}\n", "key 'optim' appears twice"),
+        ("", "the recipe is empty"),
+        ("- a list\n", "must be a YAML mapping"),
+    ],
+)
 def test_recipe_file_errors_name_the_file_and_line(tmp_path, text, problem):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(text)

@@ -50,25 +50,45 @@ def tiny_tp4(**vision_changes) -> ModelConfig:
 
 # ------------------------------------------------------------------------------------------ parallel
 
-@pytest.mark.parametrize("model,tp,pp,world,field", [
-    # 12 language heads over TP=5
-    (lambda: get_preset("sail-vl-2b"), 5, 1, 5, "model.language.num_attention_heads"),
-    # 12 heads split over TP=4, but the 2 KV groups do not
-    (lambda: get_preset("sail-vl-2b"), 4, 1, 4, "model.language.num_query_groups"),
-    (lambda: with_language("tiny", num_query_groups=4, ffn_hidden_size=162), 4, 1, 4,
-     "model.language.ffn_hidden_size"),
-    # language splits over TP=4, the 2 vision heads do not
-    (lambda: tiny_tp4(num_attention_heads=2), 4, 1, 4, "model.vision.num_attention_heads"),
-    (lambda: tiny_tp4(ffn_hidden_size=130), 4, 1, 4, "model.vision.ffn_hidden_size"),
-    # 28 language layers over PP=5
-    (lambda: get_preset("sail-vl-2b"), 1, 5, 5, "parallel.pipeline_model_parallel_size"),
-    # world size not a multiple of TP*PP
-    (lambda: get_preset("sail-vl-2b"), 2, 1, 3, "parallel"),
-    (lambda: get_preset("tiny"), 2, 2, 6, "parallel"),
-    (lambda: get_preset("tiny"), 0, 1, 1, "parallel.tensor_model_parallel_size"),
-    (lambda: get_preset("tiny"), 1, 0, 1, "parallel.pipeline_model_parallel_size"),
-], ids=["lang-heads", "query-groups", "lang-ffn", "vision-heads", "vision-ffn", "pp-layers",
-        "world-tp", "world-tp-pp", "tp-zero", "pp-zero"])
+
+@pytest.mark.parametrize(
+    "model,tp,pp,world,field",
+    [
+        # 12 language heads over TP=5
+        (lambda: get_preset("sail-vl-2b"), 5, 1, 5, "model.language.num_attention_heads"),
+        # 12 heads split over TP=4, but the 2 KV groups do not
+        (lambda: get_preset("sail-vl-2b"), 4, 1, 4, "model.language.num_query_groups"),
+        (
+            lambda: with_language("tiny", num_query_groups=4, ffn_hidden_size=162),
+            4,
+            1,
+            4,
+            "model.language.ffn_hidden_size",
+        ),
+        # language splits over TP=4, the 2 vision heads do not
+        (lambda: tiny_tp4(num_attention_heads=2), 4, 1, 4, "model.vision.num_attention_heads"),
+        (lambda: tiny_tp4(ffn_hidden_size=130), 4, 1, 4, "model.vision.ffn_hidden_size"),
+        # 28 language layers over PP=5
+        (lambda: get_preset("sail-vl-2b"), 1, 5, 5, "parallel.pipeline_model_parallel_size"),
+        # world size not a multiple of TP*PP
+        (lambda: get_preset("sail-vl-2b"), 2, 1, 3, "parallel"),
+        (lambda: get_preset("tiny"), 2, 2, 6, "parallel"),
+        (lambda: get_preset("tiny"), 0, 1, 1, "parallel.tensor_model_parallel_size"),
+        (lambda: get_preset("tiny"), 1, 0, 1, "parallel.pipeline_model_parallel_size"),
+    ],
+    ids=[
+        "lang-heads",
+        "query-groups",
+        "lang-ffn",
+        "vision-heads",
+        "vision-ffn",
+        "pp-layers",
+        "world-tp",
+        "world-tp-pp",
+        "tp-zero",
+        "pp-zero",
+    ],
+)
 def test_parallel_layout_errors(model, tp, pp, world, field):
     cfg = model()
     cfg.validate()  # the model itself is fine; only the layout is not
@@ -92,20 +112,23 @@ def train_config(precision: PrecisionConfig, parallel: Optional[ParallelConfig] 
 
 
 def _sp_train_config(layers: str = "auto") -> TrainConfig:
-    return train_config(PrecisionConfig(layers=layers), ParallelConfig(tensor_model_parallel_size=2,
-                                                                        sequence_parallel=True))
+    return train_config(
+        PrecisionConfig(layers=layers), ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)
+    )
 
 
 def test_sequence_parallel_needs_te_layers():
     # megatron-core's local spec normalizes with WrappedTorchNorm (apex or not), which refuses SP.
-    assert_config_error(lambda: ParallelConfig(sequence_parallel=True).check_layer_backend("local"),
-                        "parallel.sequence_parallel")
+    assert_config_error(
+        lambda: ParallelConfig(sequence_parallel=True).check_layer_backend("local"), "parallel.sequence_parallel"
+    )
     ParallelConfig(sequence_parallel=True).check_layer_backend("te")
     ParallelConfig(sequence_parallel=False).check_layer_backend("local")
     # In the recipe check: auto resolves to local without TE or without CUDA, or local is asked for.
     for has_cuda, has_te, layers in ((True, False, "auto"), (False, True, "auto"), (True, True, "local")):
-        exc = assert_config_error(lambda: _sp_train_config(layers).validate(2, has_cuda=has_cuda, has_te=has_te),
-                                  "parallel.sequence_parallel")
+        exc = assert_config_error(
+            lambda: _sp_train_config(layers).validate(2, has_cuda=has_cuda, has_te=has_te), "parallel.sequence_parallel"
+        )
         assert "sequence_parallel=false" in str(exc) and "Transformer Engine" in str(exc)
     _sp_train_config().validate(2, has_cuda=True, has_te=True)
     _sp_train_config("te").validate(2, has_cuda=True, has_te=True)
@@ -120,6 +143,7 @@ def test_valid_layouts():
 
 
 # ---------------------------------------------------------------------------------------------- model
+
 
 @pytest.mark.parametrize("select_layer", [0, 25, -25])
 def test_select_layer_out_of_range(select_layer):
@@ -159,11 +183,15 @@ def test_unknown_ps_version():
     assert_config_error(cfg.validate, "model.projector.ps_version")
 
 
-@pytest.mark.parametrize("ratio,image_size", [
-    (0.5, 14 * 7),  # a 7x7 patch grid does not split into 2x2 blocks
-    (0.25, 14 * 6),  # 6x6 into 4x4
-    (0.3, 448),  # not 1/k
-], ids=["odd-grid", "grid-vs-quarter", "not-1-over-k"])
+@pytest.mark.parametrize(
+    "ratio,image_size",
+    [
+        (0.5, 14 * 7),  # a 7x7 patch grid does not split into 2x2 blocks
+        (0.25, 14 * 6),  # 6x6 into 4x4
+        (0.3, 448),  # not 1/k
+    ],
+    ids=["odd-grid", "grid-vs-quarter", "not-1-over-k"],
+)
 def test_downsample_ratio(ratio, image_size):
     cfg = with_vision(image_size=image_size)
     cfg.projector = ProjectorConfig(downsample_ratio=ratio)
@@ -200,6 +228,7 @@ def test_presets_validate(name):
 
 # ------------------------------------------------------------------------------------------ precision
 
+
 def test_mixed_precision_on_the_cpu():
     # bf16/fp16 run on the CPU too (the GPU recipes' precision is trained in CI that way).
     PrecisionConfig(dtype="bf16").validate(has_cuda=False, has_te=False)
@@ -207,24 +236,29 @@ def test_mixed_precision_on_the_cpu():
 
 
 def test_unknown_dtype():
-    assert_config_error(lambda: PrecisionConfig(dtype="fp64").validate(has_cuda=True, has_te=True),
-                        "precision.dtype")
+    assert_config_error(lambda: PrecisionConfig(dtype="fp64").validate(has_cuda=True, has_te=True), "precision.dtype")
 
 
 def test_fp8_without_te():
-    assert_config_error(lambda: PrecisionConfig(dtype="bf16", fp8="hybrid").validate(has_cuda=True, has_te=False),
-                        "precision.fp8")
-    assert_config_error(lambda: PrecisionConfig(dtype="bf16", fp8="e4m3").validate(has_cuda=False, has_te=True),
-                        "precision.fp8")
+    assert_config_error(
+        lambda: PrecisionConfig(dtype="bf16", fp8="hybrid").validate(has_cuda=True, has_te=False), "precision.fp8"
+    )
+    assert_config_error(
+        lambda: PrecisionConfig(dtype="bf16", fp8="e4m3").validate(has_cuda=False, has_te=True), "precision.fp8"
+    )
 
 
 def test_fp8_errors():
-    assert_config_error(lambda: PrecisionConfig(dtype="bf16", fp8="e5m2").validate(has_cuda=True, has_te=True),
-                        "precision.fp8")
-    assert_config_error(lambda: PrecisionConfig(dtype="bf16", fp8="hybrid", fp8_recipe="nope").validate(
-        has_cuda=True, has_te=True), "precision.fp8_recipe")
-    assert_config_error(lambda: PrecisionConfig(dtype="fp32", fp8="hybrid").validate(has_cuda=True, has_te=True),
-                        "precision.fp8")
+    assert_config_error(
+        lambda: PrecisionConfig(dtype="bf16", fp8="e5m2").validate(has_cuda=True, has_te=True), "precision.fp8"
+    )
+    assert_config_error(
+        lambda: PrecisionConfig(dtype="bf16", fp8="hybrid", fp8_recipe="nope").validate(has_cuda=True, has_te=True),
+        "precision.fp8_recipe",
+    )
+    assert_config_error(
+        lambda: PrecisionConfig(dtype="fp32", fp8="hybrid").validate(has_cuda=True, has_te=True), "precision.fp8"
+    )
 
 
 HOPPER, BLACKWELL = (9, 0), (10, 0)
@@ -232,23 +266,27 @@ HOPPER, BLACKWELL = (9, 0), (10, 0)
 
 def test_mxfp8_needs_blackwell():
     mxfp8 = PrecisionConfig(dtype="bf16", fp8="hybrid", fp8_recipe="mxfp8")
-    exc = assert_config_error(lambda: mxfp8.validate(has_cuda=True, has_te=True, cuda_capability=HOPPER),
-                              "precision.fp8_recipe")
+    exc = assert_config_error(
+        lambda: mxfp8.validate(has_cuda=True, has_te=True, cuda_capability=HOPPER), "precision.fp8_recipe"
+    )
     assert "9.0" in str(exc) and "delayed" in str(exc) and "tensorwise" in str(exc)
     mxfp8.validate(has_cuda=True, has_te=True, cuda_capability=BLACKWELL)
     mxfp8.validate(has_cuda=True, has_te=True, cuda_capability=(12, 0))
     mxfp8.validate(has_cuda=True, has_te=True)  # capability unknown: not checked
     for recipe in ("delayed", "tensorwise"):
-        PrecisionConfig(dtype="bf16", fp8="hybrid", fp8_recipe=recipe).validate(has_cuda=True, has_te=True,
-                                                                                cuda_capability=HOPPER)
-    PrecisionConfig(dtype="bf16", fp8_recipe="mxfp8").validate(has_cuda=True, has_te=True,
-                                                                cuda_capability=HOPPER)  # no FP8: recipe unused
+        PrecisionConfig(dtype="bf16", fp8="hybrid", fp8_recipe=recipe).validate(
+            has_cuda=True, has_te=True, cuda_capability=HOPPER
+        )
+    PrecisionConfig(dtype="bf16", fp8_recipe="mxfp8").validate(
+        has_cuda=True, has_te=True, cuda_capability=HOPPER
+    )  # no FP8: recipe unused
 
 
 def test_mxfp8_in_the_recipe_check():
     cfg = train_config(PrecisionConfig(fp8="hybrid", fp8_recipe="mxfp8"))
-    assert_config_error(lambda: cfg.validate(1, has_cuda=True, has_te=True, cuda_capability=HOPPER),
-                        "precision.fp8_recipe")
+    assert_config_error(
+        lambda: cfg.validate(1, has_cuda=True, has_te=True, cuda_capability=HOPPER), "precision.fp8_recipe"
+    )
     cfg.validate(1, has_cuda=True, has_te=True, cuda_capability=BLACKWELL)
 
 
@@ -260,6 +298,7 @@ def test_valid_precision():
 
 
 # --------------------------------------------------------------------------------------------- freeze
+
 
 @pytest.mark.parametrize("trainable", [["vision", "llm"], ["mlp1"], []], ids=["one-unknown", "unknown", "empty"])
 def test_freeze_errors(trainable):

@@ -49,4 +49,4 @@ def error_lines(result: Dict) -> List[str]:
     """The lines of the error message `sail-convert` printed (from its `sail-convert CMD:` line on)."""
     lines = result["stderr"].splitlines()
     starts = [i for i, line in enumerate(lines) if line.startswith("sail-convert ")]
-    return lines[starts[-1]:] if starts else []
+    return lines[starts[-1] :] if starts else []

@@ -62,8 +62,11 @@ def _randomize(module: nn.Module, gen: torch.Generator) -> None:
     with torch.no_grad():
         for name, p in module.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
-            is_scale = name.endswith(("norm.weight", "layernorm.weight", "layernorm_before.weight",
-                                      "layernorm_after.weight")) or ".0.weight" in name and p.dim() == 1
+            is_scale = (
+                name.endswith(("norm.weight", "layernorm.weight", "layernorm_before.weight", "layernorm_after.weight"))
+                or ".0.weight" in name
+                and p.dim() == 1
+            )
             p.copy_(1.0 + 0.1 * noise if is_scale else 0.08 * noise)
 
 
@@ -72,20 +75,43 @@ def build_modules(spec: Spec) -> Modules:
     from transformers.models.internvl import InternVLVisionConfig, InternVLVisionModel
 
     torch.manual_seed(spec.seed)
-    qwen = Qwen2ForCausalLM(Qwen2Config(
-        hidden_size=spec.llm_hidden, intermediate_size=spec.llm_ffn, num_hidden_layers=spec.llm_layers,
-        num_attention_heads=spec.llm_heads, num_key_value_heads=spec.llm_kv_heads, vocab_size=spec.vocab,
-        tie_word_embeddings=spec.tied, rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=512,
-        architectures=["Qwen2ForCausalLM"], attn_implementation="eager"))
-    vit = InternVLVisionModel(InternVLVisionConfig(
-        hidden_size=spec.vision_hidden, num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
-        intermediate_size=spec.vision_ffn, image_size=[spec.image_size] * 2, patch_size=[spec.patch_size] * 2,
-        use_qk_norm=False, attention_bias=True, norm_type="layer_norm", use_mean_pooling=False,
-        layer_norm_eps=1e-6, attn_implementation="eager"))
+    qwen = Qwen2ForCausalLM(
+        Qwen2Config(
+            hidden_size=spec.llm_hidden,
+            intermediate_size=spec.llm_ffn,
+            num_hidden_layers=spec.llm_layers,
+            num_attention_heads=spec.llm_heads,
+            num_key_value_heads=spec.llm_kv_heads,
+            vocab_size=spec.vocab,
+            tie_word_embeddings=spec.tied,
+            rope_theta=1000000.0,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=512,
+            architectures=["Qwen2ForCausalLM"],
+            attn_implementation="eager",
+        )
+    )
+    vit = InternVLVisionModel(
+        InternVLVisionConfig(
+            hidden_size=spec.vision_hidden,
+            num_hidden_layers=spec.vision_layers,
+            num_attention_heads=spec.vision_heads,
+            intermediate_size=spec.vision_ffn,
+            image_size=[spec.image_size] * 2,
+            patch_size=[spec.patch_size] * 2,
+            use_qk_norm=False,
+            attention_bias=True,
+            norm_type="layer_norm",
+            use_mean_pooling=False,
+            layer_norm_eps=1e-6,
+            attn_implementation="eager",
+        )
+    )
     k = round(1 / spec.downsample_ratio)
     width = spec.vision_hidden * k * k
-    mlp1 = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, spec.llm_hidden), nn.GELU(),
-                         nn.Linear(spec.llm_hidden, spec.llm_hidden))
+    mlp1 = nn.Sequential(
+        nn.LayerNorm(width), nn.Linear(width, spec.llm_hidden), nn.GELU(), nn.Linear(spec.llm_hidden, spec.llm_hidden)
+    )
     gen = torch.Generator().manual_seed(spec.seed + 1)
     for m in (qwen, vit, mlp1):
         _randomize(m, gen)
@@ -98,10 +124,12 @@ def build_modules(spec: Spec) -> Modules:
 def internvit_tensors(vit: nn.Module, prefix: str) -> Dict[str, torch.Tensor]:
     """transformers InternVLVisionModel -> InternViT names (attn.qkv = [q; k; v] rows)."""
     sd = vit.state_dict()
-    out = {f"{prefix}embeddings.class_embedding": sd["embeddings.cls_token"],
-           f"{prefix}embeddings.position_embedding": sd["embeddings.position_embeddings"],
-           f"{prefix}embeddings.patch_embedding.weight": sd["embeddings.patch_embeddings.projection.weight"],
-           f"{prefix}embeddings.patch_embedding.bias": sd["embeddings.patch_embeddings.projection.bias"]}
+    out = {
+        f"{prefix}embeddings.class_embedding": sd["embeddings.cls_token"],
+        f"{prefix}embeddings.position_embedding": sd["embeddings.position_embeddings"],
+        f"{prefix}embeddings.patch_embedding.weight": sd["embeddings.patch_embeddings.projection.weight"],
+        f"{prefix}embeddings.patch_embedding.bias": sd["embeddings.patch_embeddings.projection.bias"],
+    }
     for i in range(vit.config.num_hidden_layers):
         s, d = f"encoder.layer.{i}.", f"{prefix}encoder.layers.{i}."
         for wb in ("weight", "bias"):
@@ -125,31 +153,65 @@ def qwen_tensors(qwen: nn.Module, prefix: str, lm_head_stored: bool) -> Dict[str
 
 def internvit_config(spec: Spec) -> Dict:
     """A standalone InternViT-300M style config.json (InternVisionConfig fields)."""
-    return {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "hidden_size": spec.vision_hidden,
-            "num_hidden_layers": spec.vision_layers, "num_attention_heads": spec.vision_heads,
-            "intermediate_size": spec.vision_ffn, "image_size": spec.image_size, "patch_size": spec.patch_size,
-            "layer_norm_eps": 1e-6, "qkv_bias": True, "qk_normalization": False, "norm_type": "layer_norm",
-            "hidden_act": "gelu", "drop_path_rate": 0.1, "initializer_factor": 0.1, "num_channels": 3,
-            "use_flash_attn": False, "attention_dropout": 0.0, "dropout": 0.0, "initializer_range": 1e-10}
+    return {
+        "architectures": ["InternVisionModel"],
+        "model_type": "intern_vit_6b",
+        "hidden_size": spec.vision_hidden,
+        "num_hidden_layers": spec.vision_layers,
+        "num_attention_heads": spec.vision_heads,
+        "intermediate_size": spec.vision_ffn,
+        "image_size": spec.image_size,
+        "patch_size": spec.patch_size,
+        "layer_norm_eps": 1e-6,
+        "qkv_bias": True,
+        "qk_normalization": False,
+        "norm_type": "layer_norm",
+        "hidden_act": "gelu",
+        "drop_path_rate": 0.1,
+        "initializer_factor": 0.1,
+        "num_channels": 3,
+        "use_flash_attn": False,
+        "attention_dropout": 0.0,
+        "dropout": 0.0,
+        "initializer_range": 1e-10,
+    }
 
 
 def chat_config(spec: Spec, qwen: nn.Module) -> Dict:
     llm = qwen.config.to_dict()
     llm["architectures"] = ["Qwen2ForCausalLM"]
-    return {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
-            "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
-                         "AutoModel": "modeling_internvl_chat.InternVLChatModel"},
-            "llm_config": llm, "vision_config": internvit_config(spec), "select_layer": spec.select_layer,
-            "downsample_ratio": spec.downsample_ratio, "ps_version": spec.ps_version, "template": "internvl2_5",
-            "force_image_size": spec.image_size, "dynamic_image_size": True, "use_thumbnail": True,
-            "max_dynamic_patch": 6, "min_dynamic_patch": 1, "use_backbone_lora": 0, "use_llm_lora": 0,
-            "tie_word_embeddings": False, "torch_dtype": str(spec.dtype).replace("torch.", "")}
+    return {
+        "architectures": ["InternVLChatModel"],
+        "model_type": "internvl_chat",
+        "auto_map": {
+            "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+            "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+        },
+        "llm_config": llm,
+        "vision_config": internvit_config(spec),
+        "select_layer": spec.select_layer,
+        "downsample_ratio": spec.downsample_ratio,
+        "ps_version": spec.ps_version,
+        "template": "internvl2_5",
+        "force_image_size": spec.image_size,
+        "dynamic_image_size": True,
+        "use_thumbnail": True,
+        "max_dynamic_patch": 6,
+        "min_dynamic_patch": 1,
+        "use_backbone_lora": 0,
+        "use_llm_lora": 0,
+        "tie_word_embeddings": False,
+        "torch_dtype": str(spec.dtype).replace("torch.", ""),
+    }
 
 
 def write_tokenizer(folder: Path, vocab: int) -> None:
     """Tokenizer files our tools parse (not a loadable tokenizer: conversion only looks up ids)."""
-    added = [{"id": vocab - 3, "content": "<img>"}, {"id": vocab - 2, "content": "</img>"},
-             {"id": vocab - 1, "content": "<IMG_CONTEXT>"}]
+    added = [
+        {"id": vocab - 3, "content": "<img>"},
+        {"id": vocab - 2, "content": "</img>"},
+        {"id": vocab - 1, "content": "<IMG_CONTEXT>"},
+    ]
     (folder / "tokenizer.json").write_text(json.dumps({"added_tokens": added, "model": {"type": "BPE"}}))
     (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 512}))
 
@@ -166,14 +228,15 @@ def _save_sharded(tensors: Dict[str, torch.Tensor], folder: Path, shards: int) -
         (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": files}))
 
 
-def write_chat_checkpoint(folder: Path, modules: Modules, shards: int = 2,
-                          config_edit: Optional[dict] = None) -> Path:
+def write_chat_checkpoint(folder: Path, modules: Modules, shards: int = 2, config_edit: Optional[dict] = None) -> Path:
     """An InternVL-chat folder: config.json, safetensors shards + index, tokenizer and a code file."""
     spec = modules.spec
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {**internvit_tensors(modules.vit, "vision_model."),
-               **{f"mlp1.{n}": t.clone() for n, t in modules.mlp1.state_dict().items()},
-               **qwen_tensors(modules.qwen, "language_model.", spec.lm_head_stored)}
+    tensors = {
+        **internvit_tensors(modules.vit, "vision_model."),
+        **{f"mlp1.{n}": t.clone() for n, t in modules.mlp1.state_dict().items()},
+        **qwen_tensors(modules.qwen, "language_model.", spec.lm_head_stored),
+    }
     _save_sharded(tensors, folder, shards)
     config = chat_config(spec, modules.qwen)
     config.update(config_edit or {})
@@ -230,8 +293,10 @@ def sample_inputs(spec: Spec, tiles: int = 2, text: int = 6, seed: int = 3):
     gen = torch.Generator().manual_seed(seed)
     pieces = []
     for _ in range(tiles):
-        pieces += [torch.randint(0, spec.vocab - 3, (text,), generator=gen),
-                   torch.full((spec.tokens_per_tile,), IMG_CONTEXT_ID)]
+        pieces += [
+            torch.randint(0, spec.vocab - 3, (text,), generator=gen),
+            torch.full((spec.tokens_per_tile,), IMG_CONTEXT_ID),
+        ]
     pieces.append(torch.randint(0, spec.vocab - 3, (text,), generator=gen))
     ids = torch.cat(pieces)[None]
     pixels = torch.randn(tiles, 3, spec.image_size, spec.image_size, generator=gen)
@@ -240,7 +305,6 @@ def sample_inputs(spec: Spec, tiles: int = 2, text: int = 6, seed: int = 3):
 
 def with_changes(spec: Spec, **changes) -> Spec:
     return replace(spec, **changes)
-
 
 
 def edit_tensors(folder: Path, edit) -> None:

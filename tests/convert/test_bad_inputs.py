@@ -57,8 +57,11 @@ def test_missing_tensor(good, tmp_path):
 def test_extra_tensor(good, tmp_path):
     hf = _copy(good, tmp_path)
     F.edit_tensors(hf, lambda t: {**t, "vision_model.encoder.layers.0.attn.q_norm.weight": torch.ones(32)})
-    _fails(tmp_path, lambda out: hf_to_mcore(hf, out),
-           "unexpected tensor: vision_model.encoder.layers.0.attn.q_norm.weight")
+    _fails(
+        tmp_path,
+        lambda out: hf_to_mcore(hf, out),
+        "unexpected tensor: vision_model.encoder.layers.0.attn.q_norm.weight",
+    )
 
 
 def test_wrong_shape(good, tmp_path):
@@ -69,8 +72,14 @@ def test_wrong_shape(good, tmp_path):
 
 def test_all_tensor_problems_are_listed_together(good, tmp_path):
     hf = _copy(good, tmp_path)
-    F.edit_tensors(hf, lambda t: {**{n: v for n, v in t.items() if not n.startswith("mlp1.")},
-                                  "extra.weight": torch.zeros(1), QKV: t[QKV][:32]})
+    F.edit_tensors(
+        hf,
+        lambda t: {
+            **{n: v for n, v in t.items() if not n.startswith("mlp1.")},
+            "extra.weight": torch.zeros(1),
+            QKV: t[QKV][:32],
+        },
+    )
     message = _fails(tmp_path, lambda out: hf_to_mcore(hf, out), "8 problem(s)", "extra.weight", "mlp1.3.bias")
     assert message.count("missing tensor") == 6
 
@@ -83,9 +92,12 @@ def test_unknown_model_type(good, tmp_path):
 
 
 def test_tp_that_does_not_divide_the_heads(good, tmp_path):
-    message = _fails(tmp_path, lambda out: hf_to_mcore(good / "hf", out, tp=3),
-                     "TP 3 does not divide the language num_attention_heads (4)",
-                     "TP 3 does not divide the vision num_attention_heads (4)")
+    message = _fails(
+        tmp_path,
+        lambda out: hf_to_mcore(good / "hf", out, tp=3),
+        "TP 3 does not divide the language num_attention_heads (4)",
+        "TP 3 does not divide the vision num_attention_heads (4)",
+    )
     assert "5 problem(s)" in message and "PP 1 does not divide" not in message
     _fails(tmp_path, lambda out: hf_to_mcore(good / "hf", out, pp=3), "PP 3 does not divide the 2 language layers")
 
@@ -125,5 +137,12 @@ def test_init_reports_problems_of_both_folders(good, tmp_path):
     qwen, vit = _copy(good, tmp_path, "qwen"), _copy(good, tmp_path, "vit")
     F.edit_tensors(qwen, lambda t: {n: v for n, v in t.items() if n != "model.norm.weight"})
     F.edit_tensors(vit, lambda t: {**t, "encoder.layers.0.ls1": torch.ones(7)})
-    _fails(tmp_path, lambda out: init_stage1(qwen, vit, out, select_layer=-1),
-           "2 problem(s)", "missing tensor in", "model.norm.weight", "wrong shape in", "encoder.layers.0.ls1 is [7]")
+    _fails(
+        tmp_path,
+        lambda out: init_stage1(qwen, vit, out, select_layer=-1),
+        "2 problem(s)",
+        "missing tensor in",
+        "model.norm.weight",
+        "wrong shape in",
+        "encoder.layers.0.ls1 is [7]",
+    )

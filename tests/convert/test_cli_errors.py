@@ -36,8 +36,10 @@ def _parse_error(capsys, argv) -> str:
 
 @pytest.mark.parametrize("size", ["lots", "0", "-1GB", "nan", "0.5"])
 def test_bad_shard_size_is_refused_by_the_parser(capsys, tmp_path, size):
-    err = _parse_error(capsys, ["mcore-to-hf", "--ckpt", str(tmp_path / "none"), "--out", str(tmp_path / "out"),
-                                f"--max-shard-size={size}"])
+    err = _parse_error(
+        capsys,
+        ["mcore-to-hf", "--ckpt", str(tmp_path / "none"), "--out", str(tmp_path / "out"), f"--max-shard-size={size}"],
+    )
     assert "argument --max-shard-size" in err and f"{size!r} is not a shard size" in err, err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
@@ -59,7 +61,7 @@ def test_the_functions_check_the_same_before_loading(tiny_checkpoints, tmp_path)
 
 
 def test_parse_size():
-    assert parse_size("5GB") == 5 * 10 ** 9 and parse_size("2 GiB") == 2 << 30 and parse_size("1KB") == 1000
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2 GiB") == 2 << 30 and parse_size("1KB") == 1000
     assert parse_size("123") == 123 and parse_size(4096) == 4096
 
 
@@ -67,8 +69,10 @@ def test_out_that_is_a_file(tiny_checkpoints, tmp_path):
     (tmp_path / "afile").write_bytes(b"")
     with pytest.raises(ConversionError) as err:
         hf_to_mcore(tiny_checkpoints / "hf", tmp_path / "afile")
-    assert str(err.value).splitlines()[0] == f"cannot write {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file, " \
-                                             "not a folder"
+    assert (
+        str(err.value).splitlines()[0] == f"cannot write {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file, "
+        "not a folder"
+    )
 
 
 def _hf_copy(tiny_checkpoints: Path, dest: Path) -> Path:
@@ -79,11 +83,14 @@ def _lines(err: ConversionError):
     return str(err).splitlines()
 
 
-@pytest.mark.parametrize("damage,root_problem", [
-    (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "the file is truncated"),
-    (lambda p: p.write_bytes(b""), "too short to be a safetensors file (0 bytes)"),
-    (lambda p: p.write_bytes(b"\x10\0\0\0\0\0\0\0" + b"{not json} " * 20), "unreadable header"),
-])
+@pytest.mark.parametrize(
+    "damage,root_problem",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "the file is truncated"),
+        (lambda p: p.write_bytes(b""), "too short to be a safetensors file (0 bytes)"),
+        (lambda p: p.write_bytes(b"\x10\0\0\0\0\0\0\0" + b"{not json} " * 20), "unreadable header"),
+    ],
+)
 def test_a_damaged_shard_is_one_problem_not_one_per_tensor(tiny_checkpoints, tmp_path, damage, root_problem):
     hf = _hf_copy(tiny_checkpoints, tmp_path / "hf")
     shard = hf / "model-00002-of-00002.safetensors"

@@ -36,17 +36,29 @@ def _data_folder(root: Path) -> None:
 
 # name -> (damage applied to a copy of the checkpoint folder, folder the message names, words it must hold)
 CASES: Dict[str, Tuple[Callable[[Path], None], str, Tuple[str, ...]]] = {
-    "latest_names_missing_iter": (lambda r: _write(r / "latest", b"iter_00000099\n"), "",
-                                  ("`latest` names iter_00000099, which does not exist", ITER)),
-    "latest_garbage": (lambda r: _write(r / "latest", b"garbage\n../../etc"), "",
-                       ("`latest` does not name an iter_* folder", "garbage")),
-    "latest_leaves_the_folder": (lambda r: _write(r / "latest", b"../mcore/" + ITER.encode()), "",
-                                 ("`latest` does not name an iter_* folder",)),
+    "latest_names_missing_iter": (
+        lambda r: _write(r / "latest", b"iter_00000099\n"),
+        "",
+        ("`latest` names iter_00000099, which does not exist", ITER),
+    ),
+    "latest_garbage": (
+        lambda r: _write(r / "latest", b"garbage\n../../etc"),
+        "",
+        ("`latest` does not name an iter_* folder", "garbage"),
+    ),
+    "latest_leaves_the_folder": (
+        lambda r: _write(r / "latest", b"../mcore/" + ITER.encode()),
+        "",
+        ("`latest` does not name an iter_* folder",),
+    ),
     "latest_empty": (lambda r: _write(r / "latest", b""), "", ("`latest` is empty",)),
     "latest_removed": (lambda r: (r / "latest").unlink(), "", ("no `latest` pointer", ITER)),
     "shard_missing": (lambda r: (r / ITER / "__0_1.distcp").unlink(), ITER, ("__0_1.distcp is missing",)),
-    "shard_truncated": (lambda r: _truncate(r / ITER / "__0_0.distcp", 100_000), ITER,
-                        ("__0_0.distcp is truncated: 100000 bytes",)),
+    "shard_truncated": (
+        lambda r: _truncate(r / ITER / "__0_0.distcp", 100_000),
+        ITER,
+        ("__0_0.distcp is truncated: 100000 bytes",),
+    ),
     "metadata_missing": (lambda r: (r / ITER / ".metadata").unlink(), ITER, (".metadata is missing",)),
     "metadata_truncated": (lambda r: _truncate(r / ITER / ".metadata", 200), ITER, (".metadata is unreadable",)),
     "common_missing": (lambda r: (r / ITER / "common.pt").unlink(), ITER, ("common.pt is missing",)),
@@ -187,7 +199,8 @@ def test_cli_refuses_a_damaged_checkpoint(cli_runs, case):
 
 def test_cli_names_a_checkpoint_of_another_model(cli_runs):
     root, results = cli_runs
-    message = _check_refused(_find(results, "mcore-to-hf", str(root / "other_model")),
-                             "loading failed: ", "shape mismatch", "config.yaml")
+    message = _check_refused(
+        _find(results, "mcore-to-hf", str(root / "other_model")), "loading failed: ", "shape mismatch", "config.yaml"
+    )
     assert str(root / "other_model" / "iter_00000005") in message
     assert not (root / "other_model.hf").exists() and not list(root.glob(".other_model.hf.partial*"))

@@ -62,8 +62,12 @@ def test_every_unsupported_feature_is_listed(config):
         model_config_from_hf(bad)
     message = str(err.value)
     assert "4 problem(s)" in message
-    for part in ("qk_normalization is true", "norm_type is 'rms_norm'", "rope_scaling",
-                 "llm_config.hidden_size is missing"):
+    for part in (
+        "qk_normalization is true",
+        "norm_type is 'rms_norm'",
+        "rope_scaling",
+        "llm_config.hidden_size is missing",
+    ):
         assert part in message
 
 

@@ -17,10 +17,19 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("init")
     modules = F.build_modules(F.Spec(seed=20))
     F.write_standalone(root / "qwen", root / "vit", modules)
-    jobs = [dict(op="init", llm_dir=str(root / "qwen"), vision_dir=str(root / "vit"), out_dir=str(root / "stage1"),
-                 tp=2, select_layer=-2, seed=5),
-            dict(op="read_params", ckpt=str(root / "stage1")),
-            dict(op="mcore_to_hf", ckpt=str(root / "stage1"), out_dir=str(root / "hf"))]
+    jobs = [
+        dict(
+            op="init",
+            llm_dir=str(root / "qwen"),
+            vision_dir=str(root / "vit"),
+            out_dir=str(root / "stage1"),
+            tp=2,
+            select_layer=-2,
+            seed=5,
+        ),
+        dict(op="read_params", ckpt=str(root / "stage1")),
+        dict(op="mcore_to_hf", ckpt=str(root / "stage1"), out_dir=str(root / "hf")),
+    ]
     made, params, exported = run_on_ranks(workers.convert_many, 1, jobs)[0]
     assert made["ok"] and exported["ok"], (made, exported)
     return {"root": root, "modules": modules, "params": params}
@@ -38,7 +47,8 @@ def test_vision_and_language_weights_come_from_their_releases(run):
     for name, tensor in sources.items():
         assert torch.equal(exported[name], tensor), name  # all 3 ViT layers, though only 2 are built
     assert sorted(n for n in exported if n.startswith("mlp1.")) == [
-        f"mlp1.{i}.{wb}" for i in (0, 1, 3) for wb in ("bias", "weight")]
+        f"mlp1.{i}.{wb}" for i in (0, 1, 3) for wb in ("bias", "weight")
+    ]
     built = {n.split(".")[3] for n in run["params"] if n.startswith("vision_model.decoder.layers.")}
     assert built == {"0", "1"}
 
@@ -49,7 +59,7 @@ def test_projector_is_freshly_initialized(run):
     assert not p["projector.layer_norm.bias"].any()
     assert not p["projector.mlp.encoder.linear_fc1.bias"].any() and not p["projector.mlp.encoder.linear_fc2.bias"].any()
     assert abs(p["projector.mlp.encoder.linear_fc1.weight"].std().item() - 0.02) < 0.004
-    assert abs(p["projector.mlp.encoder.linear_fc2.weight"].std().item() - 0.02 / 2 ** 0.5) < 0.003
+    assert abs(p["projector.mlp.encoder.linear_fc2.weight"].std().item() - 0.02 / 2**0.5) < 0.003
 
 
 def test_exported_config_and_files(run):

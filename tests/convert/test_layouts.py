@@ -68,9 +68,11 @@ def test_vocab_padding_and_removal():
 def test_expected_names_and_shapes_match_transformers_models(tied, stored, select_layer):
     spec = F.Spec(tied=tied, lm_head_stored=stored, select_layer=select_layer)
     modules = F.build_modules(spec)
-    tensors = {**F.internvit_tensors(modules.vit, "vision_model."),
-               **{f"mlp1.{n}": t for n, t in modules.mlp1.state_dict().items()},
-               **F.qwen_tensors(modules.qwen, "language_model.", stored)}
+    tensors = {
+        **F.internvit_tensors(modules.vit, "vision_model."),
+        **{f"mlp1.{n}": t for n, t in modules.mlp1.state_dict().items()},
+        **F.qwen_tensors(modules.qwen, "language_model.", stored),
+    }
     cfg = model_config_from_hf(F.chat_config(spec, modules.qwen))
     expected = mapping.expected_hf_shapes(cfg, lm_head_stored=stored)
     assert {n: tuple(t.shape) for n, t in tensors.items()} == expected

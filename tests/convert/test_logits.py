@@ -32,15 +32,21 @@ def case(tmp_path_factory):
     def run(name, tp, pp):
         return dict(ckpt=str(root / name / "mcore"), tp=tp, pp=pp, tokens=inputs[name][0], pixels=inputs[name][1])
 
-    jobs = [dict(op="hf_to_mcore", hf_dir=str(root / "tp/hf"), out_dir=str(root / "tp/mcore"), tp=2),
-            dict(op="hf_to_mcore", hf_dir=str(root / "pp/hf"), out_dir=str(root / "pp/mcore"), pp=2),
-            dict(op="layout_logits", **run("tp", 1, 1))]
+    jobs = [
+        dict(op="hf_to_mcore", hf_dir=str(root / "tp/hf"), out_dir=str(root / "tp/mcore"), tp=2),
+        dict(op="hf_to_mcore", hf_dir=str(root / "pp/hf"), out_dir=str(root / "pp/mcore"), pp=2),
+        dict(op="layout_logits", **run("tp", 1, 1)),
+    ]
     converted_tp, converted_pp, tp1 = run_on_ranks(workers.convert_many, 1, jobs)[0]
     assert converted_tp["ok"] and converted_pp["ok"], (converted_tp, converted_pp)
     tp2, pp2 = zip(*run_on_ranks(workers.layout_logits_many, 2, [run("tp", 2, 1), run("pp", 1, 2)]))
     expected = {name: F.expected_logits(modules[name], *inputs[name]) for name in SPECS}
-    return {"modules": modules, "inputs": inputs, "expected": expected,
-            "reports": {"tp1": [tp1], "tp2": [r for r in tp2 if r], "pp2": [r for r in pp2 if r]}}
+    return {
+        "modules": modules,
+        "inputs": inputs,
+        "expected": expected,
+        "reports": {"tp1": [tp1], "tp2": [r for r in tp2 if r], "pp2": [r for r in pp2 if r]},
+    }
 
 
 def _check_logits(case, name, reports):

@@ -53,8 +53,10 @@ def runs(tmp_path_factory):
         dict(op="read_params", ckpt=str(root / "untied/mcore")),
     ]
     for name in ("tied", "tied_stored"):
-        jobs += [dict(op="hf_to_mcore", hf_dir=str(root / name / "hf"), out_dir=str(root / name / "mcore"), pp=2),
-                 dict(op="mcore_to_hf", ckpt=str(root / name / "mcore"), out_dir=str(root / name / "hf2"))]
+        jobs += [
+            dict(op="hf_to_mcore", hf_dir=str(root / name / "hf"), out_dir=str(root / name / "mcore"), pp=2),
+            dict(op="mcore_to_hf", ckpt=str(root / name / "mcore"), out_dir=str(root / name / "hf2")),
+        ]
     jobs += [  # bf16 release -> fp32 checkpoint -> bf16 export (exact) and fp32 export
         dict(op="hf_to_mcore", hf_dir=str(root / "bf16/hf"), out_dir=str(root / "bf16/mcore"), dtype="fp32"),
         dict(op="mcore_to_hf", ckpt=str(root / "bf16/mcore"), out_dir=str(root / "bf16/hf2"), dtype="bf16"),
@@ -63,17 +65,24 @@ def runs(tmp_path_factory):
         dict(op="hf_to_mcore", hf_dir=str(bad), out_dir=str(root / "bad_tie/mcore")),
     ]
     # A checkpoint without its carried ViT layers (as after training): exported with and without --base-hf.
-    jobs_after = [dict(op="mcore_to_hf", ckpt=str(root / "dropped/mcore"), out_dir=str(root / "dropped/hf2")),
-                  dict(op="mcore_to_hf", ckpt=str(root / "dropped/mcore"), out_dir=str(root / "dropped/hf3"),
-                       base_hf=str(root / "untied/hf"))]
+    jobs_after = [
+        dict(op="mcore_to_hf", ckpt=str(root / "dropped/mcore"), out_dir=str(root / "dropped/hf2")),
+        dict(
+            op="mcore_to_hf",
+            ckpt=str(root / "dropped/mcore"),
+            out_dir=str(root / "dropped/hf3"),
+            base_hf=str(root / "untied/hf"),
+        ),
+    ]
     (results,) = run_on_ranks(workers.convert_many, 1, jobs)
     shutil.copytree(root / "untied/mcore", root / "dropped/mcore")
     (root / "dropped/mcore" / HF_SOURCE_DIR / UNUSED_TENSORS_FILE).unlink()
     # A trainer checkpoint (run folder with config.yaml, no conversion record), exported with and without --base-hf.
-    jobs_after += [dict(op="as_trainer_run", ckpt=str(root / "untied/mcore"), run_dir=str(root / "run")),
-                   dict(op="mcore_to_hf", ckpt=str(root / "run"), out_dir=str(root / "run_hf"),
-                        base_hf=str(root / "untied/hf")),
-                   dict(op="mcore_to_hf", ckpt=str(root / "run"), out_dir=str(root / "run_hf_bare"))]
+    jobs_after += [
+        dict(op="as_trainer_run", ckpt=str(root / "untied/mcore"), run_dir=str(root / "run")),
+        dict(op="mcore_to_hf", ckpt=str(root / "run"), out_dir=str(root / "run_hf"), base_hf=str(root / "untied/hf")),
+        dict(op="mcore_to_hf", ckpt=str(root / "run"), out_dir=str(root / "run_hf_bare")),
+    ]
     (after,) = run_on_ranks(workers.convert_many, 1, jobs_after)
     return {"root": root, "modules": modules, "results": results + after, "jobs": jobs + jobs_after}
 
@@ -116,7 +125,8 @@ def test_select_layer_truncates_the_model_and_carries_the_rest(runs):
     vision_layers = {n.split(".")[3] for n in params if n.startswith("vision_model.decoder.layers.")}
     assert vision_layers == {"0", "1"}, "select_layer -2 of 3 layers builds 2"
     assert params["__record__"]["unused_tensors"] and all(
-        ".layers.2." in n for n in params["__record__"]["unused_tensors"])
+        ".layers.2." in n for n in params["__record__"]["unused_tensors"]
+    )
 
 
 def test_bf16_release_through_fp32_checkpoint(runs):

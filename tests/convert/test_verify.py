@@ -24,13 +24,17 @@ def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("verify")
     F.write_chat_checkpoint(root / "hf", F.build_modules(F.Spec(select_layer=-2, seed=30)))
     # One copy with a changed ViT layer scale (only images see it), one with a changed LM weight.
-    for name, tensor in (("bad_vit", "vision_model.encoder.layers.1.ls1"),
-                         ("bad_lm", "language_model.model.layers.0.mlp.down_proj.weight")):
+    for name, tensor in (
+        ("bad_vit", "vision_model.encoder.layers.1.ls1"),
+        ("bad_lm", "language_model.model.layers.0.mlp.down_proj.weight"),
+    ):
         shutil.copytree(root / "hf", root / name)
         F.edit_tensors(root / name, lambda t, tensor=tensor: {**t, tensor: t[tensor] * 1.5})
     jobs = [dict(op="hf_to_mcore", hf_dir=str(root / "hf"), out_dir=str(root / "mcore"), tp=2)]
-    jobs += [dict(op="verify", hf_dir=str(root / name), ckpt=str(root / "mcore"), atol=1e-4, min_top1=1.0)
-             for name in ("hf", "bad_vit")]
+    jobs += [
+        dict(op="verify", hf_dir=str(root / name), ckpt=str(root / "mcore"), atol=1e-4, min_top1=1.0)
+        for name in ("hf", "bad_vit")
+    ]
     converted, good, bad_vit = run_on_ranks(workers.convert_many, 1, jobs)[0]
     assert converted["ok"], converted
     return {"root": root, "good": good, "bad_vit": bad_vit}

@@ -82,9 +82,15 @@ def _forward(model, tokens: torch.Tensor, pixels: torch.Tensor) -> Optional[torc
 
         return out, loss_fn
 
-    get_forward_backward_func()(forward_step_func=step, data_iterator=iter([(tokens, pixels)]), model=[model],
-                                num_microbatches=1, seq_length=tokens.shape[1], micro_batch_size=1,
-                                forward_only=True)
+    get_forward_backward_func()(
+        forward_step_func=step,
+        data_iterator=iter([(tokens, pixels)]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=tokens.shape[1],
+        micro_batch_size=1,
+        forward_only=True,
+    )
     return captured.get("logits")
 
 
@@ -119,7 +125,6 @@ def layout_logits(ckpt: str, tp: int, pp: int, tokens: torch.Tensor, pixels: tor
         return out if parallel_state.get_tensor_model_parallel_rank() == 0 else None
     finally:
         destroy_distributed()
-
 
 
 def layout_logits_many(cases: List[Dict]) -> List[Optional[Dict]]:

@@ -25,8 +25,12 @@ def truncated_with_eoi(jpeg: bytes, keep: float = 0.5) -> bytes:
     return jpeg[: int(len(jpeg) * keep)] + b"\xff\xd9"
 
 
-def llava(rid: str, images: Union[None, str, Sequence[str], object], text: str = "<image>\nWhat is this?",
-          answer: str = "A picture.") -> dict:
+def llava(
+    rid: str,
+    images: Union[None, str, Sequence[str], object],
+    text: str = "<image>\nWhat is this?",
+    answer: str = "A picture.",
+) -> dict:
     rec = {"id": rid, "conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": answer}]}
     if images is not None:
         rec["image"] = images

@@ -18,5 +18,6 @@ def test_bench_reports_all_paths():
 def test_baseline_computes_the_same_tiles_as_the_pil_path():
     data = sample_photos()[1]
     plan = plan_tiles(451, 300, 1, 6, 112, True)
-    torch.testing.assert_close(internvl_baseline(data, plan, 112), PilTileDecoder()([data], [plan], 112),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        internvl_baseline(data, plan, 112), PilTileDecoder()([data], [plan], 112), atol=1e-6, rtol=0
+    )

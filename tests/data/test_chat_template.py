@@ -8,8 +8,13 @@ from sail_megatron.data.sample import MalformedSample, VLSample
 from sail_megatron.data.tiling import TilePlan
 from sail_megatron.data.tokenizer import build_demo_tokenizer, load_tokenizer
 
-TEXTS = ["a cat sits on a red mat", "what is in the picture?", "the answer is a rocket on a launch pad",
-         "describe both images", "system prompt text"] * 20
+TEXTS = [
+    "a cat sits on a red mat",
+    "what is in the picture?",
+    "the answer is a rocket on a launch pad",
+    "describe both images",
+    "system prompt text",
+] * 20
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +48,19 @@ def test_caption_layout_and_loss(tok):
 
 def test_conversation_trains_on_answers_only(tok):
     t = ChatTemplate(tok, tokens_per_tile=2, system_prompt="system prompt text")
-    turns = [("user", "describe both images\n<image> and <image>"), ("assistant", "a cat sits on a red mat"),
-             ("user", "what is in the picture?"), ("assistant", "the answer is a rocket on a launch pad")]
+    turns = [
+        ("user", "describe both images\n<image> and <image>"),
+        ("assistant", "a cat sits on a red mat"),
+        ("user", "what is in the picture?"),
+        ("assistant", "the answer is a rocket on a launch pad"),
+    ]
     enc = t.encode(_sample("conversation", turns, 2), [b"a", b"b"], [ONE, FOUR], 512)
     assert trained_text(tok, enc) == "a cat sits on a red mat<|im_end|>the answer is a rocket on a launch pad<|im_end|>"
     assert int((enc.tokens == tok.ids.img_context).sum()) == (1 + 4) * 2
     text = tok.decode(enc.tokens.tolist())
-    assert text.startswith("<|im_start|>system\nsystem prompt text<|im_end|>\n<|im_start|>user\ndescribe both images\n<img>")
+    assert text.startswith(
+        "<|im_start|>system\nsystem prompt text<|im_end|>\n<|im_start|>user\ndescribe both images\n<img>"
+    )
     assert "<|im_start|>assistant\n" in text
 
 
@@ -64,8 +75,12 @@ def test_placeholder_count_must_match_images(tok):
 
 def test_over_length_drops_whole_rounds_first(tok):
     t = ChatTemplate(tok, tokens_per_tile=2)
-    turns = [("user", "<image> what is in the picture?"), ("assistant", "a cat sits on a red mat"),
-             ("user", "<image> describe both images"), ("assistant", "the answer is a rocket on a launch pad " * 3)]
+    turns = [
+        ("user", "<image> what is in the picture?"),
+        ("assistant", "a cat sits on a red mat"),
+        ("user", "<image> describe both images"),
+        ("assistant", "the answer is a rocket on a launch pad " * 3),
+    ]
     full = t.encode(_sample("conversation", turns, 2), [b"a", b"b"], [ONE, ONE], 1024)
     short = t.encode(_sample("conversation", turns, 2), [b"a", b"b"], [ONE, ONE], full.num_tokens - 5)
     assert short.notes == {"dropped_rounds": 1}
@@ -109,22 +124,43 @@ def test_control_token_strings_in_sample_text_stay_text(tok):
     full = torch.cat([enc.tokens, enc.labels[-1:]]).tolist()
     split = lambda s: tok.hf.encode(s, add_special_tokens=False, split_special_tokens=True)  # noqa: E731
     ids, nl, ctx = tok.ids, tok.encode("\n"), [tok.ids.img_context] * (4 * 2)
-    assert full == ([ids.im_start] + split(f"system\n{system}") + [ids.im_end] + nl
-                    + [ids.im_start] + split("user\n") + [ids.img_start] + ctx + [ids.img_end]
-                    + split(f"\nwhat is {CONTROL} here?") + [ids.im_end] + nl
-                    + [ids.im_start] + split("assistant\n") + split(answer) + [ids.im_end] + nl)
+    assert full == (
+        [ids.im_start]
+        + split(f"system\n{system}")
+        + [ids.im_end]
+        + nl
+        + [ids.im_start]
+        + split("user\n")
+        + [ids.img_start]
+        + ctx
+        + [ids.img_end]
+        + split(f"\nwhat is {CONTROL} here?")
+        + [ids.im_end]
+        + nl
+        + [ids.im_start]
+        + split("assistant\n")
+        + split(answer)
+        + [ids.im_end]
+        + nl
+    )
     assert trained_text(tok, enc) == f"{answer}<|im_end|>"
     caption = t.encode(_sample("caption", [("caption", f"a cat {CONTROL}")], 1), [b"x"], [ONE], 256)
     ctl = _ids_of(tok, "im_start", "img_start", "img_end", "img_context", "pad")
-    assert not ctl & set(caption.tokens[1 + 2 + 1:].tolist()), "no control id after the image block"
+    assert not ctl & set(caption.tokens[1 + 2 + 1 :].tolist()), "no control id after the image block"
     assert trained_text(tok, caption) == f"a cat {CONTROL}<|im_end|>"
 
 
 def test_normal_conversations_render_the_same_ids_as_plain_encoding(tok, monkeypatch):
-    turns = [("user", "describe both images\n<image> and <image>"), ("assistant", "a cat sits on a red mat"),
-             ("user", "what is in the picture?"), ("assistant", "the answer is a rocket on a launch pad")]
-    samples = [(_sample("conversation", turns, 2), [ONE, FOUR]),
-               (_sample("caption", [("caption", "a cat sits on a red mat")], 1), [WITH_THUMB])]
+    turns = [
+        ("user", "describe both images\n<image> and <image>"),
+        ("assistant", "a cat sits on a red mat"),
+        ("user", "what is in the picture?"),
+        ("assistant", "the answer is a rocket on a launch pad"),
+    ]
+    samples = [
+        (_sample("conversation", turns, 2), [ONE, FOUR]),
+        (_sample("caption", [("caption", "a cat sits on a red mat")], 1), [WITH_THUMB]),
+    ]
     new = [ChatTemplate(tok, 2, "system prompt text").encode(s, s.images, p, 512) for s, p in samples]
     monkeypatch.setattr(tok, "encode_text", tok.encode)  # the template as it tokenized before
     old = [ChatTemplate(tok, 2, "system prompt text").encode(s, s.images, p, 512) for s, p in samples]

@@ -114,24 +114,40 @@ def test_corrupt_image_drops_the_pipeline_and_later_batches_still_match_pil(phot
 def test_materializer_keeps_the_good_images_of_a_batch_with_a_corrupt_one(photos, caplog):
     images = [photos[0], _corrupt(photos[1]), photos[2]]
     plans = _plans(images)
-    raw = RawBatch(keys=["a", "b", "c"], tokens=torch.zeros(3, 8, dtype=torch.long),
-                   labels=torch.zeros(3, 8, dtype=torch.long), loss_mask=torch.ones(3, 8),
-                   position_ids=torch.zeros(3, 8, dtype=torch.long), images=images, plans=plans,
-                   image_sample=[0, 1, 2], spans=[(0, 0, 8), (1, 0, 8), (2, 0, 8)])
+    raw = RawBatch(
+        keys=["a", "b", "c"],
+        tokens=torch.zeros(3, 8, dtype=torch.long),
+        labels=torch.zeros(3, 8, dtype=torch.long),
+        loss_mask=torch.ones(3, 8),
+        position_ids=torch.zeros(3, 8, dtype=torch.long),
+        images=images,
+        plans=plans,
+        image_sample=[0, 1, 2],
+        spans=[(0, 0, 8), (1, 0, 8), (2, 0, 8)],
+    )
     materialize = BatchMaterializer(DaliTileDecoder(torch.device("cpu")), TILE, torch.device("cpu"))
     caplog.set_level(logging.WARNING)
     batch = materialize(raw)
     n0, n1 = plans[0].num_tiles, plans[1].num_tiles
     assert_matches_reference(batch.pixel_values[:n0], images[:1])
-    assert batch.pixel_values[n0:n0 + n1].eq(0).all()
-    assert_matches_reference(batch.pixel_values[n0 + n1:], images[2:])
+    assert batch.pixel_values[n0 : n0 + n1].eq(0).all()
+    assert_matches_reference(batch.pixel_values[n0 + n1 :], images[2:])
     assert batch.loss_mask.sum(1).tolist() == [8, 0, 8]
     assert materialize.skipped == {"decode_failed": 1}
     assert any("sample b failed to decode" in r.message for r in caplog.records)
-    later = materialize(RawBatch(keys=["d"], tokens=torch.zeros(1, 8, dtype=torch.long),
-                                 labels=torch.zeros(1, 8, dtype=torch.long), loss_mask=torch.ones(1, 8),
-                                 position_ids=torch.zeros(1, 8, dtype=torch.long), images=photos,
-                                 plans=_plans(photos), image_sample=[0, 0, 0], spans=[(0, 0, 8)]))
+    later = materialize(
+        RawBatch(
+            keys=["d"],
+            tokens=torch.zeros(1, 8, dtype=torch.long),
+            labels=torch.zeros(1, 8, dtype=torch.long),
+            loss_mask=torch.ones(1, 8),
+            position_ids=torch.zeros(1, 8, dtype=torch.long),
+            images=photos,
+            plans=_plans(photos),
+            image_sample=[0, 0, 0],
+            spans=[(0, 0, 8)],
+        )
+    )
     assert_matches_reference(later.pixel_values, photos)
     assert materialize.skipped == {"decode_failed": 1}
 

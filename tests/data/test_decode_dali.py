@@ -25,9 +25,13 @@ def _encode(array, fmt: str, mode: str = None) -> bytes:
 
 @pytest.fixture(scope="module")
 def photos():
-    return [_encode(skdata.astronaut(), "JPEG"), _encode(skdata.chelsea(), "JPEG"),
-            _encode(skdata.rocket(), "PNG"), _encode(skdata.camera(), "JPEG"),  # grayscale
-            _encode(skdata.coffee(), "PNG", "RGBA")]  # alpha: routed to the reference
+    return [
+        _encode(skdata.astronaut(), "JPEG"),
+        _encode(skdata.chelsea(), "JPEG"),
+        _encode(skdata.rocket(), "PNG"),
+        _encode(skdata.camera(), "JPEG"),  # grayscale
+        _encode(skdata.coffee(), "PNG", "RGBA"),
+    ]  # alpha: routed to the reference
 
 
 @pytest.mark.parametrize("tile_size", [448, 112])

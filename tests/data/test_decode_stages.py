@@ -33,11 +33,20 @@ def _packed_raw() -> RawBatch:
     second = [1] + [IMG] * PER_TILE + [4, 5, 6]
     tokens = torch.tensor([first + second])
     n1, n = len(first), tokens.shape[1]
-    return RawBatch(keys=["a", "b"], tokens=tokens, labels=tokens.roll(-1, 1), loss_mask=torch.ones(1, n),
-                    position_ids=torch.cat([torch.arange(n1), torch.arange(n - n1)])[None],
-                    images=[b"first", b"second"], plans=PLANS, image_sample=[0, 1],
-                    spans=[(0, 0, n1), (0, n1, n)], skipped={"image_empty": 1},
-                    cu_seqlens=torch.tensor([0, n1, n], dtype=torch.int32), max_seqlen=max(n1, n - n1))
+    return RawBatch(
+        keys=["a", "b"],
+        tokens=tokens,
+        labels=tokens.roll(-1, 1),
+        loss_mask=torch.ones(1, n),
+        position_ids=torch.cat([torch.arange(n1), torch.arange(n - n1)])[None],
+        images=[b"first", b"second"],
+        plans=PLANS,
+        image_sample=[0, 1],
+        spans=[(0, 0, n1), (0, n1, n)],
+        skipped={"image_empty": 1},
+        cu_seqlens=torch.tensor([0, n1, n], dtype=torch.int32),
+        max_seqlen=max(n1, n - n1),
+    )
 
 
 def _materializer(decoder, first_stage: bool) -> BatchMaterializer:
@@ -70,8 +79,9 @@ def test_metered_tiles_and_flops_are_the_same_on_every_stage():
     tallies = []
     for first_stage in (True, False):
         materialize = _materializer(CountingDecoder(), first_stage)
-        data = MeteredData(from_loader([_packed_raw(), _packed_raw()], materialize), get_preset("tiny"),
-                           Trains(True, True, True))
+        data = MeteredData(
+            from_loader([_packed_raw(), _packed_raw()], materialize), get_preset("tiny"), Trains(True, True, True)
+        )
         next(data), next(data)
         tallies.append(data.take_tally())
     assert tallies[0].tiles == tallies[1].tiles == 8
@@ -80,8 +90,9 @@ def test_metered_tiles_and_flops_are_the_same_on_every_stage():
 
 def test_batch_without_pixels_carries_its_tile_count():
     tokens = torch.zeros(1, 4, dtype=torch.long)
-    batch = Batch(tokens=tokens, labels=tokens, loss_mask=torch.ones(1, 4), position_ids=tokens,
-                  pixel_values=None, tile_count=3)
+    batch = Batch(
+        tokens=tokens, labels=tokens, loss_mask=torch.ones(1, 4), position_ids=tokens, pixel_values=None, tile_count=3
+    )
     assert batch.to(torch.device("cpu")).num_tiles == 3
     with pytest.raises(ValueError, match="tile_count"):
         Batch(tokens=tokens, labels=tokens, loss_mask=torch.ones(1, 4), position_ids=tokens, pixel_values=None)
@@ -97,8 +108,11 @@ def test_build_loader_decodes_only_on_the_first_pipeline_stage(monkeypatch, firs
     monkeypatch.setattr(parallel_state, "get_data_parallel_world_size", lambda: 1)
     monkeypatch.setattr(parallel_state, "is_pipeline_first_stage", lambda ignore_virtual=False: first_stage)
     monkeypatch.setattr(loader_module, "build_train_loader", lambda *a, **k: [_packed_raw()])
-    cfg = SimpleNamespace(model=SimpleNamespace(vision=SimpleNamespace(image_size=TILE), tokens_per_tile=PER_TILE),
-                          data=SimpleNamespace(decoder="pil", max_pixels=DEFAULT_MAX_PIXELS), run=SimpleNamespace(seed=0))
+    cfg = SimpleNamespace(
+        model=SimpleNamespace(vision=SimpleNamespace(image_size=TILE), tokens_per_tile=PER_TILE),
+        data=SimpleNamespace(decoder="pil", max_pixels=DEFAULT_MAX_PIXELS),
+        run=SimpleNamespace(seed=0),
+    )
     tokenizer = SimpleNamespace(ids=SimpleNamespace(img_context=IMG))
     _, materialize = build_loader(cfg, tokenizer, torch.device("cpu"))
     assert materialize.decode_images is first_stage

@@ -31,9 +31,7 @@ def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
 
 
 def png_build(chunks: list[tuple[bytes, bytes]]) -> bytes:
-    body = b"".join(
-        struct.pack(">I", len(p)) + t + p + struct.pack(">I", zlib.crc32(t + p)) for t, p in chunks
-    )
+    body = b"".join(struct.pack(">I", len(p)) + t + p + struct.pack(">I", zlib.crc32(t + p)) for t, p in chunks)
     return b"\x89PNG\r\n\x1a\n" + body
 
 

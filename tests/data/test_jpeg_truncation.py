@@ -78,10 +78,17 @@ def test_prepare_verify_decode_skips_it(tmp_path):
 def test_training_decode_counts_and_names_the_sample(caplog):
     good, cut = photo_jpeg(), truncated_with_eoi(photo_jpeg())
     plan = TilePlan(1, 1, False)
-    raw = RawBatch(keys=["ds/shard-000000.tar/000000001", "ds/shard-000000.tar/000000002"],
-                   tokens=torch.zeros(2, 8, dtype=torch.long), labels=torch.zeros(2, 8, dtype=torch.long),
-                   loss_mask=torch.ones(2, 8), position_ids=torch.zeros(2, 8, dtype=torch.long),
-                   images=[good, cut], plans=[plan, plan], image_sample=[0, 1], spans=[(0, 0, 8), (1, 0, 8)])
+    raw = RawBatch(
+        keys=["ds/shard-000000.tar/000000001", "ds/shard-000000.tar/000000002"],
+        tokens=torch.zeros(2, 8, dtype=torch.long),
+        labels=torch.zeros(2, 8, dtype=torch.long),
+        loss_mask=torch.ones(2, 8),
+        position_ids=torch.zeros(2, 8, dtype=torch.long),
+        images=[good, cut],
+        plans=[plan, plan],
+        image_sample=[0, 1],
+        spans=[(0, 0, 8), (1, 0, 8)],
+    )
     materialize = BatchMaterializer(build_tile_decoder("pil", torch.device("cpu")), 28, torch.device("cpu"))
     caplog.set_level(logging.WARNING, logger="sail_megatron.data.decode")
     batch = materialize(raw)

@@ -27,8 +27,10 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def _conversation(text="<image>\nwhat is this picture"):
-    return {"kind": "conversation", "turns": [{"role": "user", "text": text},
-                                              {"role": "assistant", "text": "a picture of noise"}]}
+    return {
+        "kind": "conversation",
+        "turns": [{"role": "user", "text": text}, {"role": "assistant", "text": "a picture of noise"}],
+    }
 
 
 def _write(out, entries):
@@ -48,17 +50,30 @@ def bad_shards(tmp_path_factory):
     for name, (data, ext, reason) in bad_inputs.cases().items():
         entries.append(({**_conversation(), "id": name}, [(data, ext)]))
         valid += reason is None
-    entries.append(({**_conversation("<image> and <image>"), "id": "placeholder_mismatch"},
-                    [(bad_inputs.cases()["good"][0], "jpg")]))
+    entries.append(
+        (
+            {**_conversation("<image> and <image>"), "id": "placeholder_mismatch"},
+            [(bad_inputs.cases()["good"][0], "jpg")],
+        )
+    )
     entries.append(({"id": "broken_json"}, []))  # no kind/turns
     entries.append(({**_conversation("no image here"), "id": "text_only"}, []))
     return _write(tmp_path_factory.mktemp("shards") / "bad", entries), valid + 1
 
 
 def _loader(path, tokenizer_dir, num_workers=0, shuffle=0, state=None, packing=False, buffer=256):
-    cfg = DataConfig(path=str(path), tokenizer=str(tokenizer_dir), seq_length=128, micro_batch_size=1,
-                     max_tiles=4, num_workers=num_workers, shuffle_buffer_size=shuffle, packing=packing,
-                     max_tiles_per_pack=16, packing_buffer_size=buffer)
+    cfg = DataConfig(
+        path=str(path),
+        tokenizer=str(tokenizer_dir),
+        seq_length=128,
+        micro_batch_size=1,
+        max_tiles=4,
+        num_workers=num_workers,
+        shuffle_buffer_size=shuffle,
+        packing=packing,
+        max_tiles_per_pack=16,
+        packing_buffer_size=buffer,
+    )
     return build_train_loader(cfg, load_tokenizer(tokenizer_dir), TILE, PER_TILE, state=state)
 
 
@@ -89,8 +104,13 @@ def test_worker_process_survives_bad_entries(bad_shards, tokenizer_dir):
 def test_valid_odd_images_decode_to_tiles(bad_shards, tokenizer_dir):
     path, n_valid = bad_shards
     it = iter(_loader(path, tokenizer_dir))
-    materialize = BatchMaterializer(build_tile_decoder("auto", torch.device("cpu")), TILE, torch.device("cpu"),
-                                    PER_TILE, load_tokenizer(tokenizer_dir).ids.img_context)
+    materialize = BatchMaterializer(
+        build_tile_decoder("auto", torch.device("cpu")),
+        TILE,
+        torch.device("cpu"),
+        PER_TILE,
+        load_tokenizer(tokenizer_dir).ids.img_context,
+    )
     for _ in range(n_valid):
         batch = materialize(next(it))
         ctx = int((batch.tokens == load_tokenizer(tokenizer_dir).ids.img_context).sum())
@@ -145,10 +165,18 @@ def test_decode_failure_masks_only_that_sample():
             raise RuntimeError("decoder error")
         return torch.ones(sum(p.num_tiles for p in plans), 3, tile_size, tile_size)
 
-    raw = RawBatch(keys=["a", "b"], tokens=torch.zeros(2, 8, dtype=torch.long), labels=torch.zeros(2, 8, dtype=torch.long),
-                   loss_mask=torch.ones(2, 8), position_ids=torch.zeros(2, 8, dtype=torch.long),
-                   images=[good, b"bad"], plans=[TilePlan(1, 1, False), TilePlan(2, 1, True)], image_sample=[0, 1],
-                   spans=[(0, 0, 8), (1, 0, 8)], skipped={"image_empty": 2})
+    raw = RawBatch(
+        keys=["a", "b"],
+        tokens=torch.zeros(2, 8, dtype=torch.long),
+        labels=torch.zeros(2, 8, dtype=torch.long),
+        loss_mask=torch.ones(2, 8),
+        position_ids=torch.zeros(2, 8, dtype=torch.long),
+        images=[good, b"bad"],
+        plans=[TilePlan(1, 1, False), TilePlan(2, 1, True)],
+        image_sample=[0, 1],
+        spans=[(0, 0, 8), (1, 0, 8)],
+        skipped={"image_empty": 2},
+    )
     materialize = BatchMaterializer(decoder, TILE, torch.device("cpu"))
     batch = materialize(raw)
     assert batch.pixel_values.shape[0] == 1 + 3
@@ -162,8 +190,13 @@ def test_packed_rows_hold_every_valid_sample_once(bad_shards, tokenizer_dir):
     path, n_valid = bad_shards
     it = iter(_loader(path, tokenizer_dir, packing=True, buffer=n_valid))  # one buffer = one epoch
     keys, rows = [], 0
-    materialize = BatchMaterializer(build_tile_decoder("pil", torch.device("cpu")), TILE, torch.device("cpu"),
-                                    PER_TILE, load_tokenizer(tokenizer_dir).ids.img_context)
+    materialize = BatchMaterializer(
+        build_tile_decoder("pil", torch.device("cpu")),
+        TILE,
+        torch.device("cpu"),
+        PER_TILE,
+        load_tokenizer(tokenizer_dir).ids.img_context,
+    )
     ctx_id = load_tokenizer(tokenizer_dir).ids.img_context
     while len(keys) < n_valid:
         raw = next(it)
@@ -183,9 +216,17 @@ def test_packed_rows_hold_every_valid_sample_once(bad_shards, tokenizer_dir):
 
 
 def test_materializer_rejects_tile_token_disagreement():
-    raw = RawBatch(keys=["a"], tokens=torch.tensor([[5, 5, 5, 1]]), labels=torch.zeros(1, 4, dtype=torch.long),
-                   loss_mask=torch.ones(1, 4), position_ids=torch.arange(4)[None], images=[b"x"],
-                   plans=[TilePlan(1, 1, False)], image_sample=[0], spans=[(0, 0, 4)])
+    raw = RawBatch(
+        keys=["a"],
+        tokens=torch.tensor([[5, 5, 5, 1]]),
+        labels=torch.zeros(1, 4, dtype=torch.long),
+        loss_mask=torch.ones(1, 4),
+        position_ids=torch.arange(4)[None],
+        images=[b"x"],
+        plans=[TilePlan(1, 1, False)],
+        image_sample=[0],
+        spans=[(0, 0, 4)],
+    )
     materialize = BatchMaterializer(lambda *a: torch.zeros(1, 3, TILE, TILE), TILE, torch.device("cpu"), PER_TILE, 5)
     with pytest.raises(ValueError, match="3 image tokens for 1 tiles x 4 tokens"):
         materialize(raw)
@@ -193,8 +234,11 @@ def test_materializer_rejects_tile_token_disagreement():
 
 def _skip_log_counts(records) -> Counter:
     """Reasons of the task encoder's 'skipping sample KEY: REASON: detail' lines."""
-    return Counter(r.args[1] for r in records if r.name == "sail_megatron.data.task_encoder"
-                   and r.getMessage().startswith("skipping sample"))
+    return Counter(
+        r.args[1]
+        for r in records
+        if r.name == "sail_megatron.data.task_encoder" and r.getMessage().startswith("skipping sample")
+    )
 
 
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
@@ -221,10 +265,20 @@ def test_every_logged_skip_is_counted_once(bad_shards, tokenizer_dir, caplog, pa
 def literal_control_shards(tmp_path_factory):
     good = bad_inputs.cases()["good"][0]
     control = "<IMG_CONTEXT><img></img> <|im_end|> <|im_start|>assistant\n"
-    entries = [({**_conversation(f"<image>\nwhat is {control} this picture"), "id": "literal_user"}, [(good, "jpg")]),
-               ({"kind": "conversation", "id": "literal_answer",
-                 "turns": [{"role": "user", "text": "<image>\nwhat is this picture"},
-                           {"role": "assistant", "text": f"a picture {control} of noise"}]}, [(good, "jpg")])]
+    entries = [
+        ({**_conversation(f"<image>\nwhat is {control} this picture"), "id": "literal_user"}, [(good, "jpg")]),
+        (
+            {
+                "kind": "conversation",
+                "id": "literal_answer",
+                "turns": [
+                    {"role": "user", "text": "<image>\nwhat is this picture"},
+                    {"role": "assistant", "text": f"a picture {control} of noise"},
+                ],
+            },
+            [(good, "jpg")],
+        ),
+    ]
     entries += [({**_conversation(), "id": f"plain{i}"}, [(good, "jpg")]) for i in range(4)]
     return _write(tmp_path_factory.mktemp("literal") / "literal", entries)
 
@@ -232,8 +286,9 @@ def literal_control_shards(tmp_path_factory):
 def test_control_token_strings_in_text_train_as_text(literal_control_shards, tokenizer_dir):
     tok = load_tokenizer(tokenizer_dir)
     it = iter(_loader(literal_control_shards, tokenizer_dir, packing=True, buffer=6))
-    materialize = BatchMaterializer(build_tile_decoder("pil", torch.device("cpu")), TILE, torch.device("cpu"),
-                                    PER_TILE, tok.ids.img_context)
+    materialize = BatchMaterializer(
+        build_tile_decoder("pil", torch.device("cpu")), TILE, torch.device("cpu"), PER_TILE, tok.ids.img_context
+    )
     keys = []
     while len(set(keys)) < 6:
         raw = next(it)
@@ -249,11 +304,17 @@ def test_control_token_strings_in_text_train_as_text(literal_control_shards, tok
 
 def test_tile_token_disagreement_names_the_sample():
     tokens = torch.tensor([[5, 5, 5, 5, 1, 5, 5, 5, 5, 5]])  # 4 image tokens in the first sample, 5 in the second
-    raw = RawBatch(keys=["ds/shard-0.tar/ok", "ds/shard-0.tar/bad"], tokens=tokens,
-                   labels=torch.zeros(1, 10, dtype=torch.long), loss_mask=torch.ones(1, 10),
-                   position_ids=torch.arange(10)[None], images=[b"x", b"y"],
-                   plans=[TilePlan(1, 1, False), TilePlan(1, 1, False)], image_sample=[0, 1],
-                   spans=[(0, 0, 5), (0, 5, 10)])
+    raw = RawBatch(
+        keys=["ds/shard-0.tar/ok", "ds/shard-0.tar/bad"],
+        tokens=tokens,
+        labels=torch.zeros(1, 10, dtype=torch.long),
+        loss_mask=torch.ones(1, 10),
+        position_ids=torch.arange(10)[None],
+        images=[b"x", b"y"],
+        plans=[TilePlan(1, 1, False), TilePlan(1, 1, False)],
+        image_sample=[0, 1],
+        spans=[(0, 0, 5), (0, 5, 10)],
+    )
     materialize = BatchMaterializer(lambda *a: torch.zeros(2, 3, TILE, TILE), TILE, torch.device("cpu"), PER_TILE, 5)
     with pytest.raises(ValueError) as err:
         materialize(raw)
@@ -268,9 +329,18 @@ def test_each_skip_is_seen_by_one_data_parallel_rank(bad_shards, tokenizer_dir, 
     # and a rank alone (the one that prints) may see none of them.
     path, n_valid = bad_shards
     caplog.set_level(logging.WARNING, logger="sail_megatron.data.task_encoder")
-    cfg = DataConfig(path=str(path), tokenizer=str(tokenizer_dir), seq_length=128, micro_batch_size=1, max_tiles=4,
-                     num_workers=0, shuffle_buffer_size=0, packing=True, max_tiles_per_pack=16,
-                     packing_buffer_size=n_valid)
+    cfg = DataConfig(
+        path=str(path),
+        tokenizer=str(tokenizer_dir),
+        seq_length=128,
+        micro_batch_size=1,
+        max_tiles=4,
+        num_workers=0,
+        shuffle_buffer_size=0,
+        packing=True,
+        max_tiles_per_pack=16,
+        packing_buffer_size=n_valid,
+    )
     seen = []
     for rank in (0, 1):
         caplog.clear()

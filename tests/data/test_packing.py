@@ -60,8 +60,7 @@ def sft_like(n: int, seed: int = 0, text_median: int = 300) -> tuple[np.ndarray,
         count = int(rng.integers(2, 5))
         tiles[i] = _internvl_tiles(rng, max(1, 6 // count), count).sum()
         images[i] = count
-    text = np.where(kind == 0, _lognormal(rng, text_median, 0.9, 50, 3000, n),
-                    _lognormal(rng, 250, 0.8, 20, 1500, n))
+    text = np.where(kind == 0, _lognormal(rng, text_median, 0.9, 50, 3000, n), _lognormal(rng, 250, 0.8, 20, 1500, n))
     return text + tiles * TOKENS_PER_TILE + 2 * images, tiles
 
 
@@ -80,7 +79,7 @@ def first_fit_decreasing(tokens: np.ndarray, tiles: np.ndarray, seq_length: int,
     free_til = np.full(len(tokens) + 1, max_tiles, dtype=np.int64)
     packs: list[list[int]] = []
     for i in sorted(np.flatnonzero(~over).tolist(), key=lambda i: (-tokens[i], i)):
-        room = (free_tok[:len(packs) + 1] >= tokens[i]) & (free_til[:len(packs) + 1] >= tiles[i])
+        room = (free_tok[: len(packs) + 1] >= tokens[i]) & (free_til[: len(packs) + 1] >= tiles[i])
         p = int(np.argmax(room))  # the unopened pack at len(packs) always has room
         if p == len(packs):
             packs.append([])
@@ -111,6 +110,7 @@ def check_plan(plan: PackPlan, tokens, tiles, seq_length: int, max_tiles: int) -
 
 
 # --- invariants -------------------------------------------------------------------------------
+
 
 def _random_case(rng: np.random.Generator):
     n = int(rng.integers(0, 300))
@@ -206,6 +206,7 @@ def test_all_image_with_a_binding_tile_budget():
 
 # --- targets on realistic data --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("make", [sft_like, caption_like], ids=["sft", "caption"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_meets_the_utilization_and_balance_targets(make, seed):
@@ -230,8 +231,11 @@ def test_cap_search_finds_the_smallest_cap_that_keeps_the_slots():
     assert plan.token_utilization(tokens, 1000) >= 0.97
     fits, tie = np.arange(600), np.random.default_rng(0).permutation(600)
     mean = tiles.sum() / math.ceil(tokens.sum() / 1000)
-    caps = [c for c in range(int(tiles.max()), 41)
-            if tokens.sum() / (len(_plan_with_cap(tokens, tiles, fits, tie, 1000, c, mean)) * 1000) >= 0.97]
+    caps = [
+        c
+        for c in range(int(tiles.max()), 41)
+        if tokens.sum() / (len(_plan_with_cap(tokens, tiles, fits, tie, 1000, c, mean)) * 1000) >= 0.97
+    ]
     assert max(plan.tiles_per_pack(tiles)) <= caps[0]
 
 
@@ -267,6 +271,7 @@ def test_plans_100k_samples_quickly():
 
 
 # --- across ranks --------------------------------------------------------------------------------
+
 
 def test_balance_across_ranks_small_case():
     groups = balance_across_ranks([[0], [1], [2], [3]], [4, 3, 2, 1], num_groups=2)

@@ -38,11 +38,14 @@ def test_llava_bad_inputs_are_reported_by_reason(tmp_path, image_dir):
     ]
     src = tmp_path / "data.jsonl"
     src.write_text("\n".join(lines) + "\n")
-    report = prepare(src, image_dir, tmp_path / "out", fmt="llava", shard_size=4, verify_decode=True,
-                     progress=False)
+    report = prepare(src, image_dir, tmp_path / "out", fmt="llava", shard_size=4, verify_decode=True, progress=False)
     expected = {reason for _, _, reason in bad_inputs.cases().values() if reason}
-    assert report.by_reason() == {**{r: 1 for r in expected}, "placeholder_mismatch": 1, "missing_image": 1,
-                                  "malformed_line": 2}
+    assert report.by_reason() == {
+        **{r: 1 for r in expected},
+        "placeholder_mismatch": 1,
+        "missing_image": 1,
+        "malformed_line": 2,
+    }
     valid = [n for n, (_, _, r) in bad_inputs.cases().items() if r is None]
     assert report.written == len(valid) + 3
     assert report.converted == {"added_image_placeholders": 1}
@@ -63,18 +66,51 @@ def test_llava_bad_inputs_are_reported_by_reason(tmp_path, image_dir):
 
 def test_caption_format_and_cli(tmp_path, image_dir, capsys):
     src = tmp_path / "captions.jsonl"
-    src.write_text("\n".join(json.dumps(r) for r in [
-        {"image": "good.jpg", "caption": "Noise."}, {"image": "zero_bytes.jpg", "caption": "Nothing."},
-        {"image": "good_png.png"}]) + "\n")
-    rc = sail_data(["prepare", "--input", str(src), "--images", str(image_dir), "--out", str(tmp_path / "o"),
-                    "--format", "caption"])
+    src.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"image": "good.jpg", "caption": "Noise."},
+                {"image": "zero_bytes.jpg", "caption": "Nothing."},
+                {"image": "good_png.png"},
+            ]
+        )
+        + "\n"
+    )
+    rc = sail_data(
+        [
+            "prepare",
+            "--input",
+            str(src),
+            "--images",
+            str(image_dir),
+            "--out",
+            str(tmp_path / "o"),
+            "--format",
+            "caption",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "wrote 1 samples in 1 shards; skipped 2" in out
     assert "captions.jsonl:2" in out and "image_empty" in out and "malformed_line" in out
     # Refuses to overwrite silently.
-    assert sail_data(["prepare", "--input", str(src), "--images", str(image_dir), "--out", str(tmp_path / "o"),
-                      "--format", "caption"]) == 2
+    assert (
+        sail_data(
+            [
+                "prepare",
+                "--input",
+                str(src),
+                "--images",
+                str(image_dir),
+                "--out",
+                str(tmp_path / "o"),
+                "--format",
+                "caption",
+            ]
+        )
+        == 2
+    )
 
 
 def test_deterministic_shards(tmp_path, image_dir):

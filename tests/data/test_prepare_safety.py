@@ -24,8 +24,9 @@ def _run(capsys, *args: str):
     """(exit code, stderr without the progress bar)."""
     rc = sail_data(["prepare", *args])
     err = capsys.readouterr().err
-    return rc, "\n".join(line for line in err.splitlines()
-                          if line.strip() and "\r" not in line and not line.startswith("prepare: "))
+    return rc, "\n".join(
+        line for line in err.splitlines() if line.strip() and "\r" not in line and not line.startswith("prepare: ")
+    )
 
 
 def _no_leftovers(out: Path) -> None:
@@ -46,6 +47,7 @@ def dataset(tmp_path):
 
 # --- overlapping paths -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("out_of", ["images", "root", "inside_images"])
 def test_out_overlapping_the_inputs_is_refused_and_nothing_is_deleted(dataset, capsys, out_of):
     root, images, src = dataset
@@ -61,8 +63,7 @@ def test_out_overlapping_the_inputs_is_refused_and_nothing_is_deleted(dataset, c
 def test_out_holding_the_input_file_is_refused(tmp_path, capsys):
     images = image_folder(tmp_path / "pics")
     src = write_jsonl(tmp_path / "data" / "train.jsonl", [llava("1", "good.jpg")])
-    rc, err = _run(capsys, "--input", str(src), "--images", str(images), "--out", str(tmp_path / "data"),
-                   "--overwrite")
+    rc, err = _run(capsys, "--input", str(src), "--images", str(images), "--out", str(tmp_path / "data"), "--overwrite")
     assert rc == 2 and "contains the input file" in err
     assert src.is_file()
 
@@ -134,8 +135,10 @@ def test_demo_builds_staged_and_overwrites_its_own_output(tmp_path):
 
 # --- failed runs leave nothing ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", ["empty_input", "missing_input", "max_pixels_0", "workers_0", "bad_split",
-                                  "all_invalid"])
+
+@pytest.mark.parametrize(
+    "case", ["empty_input", "missing_input", "max_pixels_0", "workers_0", "bad_split", "all_invalid"]
+)
 def test_failed_runs_leave_no_out_folder(tmp_path, capsys, case):
     images = image_folder(tmp_path)
     src = write_jsonl(tmp_path / "in.jsonl", [llava("1", "good.jpg")])
@@ -162,8 +165,16 @@ def test_failed_runs_leave_no_out_folder(tmp_path, capsys, case):
 
 def test_non_image_field_types_are_malformed_lines(tmp_path):
     images = image_folder(tmp_path)
-    src = write_jsonl(tmp_path / "in.jsonl", [llava("int", 5), llava("dict", {"path": "good.jpg"}),
-                                              llava("zero", 0), llava("list_int", [1]), llava("ok", "good.jpg")])
+    src = write_jsonl(
+        tmp_path / "in.jsonl",
+        [
+            llava("int", 5),
+            llava("dict", {"path": "good.jpg"}),
+            llava("zero", 0),
+            llava("list_int", [1]),
+            llava("ok", "good.jpg"),
+        ],
+    )
     report = prepare(src, images, tmp_path / "out", progress=False)
     assert report.written == 1
     assert report.by_reason() == {"malformed_line": 4}
@@ -172,12 +183,14 @@ def test_non_image_field_types_are_malformed_lines(tmp_path):
 
 # --- split ratio and energon -----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("ratio", ["banana", "1,1", "0,1,0", "-1,1,1", "nan,0,0", "1,inf,0", "1,0,0,0", ""])
 def test_invalid_split_ratio_is_refused_before_writing(tmp_path, capsys, ratio):
     images = image_folder(tmp_path)
     src = write_jsonl(tmp_path / "in.jsonl", [llava("1", "good.jpg")])
-    rc, err = _run(capsys, "--input", str(src), "--images", str(images), "--out", str(tmp_path / "out"),
-                   f"--split-ratio={ratio}")
+    rc, err = _run(
+        capsys, "--input", str(src), "--images", str(images), "--out", str(tmp_path / "out"), f"--split-ratio={ratio}"
+    )
     assert rc == 2 and "--split-ratio" in err and "positive train share" in err
     _no_leftovers(tmp_path / "out")
 
@@ -185,8 +198,9 @@ def test_invalid_split_ratio_is_refused_before_writing(tmp_path, capsys, ratio):
 def test_a_train_split_without_shards_is_refused(tmp_path, capsys):
     images = image_folder(tmp_path)
     src = write_jsonl(tmp_path / "in.jsonl", [llava(str(i), "good.jpg") for i in range(3)])
-    rc, err = _run(capsys, "--input", str(src), "--images", str(images), "--out", str(tmp_path / "out"),
-                   "--split-ratio", "1,2,0")  # one shard: int(1 * 1/3) = 0 train shards
+    rc, err = _run(
+        capsys, "--input", str(src), "--images", str(images), "--out", str(tmp_path / "out"), "--split-ratio", "1,2,0"
+    )  # one shard: int(1 * 1/3) = 0 train shards
     assert rc == 2 and "leaves the train split no shard" in err
     _no_leftovers(tmp_path / "out")
 
@@ -201,10 +215,13 @@ def test_energon_prepare_without_dataset_yaml_is_an_error(tmp_path):
 
 # --- input encodings and shapes --------------------------------------------------------------------
 
+
 def test_utf8_bom_and_uppercase_suffixes_keep_every_record(tmp_path):
     records = [llava("é1", "good.jpg"), llava("2", "good.jpg")]
-    cases = {"bom.jsonl": write_jsonl(tmp_path / "bom.jsonl", records, bom=True),
-             "upper.JSONL": write_jsonl(tmp_path / "upper.JSONL", records)}
+    cases = {
+        "bom.jsonl": write_jsonl(tmp_path / "bom.jsonl", records, bom=True),
+        "upper.JSONL": write_jsonl(tmp_path / "upper.JSONL", records),
+    }
     for name, text in (("bom.json", json.dumps(records)), ("upper.JSON", json.dumps(records, indent=2))):
         path = tmp_path / name
         path.write_bytes((b"\xef\xbb\xbf" if "bom" in name else b"") + text.encode())
@@ -243,11 +260,13 @@ def test_whole_document_inputs_say_what_the_top_level_must_be(tmp_path, capsys):
 
 # --- samples the trainer would always reject, and paths outside --images ---------------------------
 
+
 def test_placeholder_in_answer_is_skipped(tmp_path):
     images = image_folder(tmp_path)
-    src = write_jsonl(tmp_path / "in.jsonl", [
-        llava("answer", "good.jpg", text="What is this?", answer="It is <image>."),
-        llava("ok", "good.jpg")])
+    src = write_jsonl(
+        tmp_path / "in.jsonl",
+        [llava("answer", "good.jpg", text="What is this?", answer="It is <image>."), llava("ok", "good.jpg")],
+    )
     report = prepare(src, images, tmp_path / "out", progress=False)
     assert report.written == 1
     assert [(s.id, s.reason) for s in report.skipped] == [("answer", "malformed_sample")]
@@ -262,24 +281,56 @@ def test_recipe_budget_skips_what_training_would_skip(tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"model_preset: tiny\ndata: {{tokenizer: {tok}, seq_length: 128, max_tiles: 1}}\n")
     many = ["good.jpg"] * 40
-    src = write_jsonl(tmp_path / "in.jsonl", [llava("many", many, text="<image>" * 40 + " Which?"),
-                                              llava("one", "good.jpg")])
-    rc = sail_data(["prepare", "--input", str(src), "--images", str(images), "--out", str(tmp_path / "out"),
-                    "--recipe", str(recipe)])
+    src = write_jsonl(
+        tmp_path / "in.jsonl", [llava("many", many, text="<image>" * 40 + " Which?"), llava("one", "good.jpg")]
+    )
+    rc = sail_data(
+        [
+            "prepare",
+            "--input",
+            str(src),
+            "--images",
+            str(images),
+            "--out",
+            str(tmp_path / "out"),
+            "--recipe",
+            str(recipe),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "wrote 1 samples" in out and "too_long" in out and "image blocks need" in out
     # Without the recipe the budget is unknown, so the sample is kept.
     assert prepare(src, images, tmp_path / "out2", progress=False).written == 2
-    assert sail_data(["prepare", "--input", str(src), "--images", str(images), "--out", str(tmp_path / "o3"),
-                      "--recipe", str(tmp_path / "none.yaml")]) == 2
+    assert (
+        sail_data(
+            [
+                "prepare",
+                "--input",
+                str(src),
+                "--images",
+                str(images),
+                "--out",
+                str(tmp_path / "o3"),
+                "--recipe",
+                str(tmp_path / "none.yaml"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_paths_outside_images_need_a_flag(tmp_path):
     images = image_folder(tmp_path / "in")
     outside = image_folder(tmp_path / "elsewhere", ["x.jpg"]) / "x.jpg"
-    src = write_jsonl(tmp_path / "in.jsonl", [llava("up", "../../elsewhere/images/x.jpg"),
-                                              llava("abs", str(outside)), llava("ok", "good.jpg"),
-                                              llava("inner", "./good.jpg")])
+    src = write_jsonl(
+        tmp_path / "in.jsonl",
+        [
+            llava("up", "../../elsewhere/images/x.jpg"),
+            llava("abs", str(outside)),
+            llava("ok", "good.jpg"),
+            llava("inner", "./good.jpg"),
+        ],
+    )
     report = prepare(src, images, tmp_path / "out", progress=False)
     assert report.written == 2
     assert sorted((s.id, s.reason) for s in report.skipped) == [("abs", "outside_images"), ("up", "outside_images")]
@@ -288,6 +339,7 @@ def test_paths_outside_images_need_a_flag(tmp_path):
 
 
 # --- unwritable output and a full disk -------------------------------------------------------------
+
 
 def test_out_blocked_by_a_file(tmp_path, capsys):
     images = image_folder(tmp_path)
@@ -325,8 +377,10 @@ def test_disk_full_while_writing_a_shard(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     rc, err = _run(capsys, "--input", str(src), "--images", str(images), "--out", str(out), "--shard-size", "2")
     assert rc == 2
-    assert err.strip() == (f"sail-data: error: cannot write {out}/shard-000001.tar: No space left on device; "
-                           "free space there or choose another --out")
+    assert err.strip() == (
+        f"sail-data: error: cannot write {out}/shard-000001.tar: No space left on device; "
+        "free space there or choose another --out"
+    )
     _no_leftovers(out)
 
 
@@ -336,11 +390,13 @@ def test_file_size_limit_while_writing_is_reported_not_raised(tmp_path):
     big_bmp(images / "big.bmp")
     src = write_jsonl(tmp_path / "in.jsonl", [llava(str(i), "big.bmp") for i in range(4)])
     out = tmp_path / "out"
-    script = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
-              "from sail_megatron.data.cli import main; "
-              f"sys.exit(main(['prepare', '--input', {str(src)!r}, '--images', {str(images)!r}, "
-              f"'--out', {str(out)!r}]))")
+    script = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
+        "from sail_megatron.data.cli import main; "
+        f"sys.exit(main(['prepare', '--input', {str(src)!r}, '--images', {str(images)!r}, "
+        f"'--out', {str(out)!r}]))"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr

@@ -32,6 +32,7 @@ def _shard_ids(folder: Path) -> list:
 
 # --- bounded read-ahead ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("window", [1, 3, 8])
 def test_bounded_map_keeps_order_and_at_most_window_results_alive(window):
     alive, peak, lock = 0, 0, threading.Lock()
@@ -76,8 +77,9 @@ def _max_read_ahead(tmp_path: Path, n: int, workers: int, monkeypatch) -> int:
             written += 1
 
     monkeypatch.setattr(prepare_module._ShardWriter, "write", write)
-    report = prepare(src, images, tmp_path / f"out{n}", workers=workers, shard_size=1000, progress=False,
-                     read_file=read_file)
+    report = prepare(
+        src, images, tmp_path / f"out{n}", workers=workers, shard_size=1000, progress=False, read_file=read_file
+    )
     assert report.written == n
     assert _shard_ids(tmp_path / f"out{n}") == [str(i) for i in range(n)], "input order, whatever the timing"
     return peak
@@ -92,6 +94,7 @@ def test_read_ahead_does_not_grow_with_the_input(tmp_path, monkeypatch):
 
 
 # --- input shards ----------------------------------------------------------------------------------
+
 
 def test_read_records_shards_partition_the_input(tmp_path):
     lines = [json.dumps({"id": i}) for i in range(10)]
@@ -114,8 +117,23 @@ def test_two_shards_hold_every_record_once_and_join_into_a_loadable_blend(tmp_pa
     parts = []
     for k in range(2):
         out = tmp_path / "parts" / f"part{k}"
-        rc = sail_data(["prepare", "--input", str(src), "--images", str(images), "--out", str(out),
-                        "--num-shards", "2", "--shard-index", str(k), "--shard-size", "2"])
+        rc = sail_data(
+            [
+                "prepare",
+                "--input",
+                str(src),
+                "--images",
+                str(images),
+                "--out",
+                str(out),
+                "--num-shards",
+                "2",
+                "--shard-index",
+                str(k),
+                "--shard-size",
+                "2",
+            ]
+        )
         assert rc == 0
         parts.append(out)
     ids = [_shard_ids(p) for p in parts]
@@ -131,12 +149,19 @@ def test_two_shards_hold_every_record_once_and_join_into_a_loadable_blend(tmp_pa
     import yaml
 
     doc = yaml.safe_load(blend.read_text())
-    assert {e["path"]: e["weight"] for e in doc["splits"]["train"]["blend"]} == \
-        {"parts/part0": 5.0, "parts/part1": 4.0}
+    assert {e["path"]: e["weight"] for e in doc["splits"]["train"]["blend"]} == {"parts/part0": 5.0, "parts/part1": 4.0}
 
     tok = build_demo_tokenizer(["what is this", "a picture"] * 10, tmp_path / "tok", vocab_size=300)
-    cfg = DataConfig(path=str(blend), tokenizer=str(tok), seq_length=128, micro_batch_size=1, max_tiles=2,
-                     num_workers=0, shuffle_buffer_size=0, packing=False)
+    cfg = DataConfig(
+        path=str(blend),
+        tokenizer=str(tok),
+        seq_length=128,
+        micro_batch_size=1,
+        max_tiles=2,
+        num_workers=0,
+        shuffle_buffer_size=0,
+        packing=False,
+    )
     it = iter(build_train_loader(cfg, load_tokenizer(tok), 56, 4))
     sources = Counter(next(it).keys[0].split("/")[0] for _ in range(40))
     assert set(sources) == {"part0", "part1"}, sources
@@ -164,9 +189,14 @@ def test_join_refuses_bad_part_lists(tmp_path, capsys):
 def test_shard_flags_are_checked_first(tmp_path, capsys):
     images = image_folder(tmp_path)
     src = write_jsonl(tmp_path / "in.jsonl", [llava("1", "good.jpg")])
-    for flags in (["--num-shards", "0"], ["--num-shards", "2", "--shard-index", "2"],
-                  ["--num-shards", "2", "--shard-index=-1"]):
-        assert sail_data(["prepare", "--input", str(src), "--images", str(images), "--out", str(tmp_path / "o"),
-                          *flags]) == 2
+    for flags in (
+        ["--num-shards", "0"],
+        ["--num-shards", "2", "--shard-index", "2"],
+        ["--num-shards", "2", "--shard-index=-1"],
+    ):
+        assert (
+            sail_data(["prepare", "--input", str(src), "--images", str(images), "--out", str(tmp_path / "o"), *flags])
+            == 2
+        )
         assert "--num-shards" in capsys.readouterr().err
         assert not (tmp_path / "o").exists()

@@ -44,15 +44,22 @@ def test_special_tokens_are_single_ids_and_round_trip(tok):
     assert len({i[0] for i in ids}) == len(SPECIAL_TOKENS)
     for t in SPECIAL_TOKENS:
         assert tok.decode(tok.encode(t)) == t
-    assert tok.ids == TokenIds(pad=tok.hf.convert_tokens_to_ids(ENDOFTEXT), eos=tok.hf.convert_tokens_to_ids(IM_END),
-                               im_start=tok.encode("<|im_start|>")[0], im_end=tok.encode(IM_END)[0],
-                               img_start=tok.encode(IMG_START)[0], img_end=tok.encode(IMG_END)[0],
-                               img_context=tok.encode(IMG_CONTEXT)[0])
+    assert tok.ids == TokenIds(
+        pad=tok.hf.convert_tokens_to_ids(ENDOFTEXT),
+        eos=tok.hf.convert_tokens_to_ids(IM_END),
+        im_start=tok.encode("<|im_start|>")[0],
+        im_end=tok.encode(IM_END)[0],
+        img_start=tok.encode(IMG_START)[0],
+        img_end=tok.encode(IMG_END)[0],
+        img_context=tok.encode(IMG_CONTEXT)[0],
+    )
 
 
 def test_chat_text_round_trips_and_specials_are_not_merged(tok):
-    text = (f"<|im_start|>user\n{IMG_START}{IMG_CONTEXT * 3}{IMG_END}\nWhat is this? Café 日本<|im_end|>\n"
-            f"<|im_start|>assistant\nA cat.<|im_end|>{ENDOFTEXT}")
+    text = (
+        f"<|im_start|>user\n{IMG_START}{IMG_CONTEXT * 3}{IMG_END}\nWhat is this? Café 日本<|im_end|>\n"
+        f"<|im_start|>assistant\nA cat.<|im_end|>{ENDOFTEXT}"
+    )
     ids = tok.encode(text)
     assert tok.decode(ids) == text
     assert ids.count(tok.ids.img_context) == 3 and ids.count(tok.ids.im_start) == 2
@@ -70,8 +77,10 @@ def test_image_context_run_encodes_to_one_id_each(tok):
 def test_build_is_deterministic(tmp_path, tok_dir):
     again = build_demo_tokenizer(TEXTS, tmp_path / "a", vocab_size=512)
     # A fresh process too: Rust hash maps are seeded per process.
-    script = ("import sys; from sail_megatron.data.tokenizer import build_demo_tokenizer; "
-              f"build_demo_tokenizer({TEXTS!r}, sys.argv[1], vocab_size=512)")
+    script = (
+        "import sys; from sail_megatron.data.tokenizer import build_demo_tokenizer; "
+        f"build_demo_tokenizer({TEXTS!r}, sys.argv[1], vocab_size=512)"
+    )
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "b")], check=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         ref = (tok_dir / name).read_bytes()

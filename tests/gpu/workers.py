@@ -25,10 +25,15 @@ def train_tiny_on_gpu(fp8: Optional[str] = None, steps: int = 4) -> dict:
         cfg.image_context_token_id = IMG_CONTEXT
         model = build_model(cfg, parallel, precision)
         chunks, optimizer, scheduler = setup_training(model, OptimConfig(lr=1e-3), parallel, precision)
-        data = SyntheticImageCaptions(SyntheticConfig(
-            seq_length=128, micro_batch_size=2, image_size=cfg.vision.image_size,
-            tokens_per_tile=cfg.tokens_per_tile, vocab_size=cfg.language.vocab_size)).micro_batches(
-            parallel_state.get_data_parallel_rank(), 1, 2)
+        data = SyntheticImageCaptions(
+            SyntheticConfig(
+                seq_length=128,
+                micro_batch_size=2,
+                image_size=cfg.vision.image_size,
+                tokens_per_tile=cfg.tokens_per_tile,
+                vocab_size=cfg.language.vocab_size,
+            )
+        ).micro_batches(parallel_state.get_data_parallel_rank(), 1, 2)
         losses = [train_step(chunks, optimizer, scheduler, data, 2, 128, 2).loss for _ in range(steps)]
         return {
             "backend": env.backend,

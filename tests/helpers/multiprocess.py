@@ -23,8 +23,14 @@ def free_port() -> int:
 
 
 def _rank_main(fn, rank, world_size, port, results, args, kwargs):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
     torch.set_num_threads(1)  # N ranks share the machine's cores
     try:
         value = fn(*args, **kwargs)
@@ -40,8 +46,9 @@ def run_on_ranks(fn: Callable, world_size: int, *args, timeout: float = 600, **k
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, results, args, kwargs))
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_rank_main, args=(fn, r, world_size, port, results, args, kwargs)) for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     outputs, failures = {}, []

@@ -14,19 +14,34 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 # The GPU recipes' precision and optimizer settings (examples/configs/sail-vl-*/_base.yaml), which the
 # CPU runs through the same megatron-core branches as a GPU.
-GPU_RECIPE_PRECISION = ("precision.dtype=bf16", "parallel.use_distributed_optimizer=true",
-                        "parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true")
+GPU_RECIPE_PRECISION = (
+    "precision.dtype=bf16",
+    "parallel.use_distributed_optimizer=true",
+    "parallel.overlap_grad_reduce=true",
+    "parallel.overlap_param_gather=true",
+)
 
 
 def train_command(config: Path, overrides: Sequence[str], nproc: int = 1) -> List[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-port", str(free_port()), "-m", "sail_megatron.train", "--config", str(config), *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "sail_megatron.train",
+        "--config",
+        str(config),
+        *overrides,
+    ]
 
 
 def run_train(config: Path, overrides: Sequence[str], nproc: int = 1, expect_rc: int = 0):
     """(losses as printed, whole log)."""
-    out = subprocess.run(train_command(config, overrides, nproc), capture_output=True, text=True, env=ENV,
-                         timeout=600)
+    out = subprocess.run(train_command(config, overrides, nproc), capture_output=True, text=True, env=ENV, timeout=600)
     log = out.stdout + out.stderr
     assert out.returncode == expect_rc, log[-4000:]
     return printed_losses(out.stdout), log

@@ -45,10 +45,12 @@ MAX_SHARED_BYTES = 227 * 1024  # H100/H200: the most shared memory one block may
 FLOATS = ("bf16", "fp16", "fp32")
 # (kernel module, dtype): what the model feeds each kernel. tile_normalize reads uint8 pixels and writes the
 # dtype; packed_metadata's dtype is the token ids' (with int32 cu_seqlens, as the model passes them, and int64).
-CASES = ([("merge_vision", d) for d in FLOATS]
-         + [("pixel_shuffle", d) for d in FLOATS]
-         + [("tile_normalize", d) for d in FLOATS]
-         + [("packed_metadata", d) for d in ("int64", "int32")])
+CASES = (
+    [("merge_vision", d) for d in FLOATS]
+    + [("pixel_shuffle", d) for d in FLOATS]
+    + [("tile_normalize", d) for d in FLOATS]
+    + [("packed_metadata", d) for d in ("int64", "int32")]
+)
 
 
 def case_id(module: str, dtype: str) -> str:
@@ -59,6 +61,7 @@ def case_id(module: str, dtype: str) -> str:
 # The child: capture the launches, compile them. Runs with TRITON_INTERPRET unset (see the module docstring).
 # --------------------------------------------------------------------------------------------------------
 
+
 @functools.lru_cache(maxsize=1)
 def _recipe_shapes() -> tuple[dict, ...]:
     """The shapes that decide block sizes, from each model family's base recipe and preset."""
@@ -68,18 +71,31 @@ def _recipe_shapes() -> tuple[dict, ...]:
     for base in RECIPE_BASES:
         cfg = load_train_config(base)
         m = cfg.model
-        shapes.append(dict(recipe=base.parent.name, seq_length=cfg.data.seq_length, tile_size=m.vision.image_size,
-                           patches=m.vision.num_patches, vision_hidden=m.vision.hidden_size,
-                           hidden=m.language.hidden_size, tokens_per_tile=m.tokens_per_tile,
-                           downsample_ratio=m.projector.downsample_ratio))
+        shapes.append(
+            dict(
+                recipe=base.parent.name,
+                seq_length=cfg.data.seq_length,
+                tile_size=m.vision.image_size,
+                patches=m.vision.num_patches,
+                vision_hidden=m.vision.hidden_size,
+                hidden=m.language.hidden_size,
+                tokens_per_tile=m.tokens_per_tile,
+                downsample_ratio=m.projector.downsample_ratio,
+            )
+        )
     return tuple(shapes)
 
 
 def _torch_dtype(name: str):
     import torch
 
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "int64": torch.int64,
-            "int32": torch.int32}[name]
+    return {
+        "bf16": torch.bfloat16,
+        "fp16": torch.float16,
+        "fp32": torch.float32,
+        "int64": torch.int64,
+        "int32": torch.int32,
+    }[name]
 
 
 def _exercise(module: str, dtype: str, shape: dict) -> None:
@@ -138,8 +154,11 @@ def _capture(module: str, dtype: str) -> list:
     from triton.runtime.jit import JITFunction
 
     mod = importlib.import_module(f"sail_megatron.kernels.{module}")
-    kernels = {name: obj for name, obj in vars(mod).items()
-               if isinstance(obj, JITFunction) and obj.fn.__module__ == mod.__name__}
+    kernels = {
+        name: obj
+        for name, obj in vars(mod).items()
+        if isinstance(obj, JITFunction) and obj.fn.__module__ == mod.__name__
+    }
     if not kernels:
         raise RuntimeError(f"{mod.__name__} has no compiled @triton.jit kernels: is TRITON_INTERPRET set?")
     launches: list = []
@@ -176,11 +195,17 @@ def _compile(kernel, signature: dict, constexprs: dict, options: dict) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", ARCH, WARP_SIZE), options=options or None)
+    compiled = triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+        target=GPUTarget("cuda", ARCH, WARP_SIZE),
+        options=options or None,
+    )
     target = re.search(r"^\s*\.target\s+(\S+)", compiled.asm.get("ptx", ""), re.M)
-    return {"ptx_target": target.group(1) if target else None, "cubin_bytes": len(compiled.asm.get("cubin", b"")),
-            "shared_bytes": compiled.metadata.shared}
+    return {
+        "ptx_target": target.group(1) if target else None,
+        "cubin_bytes": len(compiled.asm.get("cubin", b"")),
+        "shared_bytes": compiled.metadata.shared,
+    }
 
 
 def compile_all(out: Path) -> None:
@@ -204,8 +229,11 @@ def compile_all(out: Path) -> None:
                         done[key] = {"error": None, **_compile(kernel, signature, constexprs, options)}
                     except Exception:
                         done[key] = {"error": traceback.format_exc(limit=-8)}
-                    done[key].update(kernel=kernel.fn.__name__, signature=signature,
-                                     constexprs={k: repr(v) for k, v in constexprs.items()})
+                    done[key].update(
+                        kernel=kernel.fn.__name__,
+                        signature=signature,
+                        constexprs={k: repr(v) for k, v in constexprs.items()},
+                    )
                 if done[key] not in entry["launches"]:
                     entry["launches"].append(done[key])
         except Exception:
@@ -218,14 +246,21 @@ def compile_all(out: Path) -> None:
 # The tests.
 # --------------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("sm90")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(work / "triton-cache"), CUDA_VISIBLE_DEVICES="")
     out = work / "results.json"
-    run = subprocess.run([sys.executable, "-m", "tests.kernels.test_compile_sm90", str(out)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.kernels.test_compile_sm90", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, f"the compiling child failed:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
     return json.loads(out.read_text())
 
@@ -253,7 +288,8 @@ def test_every_launch_site_has_a_case(compiled):
     kernel_modules = {p.stem for p in KERNELS_DIR.glob("*.py") if not p.stem.startswith("_")}
     assert kernel_modules <= modules_with_cases, f"kernel modules without a case: {kernel_modules - modules_with_cases}"
     assert launched_in_source and launched_in_source <= compiled_kernels, (
-        f"launched in kernels/ but never compiled here: {sorted(launched_in_source - compiled_kernels)}")
+        f"launched in kernels/ but never compiled here: {sorted(launched_in_source - compiled_kernels)}"
+    )
 
 
 if __name__ == "__main__":

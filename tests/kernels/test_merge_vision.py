@@ -15,7 +15,14 @@ TOL = {
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 SHAPES = [  # (N, H, M): odd sizes around the blocks (512 columns, 4096 // block_h rows)
-    (1, 1, 0), (1, 1, 1), (7, 1, 3), (50, 37, 13), (50, 37, 0), (33, 37, 33), (19, 600, 5), (5, 1536, 2),
+    (1, 1, 0),
+    (1, 1, 1),
+    (7, 1, 3),
+    (50, 37, 13),
+    (50, 37, 0),
+    (33, 37, 33),
+    (19, 600, 5),
+    (5, 1536, 2),
 ]
 DTYPES = [(F32, F32), (BF16, BF16), (F16, F16), (BF16, F32), (F32, BF16), (F16, BF16)]  # (text, vision)
 
@@ -75,12 +82,15 @@ def test_auto_uses_reference_on_cpu():
     assert torch.equal(merge_vision(text, vision, positions, impl="reference"), out)
 
 
-@pytest.mark.parametrize("args, match", [
-    (((10,), (3, 4), (3,)), "2-D"),
-    (((10, 4), (3, 5), (3,)), "hidden sizes differ"),
-    (((10, 4), (3, 4), (2,)), "3 vision rows"),
-    (((2, 4), (3, 4), (3,)), "do not fit"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (((10,), (3, 4), (3,)), "2-D"),
+        (((10, 4), (3, 5), (3,)), "hidden sizes differ"),
+        (((10, 4), (3, 4), (2,)), "3 vision rows"),
+        (((2, 4), (3, 4), (3,)), "do not fit"),
+    ],
+)
 def test_shape_errors(args, match):
     text_shape, vision_shape, pos_shape = args
     positions = torch.arange(pos_shape[0])
@@ -105,8 +115,9 @@ def test_value_and_dtype_errors():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("h, m, dtypes", [(1536, 1024, (BF16, F32)), (3584, 2048, (BF16, BF16)),
-                                          (3583, 777, (F32, F32))])
+@pytest.mark.parametrize(
+    "h, m, dtypes", [(1536, 1024, (BF16, F32)), (3584, 2048, (BF16, BF16)), (3583, 777, (F32, F32))]
+)
 def test_compiled_matches_reference_at_real_sizes(h, m, dtypes):
     text, vision, positions = _inputs(8192, h, m, *dtypes, "cuda")
     text.requires_grad_(True)

@@ -30,7 +30,11 @@ def _assert_same(got, want):
 
 
 CASES = [  # (N, B or sample lengths, image fraction); 1024 is the block, so 1025/2500 cross blocks
-    (1, 1, 0.0), (1, 1, 1.0), (37, 3, 0.3), (1025, 4, 0.5), (2500, 9, 0.4),
+    (1, 1, 0.0),
+    (1, 1, 1.0),
+    (37, 3, 0.3),
+    (1025, 4, 0.5),
+    (2500, 9, 0.4),
     (300, 1, 1.0),  # M == N
     (300, 5, 0.0),  # M == 0
     (64, 64, 0.5),  # random cuts with many empty samples

@@ -16,7 +16,7 @@ TOL = {
 def _internvl_pixel_shuffle(x, downsample_ratio, ps_version):
     """The InternVL function verbatim, as the oracle that the kernel's reference must equal bit for bit."""
     n, num_patches, c = x.shape
-    g = int(round(num_patches ** 0.5))
+    g = int(round(num_patches**0.5))
     r = downsample_ratio
     x = x.reshape(n, g, g, c)
     x = x.view(n, g, int(g * r), int(c / r))
@@ -28,8 +28,14 @@ def _internvl_pixel_shuffle(x, downsample_ratio, ps_version):
 
 
 CASES = [  # (n, g, c, ratio)
-    (1, 2, 12, 0.5), (3, 4, 20, 0.5), (2, 6, 12, 0.5), (1, 6, 20, 0.5), (2, 4, 1, 0.5),
-    (2, 6, 12, 1 / 3), (1, 8, 4, 0.25), (2, 3, 5, 1.0),
+    (1, 2, 12, 0.5),
+    (3, 4, 20, 0.5),
+    (2, 6, 12, 0.5),
+    (1, 6, 20, 0.5),
+    (2, 4, 1, 0.5),
+    (2, 6, 12, 1 / 3),
+    (1, 8, 4, 0.25),
+    (2, 3, 5, 1.0),
 ]
 
 
@@ -77,15 +83,18 @@ def test_empty_batch(device):
     assert pixel_shuffle(x, impl="triton").shape == (0, 4, 32)
 
 
-@pytest.mark.parametrize("shape, ratio, version, match", [
-    ((4, 12), 0.5, "v2", "tiles, patches, channels"),
-    ((1, 10, 4), 0.5, "v2", "square patch grid"),
-    ((1, 16, 4), 0.3, "v2", "1/k for an integer k"),
-    ((1, 16, 4), 0.0, "v2", "1/k for an integer k"),
-    ((1, 16, 4), 2.0, "v2", "1/k for an integer k"),
-    ((1, 36, 4), 0.25, "v2", "does not split into 4x4"),
-    ((1, 16, 4), 0.5, "v3", "ps_version"),
-])
+@pytest.mark.parametrize(
+    "shape, ratio, version, match",
+    [
+        ((4, 12), 0.5, "v2", "tiles, patches, channels"),
+        ((1, 10, 4), 0.5, "v2", "square patch grid"),
+        ((1, 16, 4), 0.3, "v2", "1/k for an integer k"),
+        ((1, 16, 4), 0.0, "v2", "1/k for an integer k"),
+        ((1, 16, 4), 2.0, "v2", "1/k for an integer k"),
+        ((1, 36, 4), 0.25, "v2", "does not split into 4x4"),
+        ((1, 16, 4), 0.5, "v3", "ps_version"),
+    ],
+)
 def test_errors(shape, ratio, version, match):
     with pytest.raises(ValueError, match=match):
         pixel_shuffle(torch.zeros(shape), ratio, version, impl="triton")

@@ -15,9 +15,9 @@ from sail_megatron.kernels.tile_normalize import (
 # multiples of 1/255), so fp32 gets an absolute bound of 4 ulps at |x| < 4 (2**-20); bf16/fp16 may round the
 # other way at most once: 1 ulp relative (2**-7 / 2**-10), plus a hair for the fp32 part.
 TOL = {
-    torch.float32: dict(atol=2.0 ** -20, rtol=0.0),
-    torch.bfloat16: dict(atol=1e-6, rtol=2.0 ** -7),
-    torch.float16: dict(atol=1e-6, rtol=2.0 ** -10),
+    torch.float32: dict(atol=2.0**-20, rtol=0.0),
+    torch.bfloat16: dict(atol=1e-6, rtol=2.0**-7),
+    torch.float16: dict(atol=1e-6, rtol=2.0**-10),
 }
 DTYPES = list(TOL)
 
@@ -32,8 +32,9 @@ def _assert_close(actual, expected):
     torch.testing.assert_close(actual, expected, **TOL[expected.dtype])
 
 
-@pytest.mark.parametrize("rows, cols, size", [(1, 1, 1), (1, 1, 5), (2, 3, 8), (3, 1, 7), (1, 2, 33)],
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "rows, cols, size", [(1, 1, 1), (1, 1, 5), (2, 3, 8), (3, 1, 7), (1, 2, 33)], ids=lambda v: str(v)
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_tiles_from_grid_matches_reference(rows, cols, size, dtype, device):
     image = _image(rows * size, cols * size, device)
@@ -64,11 +65,14 @@ def test_strided_inputs_and_custom_stats(dtype, device):
     stats = dict(mean=(0.5, 0.25, 0.125), std=(0.5, 0.3, 0.7))
     rgba = _image(2 * 6, 3 * 6, device, channels=4)
     image = rgba[..., :3]  # channel stride 1, pixel stride 4
-    _assert_close(tiles_from_grid(image, 2, 3, 6, dtype=dtype, impl="triton", **stats),
-                  tiles_from_grid_reference(image, 2, 3, 6, dtype=dtype, **stats))
+    _assert_close(
+        tiles_from_grid(image, 2, 3, 6, dtype=dtype, impl="triton", **stats),
+        tiles_from_grid_reference(image, 2, 3, 6, dtype=dtype, **stats),
+    )
     tiles = _image(6, 6, device)[None].expand(3, 6, 6, 3)  # stride 0 over tiles
-    _assert_close(normalize_hwc(tiles, dtype=dtype, impl="triton", **stats),
-                  normalize_hwc_reference(tiles, dtype=dtype, **stats))
+    _assert_close(
+        normalize_hwc(tiles, dtype=dtype, impl="triton", **stats), normalize_hwc_reference(tiles, dtype=dtype, **stats)
+    )
 
 
 @pytest.mark.parametrize("n, size", [(1, 1), (3, 9), (2, 33)])
@@ -104,7 +108,9 @@ def test_errors():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_compiled_matches_reference_at_real_sizes(dtype):
     image = _image(2 * 448, 3 * 448, "cuda")
-    _assert_close(tiles_from_grid(image, 2, 3, 448, dtype=dtype),  # auto: compiled Triton on CUDA
-                  tiles_from_grid_reference(image, 2, 3, 448, dtype=dtype))
+    _assert_close(
+        tiles_from_grid(image, 2, 3, 448, dtype=dtype),  # auto: compiled Triton on CUDA
+        tiles_from_grid_reference(image, 2, 3, 448, dtype=dtype),
+    )
     tiles = torch.randint(0, 256, (12, 448, 448, 3), dtype=torch.uint8, device="cuda")
     _assert_close(normalize_hwc(tiles, dtype=dtype), normalize_hwc_reference(tiles, dtype=dtype))

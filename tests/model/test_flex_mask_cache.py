@@ -85,6 +85,7 @@ def test_flex_document_mask_matches_the_sdpa_reference(monkeypatch):
     q = torch.randn(1, 4, 200, 16, generator=g)
     k, v = (torch.randn(1, 2, 200, 16, generator=g) for _ in range(2))  # GQA: 2 groups for 4 heads
     out = packed_attention._flex_document_attention(q, k, v, cu, 0.25)
-    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
-                                         attn_mask=document_causal_mask(cu, 200), scale=0.25)
+    ref = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=document_causal_mask(cu, 200), scale=0.25
+    )
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -13,7 +13,7 @@ def reference(x: torch.Tensor, k: int, ps_version: str) -> torch.Tensor:
     offset b, c); v2 orders the output tokens row-major over (i, j); v1 leaves them transposed, (j, i).
     """
     n, num, c = x.shape
-    g = int(num ** 0.5)
+    g = int(num**0.5)
     grid = x.reshape(n, g, g, c)
     out = torch.empty(n, g // k, g // k, k * k * c)
     for i in range(g // k):

@@ -44,13 +44,17 @@ def assert_count(actual: int, expected: int, what: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- language
 
+
 def hf_qwen2_parameters(lang: LanguageConfig, tie_word_embeddings: bool) -> int:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        hidden_size=lang.hidden_size, intermediate_size=lang.ffn_hidden_size,
-        num_hidden_layers=lang.num_layers, num_attention_heads=lang.num_attention_heads,
-        num_key_value_heads=lang.num_query_groups, vocab_size=lang.vocab_size,
+        hidden_size=lang.hidden_size,
+        intermediate_size=lang.ffn_hidden_size,
+        num_hidden_layers=lang.num_layers,
+        num_attention_heads=lang.num_attention_heads,
+        num_key_value_heads=lang.num_query_groups,
+        vocab_size=lang.vocab_size,
         tie_word_embeddings=tie_word_embeddings,
     )
     with torch.device("meta"):
@@ -97,10 +101,19 @@ def hf_internvit_parameters(num_layers: int = 24):
     from transformers.models.internvl import InternVLVisionConfig, InternVLVisionModel
 
     config = InternVLVisionConfig(
-        hidden_size=1024, num_hidden_layers=num_layers, num_attention_heads=16, intermediate_size=4096,
-        image_size=[448, 448], patch_size=[14, 14], use_qk_norm=False, attention_bias=True,
-        norm_type="layer_norm", use_mean_pooling=False, use_absolute_position_embeddings=True,
-        layer_scale_init_value=0.1, use_mask_token=False,
+        hidden_size=1024,
+        num_hidden_layers=num_layers,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        image_size=[448, 448],
+        patch_size=[14, 14],
+        use_qk_norm=False,
+        attention_bias=True,
+        norm_type="layer_norm",
+        use_mean_pooling=False,
+        use_absolute_position_embeddings=True,
+        layer_scale_init_value=0.1,
+        use_mask_token=False,
     )
     with torch.device("meta"):
         model = InternVLVisionModel(config)
@@ -138,10 +151,11 @@ def test_vision_built_stops_at_select_layer(hf_vision):
 
 # --------------------------------------------------------------------------------------------- projector
 
+
 @pytest.mark.parametrize("preset", ["sail-vl-2b", "sail-vl-8b"])
 def test_projector_count_matches_torch_mlp(preset):
     cfg = get_preset(preset)
-    width = cfg.vision.hidden_size * cfg.projector.merge_factor ** 2
+    width = cfg.vision.hidden_size * cfg.projector.merge_factor**2
     assert width == 4096
     h = cfg.language.hidden_size
     with torch.device("meta"):
@@ -150,6 +164,7 @@ def test_projector_count_matches_torch_mlp(preset):
 
 
 # ------------------------------------------------------------------------------ tiny: the built model
+
 
 def _build_counts(cfg: ModelConfig):
     from sail_megatron.model.build import build_model
@@ -193,8 +208,11 @@ def test_tiny_count_equals_built_megatron_model(built_tiny):
     counts = count_parameters(cfg)
     assert cfg.vision.num_built_layers == cfg.vision.num_layers
     assert counts.vision_built == counts.vision_checkpoint
-    assert parts == {"vision_model": counts.vision_built, "projector": counts.projector,
-                     "language_model": counts.language}
+    assert parts == {
+        "vision_model": counts.vision_built,
+        "projector": counts.projector,
+        "language_model": counts.language,
+    }
     assert total == counts.total_built
 
 
@@ -208,9 +226,15 @@ def test_built_vision_stops_at_select_layer(built_tiny):
 
 # ------------------------------------------------------------------------------------------------- CLI
 
+
 def test_presets_cli_prints_every_preset():
-    result = subprocess.run([sys.executable, "-m", "sail_megatron.model.presets"], capture_output=True, text=True,
-                            timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    result = subprocess.run(
+        [sys.executable, "-m", "sail_megatron.model.presets"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
     for name in PRESETS:

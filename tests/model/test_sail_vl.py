@@ -89,11 +89,13 @@ def test_local_checkpoints_use_transformer_engine_norm_names():
     (keys,) = run_on_ranks(workers.checkpoint_keys, 1)
     assert not [k for k in keys if "layernorm." in k and "final_layernorm" not in k]
     assert not [k for k in keys if k.startswith("projector.layer_norm")]
-    for expected in ("vision_model.decoder.layers.self_attention.linear_qkv.layer_norm_weight",
-                     "vision_model.decoder.layers.mlp.linear_fc1.layer_norm_bias",
-                     "projector.mlp.encoder.linear_fc1.layer_norm_weight",
-                     "language_model.decoder.layers.self_attention.linear_qkv.layer_norm_weight",
-                     "language_model.decoder.layers.mlp.linear_fc1.layer_norm_weight"):
+    for expected in (
+        "vision_model.decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+        "vision_model.decoder.layers.mlp.linear_fc1.layer_norm_bias",
+        "projector.mlp.encoder.linear_fc1.layer_norm_weight",
+        "language_model.decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+        "language_model.decoder.layers.mlp.linear_fc1.layer_norm_weight",
+    ):
         assert expected in keys, expected
 
 

@@ -69,9 +69,11 @@ def frozen_vision_builds_no_graph() -> dict:
         pixels = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size)
         tokens = model.encode_images(pixels)
         tokens.sum().backward()
-        return {"shape": tuple(tokens.shape),
-                "projector_grad": all(p.grad is not None for p in model.projector.parameters()),
-                "vision_grad": any(p.grad is not None for p in model.vision_model.parameters())}
+        return {
+            "shape": tuple(tokens.shape),
+            "projector_grad": all(p.grad is not None for p in model.projector.parameters()),
+            "vision_grad": any(p.grad is not None for p in model.vision_model.parameters()),
+        }
     finally:
         destroy_distributed()
 
@@ -110,9 +112,11 @@ def text_only_batch_reaches_every_vision_parameter() -> dict:
         vision = [(n, p) for n, p in model.named_parameters() if n.startswith(("vision_model.", "projector."))]
         with torch.no_grad():
             text_only = model.language_model(input_ids=ids, position_ids=pos, attention_mask=None)
-        return {"all_have_grad": all(p.grad is not None for _, p in vision),
-                "grads_zero": all(float(p.grad.abs().max()) == 0.0 for _, p in vision),
-                "same_output": float((out - text_only).abs().max())}
+        return {
+            "all_have_grad": all(p.grad is not None for _, p in vision),
+            "grads_zero": all(float(p.grad.abs().max()) == 0.0 for _, p in vision),
+            "same_output": float((out - text_only).abs().max()),
+        }
     finally:
         destroy_distributed()
 

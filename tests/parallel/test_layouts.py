@@ -20,13 +20,17 @@ def reference(tmp_path_factory):
 
 
 # Sequence parallelism needs TE (or apex) norms, so it runs where two GPUs and TE are present.
-_SP = pytest.mark.skipif(not (detect_backends().layer_backend == "te" and torch.cuda.device_count() >= 2),
-                         reason="sequence parallel needs Transformer Engine layers on 2 GPUs")
+_SP = pytest.mark.skipif(
+    not (detect_backends().layer_backend == "te" and torch.cuda.device_count() >= 2),
+    reason="sequence parallel needs Transformer Engine layers on 2 GPUs",
+)
 
 
-@pytest.mark.parametrize("tp,pp,sp", [(2, 1, False), (1, 2, False), (2, 2, False),
-                                      pytest.param(2, 1, True, marks=[pytest.mark.gpu, _SP])],
-                         ids=["tp2", "pp2", "tp2pp2", "tp2sp"])
+@pytest.mark.parametrize(
+    "tp,pp,sp",
+    [(2, 1, False), (1, 2, False), (2, 2, False), pytest.param(2, 1, True, marks=[pytest.mark.gpu, _SP])],
+    ids=["tp2", "pp2", "tp2pp2", "tp2sp"],
+)
 def test_layout_matches_single_process(reference, tmp_path, tp, pp, sp):
     weights, ref = reference
     dead = [n for n, g in ref["grads"].items() if not g.abs().sum() > 0]

@@ -29,9 +29,16 @@ def _setup(tp: int = 1, pp: int = 1, seed: int = 1234, sp: bool = False):
 
 
 def _data(cfg, micro_batch_size: int = MBS) -> SyntheticImageCaptions:
-    return SyntheticImageCaptions(SyntheticConfig(
-        seq_length=SEQ, micro_batch_size=micro_batch_size, image_size=cfg.vision.image_size,
-        tokens_per_tile=cfg.tokens_per_tile, vocab_size=cfg.language.vocab_size, seed=7))
+    return SyntheticImageCaptions(
+        SyntheticConfig(
+            seq_length=SEQ,
+            micro_batch_size=micro_batch_size,
+            image_size=cfg.vision.image_size,
+            tokens_per_tile=cfg.tokens_per_tile,
+            vocab_size=cfg.language.vocab_size,
+            seed=7,
+        )
+    )
 
 
 def _fixed_batch(cfg):
@@ -44,8 +51,14 @@ def _run_schedule(model, batch, forward_only: bool, with_labels: bool) -> Option
 
     def step(data_iterator, m):
         b = next(data_iterator)
-        out = m(b.tokens, b.position_ids, None, pixel_values=b.pixel_values,
-                labels=b.labels if with_labels else None, packed_seq_params=packed_seq_params(b))
+        out = m(
+            b.tokens,
+            b.position_ids,
+            None,
+            pixel_values=b.pixel_values,
+            labels=b.labels if with_labels else None,
+            packed_seq_params=packed_seq_params(b),
+        )
 
         def loss_fn(output):
             if with_labels:
@@ -56,9 +69,15 @@ def _run_schedule(model, batch, forward_only: bool, with_labels: bool) -> Option
 
         return out, loss_fn
 
-    get_forward_backward_func()(forward_step_func=step, data_iterator=iter([batch]), model=[model],
-                                num_microbatches=1, seq_length=batch.tokens.shape[1],
-                                micro_batch_size=batch.tokens.shape[0], forward_only=forward_only)
+    get_forward_backward_func()(
+        forward_step_func=step,
+        data_iterator=iter([batch]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=batch.tokens.shape[1],
+        micro_batch_size=batch.tokens.shape[0],
+        forward_only=forward_only,
+    )
     return captured.get("out")
 
 
@@ -111,8 +130,9 @@ def read_full_checkpoint(directory: str) -> Dict[str, torch.Tensor]:
         destroy_distributed()
 
 
-def train_steps(steps: int, num_microbatches: int, trainable: Optional[List[str]] = None, tp: int = 1,
-                pp: int = 1) -> Dict:
+def train_steps(
+    steps: int, num_microbatches: int, trainable: Optional[List[str]] = None, tp: int = 1, pp: int = 1
+) -> Dict:
     """Train the tiny model with DDP and the distributed optimizer; return initial and final weights
     (rank 0's stage) and how many parameters the optimizer holds state for."""
     cfg, parallel, model = _setup(tp, pp)
@@ -121,10 +141,10 @@ def train_steps(steps: int, num_microbatches: int, trainable: Optional[List[str]
         initial = {n: p.detach().clone() for n, p in model.named_parameters()}
         optim = OptimConfig(lr=1e-3, warmup_steps=0, decay_steps=100)
         chunks, optimizer, scheduler = setup_training(model, optim, parallel, PrecisionConfig(dtype="fp32"))
-        data = _data(cfg).micro_batches(parallel_state.get_data_parallel_rank(),
-                                        parallel_state.get_data_parallel_world_size(), num_microbatches)
-        losses = [train_step(chunks, optimizer, scheduler, data, num_microbatches, SEQ, MBS).loss
-                  for _ in range(steps)]
+        data = _data(cfg).micro_batches(
+            parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(), num_microbatches
+        )
+        losses = [train_step(chunks, optimizer, scheduler, data, num_microbatches, SEQ, MBS).loss for _ in range(steps)]
         final = {n: p.detach().clone() for n, p in model.named_parameters()}
         trained = {n for n, p in model.named_parameters() if p.requires_grad}
         return {"initial": initial, "final": final, "losses": losses, "trained": trained}
@@ -140,18 +160,27 @@ def _packing_case(cfg):
     lengths = [min(int((s.tokens != 0).sum()) + 1, SEQ) for s in samples]
     total = sum(lengths)
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-    packed = Batch(tokens=torch.cat([s.tokens[0, :n] for s, n in zip(samples, lengths)])[None],
-                   labels=torch.cat([s.labels[0, :n] for s, n in zip(samples, lengths)])[None],
-                   loss_mask=torch.cat([s.loss_mask[0, :n] for s, n in zip(samples, lengths)])[None],
-                   position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
-                   pixel_values=torch.cat([s.pixel_values for s in samples]), cu_seqlens=cu, max_seqlen=max(lengths))
+    packed = Batch(
+        tokens=torch.cat([s.tokens[0, :n] for s, n in zip(samples, lengths)])[None],
+        labels=torch.cat([s.labels[0, :n] for s, n in zip(samples, lengths)])[None],
+        loss_mask=torch.cat([s.loss_mask[0, :n] for s, n in zip(samples, lengths)])[None],
+        position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
+        pixel_values=torch.cat([s.pixel_values for s in samples]),
+        cu_seqlens=cu,
+        max_seqlen=max(lengths),
+    )
 
     def alone(s, n):
         def pad(t):
             return torch.nn.functional.pad(t[:, :n], (0, total - n))
 
-        return Batch(tokens=pad(s.tokens), labels=pad(s.labels), loss_mask=pad(s.loss_mask),
-                     position_ids=torch.arange(total)[None], pixel_values=s.pixel_values)
+        return Batch(
+            tokens=pad(s.tokens),
+            labels=pad(s.labels),
+            loss_mask=pad(s.loss_mask),
+            position_ids=torch.arange(total)[None],
+            pixel_values=s.pixel_values,
+        )
 
     return packed, [alone(s, n) for s, n in zip(samples, lengths)], cu
 
@@ -163,10 +192,13 @@ def packed_vs_alone(tp: int, pp: int, weights_dir: str) -> Optional[Dict]:
         _load(model, weights_dir)
         model.eval()
         packed, alone, cu = _packing_case(cfg)
-        out = {"cu": cu, "packed_logits": _run_schedule(model, packed, True, False),
-               "packed_losses": _run_schedule(model, packed, True, True),
-               "alone_logits": [_run_schedule(model, b, True, False) for b in alone],
-               "alone_losses": [_run_schedule(model, b, True, True) for b in alone]}
+        out = {
+            "cu": cu,
+            "packed_logits": _run_schedule(model, packed, True, False),
+            "packed_losses": _run_schedule(model, packed, True, True),
+            "alone_logits": [_run_schedule(model, b, True, False) for b in alone],
+            "alone_losses": [_run_schedule(model, b, True, True) for b in alone],
+        }
         last = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
         return out if last else None
     finally:
@@ -186,8 +218,9 @@ def sequence_parallel_build_error() -> str:
         destroy_distributed()
 
 
-def train_with_checkpoint(total_steps: int, save_at: Optional[int], resume_from: Optional[str], save_dir: str,
-                          tp: int = 1, pp: int = 1) -> Dict:
+def train_with_checkpoint(
+    total_steps: int, save_at: Optional[int], resume_from: Optional[str], save_dir: str, tp: int = 1, pp: int = 1
+) -> Dict:
     """Train the tiny model; optionally save at step `save_at`, or resume from `resume_from` first.
     Returns the losses of the steps this call ran and the final weights of rank 0's stage."""
     from sail_megatron.training.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
@@ -201,15 +234,19 @@ def train_with_checkpoint(total_steps: int, save_at: Optional[int], resume_from:
             loaded = load_checkpoint(resume_from, chunks, optimizer, scheduler)
             start = loaded["iteration"]
             restore_rng_state(loaded["rank_state"]["rng"])
-        data = _data(cfg).micro_batches(parallel_state.get_data_parallel_rank(),
-                                        parallel_state.get_data_parallel_world_size(), 1, start_step=start)
+        data = _data(cfg).micro_batches(
+            parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(), 1, start_step=start
+        )
         losses = []
         for step in range(start, total_steps):
             losses.append(train_step(chunks, optimizer, scheduler, data, 1, SEQ, MBS).loss)
             if save_at is not None and step + 1 == save_at:
                 save_checkpoint(save_dir, step + 1, chunks, optimizer, scheduler, keep_last=2)
-        return {"losses": losses, "final": {n: p.detach().clone() for n, p in model.named_parameters()},
-                "lr": scheduler.get_lr(optimizer.param_groups[0])}
+        return {
+            "losses": losses,
+            "final": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "lr": scheduler.get_lr(optimizer.param_groups[0]),
+        }
     finally:
         destroy_distributed()
 

@@ -56,10 +56,21 @@ def test_capability_is_detected_with_cuda(fresh_detection):
     assert hopper.cuda_capability == (9, 0)
 
 
-@pytest.mark.parametrize("version, fits", [
-    ("2.9.0", True), ("2.9.0a0", True), ("2.10.0+70f5366", True), ("2.11.0", True), ("2.11.0.dev0+abc", True),
-    ("2.8.0", False), ("2.12.0", False), ("2.12.0.dev0", False), ("1.13.0", False), (None, True),
-])
+@pytest.mark.parametrize(
+    "version, fits",
+    [
+        ("2.9.0", True),
+        ("2.9.0a0", True),
+        ("2.10.0+70f5366", True),
+        ("2.11.0", True),
+        ("2.11.0.dev0+abc", True),
+        ("2.8.0", False),
+        ("2.12.0", False),
+        ("2.12.0.dev0", False),
+        ("1.13.0", False),
+        (None, True),
+    ],
+)
 def test_te_version_against_megatron_core(version, fits):
     problem = backends.te_version_problem(version)
     assert (problem is None) == fits
@@ -68,8 +79,9 @@ def test_te_version_against_megatron_core(version, fits):
 
 
 def test_the_backends_line_warns_about_an_unfit_te(monkeypatch, caplog):
-    old_te = backends.Backends(cuda=True, transformer_engine=True, apex=False, cuda_capability=(9, 0),
-                               transformer_engine_version="2.5.0")
+    old_te = backends.Backends(
+        cuda=True, transformer_engine=True, apex=False, cuda_capability=(9, 0), transformer_engine_version="2.5.0"
+    )
     monkeypatch.setattr(backends, "detect_backends", lambda: old_te)
     monkeypatch.setattr(backends, "_logged", False)
     with caplog.at_level(logging.INFO, logger=backends.logger.name):

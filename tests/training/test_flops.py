@@ -18,7 +18,7 @@ from sail_megatron.training.flops import (
 
 # InternViT-300M-448px: 1024 patches + CLS, hidden 1024, FFN 4096, patch 14.
 VIT_TOKENS, VIT_H, VIT_FFN = 1025, 1024, 4096
-VIT_LAYER = 2 * VIT_TOKENS * (4 * VIT_H ** 2 + 2 * VIT_H * VIT_FFN) + 4 * VIT_TOKENS ** 2 * VIT_H
+VIT_LAYER = 2 * VIT_TOKENS * (4 * VIT_H**2 + 2 * VIT_H * VIT_FFN) + 4 * VIT_TOKENS**2 * VIT_H
 VIT_PATCH_EMBED = 2 * 1024 * (3 * 14 * 14 * VIT_H)
 VIT_21 = 21 * VIT_LAYER + VIT_PATCH_EMBED  # select_layer -4: 21 of 24 layers built
 VIT_24 = 24 * VIT_LAYER + VIT_PATCH_EMBED
@@ -56,8 +56,10 @@ def test_output_layer_counts_padded_vocab():
     assert extra == 2 * 1536 * (152064 - 151936)
 
 
-@pytest.mark.parametrize("preset,token,hidden,proj", [("sail-vl-2b", LLM_2B_TOKEN, 1536, PROJ_2B_TILE),
-                                                      ("sail-vl-8b", LLM_8B_TOKEN, 3584, PROJ_8B_TILE)])
+@pytest.mark.parametrize(
+    "preset,token,hidden,proj",
+    [("sail-vl-2b", LLM_2B_TOKEN, 1536, PROJ_2B_TILE), ("sail-vl-8b", LLM_8B_TOKEN, 3584, PROJ_8B_TILE)],
+)
 def test_all_trainable_micro_batch(preset, token, hidden, proj):
     f = training_flops(get_preset(preset), [1000, 3000], num_tiles=5, trains=(True, True, True))
     assert f.vision == 3 * 5 * VIT_21
@@ -87,8 +89,7 @@ def test_stage_multipliers():
 
     stage1 = training_flops(model, lengths, tiles, FreezeConfig(trainable=["projector"]))
     assert (stage1.vision, stage1.projector) == (fwd.vision, 3 * fwd.projector)
-    assert (stage1.language_linear, stage1.language_attention) == (2 * fwd.language_linear,
-                                                                   2 * fwd.language_attention)
+    assert (stage1.language_linear, stage1.language_attention) == (2 * fwd.language_linear, 2 * fwd.language_attention)
 
     stage2 = training_flops(model, lengths, tiles, FreezeConfig(trainable=["vision", "projector"]))
     assert stage2.vision == 3 * fwd.vision and stage2.projector == 3 * fwd.projector

@@ -24,14 +24,30 @@ def test_scripts_parse(script):
 
 def test_two_nodes_of_two_processes(tmp_path):
     demo = build_demo(tmp_path / "demo_data")
-    env = {**os.environ, "NNODES": "2", "GPUS_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "RDZV_ID": "two-node-test",
-           "TORCHRUN": f"{sys.executable} -m torch.distributed.run"}
-    args = ["bash", str(LAUNCH / "multi_node.sh"), str(ROOT / "examples/configs/tiny/1-pretrain-alignment.yaml"),
-            f"data.tokenizer={demo / 'raw' / 'tokenizer'}", f"data.path={demo / 'captions'}",
-            f"run.save_dir={tmp_path / 'run'}", "run.train_steps=2", "run.init_from=null", "run.plot=false"]
-    nodes = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-             for _ in range(2)]
+    env = {
+        **os.environ,
+        "NNODES": "2",
+        "GPUS_PER_NODE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "RDZV_ID": "two-node-test",
+        "TORCHRUN": f"{sys.executable} -m torch.distributed.run",
+    }
+    args = [
+        "bash",
+        str(LAUNCH / "multi_node.sh"),
+        str(ROOT / "examples/configs/tiny/1-pretrain-alignment.yaml"),
+        f"data.tokenizer={demo / 'raw' / 'tokenizer'}",
+        f"data.path={demo / 'captions'}",
+        f"run.save_dir={tmp_path / 'run'}",
+        "run.train_steps=2",
+        "run.init_from=null",
+        "run.plot=false",
+    ]
+    nodes = [
+        subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+        for _ in range(2)
+    ]
     try:
         logs = [node.communicate(timeout=600)[0] for node in nodes]
     finally:

@@ -69,12 +69,15 @@ def test_no_peak_no_mfu(tmp_path, capsys):
     assert record["mfu"] is None and record["mfu_fp8"] is None and "MFU" not in line
 
 
-@pytest.mark.parametrize("fp8, dtype, want", [
-    ("hybrid", "bf16", PeakFlops(bf16=989e12, fp8=1979e12)),
-    (None, "bf16", PeakFlops(bf16=989e12)),
-    (None, "fp16", PeakFlops(bf16=989e12)),
-    (None, "fp32", PeakFlops()),
-])
+@pytest.mark.parametrize(
+    "fp8, dtype, want",
+    [
+        ("hybrid", "bf16", PeakFlops(bf16=989e12, fp8=1979e12)),
+        (None, "bf16", PeakFlops(bf16=989e12)),
+        (None, "fp16", PeakFlops(bf16=989e12)),
+        (None, "fp32", PeakFlops()),
+    ],
+)
 def test_device_peaks_on_an_h100(monkeypatch, fp8, dtype, want):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")

@@ -15,8 +15,9 @@ class _Groups:
     """Just what megatron's scheduler touches: param groups with their own max/min lr."""
 
     def __init__(self, optim: OptimConfig):
-        self.param_groups = [{"max_lr": lr, "min_lr": optim.min_lr * lr / optim.lr, "params": []}
-                             for lr in optim.part_lrs().values()]
+        self.param_groups = [
+            {"max_lr": lr, "min_lr": optim.min_lr * lr / optim.lr, "params": []} for lr in optim.part_lrs().values()
+        ]
 
 
 def _curve(optim: OptimConfig, steps: int):
@@ -60,8 +61,10 @@ def no_recompute():
     return r
 
 
-@pytest.mark.parametrize("granularity,method,layers,vision", [
-    ("selective", "uniform", 1, False), ("full", "uniform", 2, True), ("full", "block", 1, False)])
+@pytest.mark.parametrize(
+    "granularity,method,layers,vision",
+    [("selective", "uniform", 1, False), ("full", "uniform", 2, True), ("full", "block", 1, False)],
+)
 def test_recompute_gives_the_same_loss_and_gradients(no_recompute, granularity, method, layers, vision):
     (r,) = run_on_ranks(workers.recompute_run, 1, granularity, method, layers, vision)
     assert r["loss"] == pytest.approx(no_recompute["loss"], abs=1e-6)

@@ -10,8 +10,15 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _rec(step, loss, mfu=None):
-    return {"step": step, "loss": loss, "tokens_per_s": 1000.0 + step, "tflops_per_s": 0.5 if mfu else None,
-            "mfu": mfu, "lr": 1e-4 * step, "grad_norm": 1.0}
+    return {
+        "step": step,
+        "loss": loss,
+        "tokens_per_s": 1000.0 + step,
+        "tflops_per_s": 0.5 if mfu else None,
+        "mfu": mfu,
+        "lr": 1e-4 * step,
+        "grad_norm": 1.0,
+    }
 
 
 @pytest.fixture
@@ -42,6 +49,7 @@ def test_plot_writes_valid_png(run_dir):
     data = out.read_bytes()
     assert len(data) > 1000 and data.startswith(PNG_MAGIC)
     from PIL import Image
+
     with Image.open(out) as im:
         im.verify()
 

@@ -83,13 +83,21 @@ def cpu_recipe(recipe: Path, demo: Path, save_dir: Path, init_from) -> Dict[str,
     tiny = _read_recipe(CONFIGS / "tiny" / "_base.yaml")
     schedule = raw.get("optim", {}).get("schedule", "cosine")
     values = {
-        "model_preset": "tiny", "model.language.vocab_size": tiny["model"]["language"]["vocab_size"],
-        "parallel.tensor_model_parallel_size": 1, "parallel.pipeline_model_parallel_size": 1,
+        "model_preset": "tiny",
+        "model.language.vocab_size": tiny["model"]["language"]["vocab_size"],
+        "parallel.tensor_model_parallel_size": 1,
+        "parallel.pipeline_model_parallel_size": 1,
         "data.path": str(demo / ("captions" if "pretrain" in recipe.name else "sft")),
-        "data.tokenizer": str(demo / "raw" / "tokenizer"), "data.seq_length": tiny["data"]["seq_length"],
-        "data.num_workers": 1, "run.train_steps": STEPS, "run.save_interval": STEPS, "run.save_dir": str(save_dir),
-        "run.init_from": str(init_from) if init_from else None, "run.global_batch_size": 2 * NPROC,
-        "optim.warmup_steps": 1, "optim.decay_steps": STEPS + 2,
+        "data.tokenizer": str(demo / "raw" / "tokenizer"),
+        "data.seq_length": tiny["data"]["seq_length"],
+        "data.num_workers": 1,
+        "run.train_steps": STEPS,
+        "run.save_interval": STEPS,
+        "run.save_dir": str(save_dir),
+        "run.init_from": str(init_from) if init_from else None,
+        "run.global_batch_size": 2 * NPROC,
+        "optim.warmup_steps": 1,
+        "optim.decay_steps": STEPS + 2,
         **({"optim.wsd_decay_steps": 1} if schedule == "wsd" else {}),
     }
     for key, value in values.items():
@@ -105,8 +113,9 @@ def test_the_8b_recipes_carry_the_same_cpu_settings_as_the_2b():
     # They differ only in layout and shape, so one chain covers both; if they ever diverge, this says
     # so and the chain below must run the 8B settings as well.
     for stage in STAGES:
-        assert carried_settings(CONFIGS / "sail-vl-8b" / f"{stage}.yaml") == \
-            carried_settings(CONFIGS / "sail-vl-2b" / f"{stage}.yaml"), stage
+        assert carried_settings(CONFIGS / "sail-vl-8b" / f"{stage}.yaml") == carried_settings(
+            CONFIGS / "sail-vl-2b" / f"{stage}.yaml"
+        ), stage
 
 
 def test_cpu_recipes_keep_every_gpu_setting(tmp_path):
@@ -140,8 +149,20 @@ def test_gpu_recipe_stage_chain_trains_on_the_cpu(demo, tmp_path):
         assert (run_dir / "latest").is_file()
         previous, last_loss = run_dir, losses[-1]
     record = last_record(tmp_path / STAGES[2])
-    for key in ("loss", "lr_vision", "lr_projector", "lr_language", "grad_norm", "tokens_per_s", "tflops_per_s",
-                "packing_utilization", "data_wait_frac", "memory_gib", "skipped_samples", "eta_s"):
+    for key in (
+        "loss",
+        "lr_vision",
+        "lr_projector",
+        "lr_language",
+        "grad_norm",
+        "tokens_per_s",
+        "tflops_per_s",
+        "packing_utilization",
+        "data_wait_frac",
+        "memory_gib",
+        "skipped_samples",
+        "eta_s",
+    ):
         assert record[key] is not None, key
     assert record["lr_vision"] < record["lr_language"]  # the SFT recipes train the ViT 10x slower
     assert 0 < record["packing_utilization"] <= 1 and record["tflops_per_s"] > 0

@@ -35,15 +35,29 @@ def demo(tmp_path_factory):
 
 def _command(recipe, demo, run_dir, *overrides, nproc=1, data=None):
     data = data or (demo / ("captions" if "pretrain" in recipe else "sft"))
-    return train_command(RECIPES / recipe, [
-        "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
-        f"data.tokenizer={demo / 'raw' / 'tokenizer'}", f"data.path={data}", f"run.save_dir={run_dir}",
-        f"run.global_batch_size={2 * nproc}", *overrides], nproc)
+    return train_command(
+        RECIPES / recipe,
+        [
+            "parallel.tensor_model_parallel_size=1",
+            "parallel.pipeline_model_parallel_size=1",
+            f"data.tokenizer={demo / 'raw' / 'tokenizer'}",
+            f"data.path={data}",
+            f"run.save_dir={run_dir}",
+            f"run.global_batch_size={2 * nproc}",
+            *overrides,
+        ],
+        nproc,
+    )
 
 
 def _train(recipe, demo, run_dir, *overrides, expect_rc=0, nproc=1, data=None):
-    out = subprocess.run(_command(recipe, demo, run_dir, *overrides, nproc=nproc, data=data), capture_output=True,
-                         text=True, env=ENV, timeout=600)
+    out = subprocess.run(
+        _command(recipe, demo, run_dir, *overrides, nproc=nproc, data=data),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     log = out.stdout + out.stderr
     assert out.returncode == expect_rc, log[-4000:]
     return printed_losses(out.stdout), log
@@ -64,8 +78,7 @@ GPU_LIKE = dict(nproc=2)
 def straight_run(demo, tmp_path_factory):
     """6 steps in one go: the reference every interrupted run must reproduce bitwise."""
     run_dir = tmp_path_factory.mktemp("straight")
-    _train(SFT, demo, run_dir, "run.train_steps=6", "run.save_interval=100", FRESH, *GPU_RECIPE_PRECISION,
-           **GPU_LIKE)
+    _train(SFT, demo, run_dir, "run.train_steps=6", "run.save_interval=100", FRESH, *GPU_RECIPE_PRECISION, **GPU_LIKE)
     return run_dir
 
 
@@ -77,25 +90,36 @@ def straight(straight_run):
 
 
 def test_exact_resume_after_sigkill(demo, straight, tmp_path):
-    run = subprocess.Popen(_command(SFT, demo, tmp_path, "run.train_steps=6", "run.save_interval=3", FRESH,
-                                    *GPU_RECIPE_PRECISION, **GPU_LIKE),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    run = subprocess.Popen(
+        _command(
+            SFT, demo, tmp_path, "run.train_steps=6", "run.save_interval=3", FRESH, *GPU_RECIPE_PRECISION, **GPU_LIKE
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+    )
     try:
         wait_for(lambda: (tmp_path / "latest").is_file(), timeout=300, poll=0.05, what="the step-3 checkpoint")
     finally:
         kill_tree(run.pid, signal.SIGKILL)  # the whole job dies at once, as when a node is lost
         run.wait()
     assert _latest(tmp_path) == "iter_00000003"
-    _, log = _train(SFT, demo, tmp_path, "run.train_steps=6", "run.save_interval=3", FRESH, *GPU_RECIPE_PRECISION,
-                    **GPU_LIKE)
+    _, log = _train(
+        SFT, demo, tmp_path, "run.train_steps=6", "run.save_interval=3", FRESH, *GPU_RECIPE_PRECISION, **GPU_LIKE
+    )
     assert "resumed from" in log and _latest(tmp_path) == "iter_00000006"
     assert _metrics(tmp_path) == straight  # bitwise: full-precision floats equal
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_one(demo, straight, tmp_path):
-    run = subprocess.Popen(_command(SFT, demo, tmp_path, "run.train_steps=6", "run.save_interval=2", FRESH,
-                                    *GPU_RECIPE_PRECISION, **GPU_LIKE),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    run = subprocess.Popen(
+        _command(
+            SFT, demo, tmp_path, "run.train_steps=6", "run.save_interval=2", FRESH, *GPU_RECIPE_PRECISION, **GPU_LIKE
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+    )
     partial = tmp_path / "iter_00000004.tmp"
     try:
         wait_for(partial.exists, timeout=300, what="the step-4 checkpoint write to start")
@@ -104,8 +128,9 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(demo, straight, tmp
         run.wait()
     assert not (tmp_path / "iter_00000004").exists(), "the write finished before the kill: nothing was tested"
     assert _latest(tmp_path) == "iter_00000002"
-    _, log = _train(SFT, demo, tmp_path, "run.train_steps=6", "run.save_interval=2", FRESH, *GPU_RECIPE_PRECISION,
-                    **GPU_LIKE)
+    _, log = _train(
+        SFT, demo, tmp_path, "run.train_steps=6", "run.save_interval=2", FRESH, *GPU_RECIPE_PRECISION, **GPU_LIKE
+    )
     assert "resumed from" in log and "iter_00000002" in log
     assert not partial.exists() and _latest(tmp_path) == "iter_00000006"
     assert _metrics(tmp_path) == straight
@@ -113,12 +138,21 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(demo, straight, tmp
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_stop_signal_saves_and_exits(demo, tmp_path, sig):
-    run = subprocess.Popen(_command(SFT, demo, tmp_path, "run.train_steps=200", "run.save_interval=1000", FRESH),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
-                           start_new_session=True)
+    run = subprocess.Popen(
+        _command(SFT, demo, tmp_path, "run.train_steps=200", "run.save_interval=1000", FRESH),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+        start_new_session=True,
+    )
     metrics = tmp_path / "metrics.jsonl"
-    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, timeout=300, poll=0.05,
-             what="two logged steps")
+    wait_for(
+        lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2,
+        timeout=300,
+        poll=0.05,
+        what="two logged steps",
+    )
     os.killpg(run.pid, sig)  # torchrun's group (SLURM, Ctrl-C): torchrun passes it on to its ranks' groups
     log, _ = run.communicate(timeout=120)
     stopped_at = max(_metrics(tmp_path))
@@ -129,8 +163,18 @@ def test_stop_signal_saves_and_exits(demo, tmp_path, sig):
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(demo, tmp_path):
     # lr 1e30 overflows the weights after one update: every later loss is NaN.
-    losses, log = _train(SFT, demo, tmp_path, "run.train_steps=20", "optim.lr=1e30", "optim.vision_lr=null",
-                         "optim.warmup_steps=0", "run.max_nonfinite_steps=3", FRESH, expect_rc=1)
+    losses, log = _train(
+        SFT,
+        demo,
+        tmp_path,
+        "run.train_steps=20",
+        "optim.lr=1e30",
+        "optim.vision_lr=null",
+        "optim.warmup_steps=0",
+        "run.max_nonfinite_steps=3",
+        FRESH,
+        expect_rc=1,
+    )
     assert log.count("update skipped") == 3 and "3 consecutive steps had a non-finite loss" in log
     assert len(losses) == 4 and not (tmp_path / "latest").exists()
 
@@ -138,11 +182,32 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(demo, tmp_path):
 def test_init_from_keeps_the_trained_weights_in_bf16(demo, tmp_path):
     # bf16 weights have fp32 copies in the optimizer: a weights-only load must refresh them, or the
     # first update puts the untrained weights back (the loss jumps back up at step 2).
-    trained, _ = _train(SFT, demo, tmp_path / "a", "run.train_steps=8", "optim.lr=3e-3", "optim.vision_lr=null",
-                        "optim.warmup_steps=0", "optim.decay_steps=100", FRESH, *GPU_RECIPE_PRECISION, **GPU_LIKE)
+    trained, _ = _train(
+        SFT,
+        demo,
+        tmp_path / "a",
+        "run.train_steps=8",
+        "optim.lr=3e-3",
+        "optim.vision_lr=null",
+        "optim.warmup_steps=0",
+        "optim.decay_steps=100",
+        FRESH,
+        *GPU_RECIPE_PRECISION,
+        **GPU_LIKE,
+    )
     assert trained[-1] < trained[0] - 0.6, trained  # the first stage learned something visible
-    after, log = _train(SFT, demo, tmp_path / "b", "run.train_steps=3", "optim.lr=1e-5", "optim.vision_lr=null",
-                        "optim.warmup_steps=0", f"run.init_from={tmp_path / 'a'}", *GPU_RECIPE_PRECISION, **GPU_LIKE)
+    after, log = _train(
+        SFT,
+        demo,
+        tmp_path / "b",
+        "run.train_steps=3",
+        "optim.lr=1e-5",
+        "optim.vision_lr=null",
+        "optim.warmup_steps=0",
+        f"run.init_from={tmp_path / 'a'}",
+        *GPU_RECIPE_PRECISION,
+        **GPU_LIKE,
+    )
     assert "initialized from" in log
     assert max(after) < trained[0] - 0.5, (trained, after)
 
@@ -153,9 +218,16 @@ def mostly_text(demo, tmp_path_factory):
     root = tmp_path_factory.mktemp("mostly_text")
     records = [json.loads(line) for line in (demo / "raw" / "sft.jsonl").read_text().splitlines()]
     with_image = [r for r in records if "image" in r][:2]
-    text = [{"id": f"text-{i}", "conversations": [
-        {"from": "human", "value": f"Count to {i} please."},
-        {"from": "gpt", "value": " ".join(str(k) for k in range(i + 1))}]} for i in range(30)]
+    text = [
+        {
+            "id": f"text-{i}",
+            "conversations": [
+                {"from": "human", "value": f"Count to {i} please."},
+                {"from": "gpt", "value": " ".join(str(k) for k in range(i + 1))},
+            ],
+        }
+        for i in range(30)
+    ]
     (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in text + with_image))
     prepare(root / "sft.jsonl", demo / "raw" / "images", root / "shards", shard_size=8)
     return root / "shards"
@@ -163,8 +235,17 @@ def mostly_text(demo, tmp_path_factory):
 
 def test_micro_batches_without_tiles_train_every_part(demo, mostly_text, tmp_path):
     # Overlapped gradient reduction needs a gradient for every vision parameter in every micro-batch.
-    losses, log = _train(SFT, demo, tmp_path, "run.train_steps=3", "data.packing=false", FRESH,
-                         *GPU_RECIPE_PRECISION, nproc=2, data=mostly_text)
+    losses, log = _train(
+        SFT,
+        demo,
+        tmp_path,
+        "run.train_steps=3",
+        "data.packing=false",
+        FRESH,
+        *GPU_RECIPE_PRECISION,
+        nproc=2,
+        data=mostly_text,
+    )
     assert len(losses) == 3 and all(loss == loss for loss in losses), log[-3000:]
     assert "update skipped" not in log
 
@@ -172,10 +253,22 @@ def test_micro_batches_without_tiles_train_every_part(demo, mostly_text, tmp_pat
 def test_fp16_backs_off_the_loss_scale_and_trains(demo, tmp_path):
     # 2**14 overflows this model's fp16 gradients at first (the per-token loss is a sum until the
     # gradients are reduced); the scaler halves it until they fit, then the run trains.
-    losses, log = _train(SFT, demo, tmp_path, "run.train_steps=10", "precision.dtype=fp16", "optim.lr=1e-3",
-                         "optim.vision_lr=null", "optim.warmup_steps=0", "optim.initial_loss_scale=16384",
-                         "optim.loss_scale_hysteresis=1", "run.max_nonfinite_steps=2", FRESH,
-                         "parallel.use_distributed_optimizer=true", nproc=2)
+    losses, log = _train(
+        SFT,
+        demo,
+        tmp_path,
+        "run.train_steps=10",
+        "precision.dtype=fp16",
+        "optim.lr=1e-3",
+        "optim.vision_lr=null",
+        "optim.warmup_steps=0",
+        "optim.initial_loss_scale=16384",
+        "optim.loss_scale_hysteresis=1",
+        "run.max_nonfinite_steps=2",
+        FRESH,
+        "parallel.use_distributed_optimizer=true",
+        nproc=2,
+    )
     overflows = len(re.findall("fp16 gradients overflowed", log))
     assert overflows >= 1, log[-3000:]  # the scaler saw the overflow and backed off ...
     assert overflows <= 5 and "non-finite" not in log  # ... and the steps after it updated the weights
@@ -192,27 +285,39 @@ def test_config_error_names_the_key_before_any_process_group(demo, tmp_path):
 def test_resume_of_another_model_is_refused_and_changes_nothing(demo, straight_run, tmp_path):
     shutil.copytree(straight_run, tmp_path / "run")
     recorded = (tmp_path / "run" / "config.yaml").read_text()
-    _, log = _train(SFT, demo, tmp_path / "run", "run.train_steps=8", "model.language.num_layers=2", FRESH,
-                    expect_rc=1)  # torchrun's code; the rank's own is 2
+    _, log = _train(
+        SFT, demo, tmp_path / "run", "run.train_steps=8", "model.language.num_layers=2", FRESH, expect_rc=1
+    )  # torchrun's code; the rank's own is 2
     assert "holds a checkpoint of another model" in log and "num_layers 4 there vs 2 here" in log, log[-3000:]
     assert "exitcode  : 2" in log and "[rank0]: Traceback" not in log
     assert (tmp_path / "run" / "config.yaml").read_text() == recorded  # the untouched checkpoints still export
 
 
 def _args(demo, *overrides):
-    return SimpleNamespace(config=str(RECIPES / SFT), overrides=[
-        "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
-        f"data.tokenizer={demo / 'raw' / 'tokenizer'}", f"data.path={demo / 'sft'}", FRESH, *overrides])
+    return SimpleNamespace(
+        config=str(RECIPES / SFT),
+        overrides=[
+            "parallel.tensor_model_parallel_size=1",
+            "parallel.pipeline_model_parallel_size=1",
+            f"data.tokenizer={demo / 'raw' / 'tokenizer'}",
+            f"data.path={demo / 'sft'}",
+            FRESH,
+            *overrides,
+        ],
+    )
 
 
-@pytest.mark.parametrize("override,field", [
-    ("data.tokenizer=/nonexistent/tokenizer", "data.tokenizer"),
-    ("data.tokenizer={empty}", "data.tokenizer"),
-    ("data.path=/nonexistent/data", "data.path"),
-    ("data.path={empty}", "data.path"),
-    ("data.path={demo}/raw/sft.jsonl", "data.path"),
-    ("optim.lr=.nan", "optim.lr"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("data.tokenizer=/nonexistent/tokenizer", "data.tokenizer"),
+        ("data.tokenizer={empty}", "data.tokenizer"),
+        ("data.path=/nonexistent/data", "data.path"),
+        ("data.path={empty}", "data.path"),
+        ("data.path={demo}/raw/sft.jsonl", "data.path"),
+        ("optim.lr=.nan", "optim.lr"),
+    ],
+)
 def test_user_errors_are_found_before_any_process_group(demo, tmp_path, override, field):
     with pytest.raises(ConfigError) as found:
         prepare_config(_args(demo, override.format(empty=tmp_path, demo=demo)), world_size=1)
@@ -233,8 +338,7 @@ def test_damaged_checkpoints_are_named_before_the_model_is_built(demo, straight_
 
 def _single_process(demo, config, *overrides, env=None):
     """`python -m sail_megatron.train` without torchrun: the rank's own exit code and output."""
-    command = [sys.executable, "-m", "sail_megatron.train", "--config", str(config),
-               *_args(demo, *overrides).overrides]
+    command = [sys.executable, "-m", "sail_megatron.train", "--config", str(config), *_args(demo, *overrides).overrides]
     return subprocess.run(command, capture_output=True, text=True, env={**ENV, **(env or {})}, timeout=300)
 
 
@@ -252,6 +356,10 @@ def test_busy_master_port_suggests_the_fix(demo, tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", port))
         busy.listen()
-        out = _single_process(demo, RECIPES / SFT, f"run.save_dir={tmp_path / 'run'}",
-                              env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        out = _single_process(
+            demo,
+            RECIPES / SFT,
+            f"run.save_dir={tmp_path / 'run'}",
+            env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+        )
     assert out.returncode == 2 and "MASTER_PORT" in out.stderr, out.stderr[-2000:]

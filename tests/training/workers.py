@@ -39,9 +39,11 @@ def part_lrs_survive_resume(directory: str) -> Dict:
         cfg, model = _model(parallel)
         chunks, optimizer, scheduler = setup_training(model, optim, parallel, FP32)
         # The optimizer holds main-param shards (not the model's tensors); with DP=1, one per parameter.
-        by_part = {"vision_params": len(list(model.vision_model.parameters())),
-                   "in_vision_lr_groups": sum(len(g["params"]) for g in optimizer.param_groups if g["max_lr"] == 1e-4),
-                   "max_lrs": sorted({g["max_lr"] for g in optimizer.param_groups})}
+        by_part = {
+            "vision_params": len(list(model.vision_model.parameters())),
+            "in_vision_lr_groups": sum(len(g["params"]) for g in optimizer.param_groups if g["max_lr"] == 1e-4),
+            "max_lrs": sorted({g["max_lr"] for g in optimizer.param_groups}),
+        }
         for _ in range(2):
             train_step(chunks, optimizer, scheduler, _data(cfg).micro_batches(0, 1, 1), 1, SEQ, MBS)
         save_checkpoint(directory, 2, chunks, optimizer, scheduler)
@@ -54,11 +56,16 @@ def part_lrs_survive_resume(directory: str) -> Dict:
         destroy_distributed()
 
 
-def recompute_run(granularity: Optional[str], method: str = "uniform", num_layers: int = 1,
-                  vision: bool = False) -> Dict:
+def recompute_run(
+    granularity: Optional[str], method: str = "uniform", num_layers: int = 1, vision: bool = False
+) -> Dict:
     """Loss and gradients of one step (drop path on, so recompute must replay the RNG)."""
-    parallel = ParallelConfig(recompute_granularity=granularity, recompute_method=method,
-                              recompute_num_layers=num_layers, recompute_vision=vision)
+    parallel = ParallelConfig(
+        recompute_granularity=granularity,
+        recompute_method=method,
+        recompute_num_layers=num_layers,
+        recompute_vision=vision,
+    )
     init_distributed(parallel, seed=3)
     try:
         cfg, model = _model(parallel, drop_path=0.3)
@@ -76,7 +83,9 @@ def nonfinite_step_is_skipped() -> Dict:
     init_distributed(parallel, seed=5)
     try:
         cfg, model = _model(parallel)
-        chunks, optimizer, scheduler = setup_training(model, OptimConfig(warmup_steps=0, decay_steps=10), parallel, FP32)
+        chunks, optimizer, scheduler = setup_training(
+            model, OptimConfig(warmup_steps=0, decay_steps=10), parallel, FP32
+        )
         data = _data(cfg).micro_batches(0, 1, 1)
         ok = train_step(chunks, optimizer, scheduler, data, 1, SEQ, MBS)
         with torch.no_grad():  # one poisoned weight: loss and every gradient upstream turn NaN
@@ -84,10 +93,16 @@ def nonfinite_step_is_skipped() -> Dict:
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         steps_before = scheduler.num_steps
         bad = train_step(chunks, optimizer, scheduler, data, 1, SEQ, MBS)
-        unchanged = all(torch.equal(p, before[n]) or n.endswith("linear_fc2.weight")
-                        for n, p in model.named_parameters())
-        return {"ok": ok.skipped, "bad": bad.skipped, "bad_loss": bad.loss, "unchanged": unchanged,
-                "scheduler_moved": scheduler.num_steps != steps_before,
-                "dp": parallel_state.get_data_parallel_world_size()}
+        unchanged = all(
+            torch.equal(p, before[n]) or n.endswith("linear_fc2.weight") for n, p in model.named_parameters()
+        )
+        return {
+            "ok": ok.skipped,
+            "bad": bad.skipped,
+            "bad_loss": bad.loss,
+            "unchanged": unchanged,
+            "scheduler_moved": scheduler.num_steps != steps_before,
+            "dp": parallel_state.get_data_parallel_world_size(),
+        }
     finally:
         destroy_distributed()
