@@ -9,6 +9,13 @@ are skipped; `run.max_nonfinite_steps` of them in a row stop the run with exit c
 overflows are skipped too, but count only once the scale cannot back off any further).
 """
 
+import os
+
+# One progress bar per run (energon's packing-buffer fill), not one per rank: tqdm reads TQDM_* defaults
+# when it is first imported, so this must come before the imports below pull it in.
+if os.environ.get("RANK", "0") != "0":
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
 import argparse
 import dataclasses
 import logging

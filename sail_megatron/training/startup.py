@@ -3,7 +3,6 @@ process group exists (a bad recipe exits with code 2 and no rank can hang), and 
 with its optimizer and schedule."""
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -84,8 +83,6 @@ def start(args, needs_data: bool = True, loads_checkpoints: bool = True):
     """Logging for this rank, then the recipe resolved and validated: (env, cfg, tokenizer). A bad
     recipe exits with code 2 here, before any process group exists, so no rank can hang."""
     env = read_dist_env()
-    if not env.is_main:  # one progress bar (energon's packing-buffer fill), not one per rank and worker
-        os.environ["TQDM_DISABLE"] = "1"
     logging.basicConfig(
         level=logging.INFO if env.is_main else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
