@@ -706,7 +706,6 @@ def _check_models() -> Dict[str, Any]:
 
 def _check_batches(cfg) -> Dict[str, Any]:
     """A padded batch of two samples and one packed THD row of three, each with one image of 1-2 tiles."""
-    import torch
 
     from sail_megatron.data.batch import Batch
     from sail_megatron.data.synthetic import PAD, SyntheticConfig, SyntheticImageCaptions
@@ -728,17 +727,7 @@ def _check_batches(cfg) -> Dict[str, Any]:
     padded = Batch.collate([src.sample(0), src.sample(1)])
     samples = [src.sample(i) for i in (2, 3, 4)]
     lengths = [min(int((s.tokens != PAD).sum()) + 1, seq) for s in samples]
-    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-    packed = Batch(
-        tokens=torch.cat([s.tokens[0, :n] for s, n in zip(samples, lengths)])[None],
-        labels=torch.cat([s.labels[0, :n] for s, n in zip(samples, lengths)])[None],
-        loss_mask=torch.cat([s.loss_mask[0, :n] for s, n in zip(samples, lengths)])[None],
-        position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
-        pixel_values=torch.cat([s.pixel_values for s in samples]),
-        cu_seqlens=cu,
-        max_seqlen=max(lengths),
-    )
-    return {"padded": padded, "packed": packed}
+    return {"padded": padded, "packed": Batch.pack(samples, lengths)}
 
 
 def _logits(model, batch, device, every: int = 1):

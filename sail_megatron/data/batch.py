@@ -54,3 +54,22 @@ class Batch:
                 if f.name not in ("cu_seqlens", "max_seqlen", "tile_count")
             }
         )
+
+    @staticmethod
+    def pack(batches: "list[Batch]", lengths: "list[int]") -> "Batch":
+        """One packed (THD) row of the first `lengths[i]` tokens of each single-sample batch; positions
+        restart at every sample, tiles concatenate in sample order."""
+        cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+
+        def row(name: str) -> torch.Tensor:
+            return torch.cat([getattr(b, name)[0, :n] for b, n in zip(batches, lengths)])[None]
+
+        return Batch(
+            tokens=row("tokens"),
+            labels=row("labels"),
+            loss_mask=row("loss_mask"),
+            position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
+            pixel_values=torch.cat([b.pixel_values for b in batches]),
+            cu_seqlens=cu,
+            max_seqlen=max(lengths),
+        )

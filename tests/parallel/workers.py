@@ -159,16 +159,7 @@ def _packing_case(cfg):
     samples = [src.sample(i) for i in (3, 4, 5)]
     lengths = [min(int((s.tokens != 0).sum()) + 1, SEQ) for s in samples]
     total = sum(lengths)
-    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-    packed = Batch(
-        tokens=torch.cat([s.tokens[0, :n] for s, n in zip(samples, lengths)])[None],
-        labels=torch.cat([s.labels[0, :n] for s, n in zip(samples, lengths)])[None],
-        loss_mask=torch.cat([s.loss_mask[0, :n] for s, n in zip(samples, lengths)])[None],
-        position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
-        pixel_values=torch.cat([s.pixel_values for s in samples]),
-        cu_seqlens=cu,
-        max_seqlen=max(lengths),
-    )
+    packed = Batch.pack(samples, lengths)
 
     def alone(s, n):
         def pad(t):
@@ -182,7 +173,7 @@ def _packing_case(cfg):
             pixel_values=s.pixel_values,
         )
 
-    return packed, [alone(s, n) for s, n in zip(samples, lengths)], cu
+    return packed, [alone(s, n) for s, n in zip(samples, lengths)], packed.cu_seqlens
 
 
 def packed_vs_alone(tp: int, pp: int, weights_dir: str) -> Optional[Dict]:
