@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sail_megatron.data.cli import build_demo
-from tests.helpers.multiprocess import free_port
+from tests.helpers.train_cli import torchrun_command
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULT_KEYS = {
@@ -44,28 +44,23 @@ PHASES = {
 
 def _bench(tmp_path, nproc, *args):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-port",
-        str(free_port()),
-        "-m",
+    cmd = torchrun_command(
         "sail_megatron.bench",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--breakdown-steps",
-        "1",
-        "--json",
-        str(out_json),
-        "--plot",
-        str(out_png),
-        *args,
-    ]
+        [
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--breakdown-steps",
+            "1",
+            "--json",
+            str(out_json),
+            "--plot",
+            str(out_png),
+            *args,
+        ],
+        nproc,
+    )
     run = subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )

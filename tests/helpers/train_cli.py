@@ -22,7 +22,8 @@ GPU_RECIPE_PRECISION = (
 )
 
 
-def train_command(config: Path, overrides: Sequence[str], nproc: int = 1) -> List[str]:
+def torchrun_command(module: str, args: Sequence[str], nproc: int = 1) -> List[str]:
+    """`torchrun --nproc-per-node N -m MODULE ARGS` on a free loopback port."""
     return [
         sys.executable,
         "-m",
@@ -32,11 +33,13 @@ def train_command(config: Path, overrides: Sequence[str], nproc: int = 1) -> Lis
         "--master-port",
         str(free_port()),
         "-m",
-        "sail_megatron.train",
-        "--config",
-        str(config),
-        *overrides,
+        module,
+        *args,
     ]
+
+
+def train_command(config: Path, overrides: Sequence[str], nproc: int = 1) -> List[str]:
+    return torchrun_command("sail_megatron.train", ["--config", str(config), *overrides], nproc)
 
 
 def run_train(config: Path, overrides: Sequence[str], nproc: int = 1, expect_rc: int = 0):
