@@ -30,7 +30,7 @@ from sail_megatron.config import ConfigError
 from sail_megatron.config.train import TrainConfig, dump
 from sail_megatron.platform import destroy_distributed, init_distributed, read_dist_env
 from sail_megatron.training.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
-from sail_megatron.training.checkpoint_files import CheckpointError, check_checkpoint, checkpoint_read_errors
+from sail_megatron.training.checkpoint_files import CheckpointError, checkpoint_read_errors, resolve_checkpoint_folder
 from sail_megatron.training.collectives import sum_over_data_parallel
 from sail_megatron.training.flops import Trains
 from sail_megatron.training.graceful_stop import GracefulStop
@@ -59,8 +59,9 @@ class SaveFailed(RuntimeError):
 
 
 def _load(field: str, path, cfg: TrainConfig, chunks, *optimizer_and_scheduler):
-    """load_checkpoint of a checked folder; a damaged one or one of another model shape is reported as such."""
-    directory = check_checkpoint(path)
+    """load_checkpoint of a folder start-up has checked (prepare_config: check_checkpoint); a read error
+    or a checkpoint of another model shape is reported as such."""
+    directory = resolve_checkpoint_folder(path)
     try:
         with checkpoint_read_errors(directory):
             return load_checkpoint(directory, chunks, *optimizer_and_scheduler)

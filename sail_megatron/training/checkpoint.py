@@ -19,23 +19,13 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from sail_megatron.platform.megatron_compat import torch_adam_checkpoint_fix, unshare_adam_steps
+from sail_megatron.training.checkpoint_files import resolve_checkpoint_folder
 from sail_megatron.training.run_dir import LATEST, checkpoint_name, checkpoints_to_prune
 
 logger = logging.getLogger(__name__)
 
 # Optimizer state in a canonical per-parameter layout, so a checkpoint loads under any TP/PP/DP.
 _OPTIM_META = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-def resolve_checkpoint(path) -> Path:
-    """A checkpoint folder, or a run folder whose `latest` names one."""
-    path = Path(path)
-    pointer = path / LATEST
-    if pointer.is_file():
-        return path / pointer.read_text().strip()
-    if (path / "metadata.json").is_file() or (path / "common.pt").is_file():
-        return path
-    raise FileNotFoundError(f"{path} holds no checkpoint (no '{LATEST}' pointer, no checkpoint metadata)")
 
 
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -132,7 +122,7 @@ def save_checkpoint(
 def load_checkpoint(path, chunks: List[torch.nn.Module], optimizer=None, scheduler=None) -> Dict[str, Any]:
     """Load into this layout (any TP/PP/DP for model and optimizer). Returns iteration, common state
     and this rank's saved state (None when the checkpoint was written by a different world size)."""
-    directory = resolve_checkpoint(path)
+    directory = resolve_checkpoint_folder(path)
     common = dist_checkpointing.load_common_state_dict(str(directory))
     sd = _sharded_state(chunks, optimizer, is_loading=True)
     same_world = common.get("content_metadata", {}).get("world_size") == dist.get_world_size()

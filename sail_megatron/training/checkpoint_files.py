@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional
 
-LATEST = "latest"
+from sail_megatron.training.run_dir import LATEST
+
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"
 DCP_METADATA = ".metadata"

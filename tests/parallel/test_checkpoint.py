@@ -2,7 +2,8 @@
 
 import torch
 
-from sail_megatron.training.checkpoint import LATEST, resolve_checkpoint
+from sail_megatron.training.checkpoint_files import resolve_checkpoint_folder
+from sail_megatron.training.run_dir import LATEST
 from tests.helpers.multiprocess import run_on_ranks
 from tests.parallel import workers
 
@@ -24,7 +25,7 @@ def test_unfinished_write_leaves_the_previous_checkpoint_loadable(tmp_path):
     # A kill during the next save leaves only a .tmp folder behind; the pointer still names iter 2.
     (tmp_path / "iter_00000003.tmp").mkdir()
     (tmp_path / "iter_00000003.tmp" / "partial.distcp").write_bytes(b"\0" * 10)
-    assert resolve_checkpoint(tmp_path).name == "iter_00000002"
+    assert resolve_checkpoint_folder(tmp_path).name == "iter_00000002"
     (out,) = run_on_ranks(workers.train_with_checkpoint, 1, 3, None, str(tmp_path), str(tmp_path))
     assert len(out["losses"]) == 1
 
