@@ -1,18 +1,73 @@
 """Typed configs for the three parts of a SAIL-VL model.
 
-Defaults are InternViT-300M-448px, the SAIL-VL projector and Qwen2.5-1.5B (docs/design.md, Data flow: The model).
+Defaults are InternViT-300M-448px, the SAIL-VL projector and Qwen2.5-1.5B (docs/design.md, The model).
+What distinguishes one encoder or decoder family from another is a fixed set of architecture facts
+(`VISION_ARCHS`, `LANGUAGE_ARCHS`): a config names its family and carries only the sizes.
 """
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, Optional
 
 from sail_megatron.config.errors import ConfigError
 
 
+@dataclass(frozen=True)
+class VisionArch:
+    """What a vision-encoder family is, apart from its sizes."""
+
+    normalization: str
+    """'LayerNorm' (weight and bias) or 'RMSNorm' (weight only), for every norm of the encoder."""
+    bias: bool
+    """Biases on qkv, the attention output and the MLP linears."""
+    gated_mlp: bool
+    """SwiGLU `fc2(silu(fc1 x) * fc3 x)` instead of `fc2(gelu(fc1 x))`."""
+    cls_token: bool
+    """A learned CLS token before the patches (dropped before pixel shuffle)."""
+    layer_scale: bool
+    """Per-channel scales ls1/ls2 on the residual branches (and stochastic depth)."""
+    patch_norm: bool
+    """A norm right after the patch embedding."""
+    final_norm: bool
+    """A norm after the last layer, applied when `select_layer` is -1 (the encoder's own output)."""
+
+
+VISION_ARCHS: Dict[str, VisionArch] = {
+    # InternViT-300M (InternVL, SAIL-VL-2B/8B).
+    "internvit": VisionArch("LayerNorm", True, False, True, True, False, False),
+    # AIMv2 (apple/ml-aim) and SAILViT, its continued training (SAIL-VL-1.5, 1.6, SAIL-VL2).
+    "aimv2": VisionArch("RMSNorm", False, True, False, False, True, True),
+}
+
+
+@dataclass(frozen=True)
+class LanguageArch:
+    """What a decoder family is, apart from its sizes (both: RMSNorm, SwiGLU, RoPE, GQA)."""
+
+    qkv_bias: bool
+    qk_layernorm: bool
+    """RMSNorm over each head of q and k before RoPE."""
+    hf_architecture: str
+    """The transformers class of a standalone checkpoint."""
+    hf_model_type: str
+
+
+LANGUAGE_ARCHS: Dict[str, LanguageArch] = {
+    "qwen2": LanguageArch(True, False, "Qwen2ForCausalLM", "qwen2"),  # Qwen2 and Qwen2.5
+    "qwen3": LanguageArch(False, True, "Qwen3ForCausalLM", "qwen3"),  # dense Qwen3
+}
+
+
+def _check_arch(value: str, known: Dict, name: str) -> None:
+    if value not in known:
+        raise ConfigError(name, f"unknown architecture {value!r}", f"use one of {sorted(known)}")
+
+
 @dataclass
 class VisionConfig:
-    """InternViT vision encoder."""
+    """Vision encoder: InternViT or AIMv2/SAILViT (`arch`)."""
 
+    arch: str = "internvit"
+    """Encoder family: 'internvit' or 'aimv2' (also SAILViT); see VISION_ARCHS."""
     hidden_size: int = 1024
     """Width of the ViT residual stream."""
     num_layers: int = 24
@@ -29,7 +84,21 @@ class VisionConfig:
     drop_path_rate: float = 0.0
     """Stochastic depth, rising linearly to this value over the built layers (InternViT: 0.1)."""
     layer_scale_init: float = 0.1
-    """Initial value of the layer-scale vectors ls1/ls2 for freshly initialized encoders."""
+    """Initial value of the layer-scale vectors ls1/ls2 for freshly initialized encoders (InternViT)."""
+
+    @property
+    def spec(self) -> VisionArch:
+        return VISION_ARCHS[self.arch]
+
+    @property
+    def num_positions(self) -> int:
+        """Learned position embeddings: one per patch, plus the CLS token where there is one."""
+        return self.num_patches + (1 if self.spec.cls_token else 0)
+
+    @property
+    def applies_final_norm(self) -> bool:
+        """The encoder's final norm is part of the features only when they are its own output."""
+        return self.spec.final_norm and self.select_layer == -1
 
     @property
     def num_patches(self) -> int:
@@ -41,6 +110,7 @@ class VisionConfig:
         return self.select_layer if self.select_layer >= 0 else self.num_layers + 1 + self.select_layer
 
     def validate(self, prefix: str = "model.vision") -> None:
+        _check_arch(self.arch, VISION_ARCHS, f"{prefix}.arch")
         _positive(
             self,
             prefix,
@@ -74,6 +144,12 @@ class VisionConfig:
                 f"{prefix}.drop_path_rate",
                 f"{self.drop_path_rate} is outside [0, 1)",
                 "use 0.0 to disable or a small rate such as 0.1",
+            )
+        if self.drop_path_rate and not self.spec.layer_scale:
+            raise ConfigError(
+                f"{prefix}.drop_path_rate",
+                f"is {self.drop_path_rate} but {self.arch} encoders have no stochastic depth",
+                "set it to 0.0",
             )
 
 
@@ -124,8 +200,10 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: 
 
 @dataclass
 class LanguageConfig:
-    """Qwen2.5 decoder."""
+    """Decoder: Qwen2/Qwen2.5 or dense Qwen3 (`arch`)."""
 
+    arch: str = "qwen2"
+    """Decoder family: 'qwen2' (also Qwen2.5) or 'qwen3'; see LANGUAGE_ARCHS."""
     hidden_size: int = 1536
     num_layers: int = 28
     num_attention_heads: int = 12
@@ -140,16 +218,23 @@ class LanguageConfig:
     """SAIL-VL-2B has an untied lm_head; read `tie_word_embeddings` from the HF config.json."""
     max_position_embeddings: int = 32768
     make_vocab_size_divisible_by: int = 128
+    head_dim: Optional[int] = None
+    """Width of one attention head when it is not hidden_size / num_attention_heads (Qwen3 states it)."""
+
+    @property
+    def spec(self) -> LanguageArch:
+        return LANGUAGE_ARCHS[self.arch]
 
     @property
     def kv_channels(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
 
     def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
         """Rows of the embedding and output layer as megatron builds them under this TP."""
         return padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tensor_parallel_size)
 
     def validate(self, prefix: str = "model.language") -> None:
+        _check_arch(self.arch, LANGUAGE_ARCHS, f"{prefix}.arch")
         _positive(
             self,
             prefix,
@@ -161,11 +246,13 @@ class LanguageConfig:
             "vocab_size",
             "make_vocab_size_divisible_by",
         )
-        if self.hidden_size % self.num_attention_heads:
+        if self.head_dim is not None:
+            _positive(self, prefix, "head_dim")
+        elif self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"{prefix}.hidden_size",
                 f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}",
-                "fix the head count",
+                "fix the head count or set head_dim",
             )
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(

@@ -92,7 +92,7 @@ def build_empty_model(cfg: ModelConfig, dtype: str, vocab_rows: Optional[int] = 
     parts = PartConfigs(
         *(dataclasses.replace(c, perform_initialization=False) for c in (parts.vision, parts.projector, parts.language))
     )
-    return SailVLModel(cfg, parts, build_specs(cpu.layer_backend), pre_process=True, post_process=True).eval()
+    return SailVLModel(cfg, parts, build_specs(cpu.layer_backend, cfg), pre_process=True, post_process=True).eval()
 
 
 def target_vocab_rows(cfg: ModelConfig, tp: int) -> int:

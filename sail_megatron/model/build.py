@@ -27,7 +27,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, precision: Precisi
     # Checked again here, where the backends are known: callers that build without TrainConfig.validate.
     parallel.check_layer_backend(layer_backend)
     precision.check_cuda_capability(backends.cuda_capability)
-    specs = build_specs(layer_backend)
+    specs = build_specs(layer_backend, model)
     configs = build_part_configs(model, parallel, precision, backends)
     stage = SailVLModel(
         model,

@@ -28,25 +28,44 @@ def _linear(n_in: int, n_out: int, bias: bool) -> int:
     return n_in * n_out + (n_out if bias else 0)
 
 
+def _norm(v: VisionConfig) -> int:
+    """One norm of the encoder: LayerNorm has a weight and a bias, RMSNorm a weight."""
+    return v.hidden_size * (2 if v.spec.normalization == "LayerNorm" else 1)
+
+
 def vision_layer_parameters(v: VisionConfig) -> int:
-    h, f = v.hidden_size, v.ffn_hidden_size
-    attention = _linear(h, 3 * h, True) + _linear(h, h, True)
-    mlp = _linear(h, f, True) + _linear(f, h, True)
-    norms_and_scales = 2 * 2 * h + 2 * h  # two LayerNorms (weight, bias), ls1, ls2
-    return attention + mlp + norms_and_scales
+    h, f, arch = v.hidden_size, v.ffn_hidden_size, v.spec
+    attention = _linear(h, 3 * h, arch.bias) + _linear(h, h, arch.bias)
+    if arch.gated_mlp:
+        mlp = 2 * _linear(h, f, arch.bias) + _linear(f, h, arch.bias)  # gate, up, down
+    else:
+        mlp = _linear(h, f, arch.bias) + _linear(f, h, arch.bias)
+    scales = 2 * h if arch.layer_scale else 0  # ls1, ls2
+    return attention + mlp + 2 * _norm(v) + scales
 
 
 def vision_embedding_parameters(v: VisionConfig) -> int:
+    """Patch conv (with bias), its norm, the CLS token and the learned positions."""
     patch = _linear(3 * v.patch_size**2, v.hidden_size, True)
-    return patch + v.hidden_size + (v.num_patches + 1) * v.hidden_size  # + CLS + positions
+    cls = v.hidden_size if v.spec.cls_token else 0
+    patch_norm = _norm(v) if v.spec.patch_norm else 0
+    return patch + patch_norm + cls + v.num_positions * v.hidden_size
+
+
+def vision_final_norm_parameters(v: VisionConfig, built: bool) -> int:
+    """The encoder's final norm: in every checkpoint of a family that has one; built only when used."""
+    stored = _norm(v) if v.spec.final_norm else 0
+    return stored if not built or v.applies_final_norm else 0
 
 
 def language_parameters(lang: LanguageConfig) -> int:
     h, d = lang.hidden_size, lang.kv_channels
-    kv = lang.num_query_groups * d
-    attention = _linear(h, h, True) + 2 * _linear(h, kv, True) + _linear(h, h, False)
+    q, kv = lang.num_attention_heads * d, lang.num_query_groups * d
+    bias = lang.spec.qkv_bias
+    attention = _linear(h, q, bias) + 2 * _linear(h, kv, bias) + _linear(q, h, False)
+    qk_norms = 2 * d if lang.spec.qk_layernorm else 0
     mlp = 3 * h * lang.ffn_hidden_size  # gate, up, down; no biases
-    layer = attention + mlp + 2 * h  # two RMSNorms
+    layer = attention + qk_norms + mlp + 2 * h  # two RMSNorms
     embeddings = lang.vocab_size * h * (1 if lang.tie_word_embeddings else 2)
     return lang.num_layers * layer + h + embeddings
 
@@ -62,8 +81,8 @@ def count_parameters(model: ModelConfig) -> ParameterCount:
     embed = vision_embedding_parameters(v)
     layer = vision_layer_parameters(v)
     return ParameterCount(
-        vision_built=embed + v.num_built_layers * layer,
-        vision_checkpoint=embed + v.num_layers * layer,
+        vision_built=embed + v.num_built_layers * layer + vision_final_norm_parameters(v, built=True),
+        vision_checkpoint=embed + v.num_layers * layer + vision_final_norm_parameters(v, built=False),
         projector=projector_parameters(model),
         language=language_parameters(model.language),
     )

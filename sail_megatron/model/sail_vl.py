@@ -1,4 +1,4 @@
-"""The SAIL-VL model: InternViT -> pixel shuffle -> projector -> merged into Qwen2.5's embeddings.
+"""The SAIL-VL model: vision encoder -> pixel shuffle -> projector -> merged into the Qwen decoder's embeddings.
 
 One pipeline stage's piece of it: the first stage holds the vision encoder, the projector and the
 token embedding; the last holds the output layer; layers split evenly in between.
@@ -13,6 +13,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
 
 from sail_megatron.config import ModelConfig
 from sail_megatron.config.model import padded_vocab_size  # noqa: F401  (re-exported: its home is the config)
@@ -22,7 +23,6 @@ from sail_megatron.kernels.pixel_shuffle import pixel_shuffle
 from sail_megatron.model.projector import VisionProjector
 from sail_megatron.model.specs import ModelSpecs
 from sail_megatron.model.transformer_configs import PartConfigs
-from sail_megatron.model.vision import InternViTModel
 
 
 @functools.lru_cache(maxsize=16)
@@ -75,7 +75,7 @@ class SailVLModel(MegatronModule):
         self.post_process = post_process
         self.sequence_parallel = configs.language.sequence_parallel
         if pre_process:
-            self.vision_model = InternViTModel(configs.vision, specs.vision_layer, model.vision)
+            self.vision_model = build_module(specs.vision_encoder, config=configs.vision, vision=model.vision)
             shuffled_width = model.vision.hidden_size * model.projector.merge_factor**2
             self.projector = VisionProjector(
                 configs.projector, specs.projector_norm, specs.projector_mlp, shuffled_width

@@ -18,18 +18,22 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from sail_megatron.config import LanguageConfig, ModelConfig, VisionConfig
+from sail_megatron.model.aimv2 import AIMv2Model
+from sail_megatron.model.internvit import InternViTModel
 from sail_megatron.model.packed_attention import PackedDotProductAttention
 from sail_megatron.model.vision_layer import LayerScaleTransformerLayer
 
 
 @dataclass(frozen=True)
 class ModelSpecs:
-    """The layer specs one SAIL-VL model is built from."""
+    """The module and layer specs one SAIL-VL model is built from."""
 
     backend: str
-    vision_layer: ModuleSpec
+    vision_encoder: ModuleSpec
+    """The encoder module with its layer (and norm) specs as params; built with (config, vision)."""
     projector_norm: ModuleSpec
     projector_mlp: MLPSubmodules
     language_layer: ModuleSpec
@@ -60,13 +64,15 @@ TE_NORM_KEYS = {
 }
 
 
-def vision_layer_spec(provider: BackendSpecProvider) -> ModuleSpec:
-    """Bidirectional pre-norm ViT layer with InternViT's layer scale and drop path."""
+def vision_layer_spec(provider: BackendSpecProvider, vision: VisionConfig) -> ModuleSpec:
+    """Bidirectional pre-norm ViT layer: with layer scale and drop path for InternViT, megatron-core's
+    plain layer for AIMv2 (norm type, biases and gated MLP follow from the TransformerConfig)."""
+    arch = vision.spec
     fused = provider.fuse_layernorm_and_linear()
-    norm = IdentityOp if fused else provider.layer_norm(rms_norm=False)
+    norm = IdentityOp if fused else provider.layer_norm(rms_norm=arch.normalization == "RMSNorm")
     qkv = provider.column_parallel_layer_norm_linear() if fused else provider.column_parallel_linear()
     return ModuleSpec(
-        module=LayerScaleTransformerLayer,
+        module=LayerScaleTransformerLayer if arch.layer_scale else TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
@@ -87,24 +93,36 @@ def vision_layer_spec(provider: BackendSpecProvider) -> ModuleSpec:
     )
 
 
-def language_layer_spec(backend: str) -> ModuleSpec:
-    """Qwen2.5 decoder layer: RMSNorm, GQA with qkv bias, SwiGLU; packed (THD) attention either way:
-    TE's attention takes THD natively, the local spec gets our packed core attention."""
+def vision_encoder_spec(provider: BackendSpecProvider, vision: VisionConfig) -> ModuleSpec:
+    """The encoder family's module, given its layer spec (and, for AIMv2, its standalone norms)."""
+    layer = vision_layer_spec(provider, vision)
+    if vision.arch == "aimv2":
+        return ModuleSpec(
+            module=AIMv2Model, params={"layer_spec": layer, "norm_spec": provider.layer_norm(rms_norm=True)}
+        )
+    return ModuleSpec(module=InternViTModel, params={"layer_spec": layer})
+
+
+def language_layer_spec(backend: str, language: LanguageConfig) -> ModuleSpec:
+    """Qwen decoder layer: RMSNorm, GQA (qkv bias on Qwen2, per-head q/k RMSNorm on Qwen3), SwiGLU;
+    packed (THD) attention either way: TE's attention takes THD natively, the local spec gets our packed
+    core attention."""
+    qk_layernorm = language.spec.qk_layernorm
     if backend == "te":
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
-    spec = get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm")
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
     return spec
 
 
-def build_specs(backend: str) -> ModelSpecs:
+def build_specs(backend: str, model: ModelConfig) -> ModelSpecs:
     provider = _provider(backend)
     fused = provider.fuse_layernorm_and_linear()
     return ModelSpecs(
         backend=backend,
-        vision_layer=vision_layer_spec(provider),
+        vision_encoder=vision_encoder_spec(provider, model.vision),
         # TE folds the projector's LayerNorm into fc1 (TELayerNormColumnParallelLinear).
         projector_norm=IdentityOp if fused else provider.layer_norm(rms_norm=False),
         projector_mlp=_mlp(provider),
-        language_layer=language_layer_spec(backend),
+        language_layer=language_layer_spec(backend, model.language),
     )

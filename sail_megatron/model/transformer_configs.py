@@ -86,21 +86,23 @@ def build_part_configs(
     common = _common(parallel, precision, backends)
     v, lang = model.vision, model.language
     # The ViT lives whole on stage 0. InternViT and `mlp1` use exact (erf) GELU; megatron's fused
-    # bias-GELU is the tanh approximation, so the vision side never takes it.
+    # bias-GELU is the tanh approximation, so GELU parts never take it (its fused SwiGLU is exact).
     vision_common = {**common, "pipeline_model_parallel_size": 1, "bias_activation_fusion": False}
+    arch = v.spec
+    vision_fusion = {"bias_activation_fusion": common["bias_activation_fusion"] and arch.gated_mlp}
     vision = TransformerConfig(
         num_layers=v.num_built_layers,
         hidden_size=v.hidden_size,
         num_attention_heads=v.num_attention_heads,
         ffn_hidden_size=v.ffn_hidden_size,
-        normalization="LayerNorm",
+        normalization=arch.normalization,
         layernorm_epsilon=v.layernorm_epsilon,
-        add_bias_linear=True,
-        add_qkv_bias=True,
-        gated_linear_unit=False,
-        activation_func=F.gelu,
+        add_bias_linear=arch.bias,
+        add_qkv_bias=arch.bias,
+        gated_linear_unit=arch.gated_mlp,
+        activation_func=F.silu if arch.gated_mlp else F.gelu,
         sequence_parallel=False,
-        **vision_common,
+        **{**vision_common, **vision_fusion},
         **_fp8(precision, precision.fp8_vision),
         **_recompute_vision(parallel),
     )
@@ -129,7 +131,8 @@ def build_part_configs(
         normalization="RMSNorm",
         layernorm_epsilon=lang.norm_epsilon,
         add_bias_linear=False,
-        add_qkv_bias=True,
+        add_qkv_bias=lang.spec.qkv_bias,
+        qk_layernorm=lang.spec.qk_layernorm,
         gated_linear_unit=True,
         activation_func=F.silu,
         sequence_parallel=parallel.sequence_parallel,

@@ -1,0 +1,70 @@
+"""InternViT vision encoder on megatron-core transformer layers.
+
+Own module rather than megatron-core's CLIPViTModel, which lacks layer scale, drop path and
+select_layer truncation, and whose local ViT spec uses a causal mask.
+"""
+
+import dataclasses
+
+import torch
+from megatron.core.models.common.vision_module.vision_module import VisionModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from sail_megatron.config import VisionConfig
+from sail_megatron.model.fp8_shapes import fp8_tile_multiple
+
+
+class InternViTModel(VisionModule):
+    """Patch embedding + CLS token + learned positions, then `num_built_layers` pre-norm layers.
+
+    Parameter names follow the InternVL checkpoint where they are ours (class_embedding,
+    patch_embedding, position_embedding); the transformer layers are megatron-core's.
+    Input [tiles, 3, S, S]; output the `select_layer` hidden state without the CLS token,
+    [tiles, num_patches, hidden].
+    """
+
+    def __init__(self, config: TransformerConfig, vision: VisionConfig, layer_spec: ModuleSpec):
+        super().__init__(config=config)
+        self.vision = vision
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        factory = dict(dtype=config.params_dtype, device=device)
+        hidden = vision.hidden_size
+        self.patch_embedding = torch.nn.Conv2d(
+            3, hidden, kernel_size=vision.patch_size, stride=vision.patch_size, bias=True, **factory
+        )
+        self.class_embedding = torch.nn.Parameter(torch.empty(1, 1, hidden, **factory))
+        self.position_embedding = torch.nn.Parameter(torch.empty(1, vision.num_positions, hidden, **factory))
+        if config.perform_initialization:
+            config.init_method(self.class_embedding)
+            config.init_method(self.position_embedding)
+        layer_spec = dataclasses.replace(
+            layer_spec,
+            params={
+                **layer_spec.params,
+                "drop_path_rate": vision.drop_path_rate,
+                "drop_path_depth": vision.num_layers,
+                "layer_scale_init": vision.layer_scale_init,
+            },
+        )
+        # All built layers live on this stage: the vision config says pipeline size 1.
+        self.decoder = TransformerBlock(config=config, spec=layer_spec, pre_process=True, post_process=False)
+        self.tile_multiple = fp8_tile_multiple(config, vision.num_positions)
+        """The ViT runs a multiple of this many tiles at once (blank tiles pad the rest): FP8 shapes."""
+
+    def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
+        self.decoder.set_input_tensor(input_tensor)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        tiles = pixel_values.shape[0]
+        blank = -tiles % self.tile_multiple
+        if blank:
+            pixel_values = torch.cat([pixel_values, pixel_values.new_zeros(blank, *pixel_values.shape[1:])])
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # [T, H, g, g]
+        x = x.flatten(2).transpose(1, 2)  # [T, g*g, H]
+        cls = self.class_embedding.expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.position_embedding  # [T, 1+g*g, H]
+        x = x.transpose(0, 1).contiguous()  # [s, b=T, h]: megatron's layout
+        x = self.decoder(hidden_states=x, attention_mask=None)
+        return x[1:, :tiles].transpose(0, 1).contiguous()  # drop CLS and blank tiles -> [T, g*g, H]
