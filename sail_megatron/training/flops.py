@@ -50,16 +50,21 @@ def training_multipliers(trains: Sequence[bool]) -> Trains:
 
 
 def vit_tokens_per_tile(v: VisionConfig) -> int:
-    """Patches plus the CLS token."""
-    return v.num_patches + 1
+    """Patches plus the CLS token where the encoder has one (InternViT; AIMv2 has none)."""
+    return v.num_positions
+
+
+def vit_mlp_matrices(v: VisionConfig) -> int:
+    """h x f matrices in one MLP: 3 for SwiGLU (gate, up, down), 2 otherwise (fc1, fc2)."""
+    return 3 if v.spec.gated_mlp else 2
 
 
 def vit_forward_flops_per_tile(v: VisionConfig) -> int:
     """One tile through the built ViT layers (up to select_layer), plus the patch-embedding conv."""
     h, t = v.hidden_size, vit_tokens_per_tile(v)
-    linear = 2 * t * (4 * h * h + 2 * h * v.ffn_hidden_size)  # qkv 3h^2 + proj h^2; fc1 + fc2
+    linear = 2 * t * (4 * h * h + vit_mlp_matrices(v) * h * v.ffn_hidden_size)  # qkv 3h^2 + proj h^2; MLP
     attention = 4 * t * t * h  # QK^T and AV, bidirectional
-    patch_embed = 2 * v.num_patches * (3 * v.patch_size**2 * h)  # the CLS token is not convolved
+    patch_embed = 2 * v.num_patches * (3 * v.patch_size**2 * h)  # a CLS token is not convolved
     return v.num_built_layers * (linear + attention) + patch_embed
 
 
@@ -73,8 +78,9 @@ def projector_forward_flops_per_tile(model: ModelConfig) -> int:
 def llm_linear_forward_flops_per_token(lang: LanguageConfig, tensor_parallel_size: int = 1) -> int:
     """All decoder layers' projections plus the output layer, for one token."""
     h = lang.hidden_size
+    q = lang.num_attention_heads * lang.kv_channels  # = h unless head_dim is stated (Qwen3)
     kv = lang.num_query_groups * lang.kv_channels  # GQA: k and v are narrower than q
-    per_layer = 2 * (h * h + 2 * h * kv + h * h + 3 * h * lang.ffn_hidden_size)  # q, k+v, o, SwiGLU
+    per_layer = 2 * (h * q + 2 * h * kv + q * h + 3 * h * lang.ffn_hidden_size)  # q, k+v, o, SwiGLU
     return lang.num_layers * per_layer + 2 * h * lang.padded_vocab_size(tensor_parallel_size)
 
 

@@ -19,10 +19,10 @@ from sail_megatron.training.step import masked_token_loss, packed_seq_params, tr
 SEQ, MBS = 96, 2
 
 
-def _setup(tp: int = 1, pp: int = 1, seed: int = 1234, sp: bool = False):
+def _setup(tp: int = 1, pp: int = 1, seed: int = 1234, sp: bool = False, preset: str = "tiny"):
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp)
     init_distributed(parallel, seed=seed)
-    cfg = get_preset("tiny")
+    cfg = get_preset(preset)
     cfg.image_context_token_id = IMG_CONTEXT
     model = build_model(cfg, parallel, PrecisionConfig(dtype="fp32"))
     return cfg, parallel, model
@@ -85,14 +85,36 @@ def _load(model, directory: str) -> None:
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), directory))
 
 
+def _sum_tied_embedding_grads(model) -> None:
+    """Tied embeddings under PP: the first stage's input embedding and the last stage's output layer are
+    one weight held twice; its gradient is their sum (megatron's finalize_model_grads does this in training)."""
+    if not model.share_embeddings_and_output_weights or parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return
+    if parallel_state.is_rank_in_embedding_group(ignore_virtual=True):
+        weight = model.language_model.shared_embedding_or_output_weight()
+        torch.distributed.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
+
+
+def _sum_qk_norm_grads(model) -> None:
+    """q/k norms are replicated over TP but each rank normalizes only its heads: their gradient is the sum
+    over TP ranks (again as finalize_model_grads does in training)."""
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return
+    for name, p in model.named_parameters():
+        if "q_layernorm" in name or "k_layernorm" in name:
+            torch.distributed.all_reduce(p.grad, group=parallel_state.get_tensor_model_parallel_group())
+
+
 def _grads_into_params(model) -> None:
+    _sum_tied_embedding_grads(model)
+    _sum_qk_norm_grads(model)
     for p in model.parameters():
         p.data.copy_(p.grad if p.grad is not None else torch.zeros_like(p))
 
 
-def reference_run(weights_dir: str) -> Dict:
+def reference_run(weights_dir: str, preset: str = "tiny") -> Dict:
     """World 1: save the initial weights, then return losses, logits and gradients by name."""
-    cfg, _, model = _setup()
+    cfg, _, model = _setup(preset=preset)
     try:
         dist_checkpointing.save(model.sharded_state_dict(), weights_dir)
         batch = _fixed_batch(cfg)
@@ -104,9 +126,9 @@ def reference_run(weights_dir: str) -> Dict:
         destroy_distributed()
 
 
-def layout_run(tp: int, pp: int, weights_dir: str, grads_dir: str, sp: bool = False) -> Dict:
+def layout_run(tp: int, pp: int, weights_dir: str, grads_dir: str, sp: bool = False, preset: str = "tiny") -> Dict:
     """Same weights and batch under TP x PP (x SP); gradients are written as a (reshardable) checkpoint."""
-    cfg, _, model = _setup(tp, pp, sp=sp)
+    cfg, _, model = _setup(tp, pp, sp=sp, preset=preset)
     try:
         _load(model, weights_dir)
         batch = _fixed_batch(cfg)
@@ -120,9 +142,9 @@ def layout_run(tp: int, pp: int, weights_dir: str, grads_dir: str, sp: bool = Fa
         destroy_distributed()
 
 
-def read_full_checkpoint(directory: str) -> Dict[str, torch.Tensor]:
+def read_full_checkpoint(directory: str, preset: str = "tiny") -> Dict[str, torch.Tensor]:
     """World 1: a checkpoint saved under any layout, as full tensors by parameter name."""
-    _, _, model = _setup()
+    _, _, model = _setup(preset=preset)
     try:
         _load(model, directory)
         return {n: p.detach().clone() for n, p in model.named_parameters()}

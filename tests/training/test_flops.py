@@ -1,6 +1,7 @@
 """FLOP counting against hand-computed values with the literal SAIL-VL dimensions (docs/design.md, Counting FLOPs)."""
 
 import pytest
+import torch
 
 from sail_megatron.config import FreezeConfig
 from sail_megatron.model.presets import get_preset
@@ -8,10 +9,12 @@ from sail_megatron.training.flops import (
     FlopBreakdown,
     PeakFlops,
     Trains,
+    llm_attention_forward_flops,
     llm_linear_forward_flops_per_token,
     mfu,
     mfu_figures,
     peak_flops,
+    projector_forward_flops_per_tile,
     training_flops,
     vit_forward_flops_per_tile,
 )
@@ -138,3 +141,31 @@ def test_mfu_figures_against_both_peaks():
     assert figures["mfu"] == pytest.approx(0.5) and figures["mfu_fp8"] == pytest.approx(494.5 / 1979)
     assert mfu_figures(494.5e12, PeakFlops(bf16=989e12)) == {"mfu": pytest.approx(0.5), "mfu_fp8": None}
     assert mfu_figures(1e12, PeakFlops()) == {"mfu": None, "mfu_fp8": None}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-aimv2", "tiny-sail-vl2"])
+def test_counts_equal_torch_flop_counter_on_the_built_model(preset):
+    """The formulas against torch's FLOP counter over the real model: the ViT on one tile, the projector
+    and the decoder's linear layers per token (the counter sees matmuls and convolutions, as we count)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sail_megatron.convert.mcore_io import build_empty_model, single_process
+
+    cfg = get_preset(preset)
+    with single_process():
+        model = build_empty_model(cfg, "fp32").requires_grad_(False)  # the counter's module hooks want no autograd
+        tiles = torch.zeros(1, 3, cfg.vision.image_size, cfg.vision.image_size)
+        with FlopCounterMode(display=False) as vit:
+            features = model.vision_model(tiles)
+        assert vit.get_total_flops() == vit_forward_flops_per_tile(cfg.vision)
+        shuffled = torch.zeros(1, cfg.tokens_per_tile, features.shape[-1] * cfg.projector.merge_factor**2)
+        with FlopCounterMode(display=False) as proj:
+            model.projector(shuffled)
+        assert proj.get_total_flops() == projector_forward_flops_per_tile(cfg)
+        length = 24
+        ids = torch.zeros(1, length, dtype=torch.long)
+        with FlopCounterMode(display=False) as lm:
+            model.language_model(input_ids=ids, position_ids=torch.arange(length)[None], attention_mask=None)
+        # The counter sees the full L x L score matmuls; causal attention counts half of them.
+        expected = length * llm_linear_forward_flops_per_token(cfg.language)
+        assert lm.get_total_flops() == expected + 2 * llm_attention_forward_flops(cfg.language, [length])
