@@ -6,6 +6,8 @@ from typing import Optional
 from sail_megatron.config.errors import ConfigError
 
 DECODERS = ("auto", "dali", "pil")
+TEMPLATES = ("chatml", "sailvl-chat", "univl-chat", "internvl2_5")
+"""Chat template names; their definitions are in sail_megatron/data/templates.py (a layer above)."""
 
 
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -33,7 +35,11 @@ class DataConfig:
     """Vision tiles one packed row may carry: bounds the ViT's memory and balances its work."""
     packing_buffer_size: int = 256
     """Samples planned together; larger buffers fill rows better (the last pack of a buffer is partial)."""
+    template: str = "chatml"
+    """How conversations are rendered: 'chatml' (plain Qwen chatml), 'sailvl-chat' (what SAIL-VL
+    checkpoints were trained with: no newline between turns, a default system message) or 'internvl2_5'."""
     system_prompt: Optional[str] = None
+    """Replaces the template's default system message (a sample's own system turn still wins); '' drops it."""
     num_workers: int = 2
     shuffle_buffer_size: int = 100
     """Samples mixed across shard streams; 0 disables it (shard order and in-shard order still shuffle)."""
@@ -73,5 +79,9 @@ class DataConfig:
             )
         if self.num_workers < 0:
             raise ConfigError("data.num_workers", "must be >= 0", "use 0 to load in the training process")
+        if self.template not in TEMPLATES:
+            raise ConfigError(
+                "data.template", f"unknown chat template {self.template!r}", f"use one of {', '.join(TEMPLATES)}"
+            )
         if self.decoder not in DECODERS:
             raise ConfigError("data.decoder", f"unknown decoder {self.decoder!r}", f"use one of {DECODERS}")

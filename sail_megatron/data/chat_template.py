@@ -1,10 +1,13 @@
 """Chat template, image-token expansion, loss masks and the over-length policy.
 
-Layouts (Qwen chatml, InternVL image blocks):
+Layouts (chatml tokens, InternVL image blocks; `end` is what the template puts after <|im_end|>):
   caption:       <img><IMG_CONTEXT>*n</img>\\n{caption}<|im_end|>           loss on caption + <|im_end|>
-  conversation:  [<|im_start|>system\\n{system}<|im_end|>\\n]
-                 <|im_start|>user\\n{text, each <image> -> image block}<|im_end|>\\n
-                 <|im_start|>assistant\\n{answer}<|im_end|>\\n ...              loss on answers + their <|im_end|>
+  conversation:  [<|im_start|>system\\n{system}<|im_end|>{end}]
+                 <|im_start|>user\\n{text, each <image> -> image block}<|im_end|>{end}
+                 <|im_start|>assistant\\n{answer}<|im_end|>{end} ...          loss on answers + their <|im_end|>
+The template (`templates.py`: 'chatml', 'sailvl-chat', 'internvl2_5') decides `end` ('\\n' or nothing)
+and the system message used when neither the sample nor `system_prompt` sets one. The caption layout is
+the same for every template.
 Text is tokenized piece by piece and special ids are inserted directly, so loss-mask boundaries are
 exact and image blocks are never tokenized from strings. Sample text goes through `encode_text`: a
 control-token string typed in it ("<|im_end|>", "<IMG_CONTEXT>") stays text and never becomes the
@@ -23,6 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from sail_megatron.data.sample import IMAGE_PLACEHOLDER, EncodedSample, MalformedSample, VLSample
+from sail_megatron.data.templates import DEFAULT_TEMPLATE, get_template
 from sail_megatron.data.tiling import TilePlan
 from sail_megatron.data.tokenizer import Tokenizer
 
@@ -44,12 +48,25 @@ class Piece:
 
 
 class ChatTemplate:
-    def __init__(self, tokenizer: Tokenizer, tokens_per_tile: int, system_prompt: Optional[str] = None):
+    """Renders samples with one of the chat templates of `templates.py`.
+
+    system_prompt: replaces the template's default system message ('' renders no system turn); a
+    sample's own system turn replaces both."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        tokens_per_tile: int,
+        system_prompt: Optional[str] = None,
+        template: str = DEFAULT_TEMPLATE,
+    ):
         self.tok = tokenizer
         self.ids = tokenizer.ids
         self.tokens_per_tile = tokens_per_tile
-        self.system_prompt = system_prompt
+        self.spec = get_template(template)
+        self.system_prompt = self.spec.default_system if system_prompt is None else system_prompt
         self._newline = tokenizer.encode_text("\n")
+        self._turn_end = tokenizer.encode_text(self.spec.turn_end) if self.spec.turn_end else []
 
     def _image_block(self, index: int, plan: TilePlan, round_: int) -> Piece:
         ids = (
@@ -87,9 +104,10 @@ class ChatTemplate:
             raise MalformedSample(f"unknown sample kind {sample.kind!r}")
         pieces: List[Piece] = []
         system = next((t for r, t in sample.turns if r == "system"), self.system_prompt)
+        end = self._turn_end
         if system:
             system_ids = self.tok.encode_text(f"system\n{system}")
-            pieces.append(Piece([ids.im_start] + system_ids + [ids.im_end] + self._newline, False))
+            pieces.append(Piece([ids.im_start] + system_ids + [ids.im_end] + end, False))
         next_image, round_ = 0, -1
         for role, text in sample.turns:
             if role == "user":
@@ -97,14 +115,15 @@ class ChatTemplate:
                 body, next_image = self._text_with_images(text, plans, next_image, round_)
                 pieces.append(Piece([ids.im_start] + self.tok.encode_text("user\n"), False, round=round_))
                 pieces += body
-                pieces.append(Piece([ids.im_end] + self._newline, False, round=round_))
+                pieces.append(Piece([ids.im_end] + end, False, round=round_))
             elif role == "assistant":
                 if IMAGE_PLACEHOLDER in text:
                     raise MalformedSample("an assistant turn contains an image placeholder")
                 round_ = max(round_, 0)
                 pieces.append(Piece([ids.im_start] + self.tok.encode_text("assistant\n"), False, round=round_))
                 pieces.append(Piece(self.tok.encode_text(text) + [ids.im_end], True, round=round_))
-                pieces.append(Piece(self._newline, False, round=round_))
+                if end:  # the separator after an answer is context, not a target
+                    pieces.append(Piece(end, False, round=round_))
             elif role != "system":
                 raise MalformedSample(f"unknown role {role!r}")
         if next_image != len(plans):

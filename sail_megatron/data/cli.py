@@ -4,6 +4,9 @@
                     [--num-shards N --shard-index I]    one part of the input per machine
   sail-data join --parts DIR [DIR ...] --out BLEND.yaml  a blend over the parts, weighted by sample count
   sail-data demo --out DIR       the embedded demo dataset (real photos, captions, conversations)
+  sail-data show --input FILE --tokenizer DIR [--images DIR] [--index N] [--template NAME]
+                 [--system-prompt TEXT] [--max-tiles N] [--json]
+                                 one input record as the trainer tokenizes it, trained spans marked
 
 User errors (bad arguments, unusable paths, unreadable input, a full disk) print a few lines naming the
 path and the fix, and exit with code 2.
@@ -15,10 +18,11 @@ import signal
 import sys
 from pathlib import Path
 
-from sail_megatron.config.data import DEFAULT_MAX_PIXELS
+from sail_megatron.config.data import DEFAULT_MAX_PIXELS, TEMPLATES, DataConfig
 from sail_megatron.data.blend import join_parts, write_blend
 from sail_megatron.data.out_dir import check_out, layout_matches, staged
 from sail_megatron.data.prepare import FORMATS, is_prepared_output, prepare
+from sail_megatron.data.show import TOKENS_PER_TILE, report, show_record
 
 _DEMO_LAYOUT = ("raw", "captions", "sft", "blend.yaml")
 _DEMO_RAW_LAYOUT = ("images", "captions.jsonl", "sft.jsonl", "tokenizer")
@@ -109,6 +113,23 @@ def _demo(args) -> int:
     return 0
 
 
+def _show(args) -> int:
+    shown, tok = show_record(
+        Path(args.input),
+        Path(args.tokenizer),
+        images_dir=Path(args.images) if args.images else None,
+        index=args.index,
+        fmt=args.format,
+        template=args.template,
+        system_prompt=args.system_prompt,
+        max_tiles=args.max_tiles,
+        tokens_per_tile=args.tokens_per_tile,
+        seq_length=args.seq_length,
+    )
+    print(report(shown, tok, as_json=args.json, color=sys.stdout.isatty()))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sail-data", description="Prepare image-text data for sail-megatron.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +181,22 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True)
     d.add_argument("--overwrite", action="store_true", help="replace an earlier demo folder")
     d.set_defaults(func=_demo)
+    defaults = DataConfig()
+    s = sub.add_parser("show", help="print one input record as the trainer tokenizes it, trained spans marked")
+    s.add_argument("--input", required=True, help="a sail-data prepare input: LLaVA JSON/JSONL or caption JSONL")
+    s.add_argument("--tokenizer", required=True, help="local Hugging Face tokenizer folder (with the image tokens)")
+    s.add_argument("--images", help="folder the record's image paths are relative to (default: the input's folder)")
+    s.add_argument("--index", type=int, default=0, help="which record, counted from 0 (blank lines do not count)")
+    s.add_argument(
+        "--format", choices=("auto",) + FORMATS, default="auto", help="auto: caption records have no conversations"
+    )
+    s.add_argument("--template", choices=TEMPLATES, default=defaults.template, help="chat template (data.template)")
+    s.add_argument("--system-prompt", help="replaces the template's default system message (data.system_prompt)")
+    s.add_argument("--max-tiles", type=int, default=defaults.max_tiles, help="tiles per image at most (data.max_tiles)")
+    s.add_argument("--tokens-per-tile", type=int, default=TOKENS_PER_TILE, help="image tokens per tile (SAIL-VL: 256)")
+    s.add_argument("--seq-length", type=int, help="apply the trainer's over-length policy for this budget")
+    s.add_argument("--json", action="store_true", help='print {"input_ids", "loss_mask", "text"} as JSON')
+    s.set_defaults(func=_show)
     return parser
 
 

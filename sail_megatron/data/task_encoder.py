@@ -76,7 +76,7 @@ class _SailVLEncoding(TaskEncoder[VLSample, EncodedSample, RawBatch, RawBatch]):
         self.cfg = cfg
         self.tile_size = tile_size
         self.pad_id = tokenizer.ids.pad
-        self.template = ChatTemplate(tokenizer, tokens_per_tile, cfg.system_prompt)
+        self.template = ChatTemplate(tokenizer, tokens_per_tile, cfg.system_prompt, cfg.template)
         self._skipped: Counter = Counter()
         self._conversions: Counter = Counter()
 
