@@ -23,21 +23,23 @@ $(DEMO_DATA)/blend.yaml: $(STAMP)
 
 # A tiny SAIL-VL trained on the CPU by 4 processes (tensor parallel 2 x pipeline parallel 2) on the demo
 # data, through the same driver and launch script as a cluster run. Starts fresh each time.
+# TINY=tiny-aimv2 runs the AIMv2 (SAIL-VL-1.5/1.6 layout) twin instead, here and in `make stages`.
+TINY ?= tiny
 LAUNCH := GPUS_PER_NODE=4 TORCHRUN=$(VENV)/bin/torchrun bash examples/launch/single_node.sh
 DEMO_ARGS := data.tokenizer=$(DEMO_DATA)/raw/tokenizer
 
 demo: $(STAMP) $(DEMO_DATA)/blend.yaml
-	rm -rf runs/tiny/demo
-	$(LAUNCH) examples/configs/tiny/demo.yaml $(DEMO_ARGS) data.path=$(DEMO_DATA)/blend.yaml
-	@echo "curves: runs/tiny/demo/curves.png   TensorBoard: $(VENV)/bin/tensorboard --logdir runs/tiny/demo/tensorboard"
+	rm -rf runs/$(TINY)/demo
+	$(LAUNCH) examples/configs/$(TINY)/demo.yaml $(DEMO_ARGS) data.path=$(DEMO_DATA)/blend.yaml
+	@echo "curves: runs/$(TINY)/demo/curves.png   TensorBoard: $(VENV)/bin/tensorboard --logdir runs/$(TINY)/demo/tensorboard"
 
 # The five SAIL-VL stages in a row on the tiny model, each starting from the previous stage's checkpoint.
 STAGES := 1-pretrain-alignment 2-pretrain-advance 3-sft-knowledge 4-sft-instruction 5-sft-preference
 stages: $(STAMP) $(DEMO_DATA)/blend.yaml
-	rm -rf $(addprefix runs/tiny/,$(STAGES))
+	rm -rf $(addprefix runs/$(TINY)/,$(STAGES))
 	for s in $(STAGES); do \
 		data=$$(case $$s in *pretrain*) echo captions;; *) echo sft;; esac); \
-		$(LAUNCH) examples/configs/tiny/$$s.yaml $(DEMO_ARGS) data.path=$(DEMO_DATA)/$$data || exit 1; \
+		$(LAUNCH) examples/configs/$(TINY)/$$s.yaml $(DEMO_ARGS) data.path=$(DEMO_DATA)/$$data || exit 1; \
 	done
 
 test: lint

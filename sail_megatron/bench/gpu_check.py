@@ -488,8 +488,9 @@ def default_parts() -> List[Part]:
         Part(
             "layers",
             "Transformer Engine vs megatron-core local layers on the same weights (bf16 logits): the tiny "
-            "model and a small sail-vl-2b-shaped one (ViT 2 of 5 layers, LM 2 layers, real widths and vocabulary), "
-            "on a padded batch and on a packed THD row.",
+            "InternViT + Qwen2 and AIMv2 + Qwen3 models, a small sail-vl-2b-shaped one (ViT 2 of 5 layers, LM 2 "
+            "layers, real widths and vocabulary) and a small sail-vl2-2b-shaped one (SAILViT-Huge 3 layers, "
+            "Qwen3-1.7B 2 layers), on a padded batch and on a packed THD row.",
             180,
             _worker_command("layers"),
             _read_figures("layers"),
@@ -691,17 +692,23 @@ class _Figures:
 
 
 def _check_models() -> Dict[str, Any]:
-    """The tiny preset and a small sail-vl-2b-shaped model: every width, head count and the vocabulary of the
-    real one, with 2 of 5 ViT layers built (select_layer -4 as released) and 2 language layers."""
+    """Both architecture pairs: the tiny presets, a small sail-vl-2b-shaped model (every width, head count and
+    the vocabulary of the real one, 2 of 5 ViT layers built as select_layer -4 does, 2 language layers) and a
+    small sail-vl2-2b-shaped one (SAILViT-Huge widths with 3 layers, Qwen3-1.7B widths with 2 layers: TE's
+    fused RMSNorm+linear in the ViT, q/k norms, head_dim 128, tied embeddings)."""
     from sail_megatron.data.synthetic import IMG_CONTEXT
     from sail_megatron.model.presets import get_preset
 
-    tiny, small = get_preset("tiny"), get_preset("sail-vl-2b")
+    tiny, tiny_vl2 = get_preset("tiny"), get_preset("tiny-sail-vl2")
+    small, small_vl2 = get_preset("sail-vl-2b"), get_preset("sail-vl2-2b")
     small.vision.num_layers = 5
     small.language.num_layers = 2
-    for cfg in (tiny, small):
+    small_vl2.vision.num_layers = 3
+    small_vl2.language.num_layers = 2
+    models = {"tiny": tiny, "tiny-sail-vl2": tiny_vl2, "sail-vl-2b-small": small, "sail-vl2-2b-small": small_vl2}
+    for cfg in models.values():
         cfg.image_context_token_id = IMG_CONTEXT
-    return {"tiny": tiny, "sail-vl-2b-small": small}
+    return models
 
 
 def _check_batches(cfg) -> Dict[str, Any]:
@@ -879,7 +886,7 @@ def worker_write_cpu_checkpoint(fig: _Figures, root: Path) -> None:
 
 def _positions_every(name: str) -> int:
     """Logits kept for every n-th position: the small model's vocabulary makes all of them hundreds of MB."""
-    return 1 if name == "tiny" else 8
+    return 1 if name.startswith("tiny") else 8
 
 
 def worker_checkpoint(fig: _Figures, root: Path) -> None:

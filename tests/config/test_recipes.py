@@ -11,7 +11,14 @@ CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
 RECIPES = sorted(p for p in CONFIGS.glob("*/*.yaml") if not p.name.startswith("_"))
 STAGE_RECIPES = [p for p in RECIPES if p.stem != "demo"]
 # World sizes the recipes are written for: tiny on 4 CPU processes, H100 recipes on one and two nodes.
-WORLD = {"tiny": (4, False, False), "sail-vl-2b": (8, True, True), "sail-vl-8b": (16, True, True)}
+WORLD = {
+    "tiny": (4, False, False),
+    "tiny-aimv2": (4, False, False),
+    "sail-vl-2b": (8, True, True),
+    "sail-vl-8b": (16, True, True),
+    "sail-vl-1.5-2b": (8, True, True),
+    "sail-vl-1.6-8b": (16, True, True),
+}
 STAGES = ["1-pretrain-alignment", "2-pretrain-advance", "3-sft-knowledge", "4-sft-instruction", "5-sft-preference"]
 TRAINABLE = {
     "1": ["projector"],
@@ -47,6 +54,14 @@ def test_sizes_carry_the_real_dimensions():
     two, eight = (load_train_config(CONFIGS / s / "3-sft-knowledge.yaml") for s in ("sail-vl-2b", "sail-vl-8b"))
     assert (two.model.language.hidden_size, eight.model.language.hidden_size) == (1536, 3584)
     assert two.model.vision.select_layer == -4 and eight.parallel.sequence_parallel
+
+
+def test_sail_vl_15_and_16_use_aimv2_and_their_chat_template():
+    for size, hidden in (("sail-vl-1.5-2b", 1536), ("sail-vl-1.6-8b", 3584)):
+        for stage in STAGES:
+            cfg = load_train_config(CONFIGS / size / f"{stage}.yaml")
+            assert cfg.model.vision.arch == "aimv2" and cfg.model.vision.select_layer == -1
+            assert cfg.model.language.hidden_size == hidden and cfg.data.template == "sailvl-chat"
 
 
 def test_dotted_overrides(tmp_path):

@@ -41,6 +41,12 @@ def test_packed_equals_alone_single_process(single):
     assert not torch.allclose(single["alone_logits"][0][0, :10], single["alone_logits"][1][0, :10])
 
 
+def test_packed_equals_alone_aimv2_qwen3_single_process():
+    # The AIMv2 + Qwen3 model (q/k norms, explicit head_dim) keeps the invariant too.
+    (out,) = run_on_ranks(workers.packed_vs_alone, 1, 1, 1, None, "tiny-sail-vl2")
+    _check(out)
+
+
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
 def test_packed_equals_alone_under_layouts(weights, single, tp, pp):
     (out,) = [o for o in run_on_ranks(workers.packed_vs_alone, tp * pp, tp, pp, weights) if o is not None]

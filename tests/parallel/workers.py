@@ -198,11 +198,13 @@ def _packing_case(cfg):
     return packed, [alone(s, n) for s, n in zip(samples, lengths)], packed.cu_seqlens
 
 
-def packed_vs_alone(tp: int, pp: int, weights_dir: str) -> Optional[Dict]:
-    """Per-sample logits and losses, packed and alone, under TP x PP (same weights for every layout)."""
-    cfg, _, model = _setup(tp, pp)
+def packed_vs_alone(tp: int, pp: int, weights_dir: Optional[str], preset: str = "tiny") -> Optional[Dict]:
+    """Per-sample logits and losses, packed and alone, under TP x PP (same weights for every layout;
+    without `weights_dir`, the seeded initial weights of a single process)."""
+    cfg, _, model = _setup(tp, pp, preset=preset)
     try:
-        _load(model, weights_dir)
+        if weights_dir is not None:
+            _load(model, weights_dir)
         model.eval()
         packed, alone, cu = _packing_case(cfg)
         out = {

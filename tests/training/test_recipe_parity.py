@@ -1,8 +1,10 @@
-"""The GPU recipes' settings, trained on the CPU: every setting of examples/configs/sail-vl-{2b,8b} that
+"""The GPU recipes' settings, trained on the CPU: every setting of the GPU recipes in examples/configs that
 does not physically need a GPU (precision, distributed optimizer and its overlaps, recompute, per-part
-lrs, schedules, freezing per stage, packing) runs on the tiny model on 2 processes through the whole
-five-stage chain with `run.init_from`. A setting added to a recipe is carried here automatically;
-only the keys below are replaced, each for a stated reason."""
+lrs, schedules, freezing per stage, packing, chat template) runs on a tiny model of the same family on
+2 processes through a stage chain with `run.init_from`: SAIL-VL-2B's five stages on the tiny InternViT
+model, SAIL-VL-1.6's three refinement stages (projector, + vision encoder, everything) on the tiny AIMv2
+model. A setting added to a recipe is carried here automatically; only the keys below are replaced,
+each for a stated reason."""
 
 import copy
 from pathlib import Path
@@ -19,6 +21,10 @@ CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
 STAGES = ["1-pretrain-alignment", "2-pretrain-advance", "3-sft-knowledge", "4-sft-instruction", "5-sft-preference"]
 NPROC = 2
 STEPS = 2
+# GPU recipe family -> (the tiny preset standing in for it, the stages chained on the CPU). The 8B and
+# SAIL-VL-1.5 recipes carry the same CPU settings as these (tested below), so they are not run again.
+CHAINS = {"sail-vl-2b": ("tiny", STAGES), "sail-vl-1.6-8b": ("tiny-aimv2", STAGES[:3])}
+SAME_CPU_SETTINGS = {"sail-vl-8b": "sail-vl-2b", "sail-vl-1.5-2b": "sail-vl-1.6-8b"}
 
 # Replaced keys (dotted; a trailing ".*" covers a section) and why they cannot carry over.
 REPLACED = {
@@ -72,7 +78,7 @@ def _drop(d: Dict[str, Any], key: str) -> None:
     d.pop(leaf, None)
 
 
-def cpu_recipe(recipe: Path, demo: Path, save_dir: Path, init_from) -> Dict[str, Any]:
+def cpu_recipe(recipe: Path, demo: Path, save_dir: Path, init_from, preset: str = "tiny") -> Dict[str, Any]:
     """The recipe with only the REPLACED keys changed."""
     raw = _read_recipe(recipe)
     out = copy.deepcopy(raw)
@@ -83,7 +89,7 @@ def cpu_recipe(recipe: Path, demo: Path, save_dir: Path, init_from) -> Dict[str,
     tiny = _read_recipe(CONFIGS / "tiny" / "_base.yaml")
     schedule = raw.get("optim", {}).get("schedule", "cosine")
     values = {
-        "model_preset": "tiny",
+        "model_preset": preset,
         "model.language.vocab_size": tiny["model"]["language"]["vocab_size"],
         "parallel.tensor_model_parallel_size": 1,
         "parallel.pipeline_model_parallel_size": 1,
@@ -109,22 +115,25 @@ def carried_settings(recipe: Path) -> Dict[str, Any]:
     return {k: v for k, v in _flat(_read_recipe(recipe)).items() if not _replaced(k)}
 
 
-def test_the_8b_recipes_carry_the_same_cpu_settings_as_the_2b():
+@pytest.mark.parametrize("family,chained", sorted(SAME_CPU_SETTINGS.items()))
+def test_recipes_not_chained_carry_the_cpu_settings_of_a_chained_family(family, chained):
     # They differ only in layout and shape, so one chain covers both; if they ever diverge, this says
-    # so and the chain below must run the 8B settings as well.
+    # so and the chain below must run their settings as well.
     for stage in STAGES:
-        assert carried_settings(CONFIGS / "sail-vl-8b" / f"{stage}.yaml") == carried_settings(
-            CONFIGS / "sail-vl-2b" / f"{stage}.yaml"
+        assert carried_settings(CONFIGS / family / f"{stage}.yaml") == carried_settings(
+            CONFIGS / chained / f"{stage}.yaml"
         ), stage
 
 
-def test_cpu_recipes_keep_every_gpu_setting(tmp_path):
+@pytest.mark.parametrize("family", sorted(CHAINS))
+def test_cpu_recipes_keep_every_gpu_setting(tmp_path, family):
+    preset, _ = CHAINS[family]
     for stage in STAGES:
-        recipe = CONFIGS / "sail-vl-2b" / f"{stage}.yaml"
-        cpu = _flat(cpu_recipe(recipe, tmp_path, tmp_path, None))
+        recipe = CONFIGS / family / f"{stage}.yaml"
+        cpu = _flat(cpu_recipe(recipe, tmp_path, tmp_path, None, preset))
         for key, value in carried_settings(recipe).items():
             assert cpu[key] == value, key
-        resolve(cpu_recipe(recipe, tmp_path, tmp_path, None))  # loads as a TrainConfig
+        resolve(cpu_recipe(recipe, tmp_path, tmp_path, None, preset))  # loads as a TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +141,14 @@ def demo(tmp_path_factory):
     return build_demo(tmp_path_factory.mktemp("demo") / "demo_data")
 
 
-def test_gpu_recipe_stage_chain_trains_on_the_cpu(demo, tmp_path):
+@pytest.mark.parametrize("family", sorted(CHAINS))
+def test_gpu_recipe_stage_chain_trains_on_the_cpu(demo, tmp_path, family):
+    preset, stages = CHAINS[family]
     previous, last_loss = None, None
-    for i, stage in enumerate(STAGES):
+    for i, stage in enumerate(stages):
         run_dir = tmp_path / stage
         config = tmp_path / f"{stage}.yaml"
-        recipe = cpu_recipe(CONFIGS / "sail-vl-2b" / f"{stage}.yaml", demo, run_dir, previous)
+        recipe = cpu_recipe(CONFIGS / family / f"{stage}.yaml", demo, run_dir, previous, preset)
         config.write_text(yaml.safe_dump(recipe, sort_keys=False))
         losses, log = run_train(config, [], nproc=NPROC)
         assert len(losses) == STEPS and ("initialized from" in log) == bool(previous), log[-3000:]
@@ -148,7 +159,8 @@ def test_gpu_recipe_stage_chain_trains_on_the_cpu(demo, tmp_path):
         assert list(run_dir.glob("tensorboard/events.out.tfevents.*")) and (run_dir / "curves.png").stat().st_size
         assert (run_dir / "latest").is_file()
         previous, last_loss = run_dir, losses[-1]
-    record = last_record(tmp_path / STAGES[2])
+    assert f"model_preset: {preset}" in (tmp_path / stages[-1] / "config.yaml").read_text()
+    record = last_record(tmp_path / stages[2])
     for key in (
         "loss",
         "lr_vision",
@@ -164,5 +176,6 @@ def test_gpu_recipe_stage_chain_trains_on_the_cpu(demo, tmp_path):
         "eta_s",
     ):
         assert record[key] is not None, key
-    assert record["lr_vision"] < record["lr_language"]  # the SFT recipes train the ViT 10x slower
+    if family == "sail-vl-2b":
+        assert record["lr_vision"] < record["lr_language"]  # the SFT recipes train the ViT 10x slower
     assert 0 < record["packing_utilization"] <= 1 and record["tflops_per_s"] > 0

@@ -1,7 +1,8 @@
 """The training driver end to end on the demo data, as users run it (torchrun on the CPU):
 the stage chain, exact resume after a SIGKILL, a kill during a checkpoint write, SIGTERM, and
 non-finite losses. Losses are compared as printed (4 decimals) and through metrics.jsonl (full
-float precision) for bitwise equality."""
+float precision) for bitwise equality. The resume tests train the tiny AIMv2 + Qwen3 model (the
+SAIL-VL2 layout, tied embeddings); the others the tiny InternViT + Qwen2 model."""
 
 import json
 import os
@@ -69,6 +70,7 @@ def _latest(run_dir):
 
 SFT = "3-sft-knowledge.yaml"
 FRESH = "run.init_from=null"
+SAIL_VL2 = "model_preset=tiny-sail-vl2"
 # The exact-resume tests run what the GPU recipes run: bf16, the distributed optimizer with both overlaps,
 # on 2 data-parallel processes.
 GPU_LIKE = dict(nproc=2)
@@ -78,7 +80,17 @@ GPU_LIKE = dict(nproc=2)
 def straight_run(demo, tmp_path_factory):
     """6 steps in one go: the reference every interrupted run must reproduce bitwise."""
     run_dir = tmp_path_factory.mktemp("straight")
-    _train(SFT, demo, run_dir, "run.train_steps=6", "run.save_interval=100", FRESH, *GPU_RECIPE_PRECISION, **GPU_LIKE)
+    _train(
+        SFT,
+        demo,
+        run_dir,
+        "run.train_steps=6",
+        "run.save_interval=100",
+        FRESH,
+        SAIL_VL2,
+        *GPU_RECIPE_PRECISION,
+        **GPU_LIKE,
+    )
     return run_dir
 
 
@@ -92,7 +104,15 @@ def straight(straight_run):
 def test_exact_resume_after_sigkill(demo, straight, tmp_path):
     run = subprocess.Popen(
         _command(
-            SFT, demo, tmp_path, "run.train_steps=6", "run.save_interval=3", FRESH, *GPU_RECIPE_PRECISION, **GPU_LIKE
+            SFT,
+            demo,
+            tmp_path,
+            "run.train_steps=6",
+            "run.save_interval=3",
+            FRESH,
+            SAIL_VL2,
+            *GPU_RECIPE_PRECISION,
+            **GPU_LIKE,
         ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -105,7 +125,15 @@ def test_exact_resume_after_sigkill(demo, straight, tmp_path):
         run.wait()
     assert _latest(tmp_path) == "iter_00000003"
     _, log = _train(
-        SFT, demo, tmp_path, "run.train_steps=6", "run.save_interval=3", FRESH, *GPU_RECIPE_PRECISION, **GPU_LIKE
+        SFT,
+        demo,
+        tmp_path,
+        "run.train_steps=6",
+        "run.save_interval=3",
+        FRESH,
+        SAIL_VL2,
+        *GPU_RECIPE_PRECISION,
+        **GPU_LIKE,
     )
     assert "resumed from" in log and _latest(tmp_path) == "iter_00000006"
     assert _metrics(tmp_path) == straight  # bitwise: full-precision floats equal
@@ -114,7 +142,15 @@ def test_exact_resume_after_sigkill(demo, straight, tmp_path):
 def test_kill_during_checkpoint_write_keeps_the_previous_one(demo, straight, tmp_path):
     run = subprocess.Popen(
         _command(
-            SFT, demo, tmp_path, "run.train_steps=6", "run.save_interval=2", FRESH, *GPU_RECIPE_PRECISION, **GPU_LIKE
+            SFT,
+            demo,
+            tmp_path,
+            "run.train_steps=6",
+            "run.save_interval=2",
+            FRESH,
+            SAIL_VL2,
+            *GPU_RECIPE_PRECISION,
+            **GPU_LIKE,
         ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -129,7 +165,15 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(demo, straight, tmp
     assert not (tmp_path / "iter_00000004").exists(), "the write finished before the kill: nothing was tested"
     assert _latest(tmp_path) == "iter_00000002"
     _, log = _train(
-        SFT, demo, tmp_path, "run.train_steps=6", "run.save_interval=2", FRESH, *GPU_RECIPE_PRECISION, **GPU_LIKE
+        SFT,
+        demo,
+        tmp_path,
+        "run.train_steps=6",
+        "run.save_interval=2",
+        FRESH,
+        SAIL_VL2,
+        *GPU_RECIPE_PRECISION,
+        **GPU_LIKE,
     )
     assert "resumed from" in log and "iter_00000002" in log
     assert not partial.exists() and _latest(tmp_path) == "iter_00000006"
@@ -286,7 +330,7 @@ def test_resume_of_another_model_is_refused_and_changes_nothing(demo, straight_r
     shutil.copytree(straight_run, tmp_path / "run")
     recorded = (tmp_path / "run" / "config.yaml").read_text()
     _, log = _train(
-        SFT, demo, tmp_path / "run", "run.train_steps=8", "model.language.num_layers=2", FRESH, expect_rc=1
+        SFT, demo, tmp_path / "run", "run.train_steps=8", "model.language.num_layers=2", FRESH, SAIL_VL2, expect_rc=1
     )  # torchrun's code; the rank's own is 2
     assert "holds a checkpoint of another model" in log and "num_layers 4 there vs 2 here" in log, log[-3000:]
     assert "exitcode  : 2" in log and "[rank0]: Traceback" not in log
@@ -331,7 +375,7 @@ def test_damaged_checkpoints_are_named_before_the_model_is_built(demo, straight_
     shard = sorted(newest.glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[:100])  # a truncated shard: a bare EOFError deep in a load otherwise
     with pytest.raises(CheckpointError, match=shard.name):
-        prepare_config(_args(demo, f"run.save_dir={run}"), world_size=1)
+        prepare_config(_args(demo, f"run.save_dir={run}", SAIL_VL2), world_size=1)
     with pytest.raises(CheckpointError, match="nonexistent"):
         prepare_config(_args(demo, "run.init_from=/nonexistent/run"), world_size=1)
 
