@@ -1,8 +1,12 @@
 """`sail-convert`: Hugging Face (SAIL-VL / InternVL-chat) <-> megatron checkpoints, stage-1 init, verify.
 
+Families: InternViT or AIMv2 / SAILViT vision encoders with Qwen2 / Qwen2.5 or dense Qwen3 language models
+(SAIL-VL, SAIL-VL-1.5/1.6, dense SAIL-VL2; InternVL-chat models of those parts).
+
     sail-convert hf-to-mcore --hf SAIL-VL-2B --out ckpt/sail-vl-2b --tp 2 --pp 1
     sail-convert mcore-to-hf --ckpt runs/sft --out export/sail-vl-2b-sft [--tokenizer DIR] [--base-hf DIR]
     sail-convert init --llm Qwen2.5-1.5B-Instruct --vision InternViT-300M-448px --out ckpt/stage1 --tp 2
+    sail-convert init --llm Qwen3-1.7B --vision aimv2-huge-patch14-448 --tokenizer TOK --out ckpt/stage1-vl2
     sail-convert verify --hf SAIL-VL-2B --ckpt ckpt/sail-vl-2b
 
 Exit status: 0 done (verify: passed), 1 verify failed, 2 bad input or a damaged checkpoint (the message
@@ -81,13 +85,22 @@ def _parser() -> argparse.ArgumentParser:
         help="largest safetensors file: bytes, or a number with KB, MB, GB, KiB, MiB, GiB (default 5GB)",
     )
 
-    c = sub.add_parser("init", help="fresh stage-1 checkpoint: Qwen2 + InternViT + a new projector")
-    c.add_argument("--llm", required=True, help="Qwen2 / Qwen2.5 Hugging Face folder")
-    c.add_argument("--vision", required=True, help="InternViT Hugging Face folder (InternVisionModel)")
+    c = sub.add_parser("init", help="fresh stage-1 checkpoint: Qwen2/Qwen3 + InternViT/AIMv2 + a new projector")
+    c.add_argument("--llm", required=True, help="Qwen2 / Qwen2.5 or dense Qwen3 Hugging Face folder")
+    c.add_argument(
+        "--vision",
+        required=True,
+        help="InternViT (InternVisionModel) or AIMv2 / SAILViT folder (ml-aim or transformers Aimv2VisionModel names)",
+    )
     c.add_argument("--out", required=True)
     c.add_argument("--tp", type=int, default=1)
     c.add_argument("--pp", type=int, default=1)
-    c.add_argument("--select-layer", type=int, default=-4, help="ViT hidden state fed to the projector (SAIL-VL: -4)")
+    c.add_argument(
+        "--select-layer",
+        type=int,
+        default=None,
+        help="ViT hidden state fed to the projector (default: SAIL-VL's, -4 for InternViT, -1 for AIMv2)",
+    )
     c.add_argument("--downsample-ratio", type=float, default=0.5)
     c.add_argument("--ps-version", default="v2", choices=["v1", "v2"])
     c.add_argument("--template", default="internvl2_5", help="chat template name recorded in config.json")

@@ -1,23 +1,35 @@
-"""InternVL-chat `config.json` (the SAIL-VL release format) <-> our ModelConfig.
+"""InternVL-chat / SAIL-VL `config.json` (the SAIL-VL release format) <-> our ModelConfig.
+
+Families: `model_type` `internvl_chat` (InternVL, SAIL-VL, SAIL-VL-1.5/1.6) or `sailvl` (SAIL-VL2);
+`vision_config` InternViT-300M style or AIMv2 / SAILViT (`model_type` `aimv2`, `sailvit`, or transformers'
+`aimv2_vision_model`); `llm_config` Qwen2 / Qwen2.5 or dense Qwen3.
 
 Reading checks every field our model depends on and collects *all* problems (unknown model type,
-unsupported features such as qk-normalization or RMS-norm ViTs, missing sizes) into one
-ConversionError. Writing starts from a template (the config.json the weights came from) and sets only
-the fields we own, leaving a value untouched when it already equals ours (so `1000000` stays an int):
-HF -> Megatron -> HF gives back the identical dict. Missing optional keys take the defaults of the
-original InternVL/InternViT/Qwen2 config classes.
+unsupported features such as qk-normalization, biased AIMv2 layers or mixture-of-experts language models,
+missing sizes) into one ConversionError. Writing starts from a template (the config.json the weights came
+from) and sets only the fields we own, leaving a value untouched when it already equals ours (so
+`1000000` stays an int): HF -> Megatron -> HF gives back the identical dict. Missing optional keys take
+the defaults of the original config classes (InternVL/InternViT, SAIL-VL, AIMv2, Qwen2/Qwen3).
 """
 
 import copy
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from sail_megatron.config import ConfigError, LanguageConfig, ModelConfig, ProjectorConfig, VisionConfig
 from sail_megatron.convert.errors import raise_if
 
 MODEL_TYPE = "internvl_chat"
+SAILVL_MODEL_TYPE = "sailvl"  # SAIL-VL2's top-level model_type (SAIL-VL-1.5/1.6 write internvl_chat)
+MODEL_TYPES = (MODEL_TYPE, SAILVL_MODEL_TYPE)
 QWEN2_ARCHITECTURE = "Qwen2ForCausalLM"
+QWEN3_ARCHITECTURE = "Qwen3ForCausalLM"
+# AIMv2 vision configs: apple/ml-aim's AIMv2Config (SAIL-VL-1.5/1.6), its copy SAILViTConfig (SAIL-VL2),
+# transformers' Aimv2VisionConfig (HF-native apple releases).
+AIMV2_MODEL_TYPES = ("aimv2", "sailvit", "aimv2_vision_model")
+AIMV2_ARCHITECTURES = ("AIMv2Model", "SAILViTModel", "Aimv2VisionModel")
+AIMV2_TRANSFORMERS_MODEL_TYPE = "aimv2_vision_model"
 _MISSING = object()
 
 # Defaults of InternVL's InternVisionConfig / InternVLChatConfig and transformers' Qwen2Config for keys a
@@ -48,6 +60,19 @@ LLM_DEFAULTS = {
     "hidden_act": "silu",
     "use_sliding_window": False,
 }
+# SAIL-VL's SailVLConfig / SAILVLConfig differ from InternVLChatConfig in one default.
+SAILVL_CHAT_DEFAULTS = {**CHAT_DEFAULTS, "select_layer": -4}
+# ml-aim AIMv2Config, SAILViTConfig and transformers' Aimv2VisionConfig agree on these defaults.
+AIMV2_DEFAULTS = {
+    "rms_norm_eps": 1e-5,
+    "qkv_bias": False,
+    "use_bias": False,
+    "mlp_bias": False,
+    "hidden_act": "silu",
+    "num_channels": 3,
+    "is_native": False,
+}
+QWEN3_DEFAULTS = {**LLM_DEFAULTS, "head_dim": 128, "attention_bias": False}  # transformers' Qwen3Config
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
@@ -97,10 +122,56 @@ def _image_size(value, name: str, problems: List[str]) -> int:
     return _int(value, name, problems)
 
 
+def vision_arch_of(vcfg: Dict[str, Any]) -> str:
+    """'aimv2' for AIMv2 / SAILViT configs (by model_type or architecture), else 'internvit'."""
+    archs = vcfg.get("architectures") or []
+    if vcfg.get("model_type") in AIMV2_MODEL_TYPES or any(a in AIMV2_ARCHITECTURES for a in archs):
+        return "aimv2"
+    return "internvit"
+
+
+def _aimv2_from_hf(vcfg: Dict[str, Any], select_layer: int, problems: List[str], prefix: str) -> VisionConfig:
+    g = lambda key: _get(vcfg, key, AIMV2_DEFAULTS, prefix, problems)  # noqa: E731
+    if "vision_config" in vcfg or "text_config" in vcfg:
+        problems.append(f"{prefix} describes a vision-text Aimv2Model: pass the config of the vision encoder alone")
+    for key in ("qkv_bias", "use_bias", "mlp_bias"):
+        if g(key):
+            problems.append(
+                f"{prefix}.{key} is true: only bias-free AIMv2 / SAILViT layers (as released) are supported"
+            )
+    if g("is_native"):
+        problems.append(
+            f"{prefix}.is_native is true: native-resolution AIMv2 (2D sin-cos positions, any image size) is not "
+            "supported; use a fixed-resolution release with learned positions (e.g. aimv2-*-patch14-448)"
+        )
+    if g("hidden_act") != "silu":
+        problems.append(f"{prefix}.hidden_act is {g('hidden_act')!r}: only 'silu' (SwiGLU) is supported")
+    if g("num_channels") != 3:
+        problems.append(f"{prefix}.num_channels is {g('num_channels')!r}: only RGB (3) is supported")
+    if select_layer >= 0:
+        problems.append(
+            f"select_layer is {select_layer}: counted from the front, SAIL-VL's AIMv2 code (hidden states without "
+            "the embeddings) and InternVL's counting differ by one layer; use a negative select_layer"
+        )
+    return VisionConfig(
+        arch="aimv2",
+        hidden_size=_int(g("hidden_size"), f"{prefix}.hidden_size", problems),
+        num_layers=_int(g("num_hidden_layers"), f"{prefix}.num_hidden_layers", problems),
+        num_attention_heads=_int(g("num_attention_heads"), f"{prefix}.num_attention_heads", problems),
+        ffn_hidden_size=_int(g("intermediate_size"), f"{prefix}.intermediate_size", problems),
+        image_size=_image_size(g("image_size"), f"{prefix}.image_size", problems),
+        patch_size=_image_size(g("patch_size"), f"{prefix}.patch_size", problems),
+        layernorm_epsilon=float(g("rms_norm_eps") or 0.0),
+        select_layer=select_layer,
+    )
+
+
 def vision_from_hf(
     vcfg: Dict[str, Any], select_layer: int, problems: List[str], prefix: str = "vision_config"
 ) -> VisionConfig:
-    """An InternViT config dict (InternVisionConfig fields) -> VisionConfig; appends what is unsupported."""
+    """A vision config dict (InternVisionConfig, or AIMv2 fields) -> VisionConfig; appends what is unsupported."""
+    if vision_arch_of(vcfg) == "aimv2":
+        return _aimv2_from_hf(vcfg, select_layer, problems, prefix)
     g = lambda key: _get(vcfg, key, VISION_DEFAULTS, prefix, problems)  # noqa: E731
     if g("qk_normalization"):
         problems.append(f"{prefix}.qk_normalization is true: InternViT-6B style qk-norm is not supported")
@@ -136,17 +207,45 @@ def rope_theta_of(lcfg: Dict[str, Any]) -> Optional[float]:
     return None
 
 
+def language_arch_of(lcfg: Dict[str, Any]) -> Optional[str]:
+    """'qwen2' or 'qwen3' (dense) by architecture or model_type; None for anything else."""
+    archs = lcfg.get("architectures") or []
+    if QWEN2_ARCHITECTURE in archs or lcfg.get("model_type") == "qwen2":
+        return "qwen2"
+    if QWEN3_ARCHITECTURE in archs or lcfg.get("model_type") == "qwen3":
+        return "qwen3"
+    return None
+
+
+def _is_moe(lcfg: Dict[str, Any]) -> bool:
+    archs = lcfg.get("architectures") or []
+    return bool(
+        "moe" in str(lcfg.get("model_type", "")).lower()
+        or any("moe" in str(a).lower() for a in archs)
+        or lcfg.get("num_experts")
+    )
+
+
 def language_from_hf(
     lcfg: Dict[str, Any], problems: List[str], prefix: str = "llm_config", make_vocab_size_divisible_by: int = 128
 ) -> LanguageConfig:
-    """A Qwen2 config dict -> LanguageConfig; appends what is unsupported."""
+    """A Qwen2 or dense Qwen3 config dict -> LanguageConfig; appends what is unsupported."""
     archs = lcfg.get("architectures") or []
-    if QWEN2_ARCHITECTURE not in archs and lcfg.get("model_type") != "qwen2":
+    arch = language_arch_of(lcfg)
+    if _is_moe(lcfg):
+        problems.append(
+            f"{prefix} describes {archs or lcfg.get('model_type')!r}, a mixture-of-experts language model: "
+            "mixture-of-experts SAIL-VL2 models are not supported (dense Qwen2 / Qwen3 only)"
+        )
+        arch = "qwen3"
+    elif arch is None:
         problems.append(
             f"{prefix} describes {archs or lcfg.get('model_type')!r}: only {QWEN2_ARCHITECTURE} "
-            "(Qwen2 / Qwen2.5) language models are supported"
+            f"(Qwen2 / Qwen2.5) and {QWEN3_ARCHITECTURE} (dense Qwen3) language models are supported"
         )
-    g = lambda key: _get(lcfg, key, LLM_DEFAULTS, prefix, problems)  # noqa: E731
+        arch = "qwen2"
+    defaults = QWEN3_DEFAULTS if arch == "qwen3" else LLM_DEFAULTS
+    g = lambda key: _get(lcfg, key, defaults, prefix, problems)  # noqa: E731
     if g("hidden_act") != "silu":
         problems.append(f"{prefix}.hidden_act is {g('hidden_act')!r}: only 'silu' (SwiGLU) is supported")
     if g("use_sliding_window"):
@@ -158,11 +257,19 @@ def language_from_hf(
         problems.append(f"{prefix}.rope_parameters.rope_type is {params['rope_type']!r}: only 'default' is supported")
     hidden = _int(g("hidden_size"), f"{prefix}.hidden_size", problems)
     heads = _int(g("num_attention_heads"), f"{prefix}.num_attention_heads", problems)
-    head_dim = lcfg.get("head_dim")
-    if head_dim is not None and heads and head_dim * heads != hidden:
-        problems.append(f"{prefix}.head_dim {head_dim} x {heads} heads != hidden_size {hidden}: unsupported")
+    if arch == "qwen3":  # q/k norms, no biases, an explicit head width
+        if g("attention_bias"):
+            problems.append(f"{prefix}.attention_bias is true: only Qwen3 without q/k/v/o biases is supported")
+        head_dim: Optional[int] = _int(g("head_dim"), f"{prefix}.head_dim", problems)
+    else:
+        head_dim = lcfg.get("head_dim")
+        if head_dim is not None and heads and head_dim * heads != hidden:
+            problems.append(f"{prefix}.head_dim {head_dim} x {heads} heads != hidden_size {hidden}: unsupported")
+        head_dim = None
     theta = rope_theta_of(lcfg)
     return LanguageConfig(
+        arch=arch,
+        head_dim=head_dim,
         hidden_size=hidden,
         num_layers=_int(g("num_hidden_layers"), f"{prefix}.num_hidden_layers", problems),
         num_attention_heads=heads,
@@ -184,14 +291,18 @@ def model_config_from_hf(
     problem found."""
     problems: List[str] = []
     model_type = config.get("model_type")
-    if model_type != MODEL_TYPE:
-        problems.append(f"model_type is {model_type!r}, expected {MODEL_TYPE!r} (SAIL-VL / InternVL-chat layout)")
+    if model_type not in MODEL_TYPES:
+        problems.append(
+            f"model_type is {model_type!r}, expected {MODEL_TYPE!r} or {SAILVL_MODEL_TYPE!r} "
+            "(SAIL-VL / InternVL-chat layout)"
+        )
     for section in ("vision_config", "llm_config"):
         if not isinstance(config.get(section), dict):
             problems.append(f"{section} is missing or not an object")
     # Without the right type and both sections nothing further can be read meaningfully.
     raise_if(problems, f"unsupported model in {source}", "convert a SAIL-VL / InternVL-chat checkpoint")
-    g = lambda key: _get(config, key, CHAT_DEFAULTS, "config", problems)  # noqa: E731
+    defaults = chat_defaults(config)
+    g = lambda key: _get(config, key, defaults, "config", problems)  # noqa: E731
     for lora in ("use_backbone_lora", "use_llm_lora"):
         if g(lora):
             problems.append(f"{lora} is {g(lora)}: merge the LoRA weights before converting")
@@ -215,10 +326,19 @@ def model_config_from_hf(
     raise_if(
         problems,
         f"unsupported model in {source}",
-        "convert a SAIL-VL / InternVL-chat model with an "
-        "InternViT-300M style vision encoder and a Qwen2 language model",
+        "convert a SAIL-VL / InternVL-chat model with an InternViT-300M style or AIMv2 / SAILViT "
+        "vision encoder and a Qwen2 or dense Qwen3 language model",
     )
     return model
+
+
+def chat_defaults(config: Dict[str, Any]) -> Dict[str, Any]:
+    """Defaults of the config class that reads `config`: SAIL-VL's (select_layer -4) when its model_type or
+    its AutoConfig names it, else InternVLChatConfig's."""
+    auto = (config.get("auto_map") or {}).get("AutoConfig", "") if isinstance(config.get("auto_map"), dict) else ""
+    if config.get("model_type") == SAILVL_MODEL_TYPE or "sailvl" in str(auto).lower():
+        return SAILVL_CHAT_DEFAULTS
+    return CHAT_DEFAULTS
 
 
 def _put(d: Dict[str, Any], key: str, value, default=_MISSING) -> None:
@@ -244,8 +364,31 @@ def _put_rope_theta(lcfg: Dict[str, Any], theta: float) -> None:
         _put(lcfg, "rope_theta", theta, LLM_DEFAULTS["rope_theta"])
 
 
-def put_vision(vcfg: Dict[str, Any], vision: VisionConfig) -> None:
-    """Write our vision fields into an InternViT config dict in place."""
+def _put_aimv2(vcfg: Dict[str, Any], vision: VisionConfig, sail2: bool) -> None:
+    """Our fields into an AIMv2 config dict; a fresh one (no model_type) gets every field explicit, in the
+    ml-aim AIMv2Config form SAIL-VL-1.6 ships (SAILViTConfig, the same fields, for SAIL-VL2)."""
+    fresh = "model_type" not in vcfg
+    default = (lambda key: _MISSING) if fresh else (lambda key: AIMV2_DEFAULTS[key])  # noqa: E731
+    _put(vcfg, "hidden_size", vision.hidden_size)
+    _put(vcfg, "num_hidden_layers", vision.num_layers)
+    _put(vcfg, "num_attention_heads", vision.num_attention_heads)
+    _put(vcfg, "intermediate_size", vision.ffn_hidden_size)
+    _put_image_size(vcfg, "image_size", vision.image_size)
+    _put_image_size(vcfg, "patch_size", vision.patch_size)
+    _put(vcfg, "rms_norm_eps", vision.layernorm_epsilon, default("rms_norm_eps"))
+    for key in ("qkv_bias", "use_bias"):
+        _put(vcfg, key, False, default(key))
+    if fresh:
+        vcfg["num_channels"] = 3
+        vcfg["architectures"] = ["SAILViTModel"] if sail2 else ["AIMv2Model"]
+        vcfg["model_type"] = "sailvit" if sail2 else "aimv2"
+
+
+def put_vision(vcfg: Dict[str, Any], vision: VisionConfig, sail2: bool = False) -> None:
+    """Write our vision fields into an InternViT or AIMv2 config dict in place (`sail2`: a SAIL-VL2 config)."""
+    if vision.arch == "aimv2":
+        _put_aimv2(vcfg, vision, sail2)
+        return
     _put(vcfg, "hidden_size", vision.hidden_size)
     _put(vcfg, "num_hidden_layers", vision.num_layers)
     _put(vcfg, "num_attention_heads", vision.num_attention_heads)
@@ -262,7 +405,8 @@ def put_vision(vcfg: Dict[str, Any], vision: VisionConfig) -> None:
 
 
 def put_language(lcfg: Dict[str, Any], lang: LanguageConfig) -> None:
-    """Write our language fields into a Qwen2 config dict in place."""
+    """Write our language fields into a Qwen2 or Qwen3 config dict in place."""
+    fresh = "model_type" not in lcfg and not lcfg.get("architectures")
     _put(lcfg, "hidden_size", lang.hidden_size)
     _put(lcfg, "num_hidden_layers", lang.num_layers)
     _put(lcfg, "num_attention_heads", lang.num_attention_heads)
@@ -273,24 +417,62 @@ def put_language(lcfg: Dict[str, Any], lang: LanguageConfig) -> None:
     _put(lcfg, "rms_norm_eps", lang.norm_epsilon, LLM_DEFAULTS["rms_norm_eps"])
     _put(lcfg, "tie_word_embeddings", lang.tie_word_embeddings, LLM_DEFAULTS["tie_word_embeddings"])
     _put(lcfg, "max_position_embeddings", lang.max_position_embeddings, LLM_DEFAULTS["max_position_embeddings"])
+    if lang.arch == "qwen3":
+        _put(lcfg, "head_dim", lang.kv_channels, _MISSING if fresh else QWEN3_DEFAULTS["head_dim"])
+        _put(lcfg, "attention_bias", False, _MISSING if fresh else QWEN3_DEFAULTS["attention_bias"])
     if not lcfg.get("architectures"):
-        lcfg["architectures"] = [QWEN2_ARCHITECTURE]
-    lcfg.setdefault("model_type", "qwen2")
+        lcfg["architectures"] = [lang.spec.hf_architecture]
+    lcfg.setdefault("model_type", lang.spec.hf_model_type)
+
+
+def _fresh_identity(model: ModelConfig) -> Tuple[str, str]:
+    """(model_type, architecture) of a config written from scratch, as the family's releases name them."""
+    if model.vision.arch != "aimv2":
+        return MODEL_TYPE, "InternVLChatModel"
+    if model.language.arch == "qwen3":
+        return SAILVL_MODEL_TYPE, "SAILVLModel"  # SAIL-VL2
+    return MODEL_TYPE, "SailVLModel"  # SAIL-VL-1.5 / 1.6
+
+
+def _section(out: Dict[str, Any], key: str, same_family: bool) -> Dict[str, Any]:
+    """The template's sub-config, or a fresh one when it describes another family than the model."""
+    if not isinstance(out.get(key), dict) or not same_family:
+        out[key] = {}
+    return out[key]
+
+
+def sail_vision_config(vcfg: Dict[str, Any]) -> Dict[str, Any]:
+    """A standalone vision config as a SAIL-VL config.json carries it: transformers' Aimv2VisionConfig becomes
+    ml-aim's AIMv2Config (its weights are renamed alike); anything else is returned as is (a copy)."""
+    out = copy.deepcopy(vcfg)
+    if out.get("model_type") != AIMV2_TRANSFORMERS_MODEL_TYPE:
+        return out
+    for key in ("use_head", "is_native", "auto_map"):
+        out.pop(key, None)
+    out["use_bias"] = bool(out.pop("mlp_bias", False))
+    out.update(model_type="aimv2", architectures=["AIMv2Model"])
+    return out
 
 
 def hf_config_from_model(model: ModelConfig, template: Dict[str, Any], dtype: Optional[str] = None) -> Dict[str, Any]:
     """The InternVL-chat config.json for `model`: `template` with our fields set (template unchanged).
     `dtype` ('bf16', 'fp32', 'fp16') updates the recorded torch dtype when it differs."""
     out = copy.deepcopy(template)
-    out["model_type"] = MODEL_TYPE
-    out.setdefault("architectures", ["InternVLChatModel"])
-    _put(out, "select_layer", model.vision.select_layer, CHAT_DEFAULTS["select_layer"])
-    _put(out, "downsample_ratio", model.projector.downsample_ratio, CHAT_DEFAULTS["downsample_ratio"])
-    _put(out, "ps_version", model.projector.ps_version, CHAT_DEFAULTS["ps_version"])
+    model_type, architecture = _fresh_identity(model)
+    if out.get("model_type") not in MODEL_TYPES:
+        out["model_type"] = model_type
+    out.setdefault("architectures", [architecture])
+    defaults = chat_defaults(out)
+    _put(out, "select_layer", model.vision.select_layer, defaults["select_layer"])
+    _put(out, "downsample_ratio", model.projector.downsample_ratio, defaults["downsample_ratio"])
+    _put(out, "ps_version", model.projector.ps_version, defaults["ps_version"])
     if out.get("force_image_size") is not None:
         _put_image_size(out, "force_image_size", model.vision.image_size)
-    put_vision(out.setdefault("vision_config", {}), model.vision)
-    put_language(out.setdefault("llm_config", {}), model.language)
+    vcfg, lcfg = out.get("vision_config") or {}, out.get("llm_config") or {}
+    same_vision = not vcfg or vision_arch_of(vcfg) == model.vision.arch
+    same_language = not lcfg or language_arch_of(lcfg) in (None, model.language.arch)
+    put_vision(_section(out, "vision_config", same_vision), model.vision, out["model_type"] == SAILVL_MODEL_TYPE)
+    put_language(_section(out, "llm_config", same_language), model.language)
     if dtype is not None:
         name = DTYPE_NAMES[dtype]
         for key in ("torch_dtype", "dtype"):
@@ -304,12 +486,11 @@ def hf_config_from_model(model: ModelConfig, template: Dict[str, Any], dtype: Op
 def stage1_template(
     llm_config: Dict[str, Any], vision_config: Dict[str, Any], template: str, dtype: str
 ) -> Dict[str, Any]:
-    """A fresh InternVL-chat config around a standalone Qwen2 and InternViT config (for `init`)."""
+    """A fresh InternVL-chat config around a standalone language and vision config (for `init`); its
+    model_type and architecture follow the family (`hf_config_from_model`)."""
     return {
-        "architectures": ["InternVLChatModel"],
-        "model_type": MODEL_TYPE,
         "llm_config": copy.deepcopy(llm_config),
-        "vision_config": copy.deepcopy(vision_config),
+        "vision_config": sail_vision_config(vision_config),
         "template": template,
         "force_image_size": vision_config.get("image_size"),
         # Written explicitly (hf_config_from_model sets our values), so a reader need not know defaults.

@@ -1,9 +1,14 @@
-"""An InternVL-chat (SAIL-VL) forward pass built from `transformers` parts: the third-party reference.
+"""An InternVL-chat / SAIL-VL forward pass built from `transformers` parts: the third-party reference.
 
-Vision: transformers' `InternVLVisionModel` (InternViT with qk-norm off, qkv bias, LayerNorm, no mean
-pooling) loaded through the name mapping (docs/design.md, Weight names); its `output_hidden_states` at
-`select_layer`. Language: `Qwen2ForCausalLM` on the `language_model.` weights. The glue is written
-here from InternVL's description, independently of our model code: drop CLS, pixel shuffle (v1 leaves
+Vision, by family:
+- InternViT: transformers' `InternVLVisionModel` (qk-norm off, qkv bias, LayerNorm, no mean pooling)
+  loaded through the name mapping below; its `output_hidden_states` at `select_layer`, CLS dropped.
+- AIMv2 / SAILViT: transformers' `Aimv2VisionModel` (no pooling head, learned positions, no biases)
+  loaded from the ml-aim names through `mapping.aimv2_to_transformers`; SAIL-VL's features: the encoder's
+  own `last_hidden_state` (after its final RMSNorm) when `select_layer` is -1, else `hidden_states[select_layer]`
+  (before it); every patch is kept (no CLS).
+Language: `Qwen2ForCausalLM` or `Qwen3ForCausalLM` on the `language_model.` weights. The glue is written
+here from InternVL's / SAIL-VL's description, independently of our model code: pixel shuffle (v1 leaves
 the grid transposed), `mlp1`, write the vision tokens into the `<IMG_CONTEXT>` positions.
 """
 
@@ -16,7 +21,7 @@ from torch import nn
 from sail_megatron.config import ModelConfig
 from sail_megatron.convert.hf_config import model_config_from_hf, read_json
 from sail_megatron.convert.hf_io import SafetensorsFolder
-from sail_megatron.convert.mapping import LLM_PREFIX, PROJECTOR_PREFIX, VISION_PREFIX
+from sail_megatron.convert.mapping import LLM_PREFIX, PROJECTOR_PREFIX, VISION_PREFIX, aimv2_to_transformers
 
 # InternViT (InternVL-chat) layer names -> transformers InternVLVisionModel names.
 _VISION_LAYER_NAMES = {
@@ -65,35 +70,66 @@ def pixel_shuffle(features: torch.Tensor, downsample_ratio: float, ps_version: s
     return x.permute(*order).reshape(n, (g // k) ** 2, k * k * c)
 
 
+def _internvit_vision(v) -> nn.Module:
+    from transformers.models.internvl import InternVLVisionConfig, InternVLVisionModel
+
+    config = InternVLVisionConfig(
+        hidden_size=v.hidden_size,
+        num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_attention_heads,
+        intermediate_size=v.ffn_hidden_size,
+        image_size=[v.image_size] * 2,
+        patch_size=[v.patch_size] * 2,
+        layer_norm_eps=v.layernorm_epsilon,
+        use_qk_norm=False,
+        attention_bias=True,
+        norm_type="layer_norm",
+        use_mean_pooling=False,
+        use_absolute_position_embeddings=True,
+        hidden_act="gelu",
+    )
+    config._attn_implementation = "eager"
+    return InternVLVisionModel(config)
+
+
+def _aimv2_vision(v) -> nn.Module:
+    from transformers import Aimv2VisionConfig, Aimv2VisionModel
+
+    config = Aimv2VisionConfig(
+        hidden_size=v.hidden_size,
+        num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_attention_heads,
+        intermediate_size=v.ffn_hidden_size,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        rms_norm_eps=v.layernorm_epsilon,
+        qkv_bias=False,
+        mlp_bias=False,
+        hidden_act="silu",
+        use_head=False,
+        is_native=False,
+    )
+    config._attn_implementation = "eager"
+    return Aimv2VisionModel(config)
+
+
+def _language(llm_config: Dict, arch: str) -> nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    config_class, model_class = (Qwen3Config, Qwen3ForCausalLM) if arch == "qwen3" else (Qwen2Config, Qwen2ForCausalLM)
+    config = config_class(**{k: val for k, val in llm_config.items() if k != "auto_map"})
+    config._attn_implementation = "eager"
+    return model_class(config)
+
+
 class InternVLChatReference(nn.Module):
-    """InternViT + mlp1 + Qwen2 assembled from transformers modules; `forward` returns logits."""
+    """InternViT or AIMv2 + mlp1 + Qwen2 or Qwen3 assembled from transformers modules; `forward` returns logits."""
 
     def __init__(self, hf_config: Dict, dtype: torch.dtype = torch.float32):
         super().__init__()
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-        from transformers.models.internvl import InternVLVisionConfig, InternVLVisionModel
-
         self.cfg: ModelConfig = model_config_from_hf(hf_config)
         v, lang = self.cfg.vision, self.cfg.language
-        vision_config = InternVLVisionConfig(
-            hidden_size=v.hidden_size,
-            num_hidden_layers=v.num_layers,
-            num_attention_heads=v.num_attention_heads,
-            intermediate_size=v.ffn_hidden_size,
-            image_size=[v.image_size] * 2,
-            patch_size=[v.patch_size] * 2,
-            layer_norm_eps=v.layernorm_epsilon,
-            use_qk_norm=False,
-            attention_bias=True,
-            norm_type="layer_norm",
-            use_mean_pooling=False,
-            use_absolute_position_embeddings=True,
-            hidden_act="gelu",
-        )
-        vision_config._attn_implementation = "eager"
-        llm_config = Qwen2Config(**{k: val for k, val in hf_config["llm_config"].items() if k != "auto_map"})
-        llm_config._attn_implementation = "eager"
-        self.vision = InternVLVisionModel(vision_config)
+        self.vision = _aimv2_vision(v) if v.arch == "aimv2" else _internvit_vision(v)
         width = v.hidden_size * self.cfg.projector.merge_factor**2
         self.mlp1 = nn.Sequential(
             nn.LayerNorm(width, eps=self.cfg.projector.layernorm_epsilon),
@@ -101,7 +137,7 @@ class InternVLChatReference(nn.Module):
             nn.GELU(),
             nn.Linear(lang.hidden_size, lang.hidden_size),
         )
-        self.language = Qwen2ForCausalLM(llm_config)
+        self.language = _language(hf_config["llm_config"], lang.arch)
         self.to(dtype).eval()
 
     @classmethod
@@ -119,10 +155,10 @@ class InternVLChatReference(nn.Module):
         with torch.no_grad():
             for name, tensor in tensors.items():
                 if name.startswith(VISION_PREFIX):
-                    targets = {
-                        f"vision.{k}": t
-                        for k, t in internvit_to_transformers(name[len(VISION_PREFIX) :], tensor).items()
-                    }
+                    to_transformers = (
+                        aimv2_to_transformers if self.cfg.vision.arch == "aimv2" else internvit_to_transformers
+                    )
+                    targets = {f"vision.{k}": t for k, t in to_transformers(name[len(VISION_PREFIX) :], tensor).items()}
                 elif name.startswith(PROJECTOR_PREFIX):
                     targets = {f"mlp1.{name[len(PROJECTOR_PREFIX) :]}": tensor}
                 elif name.startswith(LLM_PREFIX):
@@ -136,8 +172,12 @@ class InternVLChatReference(nn.Module):
 
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Tiles [T, 3, S, S] -> language-space tokens [T, tokens_per_tile, hidden]."""
+        v = self.cfg.vision
         out = self.vision(pixel_values=pixel_values.to(self.mlp1[0].weight.dtype), output_hidden_states=True)
-        hidden = out.hidden_states[self.cfg.vision.select_layer][:, 1:]  # drop CLS
+        if v.arch == "aimv2":  # SAIL-VL: the encoder's own (normed) output at -1, else a raw hidden state
+            hidden = out.last_hidden_state if v.select_layer == -1 else out.hidden_states[v.select_layer]
+        else:
+            hidden = out.hidden_states[v.select_layer][:, 1:]  # drop CLS
         shuffled = pixel_shuffle(hidden, self.cfg.projector.downsample_ratio, self.cfg.projector.ps_version)
         return self.mlp1(shuffled)
 

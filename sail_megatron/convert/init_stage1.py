@@ -1,15 +1,20 @@
-"""`sail-convert init`: a fresh stage-1 SAIL-VL checkpoint from a Qwen2 folder and an InternViT folder.
+"""`sail-convert init`: a fresh stage-1 SAIL-VL checkpoint from a language folder and a vision folder.
 
-The language model and the vision encoder come from their standalone Hugging Face releases (Qwen2's
-`model.*`/`lm_head.*` names, InternViT's `embeddings.*`/`encoder.layers.N.*`); the projector (`mlp1`) is
-new, initialized as megatron-core initializes it in training (normal(0, 0.02) for fc1, the scaled
-output init for fc2, zero biases, LayerNorm 1/0). The output is laid out like `hf-to-mcore`'s, with an
-InternVL-chat config.json recorded for the later export.
+The language model (Qwen2 / Qwen2.5 or dense Qwen3: `model.*`/`lm_head.*`) and the vision encoder come
+from their standalone Hugging Face releases: InternViT (`embeddings.*`/`encoder.layers.N.*`) or AIMv2 /
+SAILViT, named either as apple/ml-aim does (`preprocessor.*`/`trunk.blocks.N.*`, as SAIL-VL checkpoints
+hold them) or as transformers' `Aimv2VisionModel` does (`embeddings.patch_embed`, `encoder.layers.N.*`,
+told apart by the tensor names and read under the ml-aim names; its attention-pooling `head.*`, unused by
+SAIL-VL, is dropped). The projector (`mlp1`) is new, initialized as megatron-core initializes it in
+training (normal(0, 0.02) for fc1, the scaled output init for fc2, zero biases, LayerNorm 1/0). The output
+is laid out like `hf-to-mcore`'s, with a SAIL-VL / InternVL-chat config.json recorded for the later export
+(which writes the vision encoder under the ml-aim names SAIL-VL uses).
 """
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -22,9 +27,10 @@ from sail_megatron.convert.hf_config import (
     language_from_hf,
     read_json,
     stage1_template,
+    vision_arch_of,
     vision_from_hf,
 )
-from sail_megatron.convert.hf_io import SafetensorsFolder
+from sail_megatron.convert.hf_io import SafetensorsFolder, TensorInfo
 from sail_megatron.convert.mcore_io import (
     HF_SOURCE_DIR,
     build_empty_model,
@@ -58,6 +64,89 @@ def init_projector(model: torch.nn.Module, seed: int) -> Set[str]:
     return {f"projector.{n}" for n, _ in proj.named_parameters()}
 
 
+@dataclass(frozen=True)
+class _VirtualTensor:
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+
+
+class AIMv2FromTransformers:
+    """A standalone AIMv2 folder in transformers' `Aimv2VisionModel` names, seen under the ml-aim names
+    (`mapping.aimv2_transformers_names`): q/k/v are read as the one stacked `attn.qkv`, the position table
+    as `pos_embed` [1, N, H]. Tensors that fit no ml-aim name keep their own (and are reported as
+    unexpected); the attention-pooling `head.*` is left out (`dropped`)."""
+
+    def __init__(self, folder: SafetensorsFolder, cfg: ModelConfig):
+        self.folder = folder
+        self.sources: Dict[str, Tuple[str, ...]] = {}
+        self.tensors: Dict[str, object] = {}
+        used: Set[str] = set()
+        for name in mapping.vision_shapes(cfg, prefix=""):
+            parts = mapping.aimv2_transformers_names(name)
+            if not all(p in folder.tensors for p in parts):
+                continue
+            infos = [folder.tensors[p] for p in parts]
+            shape = mapping.aimv2_from_transformers_shape(name, [i.shape for i in infos])
+            if shape is None or len({i.dtype for i in infos}) > 1:
+                continue
+            self.sources[name] = parts
+            self.tensors[name] = _VirtualTensor(infos[0].dtype, shape)
+            used.update(parts)
+        self.dropped = sorted(n for n in folder.tensors if n.startswith(mapping.AIMV2_TRANSFORMERS_HEAD_PREFIX))
+        for name, info in folder.tensors.items():
+            if name not in used and name not in self.dropped:
+                self.sources[name] = (name,)
+                self.tensors[name] = info
+
+    @staticmethod
+    def applies(tensors: Dict[str, TensorInfo]) -> bool:
+        """Whether a folder's tensors carry transformers' names rather than ml-aim's."""
+        return not any(n.startswith(("trunk.", "preprocessor.")) for n in tensors) and any(
+            n.startswith(("embeddings.patch_embed.", "encoder.layers.")) for n in tensors
+        )
+
+    @property
+    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        return {n: i.shape for n, i in self.tensors.items()}
+
+    def read(self, name: str) -> torch.Tensor:
+        parts = self.sources[name]
+        if parts == (name,):
+            return self.folder.read(name)
+        return mapping.aimv2_from_transformers(name, [self.folder.read(p) for p in parts])
+
+    def close(self) -> None:
+        self.folder.close()
+
+    def __enter__(self) -> "AIMv2FromTransformers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _open_vision(vision_dir: Path, cfg: ModelConfig):
+    """The vision folder's tensors under the names `mapping` expects of a standalone release."""
+    folder = SafetensorsFolder(vision_dir)
+    if cfg.vision.arch != "aimv2" or not AIMv2FromTransformers.applies(folder.tensors):
+        return folder
+    view = AIMv2FromTransformers(folder, cfg)
+    if view.dropped:
+        logger.warning(
+            "%s: leaving out the attention-pooling head (%d tensors: %s): SAIL-VL reads the encoder's hidden "
+            "states, not its pooled output",
+            vision_dir,
+            len(view.dropped),
+            ", ".join(view.dropped),
+        )
+    return view
+
+
+def default_select_layer(vision_config: dict) -> int:
+    """SAIL-VL's choice per encoder: -4 for InternViT (SAIL-VL-2B/8B), -1 for AIMv2 / SAILViT (SAIL-VL-1.6, SAIL-VL2)."""
+    return -1 if vision_arch_of(vision_config) == "aimv2" else -4
+
+
 def _stage1_config(
     llm_config: dict,
     vision_config: dict,
@@ -86,7 +175,8 @@ def _stage1_config(
     raise_if(
         problems,
         "cannot build a stage-1 model from these folders",
-        "pass a Qwen2/Qwen2.5 folder as --llm and an InternViT-300M style folder as --vision",
+        "pass a Qwen2/Qwen2.5 or dense Qwen3 folder as --llm and an InternViT-300M style or AIMv2 / SAILViT "
+        "folder as --vision",
     )
     return cfg
 
@@ -97,7 +187,7 @@ def init_stage1(
     out_dir,
     tp: int = 1,
     pp: int = 1,
-    select_layer: int = -4,
+    select_layer: Optional[int] = None,
     downsample_ratio: float = 0.5,
     ps_version: str = "v2",
     template: str = "internvl2_5",
@@ -107,11 +197,14 @@ def init_stage1(
     make_vocab_size_divisible_by: int = 128,
     image_token_id: Optional[int] = None,
 ) -> Path:
-    """Build a stage-1 checkpoint: Qwen2 + InternViT weights, a fresh projector. Checks everything first
-    (ConversionError listing all problems) and writes nothing on failure."""
+    """Build a stage-1 checkpoint: Qwen2/Qwen3 + InternViT/AIMv2 weights, a fresh projector. Checks everything
+    first (ConversionError listing all problems) and writes nothing on failure. `select_layer` None: the
+    encoder family's SAIL-VL choice (`default_select_layer`)."""
     llm_dir, vision_dir, out_dir = Path(llm_dir), Path(vision_dir), Path(out_dir)
     check_output_free(out_dir)
     llm_config, vision_config = read_json(llm_dir / "config.json"), read_json(vision_dir / "config.json")
+    if select_layer is None:
+        select_layer = default_select_layer(vision_config)
     cfg = _stage1_config(
         llm_config,
         vision_config,
@@ -122,7 +215,7 @@ def init_stage1(
         ps_version,
         make_vocab_size_divisible_by,
     )
-    llm, vit = SafetensorsFolder(llm_dir), SafetensorsFolder(vision_dir)
+    llm, vit = SafetensorsFolder(llm_dir), _open_vision(vision_dir, cfg)
     lm_head_stored = cfg.language.tie_word_embeddings and "lm_head.weight" in llm.tensors
     llm_dtypes = {n: i.dtype for n, i in llm.tensors.items()}
     vit_dtypes = {n: i.dtype for n, i in vit.tensors.items()}

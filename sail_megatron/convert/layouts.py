@@ -1,6 +1,6 @@
 """Tensor layout changes between Hugging Face and megatron-core weights (pure functions, both ways).
 
-- qkv: HF keeps q, k, v apart (Qwen2) or stacked `[q_all; k_all; v_all]` (InternViT `attn.qkv`);
+- qkv: HF keeps q, k, v apart (Qwen2, Qwen3) or stacked `[q_all; k_all; v_all]` (InternViT, AIMv2 `attn.qkv`);
   megatron's `linear_qkv` interleaves per KV group `[q heads of group g; k_g; v_g]` for g = 0..G-1,
   so a TP rank's contiguous slice holds whole groups. Biases follow the rows.
 - fc1: megatron's SwiGLU `linear_fc1` is `cat([gate, up])`; its sharded checkpoint layout keeps that

@@ -3,8 +3,10 @@
 What the model config, the config.json template and the ViT layers after `select_layer` come from, in
 order: the checkpoint's own conversion record and `hf_source/` (checkpoints written by sail-convert);
 a training run's `config.yaml` (checkpoints written by the trainer); `--base-hf` (the HF folder or the
-converted checkpoint the run started from). Without a source for the unused ViT layers they are dropped
-and config.json says so (`num_hidden_layers` = built layers, `select_layer` = -1: the same model).
+converted checkpoint the run started from). Without a source for the unused ViT layers an InternViT
+export drops them and config.json says so (`num_hidden_layers` = built layers, `select_layer` = -1: the
+same model); an AIMv2 encoder cannot be cut that way (select_layer -1 would add its final norm), so its
+export asks for the source.
 Vocabulary padding is removed; weights stream out one tensor at a time into safetensors shards + index.
 """
 
@@ -260,6 +262,16 @@ def mcore_to_hf(
     )
     unused = _unused_folder(src)
     export_cfg = src.cfg if unused is not None or not mapping.unused_hf_names(src.cfg) else truncated(src.cfg)
+    if export_cfg is not src.cfg and src.cfg.vision.arch == "aimv2":
+        raise ConversionError(
+            "no source for the unused AIMv2 tensors",
+            [
+                f"select_layer {src.cfg.vision.select_layer} leaves {len(mapping.unused_hf_names(src.cfg))} tensors "
+                "of the release (the blocks after it and trunk.post_trunk_norm) outside the checkpoint, and a "
+                "shorter AIMv2 with select_layer -1 would apply post_trunk_norm: not the same model"
+            ],
+            "pass --base-hf with the Hugging Face folder (or converted checkpoint) the run started from",
+        )
     if export_cfg is not src.cfg:
         logger.warning(
             "no source for the %d ViT layers after select_layer: exporting the %d built layers with "

@@ -65,6 +65,7 @@ def _model_problems(hf: ModelConfig, ours: ModelConfig) -> List[str]:
         if getattr(lang_a, f.name) != getattr(lang_b, f.name):
             problems.append(f"language {f.name}: HF {getattr(lang_a, f.name)} vs checkpoint {getattr(lang_b, f.name)}")
     for name in (
+        "arch",
         "hidden_size",
         "num_attention_heads",
         "ffn_hidden_size",

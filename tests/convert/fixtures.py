@@ -1,11 +1,16 @@
 """Tiny random SAIL-VL (InternVL-chat) checkpoints built from `transformers` modules, and their logits.
 
-The weights come from real `transformers` models (Qwen2ForCausalLM, InternVLVisionModel) with every
-parameter randomized (biases, norms and layer scales too, so a swapped tensor cannot hide behind an
-init value). They are written under InternVL-chat names by a mapping written here, independently of
-the library's, and `expected_logits` runs those very modules with InternVL's glue (pixel shuffle in
-InternVL's own view/permute form), so a test compares the converted megatron model with third-party
-code, not with our own reference.
+The weights come from real `transformers` models (Qwen2ForCausalLM or Qwen3ForCausalLM;
+InternVLVisionModel or Aimv2VisionModel) with every parameter randomized (biases, norms and layer scales
+too, so a swapped tensor cannot hide behind an init value). They are written under InternVL-chat /
+SAIL-VL names (InternViT, or AIMv2 under apple/ml-aim's names as SAIL-VL-1.6 and SAIL-VL2 ship it) by a
+mapping written here, independently of the library's, and `expected_logits` runs those very modules with
+InternVL's / SAIL-VL's glue (pixel shuffle in InternVL's own view/permute form), so a test compares the
+converted megatron model with third-party code, not with our own reference.
+
+Layouts (`Spec.vision_arch`, `Spec.llm_arch`): InternViT + Qwen2 (SAIL-VL-2B, InternVL-chat), AIMv2 +
+Qwen2 (SAIL-VL-1.5/1.6: `model_type` internvl_chat, `SailVLModel`), AIMv2 + Qwen3 (SAIL-VL2: `sailvl`,
+vision `sailvit`).
 """
 
 import json
@@ -40,6 +45,14 @@ class Spec:
     lm_head_stored: bool = False
     """With tied embeddings, also store `lm_head.weight` (some releases do)."""
     select_layer: int = -1
+    vision_arch: str = "internvit"
+    """'internvit' or 'aimv2' (SAILViT)."""
+    vision_head: bool = False
+    """AIMv2: build transformers' attention-pooling head too (standalone HF-native releases may carry one)."""
+    llm_arch: str = "qwen2"
+    """'qwen2' or 'qwen3'."""
+    head_dim: Optional[int] = None
+    """Qwen3's explicit head width (may differ from hidden / heads)."""
     ps_version: str = "v2"
     downsample_ratio: float = 0.5
     dtype: torch.dtype = torch.float32
@@ -63,48 +76,89 @@ def _randomize(module: nn.Module, gen: torch.Generator) -> None:
         for name, p in module.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
             is_scale = (
-                name.endswith(("norm.weight", "layernorm.weight", "layernorm_before.weight", "layernorm_after.weight"))
+                name.endswith(
+                    (
+                        "norm.weight",
+                        "layernorm.weight",
+                        "layernorm_before.weight",
+                        "layernorm_after.weight",
+                        "norm1.weight",
+                        "norm2.weight",
+                    )
+                )
                 or ".0.weight" in name
                 and p.dim() == 1
             )
             p.copy_(1.0 + 0.1 * noise if is_scale else 0.08 * noise)
 
 
-def build_modules(spec: Spec) -> Modules:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    from transformers.models.internvl import InternVLVisionConfig, InternVLVisionModel
+def _build_qwen(spec: Spec) -> nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-    torch.manual_seed(spec.seed)
-    qwen = Qwen2ForCausalLM(
-        Qwen2Config(
-            hidden_size=spec.llm_hidden,
-            intermediate_size=spec.llm_ffn,
-            num_hidden_layers=spec.llm_layers,
-            num_attention_heads=spec.llm_heads,
-            num_key_value_heads=spec.llm_kv_heads,
-            vocab_size=spec.vocab,
-            tie_word_embeddings=spec.tied,
-            rope_theta=1000000.0,
-            rms_norm_eps=1e-6,
-            max_position_embeddings=512,
-            architectures=["Qwen2ForCausalLM"],
-            attn_implementation="eager",
-        )
+    common = dict(
+        hidden_size=spec.llm_hidden,
+        intermediate_size=spec.llm_ffn,
+        num_hidden_layers=spec.llm_layers,
+        num_attention_heads=spec.llm_heads,
+        num_key_value_heads=spec.llm_kv_heads,
+        vocab_size=spec.vocab,
+        tie_word_embeddings=spec.tied,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=512,
+        attn_implementation="eager",
     )
-    vit = InternVLVisionModel(
-        InternVLVisionConfig(
+    if spec.llm_arch == "qwen3":
+        return Qwen3ForCausalLM(
+            Qwen3Config(**common, head_dim=spec.head_dim, attention_bias=False, architectures=["Qwen3ForCausalLM"])
+        )
+    return Qwen2ForCausalLM(Qwen2Config(**common, architectures=["Qwen2ForCausalLM"]))
+
+
+def _build_aimv2(spec: Spec) -> nn.Module:
+    from transformers import Aimv2VisionConfig, Aimv2VisionModel
+
+    return Aimv2VisionModel(
+        Aimv2VisionConfig(
             hidden_size=spec.vision_hidden,
             num_hidden_layers=spec.vision_layers,
             num_attention_heads=spec.vision_heads,
             intermediate_size=spec.vision_ffn,
-            image_size=[spec.image_size] * 2,
-            patch_size=[spec.patch_size] * 2,
-            use_qk_norm=False,
-            attention_bias=True,
-            norm_type="layer_norm",
-            use_mean_pooling=False,
-            layer_norm_eps=1e-6,
+            image_size=spec.image_size,
+            patch_size=spec.patch_size,
+            rms_norm_eps=1e-5,
+            qkv_bias=False,
+            mlp_bias=False,
+            use_head=spec.vision_head,
+            is_native=False,
             attn_implementation="eager",
+        )
+    )
+
+
+def build_modules(spec: Spec) -> Modules:
+    from transformers.models.internvl import InternVLVisionConfig, InternVLVisionModel
+
+    torch.manual_seed(spec.seed)
+    qwen = _build_qwen(spec)
+    vit = (
+        _build_aimv2(spec)
+        if spec.vision_arch == "aimv2"
+        else InternVLVisionModel(
+            InternVLVisionConfig(
+                hidden_size=spec.vision_hidden,
+                num_hidden_layers=spec.vision_layers,
+                num_attention_heads=spec.vision_heads,
+                intermediate_size=spec.vision_ffn,
+                image_size=[spec.image_size] * 2,
+                patch_size=[spec.patch_size] * 2,
+                use_qk_norm=False,
+                attention_bias=True,
+                norm_type="layer_norm",
+                use_mean_pooling=False,
+                layer_norm_eps=1e-6,
+                attn_implementation="eager",
+            )
         )
     )
     k = round(1 / spec.downsample_ratio)
@@ -144,6 +198,40 @@ def internvit_tensors(vit: nn.Module, prefix: str) -> Dict[str, torch.Tensor]:
     return {n: t.clone() for n, t in out.items()}
 
 
+AIMV2_BLOCK_TENSORS = tuple(
+    f"{n}.weight" for n in ("norm_1", "norm_2", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "mlp.fc3")
+)
+
+
+def aimv2_tensors(vit: nn.Module, prefix: str) -> Dict[str, torch.Tensor]:
+    """transformers Aimv2VisionModel -> apple/ml-aim names, as SAIL-VL-1.6 / SAIL-VL2 store them
+    (attn.qkv = [q; k; v] rows, mlp fc1 = gate, fc2 = down, fc3 = up, pos_embed [1, N, H]; no head)."""
+    sd = vit.state_dict()
+    out = {
+        f"{prefix}preprocessor.patchifier.proj.weight": sd["embeddings.patch_embed.weight"],
+        f"{prefix}preprocessor.patchifier.proj.bias": sd["embeddings.patch_embed.bias"],
+        f"{prefix}preprocessor.patchifier.norm.weight": sd["embeddings.rms_norm.weight"],
+        f"{prefix}preprocessor.pos_embed": sd["embeddings.position_embedding.weight"][None],
+        f"{prefix}trunk.post_trunk_norm.weight": sd["rms_norm.weight"],
+    }
+    for i in range(vit.config.num_hidden_layers):
+        s, d = f"encoder.layers.{i}.", f"{prefix}trunk.blocks.{i}."
+        out[d + "attn.qkv.weight"] = torch.cat([sd[s + f"attention.{p}_proj.weight"] for p in "qkv"])
+        out[d + "attn.proj.weight"] = sd[s + "attention.out_proj.weight"]
+        out[d + "mlp.fc1.weight"] = sd[s + "ffn.gate_proj.weight"]
+        out[d + "mlp.fc2.weight"] = sd[s + "ffn.down_proj.weight"]
+        out[d + "mlp.fc3.weight"] = sd[s + "ffn.up_proj.weight"]
+        out[d + "norm_1.weight"] = sd[s + "rms_norm1.weight"]
+        out[d + "norm_2.weight"] = sd[s + "rms_norm2.weight"]
+    return {n: t.clone() for n, t in out.items()}
+
+
+def vision_tensors(modules: "Modules", prefix: str) -> Dict[str, torch.Tensor]:
+    if modules.spec.vision_arch == "aimv2":
+        return aimv2_tensors(modules.vit, prefix)
+    return internvit_tensors(modules.vit, prefix)
+
+
 def qwen_tensors(qwen: nn.Module, prefix: str, lm_head_stored: bool) -> Dict[str, torch.Tensor]:
     out = {prefix + n: t.clone() for n, t in qwen.state_dict().items()}
     if qwen.config.tie_word_embeddings and not lm_head_stored:
@@ -177,9 +265,44 @@ def internvit_config(spec: Spec) -> Dict:
     }
 
 
-def chat_config(spec: Spec, qwen: nn.Module) -> Dict:
+def aimv2_config(spec: Spec, sail2: bool = False) -> Dict:
+    """An ml-aim AIMv2Config as SAIL-VL-1.6 ships it (SAIL-VL2: the same fields as SAILViTConfig)."""
+    name = "sailvit" if sail2 else "aimv2"
+    cls = "SAILViT" if sail2 else "AIMv2"
+    return {
+        "architectures": [f"{cls}Model"],
+        "auto_map": {
+            "AutoConfig": f"configuration_{name}.{cls}Config",
+            "AutoModel": f"modeling_{name}.{cls}Model",
+        },
+        "model_type": name,
+        "hidden_size": spec.vision_hidden,
+        "intermediate_size": spec.vision_ffn,
+        "num_hidden_layers": spec.vision_layers,
+        "num_attention_heads": spec.vision_heads,
+        "num_channels": 3,
+        "patch_size": spec.patch_size,
+        "image_size": spec.image_size,
+        "rms_norm_eps": 1e-05,
+        "qkv_bias": False,
+        "use_bias": False,
+        "attention_dropout": 0.0,
+        "projection_dropout": 0.0,
+        "tie_word_embeddings": True,
+        "torch_dtype": str(spec.dtype).replace("torch.", ""),
+    }
+
+
+def llm_config(spec: Spec, qwen: nn.Module) -> Dict:
     llm = qwen.config.to_dict()
-    llm["architectures"] = ["Qwen2ForCausalLM"]
+    llm["architectures"] = ["Qwen3ForCausalLM" if spec.llm_arch == "qwen3" else "Qwen2ForCausalLM"]
+    return llm
+
+
+def chat_config(spec: Spec, qwen: nn.Module) -> Dict:
+    if spec.vision_arch == "aimv2":
+        return sail_config(spec, qwen)
+    llm = llm_config(spec, qwen)
     return {
         "architectures": ["InternVLChatModel"],
         "model_type": "internvl_chat",
@@ -201,6 +324,35 @@ def chat_config(spec: Spec, qwen: nn.Module) -> Dict:
         "use_backbone_lora": 0,
         "use_llm_lora": 0,
         "tie_word_embeddings": False,
+        "torch_dtype": str(spec.dtype).replace("torch.", ""),
+    }
+
+
+def sail_config(spec: Spec, qwen: nn.Module) -> Dict:
+    """SAIL-VL-1.6's config.json layout (AIMv2 + Qwen2), or SAIL-VL2's (AIMv2 + Qwen3)."""
+    sail2 = spec.llm_arch == "qwen3"
+    cls = "SAILVL" if sail2 else "SailVL"
+    return {
+        "architectures": [f"{cls}Model"],
+        "auto_map": {
+            "AutoConfig": f"configuration_sailvl.{cls}Config",
+            "AutoModel": f"modeling_sailvl.{'SAILVLModel' if sail2 else 'CustomSailVLModel'}",
+        },
+        "model_type": "sailvl" if sail2 else "internvl_chat",
+        "llm_config": llm_config(spec, qwen),
+        "vision_config": aimv2_config(spec, sail2),
+        "select_layer": spec.select_layer,
+        "downsample_ratio": spec.downsample_ratio,
+        "ps_version": spec.ps_version,
+        "template": "univl-chat" if sail2 else "sailvl-chat",
+        "force_image_size": spec.image_size,
+        "dynamic_image_size": True,
+        "use_thumbnail": True,
+        "max_dynamic_patch": 12,
+        "min_dynamic_patch": 1,
+        "pad2square": False,
+        "use_backbone_lora": 0,
+        "use_llm_lora": 0,
         "torch_dtype": str(spec.dtype).replace("torch.", ""),
     }
 
@@ -233,7 +385,7 @@ def write_chat_checkpoint(folder: Path, modules: Modules, shards: int = 2, confi
     spec = modules.spec
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {
-        **internvit_tensors(modules.vit, "vision_model."),
+        **vision_tensors(modules, "vision_model."),
         **{f"mlp1.{n}": t.clone() for n, t in modules.mlp1.state_dict().items()},
         **qwen_tensors(modules.qwen, "language_model.", spec.lm_head_stored),
     }
@@ -242,22 +394,31 @@ def write_chat_checkpoint(folder: Path, modules: Modules, shards: int = 2, confi
     config.update(config_edit or {})
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     write_tokenizer(folder, spec.vocab)
-    (folder / "modeling_internvl_chat.py").write_text("# InternVL-chat modelling code travels with the weights\n")
+    code = "modeling_sailvl.py" if spec.vision_arch == "aimv2" else "modeling_internvl_chat.py"
+    (folder / code).write_text("# InternVL-chat modelling code travels with the weights\n")
     return folder
 
 
-def write_standalone(llm_dir: Path, vision_dir: Path, modules: Modules) -> None:
-    """A Qwen2 folder and an InternViT folder, as released separately (for `sail-convert init`)."""
+def write_standalone(
+    llm_dir: Optional[Path], vision_dir: Path, modules: Modules, transformers_names: bool = False
+) -> None:
+    """A Qwen2/Qwen3 folder (unless `llm_dir` is None) and an InternViT or AIMv2 folder, as released
+    separately (for `sail-convert init`). AIMv2 comes under apple/ml-aim's names, or (`transformers_names`)
+    saved by transformers' own `save_pretrained` (Aimv2VisionModel names and config, as the HF-native
+    apple releases)."""
     spec = modules.spec
-    llm_dir.mkdir(parents=True, exist_ok=True)
     vision_dir.mkdir(parents=True, exist_ok=True)
-    _save_sharded(qwen_tensors(modules.qwen, "", spec.lm_head_stored), llm_dir, 1)
-    llm = modules.qwen.config.to_dict()
-    llm["architectures"] = ["Qwen2ForCausalLM"]
-    (llm_dir / "config.json").write_text(json.dumps(llm, indent=2, sort_keys=True))
-    write_tokenizer(llm_dir, spec.vocab)
-    _save_sharded(internvit_tensors(modules.vit, ""), vision_dir, 1)
-    (vision_dir / "config.json").write_text(json.dumps(internvit_config(spec), indent=2))
+    if llm_dir is not None:
+        llm_dir.mkdir(parents=True, exist_ok=True)
+        _save_sharded(qwen_tensors(modules.qwen, "", spec.lm_head_stored), llm_dir, 1)
+        (llm_dir / "config.json").write_text(json.dumps(llm_config(spec, modules.qwen), indent=2, sort_keys=True))
+        write_tokenizer(llm_dir, spec.vocab)
+    if transformers_names:
+        modules.vit.save_pretrained(str(vision_dir))
+        return
+    _save_sharded(vision_tensors(modules, ""), vision_dir, 1)
+    config = aimv2_config(spec) if spec.vision_arch == "aimv2" else internvit_config(spec)
+    (vision_dir / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def internvl_pixel_shuffle(x: torch.Tensor, scale: float, ps_version: str) -> torch.Tensor:
@@ -277,8 +438,12 @@ def expected_logits(modules: Modules, input_ids: torch.Tensor, pixel_values: Opt
     spec = modules.spec
     embeds = modules.qwen.get_input_embeddings()(input_ids)
     if pixel_values is not None:
-        hidden = modules.vit(pixel_values.to(spec.dtype), output_hidden_states=True).hidden_states[spec.select_layer]
-        vit = hidden[:, 1:, :]
+        out = modules.vit(pixel_values.to(spec.dtype), output_hidden_states=True)
+        if spec.vision_arch == "aimv2":  # SAIL-VL: the encoder's output at -1, else a hidden state; no CLS
+            vit = out.last_hidden_state if spec.select_layer == -1 else out.hidden_states[spec.select_layer]
+            vit = vit.contiguous()  # transformers' output may be a strided view; InternVL's shuffle uses view()
+        else:
+            vit = out.hidden_states[spec.select_layer][:, 1:, :]
         g = int(vit.shape[1] ** 0.5)
         vit = internvl_pixel_shuffle(vit.reshape(vit.shape[0], g, g, -1), spec.downsample_ratio, spec.ps_version)
         vit = modules.mlp1(vit.reshape(vit.shape[0], -1, vit.shape[-1]))

@@ -146,3 +146,67 @@ def test_init_reports_problems_of_both_folders(good, tmp_path):
         "wrong shape in",
         "encoder.layers.0.ls1 is [7]",
     )
+
+
+# ------------------------------------------------------------------------------ SAIL-VL-1.6 / SAIL-VL2
+
+
+@pytest.fixture(scope="module")
+def good_aim(tmp_path_factory):
+    """A SAIL-VL2-layout folder (AIMv2 + Qwen3) and the standalone folders: Qwen3, AIMv2 saved by transformers."""
+    spec = F.Spec(vision_arch="aimv2", llm_arch="qwen3", head_dim=32, tied=True)
+    modules = F.build_modules(spec)
+    root = tmp_path_factory.mktemp("good_aim")
+    F.write_chat_checkpoint(root / "hf", modules)
+    F.write_standalone(root / "qwen", root / "aim_hf", modules, transformers_names=True)
+    return root
+
+
+def _edit_config(folder: Path, edit) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_aimv2_and_moe_problems_are_listed_together(good_aim, tmp_path):
+    hf = _copy(good_aim, tmp_path)
+
+    def edit(config):
+        config["vision_config"].update(qkv_bias=True, use_bias=True)
+        config["llm_config"].update(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], num_experts=8)
+
+    _edit_config(hf, edit)
+    _fails(
+        tmp_path,
+        lambda out: hf_to_mcore(hf, out),
+        "3 problem(s)",
+        "vision_config.qkv_bias is true",
+        "vision_config.use_bias is true",
+        "mixture-of-experts SAIL-VL2 models are not supported",
+    )
+
+
+def test_aimv2_missing_tensor_is_named(good_aim, tmp_path):
+    hf = _copy(good_aim, tmp_path)
+    gone = "vision_model.trunk.blocks.1.mlp.fc3.weight"
+    F.edit_tensors(hf, lambda t: {n: v for n, v in t.items() if n != gone})
+    _fails(tmp_path, lambda out: hf_to_mcore(hf, out), f"missing tensor: {gone} (expected shape [64, 32])")
+
+
+def test_init_refuses_native_resolution_aimv2(good_aim, tmp_path):
+    vit = _copy(good_aim, tmp_path, "aim_hf")
+    _edit_config(vit, lambda config: config.update(is_native=True))
+    _fails(tmp_path, lambda out: init_stage1(good_aim / "qwen", vit, out), "is_native is true", "sin-cos")
+
+
+def test_init_names_transformers_tensors_that_do_not_fit(good_aim, tmp_path):
+    vit = _copy(good_aim, tmp_path, "aim_hf")
+    F.edit_tensors(vit, lambda t: {n: v for n, v in t.items() if n != "encoder.layers.0.attention.k_proj.weight"})
+    _fails(
+        tmp_path,
+        lambda out: init_stage1(good_aim / "qwen", vit, out),
+        "missing tensor in",
+        "trunk.blocks.0.attn.qkv.weight (expected shape [96, 32])",
+        "unexpected tensor in",
+        "encoder.layers.0.attention.q_proj.weight",
+    )

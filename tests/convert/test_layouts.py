@@ -64,12 +64,22 @@ def test_vocab_padding_and_removal():
     assert torch.equal(layouts.strip_vocab(padded, 300), w)
 
 
-@pytest.mark.parametrize("tied,stored,select_layer", [(False, False, -1), (True, False, -2), (True, True, 1)])
-def test_expected_names_and_shapes_match_transformers_models(tied, stored, select_layer):
-    spec = F.Spec(tied=tied, lm_head_stored=stored, select_layer=select_layer)
+LAYOUT_SPECS = {
+    "untied": F.Spec(),
+    "tied_cut": F.Spec(tied=True, select_layer=-2),
+    "tied_stored_front": F.Spec(tied=True, lm_head_stored=True, select_layer=1),
+    "aimv2_qwen2_cut": F.Spec(vision_arch="aimv2", select_layer=-2),
+    "aimv2_qwen3": F.Spec(vision_arch="aimv2", llm_arch="qwen3", head_dim=32, tied=True, lm_head_stored=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUT_SPECS))
+def test_expected_names_and_shapes_match_transformers_models(name):
+    spec = LAYOUT_SPECS[name]
+    stored = spec.lm_head_stored
     modules = F.build_modules(spec)
     tensors = {
-        **F.internvit_tensors(modules.vit, "vision_model."),
+        **F.vision_tensors(modules, "vision_model."),
         **{f"mlp1.{n}": t for n, t in modules.mlp1.state_dict().items()},
         **F.qwen_tensors(modules.qwen, "language_model.", stored),
     }
@@ -79,4 +89,26 @@ def test_expected_names_and_shapes_match_transformers_models(tied, stored, selec
     # Every HF tensor is used exactly once: by a rule, or carried as an unused ViT layer.
     used = [n for r in mapping.tensor_rules(cfg, stored) for n in r.hf] + mapping.unused_hf_names(cfg)
     assert sorted(used) == sorted(expected)
-    assert len(mapping.unused_hf_names(cfg)) == 14 * (spec.vision_layers - cfg.vision.num_built_layers)
+    cut = spec.vision_layers - cfg.vision.num_built_layers
+    if spec.vision_arch == "aimv2":  # 7 tensors a block, and the final norm unless select_layer is -1
+        assert len(mapping.unused_hf_names(cfg)) == 7 * cut + (spec.select_layer != -1)
+    else:
+        assert len(mapping.unused_hf_names(cfg)) == 14 * cut
+
+
+def test_aimv2_transformers_names_are_exact_both_ways():
+    modules = F.build_modules(F.Spec(vision_arch="aimv2", vision_head=True))
+    native = modules.vit.state_dict()
+    ml_aim = F.aimv2_tensors(modules.vit, "")  # the fixtures' own, independent mapping
+    covered = []
+    for name, tensor in ml_aim.items():
+        sources = mapping.aimv2_transformers_names(name)
+        covered += sources
+        assert torch.equal(mapping.aimv2_from_transformers(name, [native[n] for n in sources]), tensor), name
+        shape = mapping.aimv2_from_transformers_shape(name, [tuple(native[n].shape) for n in sources])
+        assert shape == tuple(tensor.shape), name
+        back = mapping.aimv2_to_transformers(name, tensor)
+        assert sorted(back) == sorted(sources) and all(torch.equal(back[n], native[n]) for n in sources), name
+    # Every transformers tensor but the pooling head has exactly one ml-aim home.
+    assert sorted(covered) == sorted(n for n in native if not n.startswith(mapping.AIMV2_TRANSFORMERS_HEAD_PREFIX))
+    assert any(n.startswith("head.") for n in native)

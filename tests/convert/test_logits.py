@@ -1,8 +1,11 @@
 """Converted checkpoints give `transformers`' logits: TP1/PP1, TP2 and PP2, loaded by the trainer's loader.
 
-The reference is the very transformers modules the checkpoint was written from (Qwen2ForCausalLM,
-InternVLVisionModel) with InternVL's glue (tests/convert/fixtures.py); fp32 throughout.
+The reference is the very transformers modules the checkpoint was written from (Qwen2ForCausalLM or
+Qwen3ForCausalLM, InternVLVisionModel or Aimv2VisionModel) with InternVL's / SAIL-VL's glue
+(tests/convert/fixtures.py); fp32 throughout.
 """
+
+import time
 
 import pytest
 import torch
@@ -17,6 +20,10 @@ SPECS = {
     "tp": F.Spec(select_layer=-2, seed=10),
     # tied embeddings, converted for PP 2, ps v1, select_layer counted from the front
     "pp": F.Spec(tied=True, select_layer=2, ps_version="v1", seed=11),
+    # SAIL-VL-1.6 layout (AIMv2 + Qwen2), TP 2: features are the encoder's output after its final norm.
+    "sail16": F.Spec(vision_arch="aimv2", seed=12),
+    # SAIL-VL2 layout (AIMv2 + Qwen3, tied, lm_head stored, head_dim 32 != 64 / 4), PP 2.
+    "sail2": F.Spec(vision_arch="aimv2", llm_arch="qwen3", head_dim=32, tied=True, lm_head_stored=True, seed=13),
 }
 
 
@@ -33,19 +40,35 @@ def case(tmp_path_factory):
         return dict(ckpt=str(root / name / "mcore"), tp=tp, pp=pp, tokens=inputs[name][0], pixels=inputs[name][1])
 
     jobs = [
-        dict(op="hf_to_mcore", hf_dir=str(root / "tp/hf"), out_dir=str(root / "tp/mcore"), tp=2),
-        dict(op="hf_to_mcore", hf_dir=str(root / "pp/hf"), out_dir=str(root / "pp/mcore"), pp=2),
-        dict(op="layout_logits", **run("tp", 1, 1)),
+        dict(op="hf_to_mcore", hf_dir=str(root / f"{name}/hf"), out_dir=str(root / f"{name}/mcore"), **layout)
+        for name, layout in (("tp", {"tp": 2}), ("pp", {"pp": 2}), ("sail16", {"tp": 2}), ("sail2", {"pp": 2}))
     ]
-    converted_tp, converted_pp, tp1 = run_on_ranks(workers.convert_many, 1, jobs)[0]
-    assert converted_tp["ok"] and converted_pp["ok"], (converted_tp, converted_pp)
-    tp2, pp2 = zip(*run_on_ranks(workers.layout_logits_many, 2, [run("tp", 2, 1), run("pp", 1, 2)]))
+    jobs += [dict(op="layout_logits", **run("tp", 1, 1)), dict(op="layout_logits", **run("sail16", 1, 1))]
+    began = time.perf_counter()
+    *converted, tp1, sail16_tp1 = run_on_ranks(workers.convert_many, 1, jobs)[0]
+    print(f"4 conversions + 2 TP1 evaluations: {time.perf_counter() - began:.1f} s")
+    assert all(c["ok"] for c in converted), converted
+    cases = [run("tp", 2, 1), run("pp", 1, 2)]
+    # Each SAIL layout under both: a checkpoint converted for one layout loads under the other.
+    cases += [run("sail16", 2, 1), run("sail16", 1, 2), run("sail2", 1, 2), run("sail2", 2, 1)]
+    began = time.perf_counter()
+    tp2, pp2, sail16_tp2, sail16_pp2, sail2_pp2, sail2_tp2 = zip(*run_on_ranks(workers.layout_logits_many, 2, cases))
+    print(f"6 evaluations at TP2 / PP2: {time.perf_counter() - began:.1f} s")
     expected = {name: F.expected_logits(modules[name], *inputs[name]) for name in SPECS}
     return {
         "modules": modules,
         "inputs": inputs,
         "expected": expected,
-        "reports": {"tp1": [tp1], "tp2": [r for r in tp2 if r], "pp2": [r for r in pp2 if r]},
+        "reports": {
+            "tp1": [tp1],
+            "tp2": [r for r in tp2 if r],
+            "pp2": [r for r in pp2 if r],
+            "sail16_tp1": [sail16_tp1],
+            "sail16_tp2": [r for r in sail16_tp2 if r],
+            "sail16_pp2": [r for r in sail16_pp2 if r],
+            "sail2_pp2": [r for r in sail2_pp2 if r],
+            "sail2_tp2": [r for r in sail2_tp2 if r],
+        },
     }
 
 
@@ -54,6 +77,7 @@ def _check_logits(case, name, reports):
     expected = case["expected"][name]
     diff = (last["logits"] - expected).abs().max().item()
     assert diff < ATOL, f"max |logit diff| {diff:.2e}"
+    print(f"{name}: max |logit diff| {diff:.2e}")
     assert torch.equal(last["logits"].argmax(-1), expected.argmax(-1))
     return last
 
@@ -74,3 +98,19 @@ def test_tp2_matches_transformers(case):
 
 def test_pp2_tied_matches_transformers(case):
     _check_logits(case, "pp", case["reports"]["pp2"])
+
+
+def test_aimv2_qwen2_matches_transformers(case):
+    last = _check_logits(case, "sail16", case["reports"]["sail16_tp1"])
+    # The vision tower alone: select_layer -1 is Aimv2VisionModel's last_hidden_state (after its final norm).
+    modules, (_, pixels) = case["modules"]["sail16"], case["inputs"]["sail16"]
+    with torch.no_grad():
+        hidden = modules.vit(pixels).last_hidden_state
+    assert (last["vision"] - hidden).abs().max() < 1e-5
+    _check_logits(case, "sail16", case["reports"]["sail16_tp2"])
+    _check_logits(case, "sail16", case["reports"]["sail16_pp2"])
+
+
+def test_aimv2_qwen3_matches_transformers(case):
+    _check_logits(case, "sail2", case["reports"]["sail2_pp2"])
+    _check_logits(case, "sail2", case["reports"]["sail2_tp2"])

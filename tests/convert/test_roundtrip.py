@@ -6,6 +6,7 @@ then checks its own scenario's folders.
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,13 @@ SPECS = {
     # tied, but the release also stores lm_head; select_layer counted from the front
     "tied_stored": F.Spec(tied=True, lm_head_stored=True, select_layer=1, dtype=torch.bfloat16, seed=2),
     "bf16": F.Spec(select_layer=-3, dtype=torch.bfloat16, seed=3),
+    # SAIL-VL-1.6 layout (AIMv2 + Qwen2), TP 2: select_layer -2 leaves the last block and post_trunk_norm unused.
+    "sail16": F.Spec(vision_arch="aimv2", select_layer=-2, seed=5),
+    # SAIL-VL2 layout (AIMv2 + Qwen3), PP 2: tied embeddings with lm_head stored too (as SAIL-VL2-2B ships),
+    # head_dim 32 x 4 heads != hidden 64.
+    "sail2": F.Spec(vision_arch="aimv2", llm_arch="qwen3", head_dim=32, tied=True, lm_head_stored=True, seed=6),
 }
+AIMV2 = ("sail16", "sail2")
 
 
 def _read_all(folder: Path):
@@ -52,11 +59,20 @@ def runs(tmp_path_factory):
         dict(op="mcore_to_hf", ckpt=str(root / "untied/mcore"), out_dir=str(root / "untied/hf2")),
         dict(op="read_params", ckpt=str(root / "untied/mcore")),
     ]
-    for name in ("tied", "tied_stored"):
+    for name in ("tied", "tied_stored", "sail2"):
         jobs += [
             dict(op="hf_to_mcore", hf_dir=str(root / name / "hf"), out_dir=str(root / name / "mcore"), pp=2),
             dict(op="mcore_to_hf", ckpt=str(root / name / "mcore"), out_dir=str(root / name / "hf2")),
         ]
+    jobs += [
+        dict(op="hf_to_mcore", hf_dir=str(root / "sail16/hf"), out_dir=str(root / "sail16/mcore"), tp=2),
+        dict(op="mcore_to_hf", ckpt=str(root / "sail16/mcore"), out_dir=str(root / "sail16/hf2")),
+        dict(op="read_params", ckpt=str(root / "sail16/mcore")),
+    ]
+    jobs += [  # the third-party reference (transformers' Aimv2VisionModel, Qwen2/Qwen3ForCausalLM) vs our model
+        dict(op="verify", hf_dir=str(root / name / "hf"), ckpt=str(root / name / "mcore"), atol=1e-4, min_top1=1.0)
+        for name in AIMV2
+    ]
     jobs += [  # bf16 release -> fp32 checkpoint -> bf16 export (exact) and fp32 export
         dict(op="hf_to_mcore", hf_dir=str(root / "bf16/hf"), out_dir=str(root / "bf16/mcore"), dtype="fp32"),
         dict(op="mcore_to_hf", ckpt=str(root / "bf16/mcore"), out_dir=str(root / "bf16/hf2"), dtype="bf16"),
@@ -74,9 +90,22 @@ def runs(tmp_path_factory):
             base_hf=str(root / "untied/hf"),
         ),
     ]
+    # The same for AIMv2: a shorter AIMv2 is not the same model, so the export needs --base-hf.
+    jobs_after += [
+        dict(op="mcore_to_hf", ckpt=str(root / "dropped_aim/mcore"), out_dir=str(root / "dropped_aim/hf2")),
+        dict(
+            op="mcore_to_hf",
+            ckpt=str(root / "dropped_aim/mcore"),
+            out_dir=str(root / "dropped_aim/hf3"),
+            base_hf=str(root / "sail16/hf"),
+        ),
+    ]
+    began = time.perf_counter()
     (results,) = run_on_ranks(workers.convert_many, 1, jobs)
-    shutil.copytree(root / "untied/mcore", root / "dropped/mcore")
-    (root / "dropped/mcore" / HF_SOURCE_DIR / UNUSED_TENSORS_FILE).unlink()
+    print(f"roundtrip conversions: {time.perf_counter() - began:.1f} s for {len(jobs)} jobs")
+    for name in ("dropped", "dropped_aim"):
+        shutil.copytree(root / ("untied" if name == "dropped" else "sail16") / "mcore", root / name / "mcore")
+        (root / name / "mcore" / HF_SOURCE_DIR / UNUSED_TENSORS_FILE).unlink()
     # A trainer checkpoint (run folder with config.yaml, no conversion record), exported with and without --base-hf.
     jobs_after += [
         dict(op="as_trainer_run", ckpt=str(root / "untied/mcore"), run_dir=str(root / "run")),
@@ -94,7 +123,7 @@ def _result(runs, op: str, out: str):
     raise KeyError(out)
 
 
-@pytest.mark.parametrize("name", ["untied", "tied", "tied_stored"])
+@pytest.mark.parametrize("name", ["untied", "tied", "tied_stored", *AIMV2])
 def test_round_trip_is_bitwise_with_identical_config(runs, name):
     root = runs["root"] / name
     for op, out in (("hf_to_mcore", f"{name}/mcore"), ("mcore_to_hf", f"{name}/hf2")):
@@ -104,7 +133,9 @@ def test_round_trip_is_bitwise_with_identical_config(runs, name):
     for n, t in before.items():
         assert after[n].dtype == t.dtype and torch.equal(after[n], t), n
     assert _config(root / "hf2") == _config(root / "hf")
-    for carried in ("tokenizer.json", "tokenizer_config.json", "modeling_internvl_chat.py"):
+    assert (root / "hf2" / "config.json").read_bytes() == (root / "hf" / "config.json").read_bytes()
+    code = "modeling_sailvl.py" if name in AIMV2 else "modeling_internvl_chat.py"
+    for carried in ("tokenizer.json", "tokenizer_config.json", code):
         assert (root / "hf2" / carried).read_bytes() == (root / "hf" / carried).read_bytes()
 
 
@@ -183,3 +214,37 @@ def test_trainer_checkpoint_exports_alone(runs):
     ids, pixels = F.sample_inputs(modules.spec)
     got = InternVLChatReference.from_folder(root / "run_hf_bare")(ids, pixels, F.IMG_CONTEXT_ID)
     assert (got - F.expected_logits(modules, ids, pixels)).abs().max() < 1e-5
+
+
+def test_aimv2_select_layer_carries_the_last_block_and_the_final_norm(runs):
+    params = _result(runs, "read_params", "sail16/mcore")
+    vision_layers = {n.split(".")[3] for n in params if n.startswith("vision_model.decoder.layers.")}
+    assert vision_layers == {"0", "1"}, "select_layer -2 of 3 blocks builds 2"
+    assert "vision_model.final_layernorm.weight" not in params, "the final norm applies only at select_layer -1"
+    unused = params["__record__"]["unused_tensors"]
+    assert "vision_model.trunk.post_trunk_norm.weight" in unused
+    assert sorted(unused) == sorted(
+        [f"vision_model.trunk.blocks.2.{n}" for n in F.AIMV2_BLOCK_TENSORS]
+        + ["vision_model.trunk.post_trunk_norm.weight"]
+    )
+    # Qwen2 keeps its qkv bias; the vision layers have none.
+    assert "language_model.decoder.layers.0.self_attention.linear_qkv.bias" in params
+    assert not any(n.startswith("vision_model.") and n.endswith(".bias") and "patch_embedding" not in n for n in params)
+
+
+@pytest.mark.parametrize("name", AIMV2)
+def test_aimv2_checkpoints_match_the_transformers_reference(runs, name):
+    (report,) = [r for j, r in zip(runs["jobs"], runs["results"]) if j["op"] == "verify" and f"/{name}/" in j["hf_dir"]]
+    assert report.passed, report.format()
+    assert [c.name for c in report.cases] == ["text", "image"]
+    print(f"verify {name}: " + ", ".join(f"{c.name} {c.max_abs_diff:.2e}" for c in report.cases))
+
+
+def test_aimv2_export_without_the_unused_tensors_asks_for_them(runs):
+    root = runs["root"]
+    refused = _result(runs, "mcore_to_hf", "dropped_aim/hf2")
+    assert not refused["ok"] and "--base-hf" in refused["error"] and "post_trunk_norm" in refused["error"]
+    assert not refused["out_exists"] and not refused["leftovers"]
+    original, restored = _read_all(root / "sail16/hf"), _read_all(root / "dropped_aim/hf3")
+    assert sorted(original) == sorted(restored) and all(torch.equal(restored[n], t) for n, t in original.items())
+    assert _config(root / "dropped_aim/hf3") == _config(root / "sail16/hf")

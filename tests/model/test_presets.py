@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from sail_megatron.config import LanguageConfig, ModelConfig, ParallelConfig, PrecisionConfig
+from sail_megatron.config.presets import VISION_PRESETS
 from sail_megatron.model import param_count
 from sail_megatron.model.param_count import count_parameters
 from sail_megatron.model.presets import PRESETS, get_preset
@@ -30,6 +31,9 @@ REL_TOL = 0.005  # the presets promise counts within 0.5% of the real models
 QWEN25_15B_TIED = 1_543_714_304  # published Qwen2.5-1.5B (tied embeddings)
 QWEN25_7B = 7_615_616_512  # published Qwen2.5-7B (untied lm_head)
 INTERNVIT_300M = 304_012_288  # InternViT-300M-448px, all 24 layers
+SAILVIT_HUGE = 682_031_616  # AIMv2-Huge-448 / SAILViT-Huge (the vision tower of SAIL-VL-1.5/1.6, SAIL-VL2)
+SAILVIT_LARGE = 309_984_256  # AIMv2-Large-448 / SAILViT-Large
+SAIL_VL_16_8B = 8_332_532_736  # SAIL-VL-1.6-8B's index: 16,665,065,472 bf16 bytes
 
 
 def unique_numel(module: nn.Module) -> int:
@@ -86,7 +90,85 @@ def test_language_counts_match_published_qwen25():
     assert param_count.language_parameters(lang_7b) == QWEN25_7B
 
 
+def hf_qwen3_parameters(lang: LanguageConfig) -> int:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        hidden_size=lang.hidden_size,
+        intermediate_size=lang.ffn_hidden_size,
+        num_hidden_layers=lang.num_layers,
+        num_attention_heads=lang.num_attention_heads,
+        num_key_value_heads=lang.num_query_groups,
+        head_dim=lang.kv_channels,
+        vocab_size=lang.vocab_size,
+        tie_word_embeddings=lang.tie_word_embeddings,
+        attention_bias=False,
+    )
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == lang.tie_word_embeddings
+    return unique_numel(model)
+
+
+@pytest.mark.parametrize("preset", ["sail-vl2-2b", "sail-vl2-8b"])
+def test_language_count_matches_transformers_qwen3(preset):
+    lang = get_preset(preset).language
+    assert lang.arch == "qwen3"
+    reference = hf_qwen3_parameters(lang)
+    assert_count(param_count.language_parameters(lang), reference, f"{preset} language")
+    assert_count(count_parameters(get_preset(preset)).language, reference, f"{preset} ParameterCount.language")
+
+
 # ------------------------------------------------------------------------------------------------ vision
+
+
+def hf_aimv2_parameters(v) -> int:
+    """transformers' Aimv2VisionModel without its attention-pooling head (as SAIL-VL uses the encoder)."""
+    from transformers import Aimv2VisionConfig, Aimv2VisionModel
+
+    config = Aimv2VisionConfig(
+        hidden_size=v.hidden_size,
+        intermediate_size=v.ffn_hidden_size,
+        num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_attention_heads,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        qkv_bias=False,
+        mlp_bias=False,
+        use_head=False,
+        is_native=False,
+    )
+    with torch.device("meta"):
+        model = Aimv2VisionModel(config)
+    assert not any(n.startswith("head.") for n, _ in model.named_parameters())
+    return unique_numel(model)
+
+
+@pytest.mark.parametrize("name,expected", [("sailvit-huge", SAILVIT_HUGE), ("sailvit-large", SAILVIT_LARGE)])
+def test_sailvit_counts_match_transformers_aimv2(name, expected):
+    v = VISION_PRESETS[name]
+    assert v.arch == "aimv2" and v.select_layer == -1
+    assert hf_aimv2_parameters(v) == expected
+    counts = count_parameters(ModelConfig(vision=v))
+    assert_count(counts.vision_checkpoint, expected, f"{name} vision_checkpoint")
+    assert_count(counts.vision_built, expected, f"{name} vision_built (all blocks and the final norm)")
+
+
+def test_sail_vl_16_8b_total_matches_its_release():
+    cfg = get_preset("sail-vl-1.6-8b")
+    counts = count_parameters(cfg)
+    assert counts.total_checkpoint == counts.total_built == SAIL_VL_16_8B
+    width = cfg.vision.hidden_size * cfg.projector.merge_factor**2
+    h = cfg.language.hidden_size
+    with torch.device("meta"):
+        mlp1 = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, h), nn.GELU(), nn.Linear(h, h))
+    references = (
+        hf_aimv2_parameters(cfg.vision)
+        + unique_numel(mlp1)
+        + hf_qwen2_parameters(cfg.language, cfg.language.tie_word_embeddings)
+    )
+    assert references == SAIL_VL_16_8B
+
 
 # Parameters of transformers' InternVLVisionModel that InternViT (and so param_count) does not have:
 # with use_mean_pooling=False the HF model ends in a LayerNorm (`layernorm`, weight + bias) applied to
