@@ -29,7 +29,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from sail_megatron.config import ConfigError
 from sail_megatron.config.train import TrainConfig, dump
 from sail_megatron.platform import destroy_distributed, init_distributed, read_dist_env
-from sail_megatron.training.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
+from sail_megatron.training.checkpoint import CheckpointWriter, load_checkpoint, restore_rng_state
 from sail_megatron.training.checkpoint_files import CheckpointError, checkpoint_read_errors, resolve_checkpoint_folder
 from sail_megatron.training.collectives import sum_over_data_parallel
 from sail_megatron.training.flops import Trains
@@ -37,13 +37,8 @@ from sail_megatron.training.graceful_stop import GracefulStop
 from sail_megatron.training.metered_data import MeteredData, build_loader, from_loader
 from sail_megatron.training.monitor import TrainingMonitor, device_peak_flops
 from sail_megatron.training.optimizer import part_learning_rates
-from sail_megatron.training.run_dir import (
-    RunLock,
-    another_model_error,
-    check_writable,
-    checkpoint_to_resume,
-    describe_save_failure,
-)
+from sail_megatron.training.resume import choose_start
+from sail_megatron.training.run_dir import RunLock, another_model_error, check_writable, describe_save_failure
 from sail_megatron.training.startup import build_training, start
 from sail_megatron.training.step import train_step
 
@@ -81,20 +76,36 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
     env, run = read_dist_env(), cfg.run
     save_dir = Path(run.save_dir)
     stop = GracefulStop()  # before the slow setup: a signal during it still saves at the first step
-    resume = checkpoint_to_resume(save_dir)
+    begin = choose_start(save_dir, run.resume, run.init_from)
+    if env.is_main:
+        for line in begin.passed_over:
+            logger.warning("passing over a damaged checkpoint: %s", line)
+        if begin.pointer_note:
+            logger.warning("%s: resuming from %s (%s)", save_dir, begin.resume.name, begin.pointer_note)
     chunks, optimizer, scheduler = build_training(cfg, env.device)
 
     start, loader_state, samples_before = 0, None, 0
-    if resume is not None:
-        loaded = _load("run.save_dir", resume, cfg, chunks, optimizer, scheduler)
+    if begin.resume is not None:
+        loaded = _load("run.save_dir", begin.resume, cfg, chunks, optimizer, scheduler)
         start = loaded["iteration"]
         samples_before = loaded["common"].get("consumed_samples", 0)
         if loaded["rank_state"] is not None:
             restore_rng_state(loaded["rank_state"]["rng"])
             loader_state = loaded["rank_state"].get("loader")
+        elif env.is_main:
+            # Model, optimizer and schedule reshard exactly; the loaders' positions are per rank and only
+            # fit the world size that saved them.
+            logger.warning(
+                "resuming at another world size (%d now): model, optimizer and lr schedule continue exactly "
+                "from step %d, but the data loader cannot continue where the %d samples read so far ended: "
+                "it restarts its pass over the data, so some of those samples will be seen again",
+                env.world_size,
+                start,
+                samples_before,
+            )
         logger.info("resumed from %s at step %d", loaded["path"], start)
-    elif run.init_from:
-        loaded = _load("run.init_from", run.init_from, cfg, chunks)  # weights only: a new stage, a new optimizer
+    elif begin.init_from:
+        loaded = _load("run.init_from", begin.init_from, cfg, chunks)  # weights only: a new stage, a new optimizer
         # bf16/fp16 weights have fp32 main copies in the optimizer, taken when it was built: take them anew.
         optimizer.reload_model_params()
         logger.info("initialized from %s (its step %d)", loaded["path"], loaded["iteration"])
@@ -131,16 +142,16 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
         num_micro,
     )
 
+    writer = CheckpointWriter(save_dir, run.keep_last, run.async_save, run.optimizer_checkpoint)
+
     def save(step: int) -> None:
         (samples,) = sum_over_data_parallel([data.samples_consumed])
         try:
-            save_checkpoint(
-                save_dir,
+            writer.save(
                 step,
                 chunks,
                 optimizer,
                 scheduler,
-                keep_last=run.keep_last,
                 common={
                     "consumed_rows": step * run.global_batch_size,
                     "consumed_samples": samples_before + int(samples),
@@ -159,6 +170,10 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
                 chunks, optimizer, scheduler, data, num_micro, cfg.data.seq_length, cfg.data.micro_batch_size
             )
             step += 1
+            try:
+                writer.poll()
+            except Exception as e:
+                raise SaveFailed(describe_save_failure(save_dir, step, e)) from e
             monitor.end_step(
                 step,
                 result,
@@ -190,12 +205,17 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
             if step % run.save_interval == 0 or step == run.train_steps or stopping:
                 save(step)
             if stopping:
+                writer.wait()  # the checkpoint is on disk and `latest` names it before the process exits
                 logger.warning(
                     "received %s: saved the checkpoint at step %d; exiting",
                     stop.received or "a stop signal on another rank",
                     step,
                 )
                 break
+        try:
+            writer.close()  # a background write finishes (and the pointer moves) before the run ends
+        except Exception as e:
+            raise SaveFailed(describe_save_failure(save_dir, step, e)) from e
     finally:
         monitor.close()
         stop.close()

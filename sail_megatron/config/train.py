@@ -24,6 +24,36 @@ from sail_megatron.config.parallel import ParallelConfig
 from sail_megatron.config.precision import PrecisionConfig
 from sail_megatron.config.presets import PRESETS, get_preset
 
+RESUME_MODES = ("auto", "required", "never")
+OPTIMIZER_CHECKPOINTS = ("dp_reshardable", "fully_reshardable")  # megatron-core's names (training/checkpoint.py)
+FAULT_KINDS = ("hang", "kill", "exit")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault to inject (run.inject_fault): what, at which step, on which global rank."""
+
+    kind: str
+    step: int
+    rank: int = 0
+
+
+def parse_fault(text: str) -> Fault:
+    """'KIND@STEP[:RANK]' -> Fault; a ConfigError naming run.inject_fault otherwise."""
+    try:
+        kind, rest = text.split("@", 1)
+        step, _, rank = rest.partition(":")
+        fault = Fault(kind.strip(), int(step), int(rank) if rank else 0)
+    except ValueError:
+        fault = None
+    if fault is None or fault.kind not in FAULT_KINDS or fault.step < 1 or fault.rank < 0:
+        raise ConfigError(
+            "run.inject_fault",
+            f"cannot read {text!r}",
+            f"use KIND@STEP[:RANK] with KIND one of {', '.join(FAULT_KINDS)}, e.g. 'kill@5:1'",
+        )
+    return fault
+
 
 @dataclass
 class RunConfig:
@@ -48,6 +78,27 @@ class RunConfig:
     tensorboard: bool = True
     plot: bool = True
     """Draw `curves.png` (loss, throughput, lr) from metrics.jsonl when the run ends."""
+    resume: str = "auto"
+    """'auto': continue from the newest good checkpoint in save_dir when there is one (a damaged newer one
+    is reported and passed over), else start from init_from; 'required': refuse to start without one;
+    'never': refuse a save_dir that already holds checkpoints."""
+    optimizer_checkpoint: str = "dp_reshardable"
+    """How the optimizer state is saved: 'dp_reshardable' (every rank writes its own shard, no gather: fast;
+    resumes under another data-parallel size) or 'fully_reshardable' (gathered per parameter: slower; also
+    resumes under another TP/PP). Weights alone (`init_from`) load under any layout either way."""
+    async_save: bool = False
+    """Write checkpoints in a background process: the step loop pays only for staging the state in host
+    memory; `latest` moves once every rank's write is complete."""
+    process_group_timeout_s: int = 1800
+    """How long a collective may wait before the process group gives up (torch's default is 30 minutes)."""
+    step_timeout_s: Optional[float] = None
+    """A step (or the start-up before the first one) taking longer than this dumps every thread's stack
+    into the run folder and exits with code 3, so the launcher restarts the job. None: off."""
+    step_timeout_factor: float = 0.0
+    """Also treat a step as hung past this many times the median of the recent steps (0: off)."""
+    inject_fault: Optional[str] = None
+    """Testing and drills only: 'hang@STEP', 'kill@STEP' or 'exit@STEP', optionally ':RANK' (default rank
+    0), e.g. 'kill@5:1' SIGKILLs rank 1 at step 5. Off by default."""
 
     def validate(self) -> None:
         for name in (
@@ -60,6 +111,26 @@ class RunConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"run.{name}", f"must be >= 1, got {getattr(self, name)}", "set a positive value")
+        if self.optimizer_checkpoint not in OPTIMIZER_CHECKPOINTS:
+            raise ConfigError(
+                "run.optimizer_checkpoint",
+                f"unknown format {self.optimizer_checkpoint!r}",
+                f"use one of {', '.join(OPTIMIZER_CHECKPOINTS)}",
+            )
+        if self.resume not in RESUME_MODES:
+            raise ConfigError("run.resume", f"unknown mode {self.resume!r}", f"use one of {', '.join(RESUME_MODES)}")
+        if self.process_group_timeout_s < 1:
+            raise ConfigError("run.process_group_timeout_s", "must be >= 1", "use seconds, e.g. 1800")
+        if self.step_timeout_s is not None and not self.step_timeout_s > 0:
+            raise ConfigError("run.step_timeout_s", f"must be > 0, got {self.step_timeout_s}", "use seconds or null")
+        if not self.step_timeout_factor >= 0 or 0 < self.step_timeout_factor <= 1:
+            raise ConfigError(
+                "run.step_timeout_factor",
+                f"is {self.step_timeout_factor}",
+                "use 0 (off) or a factor above 1, e.g. 10",
+            )
+        if self.inject_fault is not None:
+            parse_fault(self.inject_fault)
 
 
 @dataclass

@@ -4,6 +4,11 @@ reshardable across TP/PP/DP; per-rank RNG and loader state for exact resume at t
 A checkpoint is written to `iter_XXXXXXXX.tmp`, renamed when every rank has finished, and only then
 does the `latest` pointer move (itself replaced atomically). A run killed mid-write leaves the previous
 checkpoint and pointer intact. Older checkpoints beyond `keep_last` are deleted after the pointer moves.
+
+`CheckpointWriter` writes either synchronously or in the background (`run.async_save`): megatron-core's
+async dist_checkpointing stages the state in host memory and a forked writer process writes it while
+training goes on; the rename, the pointer and the pruning above run as its finalization, on every rank
+once every rank's writer is done. One write is in flight at a time.
 """
 
 import logging
@@ -17,15 +22,20 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
 from sail_megatron.platform.megatron_compat import torch_adam_checkpoint_fix, unshare_adam_steps
-from sail_megatron.training.checkpoint_files import resolve_checkpoint_folder
+from sail_megatron.training.checkpoint_files import CheckpointError, resolve_checkpoint_folder
 from sail_megatron.training.run_dir import LATEST, checkpoint_name, checkpoints_to_prune
 
 logger = logging.getLogger(__name__)
 
-# Optimizer state in a canonical per-parameter layout, so a checkpoint loads under any TP/PP/DP.
-_OPTIM_META = {"distrib_optim_sharding_type": "fully_reshardable"}
+# How the distributed optimizer's state is laid out in a checkpoint (megatron-core's sharding types, the
+# choices in config.train.OPTIMIZER_CHECKPOINTS): 'dp_reshardable' writes each rank's flat buffers in
+# parallel, with no gather (the fast choice for frequent saves; loads under another DP size, not another
+# TP/PP); 'fully_reshardable' gathers the state on each DP group's first rank into a per-parameter layout
+# that loads under any TP/PP/DP. The trainer passes run.optimizer_checkpoint; other callers get this.
+DEFAULT_OPTIMIZER_FORMAT = "fully_reshardable"
 
 
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -63,44 +73,33 @@ def _gather_current_weights(chunks: List[torch.nn.Module]) -> None:
             chunk.start_param_sync(force_sync=True)
 
 
-def _sharded_state(chunks, optimizer, is_loading: bool) -> Dict[str, Any]:
+def _sharded_state(chunks, optimizer, is_loading: bool, optimizer_format: str) -> Dict[str, Any]:
     model_sd = _unwrap(chunks[0]).sharded_state_dict()
     sd = {"model": model_sd}
     if optimizer is not None:
         # Loading needs state to fill; saving before any update (every step so far skipped) needs
         # state to write. Zero moments at step 0 are exactly what a fresh Adam starts from.
         _materialize_adam_state(optimizer)
-        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_OPTIM_META)
+        metadata = {"distrib_optim_sharding_type": optimizer_format}
+        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
     return sd
 
 
-@torch_adam_checkpoint_fix()
-def save_checkpoint(
-    save_dir,
-    iteration: int,
-    chunks: List[torch.nn.Module],
-    optimizer=None,
-    scheduler=None,
-    common: Optional[Dict[str, Any]] = None,
-    rank_state: Optional[Dict[str, Any]] = None,
-    keep_last: int = 3,
-) -> Path:
-    """Collective: every rank calls it. `common` is small run state (same on all ranks, e.g. consumed
-    samples); `rank_state` is per rank (RNG, loader state)."""
-    save_dir = Path(save_dir)
-    final, tmp = save_dir / checkpoint_name(iteration), save_dir / (checkpoint_name(iteration) + ".tmp")
-    if dist.get_rank() == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    dist.barrier()
-    _gather_current_weights(chunks)
-    sd = _sharded_state(chunks, optimizer, is_loading=False)
-    sd["iteration"] = iteration
-    sd["scheduler"] = scheduler.state_dict() if scheduler is not None else None
-    sd["common"] = common or {}
-    sd["rank_state"] = _rank_state_object({"rng": rng_state(), **(rank_state or {})})
-    dist_checkpointing.save(sd, str(tmp), content_metadata={"world_size": dist.get_world_size()})
+def _layout() -> Dict[str, int]:
+    """The parallel layout a checkpoint is written under (recorded with it)."""
+    from megatron.core import parallel_state
+
+    return {
+        "world_size": dist.get_world_size(),
+        "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
+        "data_parallel": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def _commit(save_dir: Path, tmp: Path, final: Path, keep_last: int) -> None:
+    """Collective, after every rank's write is complete: the folder is renamed into place, then the
+    pointer moves, then older checkpoints beyond keep_last go."""
     dist.barrier()
     if dist.get_rank() == 0:
         if final.exists():  # never delete a checkpoint this call did not write: keep it under another name
@@ -115,7 +114,105 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         logger.info("saved checkpoint %s", final)
     dist.barrier()
+
+
+@torch_adam_checkpoint_fix()
+def save_checkpoint(
+    save_dir,
+    iteration: int,
+    chunks: List[torch.nn.Module],
+    optimizer=None,
+    scheduler=None,
+    common: Optional[Dict[str, Any]] = None,
+    rank_state: Optional[Dict[str, Any]] = None,
+    keep_last: int = 3,
+    async_queue: Optional[AsyncCallsQueue] = None,
+    optimizer_format: str = DEFAULT_OPTIMIZER_FORMAT,
+) -> Path:
+    """Collective: every rank calls it. `common` is small run state (same on all ranks, e.g. consumed
+    samples); `rank_state` is per rank (RNG, loader state). With `async_queue` the write is scheduled there
+    and this returns once the state is staged; the checkpoint appears when the queue finalizes it."""
+    save_dir = Path(save_dir)
+    final, tmp = save_dir / checkpoint_name(iteration), save_dir / (checkpoint_name(iteration) + ".tmp")
+    if dist.get_rank() == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    _gather_current_weights(chunks)
+    sd = _sharded_state(chunks, optimizer, is_loading=False, optimizer_format=optimizer_format)
+    sd["iteration"] = iteration
+    sd["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+    sd["common"] = common or {}
+    sd["rank_state"] = _rank_state_object({"rng": rng_state(), **(rank_state or {})})
+    metadata = _layout()
+    if async_queue is None:
+        dist_checkpointing.save(sd, str(tmp), content_metadata=metadata)
+        _commit(save_dir, tmp, final, keep_last)
+        return final
+    request = dist_checkpointing.save(sd, str(tmp), content_metadata=metadata, async_sharded_save=True)
+    request.add_finalize_fn(lambda: _commit(save_dir, tmp, final, keep_last))
+    async_queue.schedule_async_request(request)
     return final
+
+
+class CheckpointWriter:
+    """The run's checkpoint saves, synchronous or in the background (`run.async_save`). Every method is
+    collective: every rank calls it at the same point (`poll` once per step)."""
+
+    def __init__(self, save_dir, keep_last: int, async_save: bool, optimizer_format: str = DEFAULT_OPTIMIZER_FORMAT):
+        self.save_dir, self.keep_last, self.optimizer_format = Path(save_dir), keep_last, optimizer_format
+        self.queue = AsyncCallsQueue() if async_save else None
+        self.in_flight: Optional[Path] = None
+
+    def save(self, iteration: int, chunks, optimizer=None, scheduler=None, common=None, rank_state=None) -> Path:
+        """Start (async) or write (sync) the checkpoint of `iteration`; a previous background write is
+        completed first, so at most one is in flight."""
+        self.wait()
+        began = time.perf_counter()
+        final = save_checkpoint(
+            self.save_dir,
+            iteration,
+            chunks,
+            optimizer,
+            scheduler,
+            common=common,
+            rank_state=rank_state,
+            keep_last=self.keep_last,
+            async_queue=self.queue,
+            optimizer_format=self.optimizer_format,
+        )
+        self.in_flight = final if self.queue is not None else None
+        logger.info(
+            "checkpoint %s: the step loop waited %.2f s (%s)",
+            final.name,
+            time.perf_counter() - began,
+            "state staged, written in the background" if self.queue is not None else "written",
+        )
+        return final
+
+    def poll(self) -> None:
+        """Finalize a background write that every rank has finished (one small all-reduce)."""
+        if self.queue is not None and self.queue.get_num_unfinalized_calls():
+            if self.queue.maybe_finalize_async_calls(blocking=False):
+                self.in_flight = None
+
+    def wait(self) -> None:
+        """Block until a background write is written and committed (before exiting, or the next save)."""
+        if self.queue is not None and self.queue.get_num_unfinalized_calls():
+            began = time.perf_counter()
+            self.queue.maybe_finalize_async_calls(blocking=True)
+            logger.info(
+                "background checkpoint write of %s completed (waited %.1f s)",
+                self.in_flight,
+                time.perf_counter() - began,
+            )
+            self.in_flight = None
+
+    def close(self) -> None:
+        self.wait()
+        if self.queue is not None:
+            self.queue.close()
 
 
 @torch_adam_checkpoint_fix()
@@ -124,21 +221,42 @@ def load_checkpoint(path, chunks: List[torch.nn.Module], optimizer=None, schedul
     and this rank's saved state (None when the checkpoint was written by a different world size)."""
     directory = resolve_checkpoint_folder(path)
     common = dist_checkpointing.load_common_state_dict(str(directory))
-    sd = _sharded_state(chunks, optimizer, is_loading=True)
-    same_world = common.get("content_metadata", {}).get("world_size") == dist.get_world_size()
+    saved = common.get("content_metadata", {})
+    optimizer_format = (common.get("optimizer") or {}).get("param_state_sharding_type", DEFAULT_OPTIMIZER_FORMAT)
+    if optimizer is not None and optimizer_format == "dp_reshardable":
+        _check_dp_reshardable(directory, saved, _layout())
+    sd = _sharded_state(chunks, optimizer, is_loading=True, optimizer_format=optimizer_format)
+    same_world = saved.get("world_size") == dist.get_world_size()
     if same_world:
         sd["rank_state"] = _rank_state_object({})
     state = dist_checkpointing.load(sd, str(directory))
     _unwrap(chunks[0]).load_state_dict(state["model"])
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        # No autograd: with fp32 weights the optimizer's main params are views of the model's leaf params,
+        # which megatron copies into in place (its dp_reshardable load does so outside no_grad).
+        with torch.no_grad():
+            optimizer.load_state_dict(state["optimizer"])
         unshare_adam_steps(optimizer)
     if scheduler is not None and common.get("scheduler") is not None:
         scheduler.load_state_dict(common["scheduler"])
     rank = state.get("rank_state") if same_world else None
     if rank is None:
-        logger.warning("checkpoint %s was written by another world size: RNG and loader state start fresh", directory)
+        logger.info(
+            "checkpoint %s was written by another world size: per-rank RNG and loader state start fresh", directory
+        )
     return {"iteration": common["iteration"], "common": common.get("common", {}), "rank_state": rank, "path": directory}
+
+
+def _check_dp_reshardable(directory: Path, saved: Dict[str, int], now: Dict[str, int]) -> None:
+    """Optimizer state saved as each rank's flat buffers loads under another DP size only."""
+    changed = [k for k in ("tensor_parallel", "pipeline_parallel") if k in saved and saved[k] != now[k]]
+    if changed:
+        raise CheckpointError(
+            directory,
+            [", ".join(f"{k} {saved[k]} there vs {now[k]} here" for k in changed)],
+            "its optimizer state was saved as 'dp_reshardable', which loads under another data-parallel size "
+            "but not another TP/PP: resume at the saved TP/PP, or start from its weights alone (run.init_from)",
+        )
 
 
 def rng_state() -> Dict[str, Any]:

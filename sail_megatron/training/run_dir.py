@@ -6,7 +6,8 @@ Rules, so that no run ever loses another's work or its own:
   however it dies, so a lock is never stale on a filesystem that supports locks; where locks are not
   supported, a lock file whose process is gone from this host is taken over.
 - A restart resumes from the newest complete checkpoint (`iter_XXXXXXXX`, renamed into place only once
-  every rank finished writing), also when the `latest` pointer is missing or lags behind it.
+  every rank finished writing) that passes its file checks, also when the `latest` pointer is missing or
+  lags behind it (training/resume.py decides).
 - A folder whose checkpoints belong to another model is refused before anything is written.
 """
 
@@ -48,26 +49,6 @@ def checkpoints_to_prune(save_dir: Path, newest: Path, keep_last: int) -> List[P
     run resumes from the newest, so those are its own); never anything newer, in progress or renamed."""
     older = [p for p in complete_checkpoints(save_dir) if p.name < newest.name]
     return older[: max(len(older) - (keep_last - 1), 0)]
-
-
-def checkpoint_to_resume(save_dir: Path) -> Optional[Path]:
-    """The newest complete checkpoint in `save_dir`, or None for a fresh run; says so when `latest`
-    disagrees (a run killed between renaming a checkpoint and moving the pointer, or copied without it)."""
-    checkpoints = complete_checkpoints(save_dir)
-    if not checkpoints:
-        return None
-    newest = checkpoints[-1]
-    pointer = save_dir / LATEST
-    named = pointer.read_text().strip() if pointer.is_file() else None
-    if named != newest.name:
-        logger.warning(
-            "%s: resuming from the newest complete checkpoint %s (the '%s' pointer %s)",
-            save_dir,
-            newest.name,
-            LATEST,
-            f"names {named!r}" if named else "is missing",
-        )
-    return newest
 
 
 def _differences(saved: Dict[str, Any], current: Dict[str, Any], prefix: str = "") -> List[str]:

@@ -12,10 +12,10 @@ from sail_megatron.data.dataset_path import check_dataset_path
 from sail_megatron.data.tokenizer import load_tokenizer
 from sail_megatron.model.build import build_model
 from sail_megatron.platform import detect_backends, read_dist_env
-from sail_megatron.training.checkpoint_files import CheckpointError, check_checkpoint
+from sail_megatron.training.checkpoint_files import CheckpointError
 from sail_megatron.training.freezing import apply_freezing
 from sail_megatron.training.optimizer import setup_training
-from sail_megatron.training.run_dir import complete_checkpoints
+from sail_megatron.training.resume import choose_start
 
 logger = logging.getLogger("sail_megatron.train")
 
@@ -43,11 +43,10 @@ def prepare_config(args, world_size: int, needs_data: bool = True, loads_checkpo
     )
     if needs_data:
         check_dataset_path(cfg.data.path)
-    # The checkpoint this run will load, complete and readable (the run's own newest, else init_from).
-    own = complete_checkpoints(Path(cfg.run.save_dir))
-    start_from = own[-1] if own else cfg.run.init_from
-    if start_from and loads_checkpoints:
-        check_checkpoint(start_from)
+    # The checkpoint this run will load, complete and readable (the run's own newest good one, else
+    # init_from); train() takes the same decision again once the process group exists, and logs it.
+    if loads_checkpoints:
+        choose_start(cfg.run.save_dir, cfg.run.resume, cfg.run.init_from)
     return cfg, tokenizer
 
 

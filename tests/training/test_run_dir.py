@@ -11,11 +11,12 @@ import textwrap
 import pytest
 
 from sail_megatron.config import ConfigError
+from sail_megatron.training import resume
+from sail_megatron.training.resume import choose_start
 from sail_megatron.training.run_dir import (
     LATEST,
     RunLock,
     check_writable,
-    checkpoint_to_resume,
     checkpoints_to_prune,
     describe_save_failure,
 )
@@ -28,22 +29,28 @@ def _checkpoints(save_dir, *iterations, latest=None):
         (save_dir / LATEST).write_text(f"iter_{latest:08d}\n")
 
 
-def test_missing_pointer_resumes_from_the_newest_checkpoint(tmp_path, caplog):
+@pytest.fixture
+def files_pass(monkeypatch):
+    """Empty iter folders count as good checkpoints here (their file checks are tested elsewhere)."""
+    monkeypatch.setattr(resume, "check_checkpoint", lambda folder: folder)
+
+
+def test_missing_pointer_resumes_from_the_newest_checkpoint(tmp_path, files_pass):
     _checkpoints(tmp_path, 2, 4)
     (tmp_path / "iter_00000006.tmp").mkdir()  # a write that never finished
-    assert checkpoint_to_resume(tmp_path).name == "iter_00000004"
-    assert "pointer is missing" in caplog.text
+    begin = choose_start(tmp_path)
+    assert begin.resume.name == "iter_00000004" and "pointer is missing" in begin.pointer_note
 
 
-def test_pointer_behind_a_complete_checkpoint(tmp_path, caplog):
+def test_pointer_behind_a_complete_checkpoint(tmp_path, files_pass):
     _checkpoints(tmp_path, 2, 4, latest=2)  # killed between the rename and the pointer move
-    assert checkpoint_to_resume(tmp_path).name == "iter_00000004"
-    assert "names 'iter_00000002'" in caplog.text
+    begin = choose_start(tmp_path)
+    assert begin.resume.name == "iter_00000004" and "names 'iter_00000002'" in begin.pointer_note
 
 
 def test_empty_folder_starts_fresh(tmp_path):
-    assert checkpoint_to_resume(tmp_path) is None
-    assert checkpoint_to_resume(tmp_path / "absent") is None
+    assert choose_start(tmp_path).resume is None
+    assert choose_start(tmp_path / "absent").resume is None
 
 
 def test_prune_keeps_newer_and_foreign_folders(tmp_path):

@@ -20,6 +20,7 @@ from sail_megatron.config import ConfigError
 from sail_megatron.data.cli import build_demo
 from sail_megatron.data.prepare import prepare
 from sail_megatron.training.checkpoint_files import CheckpointError
+from sail_megatron.training.resume import StartPoint, choose_start
 from sail_megatron.training.startup import prepare_config
 from tests.helpers.multiprocess import free_port
 from tests.helpers.processes import kill_tree, wait_for
@@ -71,6 +72,7 @@ def _latest(run_dir):
 SFT = "3-sft-knowledge.yaml"
 FRESH = "run.init_from=null"
 SAIL_VL2 = "model_preset=tiny-sail-vl2"
+ASYNC = "run.async_save=true"  # background checkpoint writes: what the interrupted runs below write
 # The exact-resume tests run what the GPU recipes run: bf16, the distributed optimizer with both overlaps,
 # on 2 data-parallel processes.
 GPU_LIKE = dict(nproc=2)
@@ -111,6 +113,7 @@ def test_exact_resume_after_sigkill(demo, straight, tmp_path):
             "run.save_interval=3",
             FRESH,
             SAIL_VL2,
+            ASYNC,
             *GPU_RECIPE_PRECISION,
             **GPU_LIKE,
         ),
@@ -149,6 +152,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(demo, straight, tmp
             "run.save_interval=2",
             FRESH,
             SAIL_VL2,
+            ASYNC,
             *GPU_RECIPE_PRECISION,
             **GPU_LIKE,
         ),
@@ -180,10 +184,12 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(demo, straight, tmp
     assert _metrics(tmp_path) == straight
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_stop_signal_saves_and_exits(demo, tmp_path, sig):
+@pytest.mark.parametrize(
+    "sig,writes", [(signal.SIGTERM, ASYNC), (signal.SIGINT, "run.async_save=false")], ids=["SIGTERM-async", "SIGINT"]
+)
+def test_stop_signal_saves_and_exits(demo, tmp_path, sig, writes):
     run = subprocess.Popen(
-        _command(SFT, demo, tmp_path, "run.train_steps=200", "run.save_interval=1000", FRESH),
+        _command(SFT, demo, tmp_path, "run.train_steps=200", "run.save_interval=1000", FRESH, writes),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -378,6 +384,26 @@ def test_damaged_checkpoints_are_named_before_the_model_is_built(demo, straight_
         prepare_config(_args(demo, f"run.save_dir={run}", SAIL_VL2), world_size=1)
     with pytest.raises(CheckpointError, match="nonexistent"):
         prepare_config(_args(demo, "run.init_from=/nonexistent/run"), world_size=1)
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_for_an_older_good_one(straight_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    newest = sorted(run.glob("iter_*"))[-1]
+    older = run / "iter_00000003"
+    shutil.copytree(newest, older)  # a complete older checkpoint (the file checks read names and sizes)
+    shard = sorted(newest.glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    begin = choose_start(run, "auto", init_from="/never/used")
+    assert begin.resume == older and begin.init_from is None
+    (line,) = begin.passed_over
+    assert line.startswith(newest.name) and shard.name in line
+    assert "names 'iter_00000006'" in begin.pointer_note  # `latest` still names the damaged one
+    with pytest.raises(ConfigError, match="already holds 2 checkpoints"):
+        choose_start(run, "never")
+    with pytest.raises(ConfigError, match="holds no checkpoint"):
+        choose_start(tmp_path / "empty", "required")
+    assert choose_start(tmp_path / "empty", "auto") == StartPoint(None, None)
 
 
 def _single_process(demo, config, *overrides, env=None):

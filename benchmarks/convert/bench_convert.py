@@ -1,14 +1,15 @@
-"""Conversion time and peak memory on a random sail-vl-2b-shaped checkpoint (bf16, about 4.2 GB).
+"""Conversion time and peak memory on a random checkpoint with a preset's real shapes (bf16).
 
-Writes a random InternVL-chat folder with the real SAIL-VL-2B shapes (InternViT-300M, 24 layers,
-select_layer -4; Qwen2.5-1.5B with an untied lm_head), streamed one tensor at a time; then runs
+Writes a random folder in the preset's Hugging Face layout (default sail-vl-2b: InternViT-300M, 24
+layers, select_layer -4, Qwen2.5-1.5B with an untied lm_head, about 4.2 GB; sail-vl2-2b: SAILViT-Huge +
+Qwen3-1.7B in SAIL-VL2's layout), streamed one tensor at a time; then runs
 `sail-convert hf-to-mcore` and `sail-convert mcore-to-hf` each in a subprocess while sampling the
 memory of its whole process tree every 50 ms. Reports wall time, peak PSS of the tree (shared pages
 counted once: megatron's checkpoint writer forks helper processes), peak RSS of the main process
 (VmHWM) and both as a ratio of the checkpoint's size; then checks the exported tensors are bitwise the
 input's. Everything lives under --workdir and is deleted at the end.
 
-    python benchmarks/convert/bench_convert_2b.py [--workdir /tmp/sail-convert-bench] [--keep]
+    python benchmarks/convert/bench_convert.py [--preset sail-vl2-2b] [--tp 2] [--workdir DIR] [--keep]
 """
 
 import argparse
@@ -33,9 +34,44 @@ from sail_megatron.convert.hf_io import SafetensorsFolder, ShardedSafetensorsWri
 from sail_megatron.model.presets import get_preset  # noqa: E402
 
 
-def write_random_checkpoint(folder: Path, seed: int = 0) -> int:
-    """A random sail-vl-2b-shaped InternVL-chat folder, written tensor by tensor; returns its bytes."""
-    cfg = get_preset("sail-vl-2b")
+def _template(cfg) -> dict:
+    """config.json fields beyond the ones hf_config_from_model writes, as each family's release has them."""
+    llm = {
+        "architectures": [cfg.language.spec.hf_architecture],
+        "model_type": cfg.language.spec.hf_model_type,
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16",
+    }
+    if cfg.vision.arch == "internvit":
+        vision = {
+            "architectures": ["InternVisionModel"],
+            "model_type": "intern_vit_6b",
+            "hidden_act": "gelu",
+            "num_channels": 3,
+        }
+        return {"llm_config": llm, "vision_config": vision, "template": "internvl2_5", "force_image_size": 448}
+    sail_vl2 = cfg.language.arch == "qwen3"
+    vision = {
+        "architectures": ["SAILViTModel" if sail_vl2 else "AIMv2Model"],
+        "model_type": "sailvit" if sail_vl2 else "aimv2",
+        "qkv_bias": False,
+        "use_bias": False,
+    }
+    return {
+        "llm_config": llm,
+        "vision_config": vision,
+        "model_type": "sailvl" if sail_vl2 else "internvl_chat",
+        "architectures": ["SAILVLModel" if sail_vl2 else "SailVLModel"],
+        "template": "univl-chat" if sail_vl2 else "sailvl-chat",
+        "force_image_size": 448,
+        "select_layer": cfg.vision.select_layer,
+        "ps_version": "v2",
+    }
+
+
+def write_random_checkpoint(folder: Path, preset: str, seed: int = 0) -> int:
+    """A random folder with the preset's real shapes, written tensor by tensor; returns its bytes."""
+    cfg = get_preset(preset)
     folder.mkdir(parents=True)
     shapes = mapping.expected_hf_shapes(cfg, lm_head_stored=False)
     writer = ShardedSafetensorsWriter(folder, [(n, torch.bfloat16, s) for n, s in shapes.items()], 2 << 30)
@@ -43,24 +79,7 @@ def write_random_checkpoint(folder: Path, seed: int = 0) -> int:
     for name, shape in shapes.items():
         writer.write(name, (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16))
     writer.close()
-    template = {
-        "llm_config": {
-            "architectures": ["Qwen2ForCausalLM"],
-            "model_type": "qwen2",
-            "hidden_act": "silu",
-            "torch_dtype": "bfloat16",
-            "use_sliding_window": False,
-        },
-        "vision_config": {
-            "architectures": ["InternVisionModel"],
-            "model_type": "intern_vit_6b",
-            "hidden_act": "gelu",
-            "num_channels": 3,
-        },
-        "template": "internvl2_5",
-        "force_image_size": 448,
-    }
-    write_json(folder / "config.json", hf_config_from_model(cfg, template, "bf16"))
+    write_json(folder / "config.json", hf_config_from_model(cfg, _template(cfg), "bf16"))
     return writer.total
 
 
@@ -118,6 +137,8 @@ def bitwise_equal(a: Path, b: Path) -> Tuple[bool, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="sail-vl-2b", help="model shapes (sail_megatron/config/presets.py)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size hf-to-mcore targets")
     parser.add_argument("--workdir", default="/tmp/sail-convert-bench")
     parser.add_argument("--keep", action="store_true", help="keep the files")
     args = parser.parse_args()
@@ -126,13 +147,13 @@ def main() -> None:
         shutil.rmtree(work)
     try:
         t0 = time.perf_counter()
-        size = write_random_checkpoint(work / "hf")
+        size = write_random_checkpoint(work / "hf", args.preset)
         print(
-            f"random sail-vl-2b checkpoint: {size / 1e9:.2f} GB bf16 written in {time.perf_counter() - t0:.0f} s",
+            f"random {args.preset} checkpoint: {size / 1e9:.2f} GB bf16 written in {time.perf_counter() - t0:.0f} s",
             flush=True,
         )
         tool = [sys.executable, str(ROOT / "tools" / "sail_convert.py")]
-        to_mcore = ["hf-to-mcore", "--hf", str(work / "hf"), "--out", str(work / "mcore")]
+        to_mcore = ["hf-to-mcore", "--hf", str(work / "hf"), "--out", str(work / "mcore"), "--tp", str(args.tp)]
         to_hf = ["mcore-to-hf", "--ckpt", str(work / "mcore"), "--out", str(work / "hf2")]
         rows = [("hf-to-mcore", run_measured(tool + to_mcore)), ("mcore-to-hf", run_measured(tool + to_hf))]
         same, count = bitwise_equal(work / "hf", work / "hf2")
