@@ -100,6 +100,11 @@ class SailVLModel(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
 
+    def shared_embedding_or_output_weight(self):
+        """The tied embedding/output weight of this stage: megatron sums its gradient over the first and
+        last pipeline stages (finalize_model_grads) when the embeddings are tied (Qwen3-1.7B)."""
+        return self.language_model.shared_embedding_or_output_weight()
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Tiles [T, 3, S, S] -> language-space vision tokens [T * tokens_per_tile, hidden]."""
         vision_trains = any(p.requires_grad for p in self.vision_model.parameters())

@@ -36,3 +36,15 @@ def test_freezing_under_pipeline_with_untrained_stage():
     for r in results:
         for name, w in r["final"].items():
             assert torch.equal(w, r["initial"][name]) != name.startswith("projector."), name
+
+
+def test_tied_embeddings_stay_one_weight_under_pipeline_training():
+    # AIMv2 + Qwen3 with tied embeddings (as Qwen3-1.7B): under PP=2 the first stage's embedding and the last
+    # stage's output layer are copies of one weight. Each stage's update must use the sum of both gradients
+    # (megatron's finalize_model_grads), or the copies drift apart from the first step; the gradients
+    # themselves are compared with the single process in test_layouts.py.
+    first, last = run_on_ranks(workers.train_steps, 2, 3, 2, None, 1, 2, "tiny-sail-vl2")
+    embedding = first["final"]["language_model.embedding.word_embeddings.weight"]
+    output = last["final"]["language_model.output_layer.weight"]
+    assert not torch.equal(embedding, first["initial"]["language_model.embedding.word_embeddings.weight"])
+    torch.testing.assert_close(output, embedding, atol=1e-6, rtol=0)

@@ -153,11 +153,16 @@ def read_full_checkpoint(directory: str, preset: str = "tiny") -> Dict[str, torc
 
 
 def train_steps(
-    steps: int, num_microbatches: int, trainable: Optional[List[str]] = None, tp: int = 1, pp: int = 1
+    steps: int,
+    num_microbatches: int,
+    trainable: Optional[List[str]] = None,
+    tp: int = 1,
+    pp: int = 1,
+    preset: str = "tiny",
 ) -> Dict:
     """Train the tiny model with DDP and the distributed optimizer; return initial and final weights
-    (rank 0's stage) and how many parameters the optimizer holds state for."""
-    cfg, parallel, model = _setup(tp, pp)
+    (this rank's stage) and how many parameters the optimizer holds state for."""
+    cfg, parallel, model = _setup(tp, pp, preset=preset)
     try:
         apply_freezing(model, FreezeConfig(trainable=trainable or ["vision", "projector", "language"]))
         initial = {n: p.detach().clone() for n, p in model.named_parameters()}
