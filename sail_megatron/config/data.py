@@ -35,6 +35,15 @@ class DataConfig:
     """Vision tiles one packed row may carry: bounds the ViT's memory and balances its work."""
     packing_buffer_size: int = 256
     """Samples planned together; larger buffers fill rows better (the last pack of a buffer is partial)."""
+    balance_tiles_across_ranks: bool = True
+    """With several data-parallel ranks, each step every rank picks its micro-batches from a look-ahead
+    buffer of ready rows so that all ranks carry about the same number of vision tiles (no rows move
+    between ranks, nothing is decoded twice; data/rank_balance.py). No effect with one data-parallel rank."""
+    balance_lookahead: int = 8
+    """Rows each rank keeps ready beyond the step's micro-batches to choose from (held undecoded in memory
+    and in checkpoints)."""
+    balance_max_delay: int = 8
+    """Steps a row may run later than it would without balancing (no row waits longer)."""
     template: str = "chatml"
     """How conversations are rendered: 'chatml' (plain Qwen chatml), 'sailvl-chat' (what SAIL-VL
     checkpoints were trained with: no newline between turns, a default system message) or 'internvl2_5'."""
@@ -67,6 +76,14 @@ class DataConfig:
                 raise ConfigError(
                     f"data.{name}", f"must be positive, got {getattr(self, name)}", "set a positive value"
                 )
+        if self.balance_tiles_across_ranks:
+            for name in ("balance_lookahead", "balance_max_delay"):
+                if getattr(self, name) < 1:
+                    raise ConfigError(
+                        f"data.{name}",
+                        f"must be >= 1 to balance tiles across ranks, got {getattr(self, name)}",
+                        "set it >= 1 (8 is the default) or set data.balance_tiles_across_ranks=false",
+                    )
         if self.min_tiles > self.max_tiles:
             raise ConfigError(
                 "data.min_tiles", f"{self.min_tiles} exceeds max_tiles={self.max_tiles}", "keep min_tiles <= max_tiles"

@@ -1,4 +1,4 @@
-"""The small reductions the loop, monitor and benchmark agree through (float64 on this rank's device)."""
+"""The small reductions the loop, monitor, benchmark and data balance agree through (on this rank's device)."""
 
 from collections import Counter
 from typing import List, Mapping, Sequence
@@ -27,6 +27,15 @@ def sum_counts_over_data_parallel(counts: Mapping[str, int]) -> Counter:
     gathered: List = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, dict(counts), group=group)
     return sum((Counter(c) for c in gathered), Counter())
+
+
+def gather_ints_over_data_parallel(values: Sequence[int]) -> List[List[int]]:
+    """Every data-parallel rank's list of ints (same length on all), in data-parallel rank order."""
+    group = parallel_state.get_data_parallel_group()
+    t = torch.tensor(list(values), dtype=torch.int64, device=read_dist_env().device)
+    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, t, group=group)
+    return [g.tolist() for g in gathered]
 
 
 def max_over_world(values: Sequence[float]) -> List[float]:

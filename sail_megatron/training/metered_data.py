@@ -5,10 +5,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, List, Tuple
 
+import torch.distributed as dist
 from megatron.core import parallel_state
 
 from sail_megatron.config import ModelConfig
 from sail_megatron.data.batch import Batch
+from sail_megatron.training.collectives import gather_ints_over_data_parallel
 from sail_megatron.training.flops import training_flops
 
 # A micro-batch and the lengths of the samples in it (padding excluded).
@@ -16,21 +18,38 @@ Measured = Tuple[Batch, List[int]]
 
 
 def build_loader(cfg, tokenizer, device, state=None):
-    """This rank's savable energon loader and the materializer that decodes its batches on `device`."""
+    """This rank's savable loader (energon's, wrapped in the cross-rank tile balance when that applies)
+    and the materializer that decodes its batches on `device`. `state`: what `loader.save_state_rank()`
+    returned in an earlier run."""
     from sail_megatron.data.decode import BatchMaterializer, build_tile_decoder
     from sail_megatron.data.loader import build_train_loader
+    from sail_megatron.data.rank_balance import balanced_loader, split_loader_state
 
     model, tile = cfg.model, cfg.model.vision.image_size
+    dp_size = parallel_state.get_data_parallel_world_size()
+    state, balance_state = split_loader_state(state)
     loader = build_train_loader(
         cfg.data,
         tokenizer,
         tile,
         model.tokens_per_tile,
         parallel_state.get_data_parallel_rank(),
-        parallel_state.get_data_parallel_world_size(),
+        dp_size,
         seed=cfg.run.seed,
         state=state,
     )
+    if dp_size > 1 or balance_state is not None:  # rows picked so the ranks' step tiles agree (rank_balance.py)
+        loader = balanced_loader(
+            loader,
+            cfg.num_microbatches(dist.get_world_size()),
+            dp_size,
+            cfg.data.balance_tiles_across_ranks,
+            cfg.data.balance_lookahead,
+            cfg.data.balance_max_delay,
+            cfg.data.micro_batch_size * cfg.data.max_tiles_per_pack,
+            gather_ints_over_data_parallel,
+            state=balance_state,
+        )
     # Every stage reads the same micro-batches (the schedules call next() on each), but only the first
     # runs the vision encoder: later stages skip decoding and the copy of the tiles to the device.
     decoder = build_tile_decoder(cfg.data.decoder, device, max_pixels=cfg.data.max_pixels)
