@@ -25,7 +25,7 @@ $(DEMO_DATA)/blend.yaml: $(STAMP)
 # data, through the same driver and launch script as a cluster run. Starts fresh each time.
 # TINY=tiny-aimv2 runs the AIMv2 (SAIL-VL-1.5/1.6 layout) twin instead, here and in `make stages`.
 TINY ?= tiny
-LAUNCH := GPUS_PER_NODE=4 TORCHRUN=$(VENV)/bin/torchrun bash examples/launch/single_node.sh
+LAUNCH := GPUS_PER_NODE=4 PYTHON=$(PY) TORCHRUN=$(VENV)/bin/torchrun bash examples/launch/single_node.sh
 DEMO_ARGS := data.tokenizer=$(DEMO_DATA)/raw/tokenizer
 
 demo: $(STAMP) $(DEMO_DATA)/blend.yaml

@@ -32,6 +32,7 @@ from sail_megatron.platform import destroy_distributed, init_distributed, read_d
 from sail_megatron.training.checkpoint import CheckpointWriter, load_checkpoint, restore_rng_state
 from sail_megatron.training.checkpoint_files import CheckpointError, checkpoint_read_errors, resolve_checkpoint_folder
 from sail_megatron.training.collectives import sum_over_data_parallel
+from sail_megatron.training.faults import FaultInjector
 from sail_megatron.training.flops import Trains
 from sail_megatron.training.graceful_stop import GracefulStop
 from sail_megatron.training.metered_data import MeteredData, build_loader, from_loader
@@ -41,6 +42,7 @@ from sail_megatron.training.resume import choose_start
 from sail_megatron.training.run_dir import RunLock, another_model_error, check_writable, describe_save_failure
 from sail_megatron.training.startup import build_training, start
 from sail_megatron.training.step import train_step
+from sail_megatron.training.watchdog import StepWatchdog
 
 logger = logging.getLogger("sail_megatron.train")
 
@@ -76,6 +78,8 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
     env, run = read_dist_env(), cfg.run
     save_dir = Path(run.save_dir)
     stop = GracefulStop()  # before the slow setup: a signal during it still saves at the first step
+    watchdog = StepWatchdog(save_dir, env.rank, run.step_timeout_s, run.step_timeout_factor)
+    faults = FaultInjector(run.inject_fault, env.rank, save_dir)
     begin = choose_start(save_dir, run.resume, run.init_from)
     if env.is_main:
         for line in begin.passed_over:
@@ -163,13 +167,16 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
             raise SaveFailed(describe_save_failure(save_dir, step, e)) from e
 
     step, in_a_row = start, 0
+    watchdog.arm()
     try:
         while step < run.train_steps:
+            faults.before_step(step + 1)
             began = time.perf_counter()
             result = train_step(
                 chunks, optimizer, scheduler, data, num_micro, cfg.data.seq_length, cfg.data.micro_batch_size
             )
             step += 1
+            watchdog.beat(step)
             try:
                 writer.poll()
             except Exception as e:
@@ -203,9 +210,11 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
                 )
             stopping = stop.agreed()
             if step % run.save_interval == 0 or step == run.train_steps or stopping:
-                save(step)
+                with watchdog.long_phase():
+                    save(step)
             if stopping:
-                writer.wait()  # the checkpoint is on disk and `latest` names it before the process exits
+                with watchdog.long_phase():
+                    writer.wait()  # the checkpoint is on disk and `latest` names it before the process exits
                 logger.warning(
                     "received %s: saved the checkpoint at step %d; exiting",
                     stop.received or "a stop signal on another rank",
@@ -213,10 +222,12 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
                 )
                 break
         try:
-            writer.close()  # a background write finishes (and the pointer moves) before the run ends
+            with watchdog.long_phase():
+                writer.close()  # a background write finishes (and the pointer moves) before the run ends
         except Exception as e:
             raise SaveFailed(describe_save_failure(save_dir, step, e)) from e
     finally:
+        watchdog.close()
         monitor.close()
         stop.close()
     if env.is_main and run.plot:
@@ -229,11 +240,20 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="only check the recipe, its data, tokenizer and checkpoints for WORLD_SIZE processes, then exit "
+        "(the launch scripts do this once before torchrun, whose restarts would repeat a user error)",
+    )
     args = p.parse_args(argv)
     env, cfg, tokenizer = start(args)
+    if args.check:
+        print(f"{args.config}: ready for {env.world_size} processes")
+        return
     lock = _claim_run_dir(cfg) if env.is_main else None
     try:
-        init_distributed(cfg.parallel, seed=cfg.run.seed)
+        init_distributed(cfg.parallel, seed=cfg.run.seed, timeout_minutes=cfg.run.process_group_timeout_s / 60)
     except dist.DistNetworkError as e:
         logger.error(
             "cannot start the process group: %s. Fix: if the port is in use (another training on this "

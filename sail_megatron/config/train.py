@@ -92,8 +92,8 @@ class RunConfig:
     process_group_timeout_s: int = 1800
     """How long a collective may wait before the process group gives up (torch's default is 30 minutes)."""
     step_timeout_s: Optional[float] = None
-    """A step (or the start-up before the first one) taking longer than this dumps every thread's stack
-    into the run folder and exits with code 3, so the launcher restarts the job. None: off."""
+    """A step (or a checkpoint save) taking longer than this dumps every thread's stack into RUN/hangs/ and
+    exits with code 3, so the launcher restarts the job. None: off."""
     step_timeout_factor: float = 0.0
     """Also treat a step as hung past this many times the median of the recent steps (0: off)."""
     inject_fault: Optional[str] = None

@@ -1,4 +1,5 @@
-"""Data-loader workers that outlive a job-wide SIGTERM long enough for the trainer to save.
+"""Data-loader workers that outlive a job-wide SIGTERM long enough for the trainer to save, and never
+outlive the trainer itself.
 
 torch's DataLoader workers install a C-level SIGTERM handler that exits quietly when the parent sends
 it and dies on any other sender. SLURM (`scancel`, preemption, time limit) and torchrun signal whole
@@ -13,6 +14,8 @@ import signal
 import threading
 
 from torch.utils.data._utils import signal_handling
+
+from sail_megatron.platform.process_lifetime import die_with_parent
 
 
 def _exit_on_parent_sigterm(parent: int) -> None:
@@ -29,9 +32,9 @@ def _shield_worker() -> None:
     signal.signal(signal.SIGINT, lambda *_: None)  # Ctrl-C reaches the whole group; the trainer saves first
     # Threads started from here on inherit the block; the waiter thread takes SIGTERM synchronously.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    threading.Thread(
-        target=_exit_on_parent_sigterm, args=(os.getppid(),), daemon=True, name="sigterm-from-parent"
-    ).start()
+    parent = os.getppid()
+    die_with_parent(parent)  # an orphaned worker would hold the job's pipes open; its queue could block
+    threading.Thread(target=_exit_on_parent_sigterm, args=(parent,), daemon=True, name="sigterm-from-parent").start()
 
 
 class shield_loader_workers:

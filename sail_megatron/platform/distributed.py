@@ -5,6 +5,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -50,7 +51,33 @@ def _quiet_megatron_deprecations() -> None:
         )
 
 
-def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 10) -> DistEnv:
+def _attempt_store(env: DistEnv, timeout: datetime.timedelta) -> Optional[dist.Store]:
+    """The rendezvous store of this launch attempt, under torchrun (which may restart the job).
+
+    torchrun can keep one store for the whole job, and every process group stores its members' addresses
+    in it under the same keys in each attempt: after a restart a new rank could read a dead rank's address
+    left by the previous attempt and fail, or wait, to connect to it. So each attempt uses its own key
+    prefix. The attempt is counted in the store itself (every rank of an attempt adds one on arrival)
+    rather than taken from TORCHELASTIC_RESTART_COUNT, which differs between nodes after one node's
+    failure. Outside torchrun: None (torch's own env:// rendezvous)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        env.world_size,
+        is_master=env.rank == 0 and not agent_hosts_store,
+        timeout=timeout,
+        wait_for_workers=False,
+    )
+    attempt = (store.add("sail-megatron/arrivals", 1) - 1) // env.world_size
+    if attempt > 0 and env.is_main:
+        logger.warning("launch attempt %d in this store (the job was restarted after a failure)", attempt + 1)
+    return dist.PrefixStore(f"sail-megatron/attempt-{attempt}", store)
+
+
+def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: float = 10) -> DistEnv:
     """Initialise torch.distributed and megatron-core's model-parallel groups and RNG.
 
     CUDA + NCCL when a GPU is present; otherwise CPU + gloo with megatron-core's CUDA-only calls
@@ -68,13 +95,15 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
         enter_cpu_emulation()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
         dist.init_process_group(
             backend=env.backend,
             rank=env.rank,
             world_size=env.world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=timeout,
             device_id=env.device if env.backend == "nccl" else None,
+            store=_attempt_store(env, timeout),
         )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,

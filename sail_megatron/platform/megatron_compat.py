@@ -22,6 +22,7 @@ For torch's Adam (no Transformer Engine or apex fused Adam; applied around check
 
 import contextlib
 import functools
+import os
 import threading
 from functools import lru_cache
 from typing import Any, Callable, Iterator, List, Tuple
@@ -150,8 +151,33 @@ def unshare_adam_steps(optimizer) -> None:
                     state["step"] = state["step"].clone()
 
 
+_checkpoint_results_manager = None
+
+
+def checkpoint_results_queue_dies_with_rank() -> None:
+    """megatron-core's checkpoint writer collects write results through a queue served by a spawned
+    multiprocessing Manager, created on the first save and never told when its rank dies: after a SIGKILL
+    it lives on as an orphan holding the job's output pipes. Serve that queue from a Manager that dies
+    with this process instead (set before the first save; megatron reuses an existing queue)."""
+    global _checkpoint_results_manager
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from sail_megatron.platform.process_lifetime import die_with_parent
+
+    if filesystem_async._results_queue is not None:
+        return
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+    _checkpoint_results_manager = manager
+    filesystem_async._results_queue = manager.Queue()
+
+
 def patched_originals() -> List[Tuple[str, Callable]]:
     """(name, megatron's own function) for every function replaced here, for the upgrade check."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
     from megatron.core.fusions import fused_softmax
     from megatron.core.optimizer import distrib_optimizer
     from megatron.core.tensor_parallel import random as mpu_random
@@ -159,6 +185,7 @@ def patched_originals() -> List[Tuple[str, Callable]]:
 
     cls = distrib_optimizer.DistributedOptimizer
     return [
+        ("dist_checkpointing.filesystem_async._get_write_results_queue", filesystem_async._get_write_results_queue),
         ("tensor_parallel.random._get_cuda_rng_state", mpu_random._get_cuda_rng_state),
         ("tensor_parallel.random._set_cuda_rng_state", mpu_random._set_cuda_rng_state),
         ("transformer.utils.get_default_causal_mask", utils.get_default_causal_mask),

@@ -24,7 +24,11 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-from sail_megatron.platform.megatron_compat import torch_adam_checkpoint_fix, unshare_adam_steps
+from sail_megatron.platform.megatron_compat import (
+    checkpoint_results_queue_dies_with_rank,
+    torch_adam_checkpoint_fix,
+    unshare_adam_steps,
+)
 from sail_megatron.training.checkpoint_files import CheckpointError, resolve_checkpoint_folder
 from sail_megatron.training.run_dir import LATEST, checkpoint_name, checkpoints_to_prune
 
@@ -139,6 +143,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
+    checkpoint_results_queue_dies_with_rank()
     _gather_current_weights(chunks)
     sd = _sharded_state(chunks, optimizer, is_loading=False, optimizer_format=optimizer_format)
     sd["iteration"] = iteration

@@ -22,8 +22,8 @@ GPU_RECIPE_PRECISION = (
 )
 
 
-def torchrun_command(module: str, args: Sequence[str], nproc: int = 1) -> List[str]:
-    """`torchrun --nproc-per-node N -m MODULE ARGS` on a free loopback port."""
+def torchrun_command(module: str, args: Sequence[str], nproc: int = 1, launcher: Sequence[str] = ()) -> List[str]:
+    """`torchrun --nproc-per-node N [LAUNCHER FLAGS] -m MODULE ARGS` on a free loopback port."""
     return [
         sys.executable,
         "-m",
@@ -32,14 +32,15 @@ def torchrun_command(module: str, args: Sequence[str], nproc: int = 1) -> List[s
         str(nproc),
         "--master-port",
         str(free_port()),
+        *launcher,
         "-m",
         module,
         *args,
     ]
 
 
-def train_command(config: Path, overrides: Sequence[str], nproc: int = 1) -> List[str]:
-    return torchrun_command("sail_megatron.train", ["--config", str(config), *overrides], nproc)
+def train_command(config: Path, overrides: Sequence[str], nproc: int = 1, launcher: Sequence[str] = ()) -> List[str]:
+    return torchrun_command("sail_megatron.train", ["--config", str(config), *overrides], nproc, launcher)
 
 
 def run_train(config: Path, overrides: Sequence[str], nproc: int = 1, expect_rc: int = 0):

@@ -17,6 +17,7 @@ from sail_megatron.platform.megatron_compat import (
 # The source of each megatron function replaced in megatron_compat.py, as written against MEGATRON_VERSION.
 # A change here means megatron changed that function: read the new one, adapt the patch, update the hash.
 SOURCE_HASHES = {
+    "dist_checkpointing.filesystem_async._get_write_results_queue": "349269cbdd569d41",
     "tensor_parallel.random._get_cuda_rng_state": "aa26caaa069c5c4f",
     "tensor_parallel.random._set_cuda_rng_state": "b179c9d95438b61c",
     "transformer.utils.get_default_causal_mask": "4638b2c6665fc284",

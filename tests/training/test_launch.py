@@ -32,6 +32,8 @@ def test_two_nodes_of_two_processes(tmp_path):
         "MASTER_PORT": str(free_port()),
         "RDZV_ID": "two-node-test",
         "TORCHRUN": f"{sys.executable} -m torch.distributed.run",
+        "PYTHON": sys.executable,
+        "MAX_RESTARTS": "0",  # a failure here is a test failure, not something to retry
     }
     args = [
         "bash",

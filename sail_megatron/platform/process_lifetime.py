@@ -1,0 +1,25 @@
+"""Helper processes that never outlive the process that started them.
+
+A rank can die at any moment (SIGKILL, the hang watchdog's exit). Its children (data-loader workers,
+megatron's checkpoint-writer results manager) would otherwise live on as orphans: they hold the job's
+output pipes open, so a launcher or a test waiting for EOF never gets it, and each restart leaves more.
+"""
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies, however it dies. Call it first thing
+    in the child with the parent's pid. Linux only; a no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(0)
