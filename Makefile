@@ -43,7 +43,7 @@ stages: $(STAMP) $(DEMO_DATA)/blend.yaml
 	done
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # ruff (pyproject.toml): lint rules (undefined names, unused imports, style errors, import order) and the
 # formatter's layout; `make format` applies both fixes.
