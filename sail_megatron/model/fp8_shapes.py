@@ -2,6 +2,7 @@
 
 import math
 
+import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
@@ -19,3 +20,12 @@ def fp8_tile_multiple(config: TransformerConfig, tokens_per_tile: int) -> int:
         return 1
     multiple = fp8_token_multiple(config.fp8_recipe)
     return multiple // math.gcd(multiple, tokens_per_tile)
+
+
+def pad_to_tile_multiple(pixel_values: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Tiles [T, 3, S, S] followed by blank tiles up to a multiple of `multiple` (fp8_tile_multiple); the
+    encoder drops the blank ones' output again (its first T tiles)."""
+    blank = -pixel_values.shape[0] % multiple
+    if not blank:
+        return pixel_values
+    return torch.cat([pixel_values, pixel_values.new_zeros(blank, *pixel_values.shape[1:])])

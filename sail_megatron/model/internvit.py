@@ -13,7 +13,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from sail_megatron.config import VisionConfig
-from sail_megatron.model.fp8_shapes import fp8_tile_multiple
+from sail_megatron.model.fp8_shapes import fp8_tile_multiple, pad_to_tile_multiple
 
 
 class InternViTModel(VisionModule):
@@ -58,9 +58,7 @@ class InternViTModel(VisionModule):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         tiles = pixel_values.shape[0]
-        blank = -tiles % self.tile_multiple
-        if blank:
-            pixel_values = torch.cat([pixel_values, pixel_values.new_zeros(blank, *pixel_values.shape[1:])])
+        pixel_values = pad_to_tile_multiple(pixel_values, self.tile_multiple)
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # [T, H, g, g]
         x = x.flatten(2).transpose(1, 2)  # [T, g*g, H]
         cls = self.class_embedding.expand(x.shape[0], -1, -1)
