@@ -130,6 +130,18 @@ def vision_arch_of(vcfg: Dict[str, Any]) -> str:
     return "internvit"
 
 
+def _vision_sizes(g, prefix: str, problems: List[str]) -> Dict[str, int]:
+    """The size fields both encoder families' configs name alike (g reads a key with its default)."""
+    return dict(
+        hidden_size=_int(g("hidden_size"), f"{prefix}.hidden_size", problems),
+        num_layers=_int(g("num_hidden_layers"), f"{prefix}.num_hidden_layers", problems),
+        num_attention_heads=_int(g("num_attention_heads"), f"{prefix}.num_attention_heads", problems),
+        ffn_hidden_size=_int(g("intermediate_size"), f"{prefix}.intermediate_size", problems),
+        image_size=_image_size(g("image_size"), f"{prefix}.image_size", problems),
+        patch_size=_image_size(g("patch_size"), f"{prefix}.patch_size", problems),
+    )
+
+
 def _aimv2_from_hf(vcfg: Dict[str, Any], select_layer: int, problems: List[str], prefix: str) -> VisionConfig:
     g = lambda key: _get(vcfg, key, AIMV2_DEFAULTS, prefix, problems)  # noqa: E731
     if "vision_config" in vcfg or "text_config" in vcfg:
@@ -155,12 +167,7 @@ def _aimv2_from_hf(vcfg: Dict[str, Any], select_layer: int, problems: List[str],
         )
     return VisionConfig(
         arch="aimv2",
-        hidden_size=_int(g("hidden_size"), f"{prefix}.hidden_size", problems),
-        num_layers=_int(g("num_hidden_layers"), f"{prefix}.num_hidden_layers", problems),
-        num_attention_heads=_int(g("num_attention_heads"), f"{prefix}.num_attention_heads", problems),
-        ffn_hidden_size=_int(g("intermediate_size"), f"{prefix}.intermediate_size", problems),
-        image_size=_image_size(g("image_size"), f"{prefix}.image_size", problems),
-        patch_size=_image_size(g("patch_size"), f"{prefix}.patch_size", problems),
+        **_vision_sizes(g, prefix, problems),
         layernorm_epsilon=float(g("rms_norm_eps") or 0.0),
         select_layer=select_layer,
     )
@@ -184,12 +191,7 @@ def vision_from_hf(
     if g("num_channels") != 3:
         problems.append(f"{prefix}.num_channels is {g('num_channels')!r}: only RGB (3) is supported")
     return VisionConfig(
-        hidden_size=_int(g("hidden_size"), f"{prefix}.hidden_size", problems),
-        num_layers=_int(g("num_hidden_layers"), f"{prefix}.num_hidden_layers", problems),
-        num_attention_heads=_int(g("num_attention_heads"), f"{prefix}.num_attention_heads", problems),
-        ffn_hidden_size=_int(g("intermediate_size"), f"{prefix}.intermediate_size", problems),
-        image_size=_image_size(g("image_size"), f"{prefix}.image_size", problems),
-        patch_size=_image_size(g("patch_size"), f"{prefix}.patch_size", problems),
+        **_vision_sizes(g, prefix, problems),
         layernorm_epsilon=float(g("layer_norm_eps") or 0.0),
         select_layer=select_layer,
         drop_path_rate=float(g("drop_path_rate") or 0.0),
