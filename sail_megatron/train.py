@@ -3,7 +3,9 @@
 Resolves and validates the recipe before any process group exists, builds this rank's model stage,
 freezes by stage, starts from `run.init_from` (the previous stage's weights) or resumes exactly from
 the run's own latest checkpoint (model, optimizer, scheduler, RNG and loader state), trains on packed
-micro-batches, logs (console, TensorBoard, metrics.jsonl, curves.png) and saves every
+micro-batches, validates on fixed rows of the validation split (before the first step, every
+`run.eval_interval` steps and at the end), logs
+(console, TensorBoard, metrics.jsonl, curves.png) and saves every
 `run.save_interval` steps, on SIGTERM/SIGUSR1, and at the end. Steps with a NaN/Inf loss or gradient
 are skipped; `run.max_nonfinite_steps` of them in a row stop the run with exit code 1 (fp16 loss-scale
 overflows are skipped too, but count only once the scale cannot back off any further).
@@ -32,6 +34,8 @@ from sail_megatron.platform import destroy_distributed, init_distributed, read_d
 from sail_megatron.training.checkpoint import CheckpointWriter, load_checkpoint, restore_rng_state
 from sail_megatron.training.checkpoint_files import CheckpointError, checkpoint_read_errors, resolve_checkpoint_folder
 from sail_megatron.training.collectives import sum_over_data_parallel
+from sail_megatron.training.data_position import COMMON_KEY as DATA_POSITION
+from sail_megatron.training.data_position import position_record, resume_data
 from sail_megatron.training.faults import FaultInjector
 from sail_megatron.training.flops import Trains
 from sail_megatron.training.graceful_stop import GracefulStop
@@ -42,6 +46,7 @@ from sail_megatron.training.resume import choose_start
 from sail_megatron.training.run_dir import RunLock, another_model_error, check_writable, describe_save_failure
 from sail_megatron.training.startup import build_training, start
 from sail_megatron.training.step import train_step
+from sail_megatron.training.validation import Validator
 from sail_megatron.training.watchdog import StepWatchdog
 
 logger = logging.getLogger("sail_megatron.train")
@@ -95,18 +100,10 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
         samples_before = loaded["common"].get("consumed_samples", 0)
         if loaded["rank_state"] is not None:
             restore_rng_state(loaded["rank_state"]["rng"])
-            loader_state = loaded["rank_state"].get("loader")
-        elif env.is_main:
-            # Model, optimizer and schedule reshard exactly; the loaders' positions are per rank and only
-            # fit the world size that saved them.
-            logger.warning(
-                "resuming at another world size (%d now): model, optimizer and lr schedule continue exactly "
-                "from step %d, but the data loader cannot continue where the %d samples read so far ended: "
-                "it restarts its pass over the data, so some of those samples will be seen again",
-                env.world_size,
-                start,
-                samples_before,
-            )
+        data_resume = resume_data(loaded, cfg.data.num_workers, env.is_main)
+        loader_state = data_resume.state
+        if data_resume.num_workers != cfg.data.num_workers:
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=data_resume.num_workers))
         logger.info("resumed from %s at step %d", loaded["path"], start)
     elif begin.init_from:
         loaded = _load("run.init_from", begin.init_from, cfg, chunks)  # weights only: a new stage, a new optimizer
@@ -125,6 +122,7 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
         Trains.from_freeze(cfg.freeze),
         cfg.parallel.tensor_model_parallel_size,
     )
+    validator = Validator(cfg, tokenizer, env.device, num_micro) if run.eval_interval else None
     monitor = TrainingMonitor(
         save_dir,
         run.train_steps,
@@ -160,8 +158,9 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
                     "consumed_rows": step * run.global_batch_size,
                     "consumed_samples": samples_before + int(samples),
                     "model_config": dataclasses.asdict(cfg.model),
+                    DATA_POSITION: position_record(cfg.data.num_workers),
                 },
-                rank_state={"loader": loader.save_state_rank()},
+                data_state=loader.save_state_rank(),
             )
         except Exception as e:
             raise SaveFailed(describe_save_failure(save_dir, step, e)) from e
@@ -169,6 +168,9 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
     step, in_a_row = start, 0
     watchdog.arm()
     try:
+        if validator is not None and start == 0:  # where the stage starts from: the curve's first point
+            with watchdog.long_phase():
+                monitor.log_validation(0, validator.run(chunks))
         while step < run.train_steps:
             faults.before_step(step + 1)
             began = time.perf_counter()
@@ -209,6 +211,9 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
                     "with a lower optim.lr or check the data"
                 )
             stopping = stop.agreed()
+            if validator is not None and not stopping and (step % run.eval_interval == 0 or step == run.train_steps):
+                with watchdog.long_phase():
+                    monitor.log_validation(step, validator.run(chunks))
             if step % run.save_interval == 0 or step == run.train_steps or stopping:
                 with watchdog.long_phase():
                     save(step)

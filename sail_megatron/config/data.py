@@ -19,6 +19,9 @@ counted. 64 MP keeps a decode well under a second and a few hundred MB."""
 class DataConfig:
     path: str = ""
     """A folder prepared by `sail-data prepare`, or an energon metadataset YAML blending several."""
+    valid_path: Optional[str] = None
+    """Where validation reads (with `run.eval_interval`): the `val` split of a prepared folder or blend
+    YAML. None: the `val` split of `path` (`sail-data prepare --valid-fraction` holds one out)."""
     tokenizer: str = ""
     """A local Hugging Face tokenizer folder with <img>, </img> and <IMG_CONTEXT> tokens."""
     seq_length: int = 4096

@@ -70,6 +70,12 @@ class RunConfig:
     """Checkpoints kept (older ones are deleted once a newer one is complete)."""
     init_from: Optional[str] = None
     """Checkpoint of the previous stage (or a converted Hugging Face model) to start from."""
+    eval_interval: int = 0
+    """Validate every this many steps, at the end of the run and, on a run's first start, before the first
+    step (0: never). What it reads: data.valid_path."""
+    eval_steps: int = 10
+    """Validation batches, each of global_batch_size rows like a training step; the same rows every time.
+    0: the whole validation split."""
     max_nonfinite_steps: int = 5
     """A step whose loss or gradients are NaN/Inf is skipped and counted; this many in a row stop the run."""
     peak_tflops: Optional[float] = None
@@ -119,6 +125,11 @@ class RunConfig:
             )
         if self.resume not in RESUME_MODES:
             raise ConfigError("run.resume", f"unknown mode {self.resume!r}", f"use one of {', '.join(RESUME_MODES)}")
+        for name in ("eval_interval", "eval_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(
+                    f"run.{name}", f"must be >= 0, got {getattr(self, name)}", "use 0 or a positive count"
+                )
         if self.process_group_timeout_s < 1:
             raise ConfigError("run.process_group_timeout_s", "must be >= 1", "use seconds, e.g. 1800")
         if self.step_timeout_s is not None and not self.step_timeout_s > 0:

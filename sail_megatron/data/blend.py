@@ -11,7 +11,7 @@ import yaml
 
 def write_blend(path: Union[str, Path], weights: Dict[str, float]) -> Path:
     """Write an energon MetadatasetV2 blending dataset folders (paths relative to the YAML's folder)
-    by weight for the train split."""
+    by weight for the train split; its val split holds the folders' val splits, where they have one."""
     path = Path(path)
     if not weights or any(w <= 0 for w in weights.values()):
         raise ValueError(f"blend weights must be positive, got {weights}")
@@ -20,17 +20,23 @@ def write_blend(path: Union[str, Path], weights: Dict[str, float]) -> Path:
             raise FileNotFoundError(
                 f"{path.parent / folder} is not a prepared dataset (no .nv-meta); run sail-data prepare"
             )
-    doc = {
-        "__module__": "megatron.energon",
-        "__class__": "MetadatasetV2",
-        "splits": {"train": {"blend": [{"weight": float(w), "path": str(p)} for p, w in sorted(weights.items())]}},
-    }
+    splits = {"train": {"blend": [{"weight": float(w), "path": str(p)} for p, w in sorted(weights.items())]}}
+    # Validation reads every folder's held-out split in turn (energon concatenates them, weights unused).
+    held_out = [p for p in sorted(weights) if split_samples(path.parent / p, "val")]
+    if held_out:
+        splits["val"] = {"blend": [{"weight": 1.0, "path": str(p)} for p in held_out]}
+    doc = {"__module__": "megatron.energon", "__class__": "MetadatasetV2", "splits": splits}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
 
 def train_samples(folder: Path) -> int:
     """Samples in the train split of a prepared dataset folder, as energon counts them."""
+    return split_samples(folder, "train")
+
+
+def split_samples(folder: Path, part: str) -> int:
+    """Samples in one split ('train', 'val', 'test') of a prepared dataset folder, as energon counts them."""
     from megatron.energon.epathlib import EPath
     from megatron.energon.flavors.webdataset.empty_dataset_error import EmptyDatasetError
     from megatron.energon.flavors.webdataset.metadata import WebdatasetMeta
@@ -38,7 +44,7 @@ def train_samples(folder: Path) -> int:
     if not (Path(folder) / ".nv-meta").is_dir():
         raise FileNotFoundError(f"{folder} is not a prepared dataset (no .nv-meta); run sail-data prepare")
     try:
-        meta = WebdatasetMeta.from_config(EPath(str(Path(folder).resolve())), split_part="train")
+        meta = WebdatasetMeta.from_config(EPath(str(Path(folder).resolve())), split_part=part)
     except EmptyDatasetError:
         return 0
     return sum(shard.count for shard in meta.shards)

@@ -21,7 +21,7 @@ from pathlib import Path
 from sail_megatron.config.data import DEFAULT_MAX_PIXELS, TEMPLATES, DataConfig
 from sail_megatron.data.blend import join_parts, write_blend
 from sail_megatron.data.out_dir import check_out, layout_matches, staged
-from sail_megatron.data.prepare import FORMATS, is_prepared_output, prepare
+from sail_megatron.data.prepare import DEFAULT_SPLIT, FORMATS, is_prepared_output, prepare, valid_fraction_split
 from sail_megatron.data.show import TOKENS_PER_TILE, report, show_record
 
 _DEMO_LAYOUT = ("raw", "captions", "sft", "blend.yaml")
@@ -36,13 +36,18 @@ def _prepare(args) -> int:
         rules = TrainerRules.from_recipe(Path(args.recipe), args.set)
     elif args.set:
         raise ValueError("--set changes the --recipe; pass --recipe too")
+    split_ratio = args.split_ratio
+    if args.valid_fraction is not None:
+        if split_ratio != DEFAULT_SPLIT:
+            raise ValueError("give --valid-fraction or --split-ratio, not both")
+        split_ratio = valid_fraction_split(args.valid_fraction)
     report = prepare(
         Path(args.input),
         Path(args.images),
         Path(args.out),
         fmt=args.format,
         shard_size=args.shard_size,
-        split_ratio=args.split_ratio,
+        split_ratio=split_ratio,
         max_pixels=args.max_pixels,
         verify_decode=args.verify_decode,
         workers=args.workers,
@@ -81,24 +86,35 @@ def is_demo_output(folder: Path) -> bool:
 
 
 def build_demo(out: Path, overwrite: bool = False) -> Path:
-    """Raw demo files -> two prepared datasets (captions, sft), a blend of both and the tokenizer."""
+    """Raw demo files -> two prepared datasets (captions, sft; each with a val split), a blend of both and
+    the tokenizer."""
     from sail_megatron.data.demo_dataset import write_demo_raw
 
     out = Path(out)
     check_out(out, overwrite, is_demo_output, "a sail-data demo folder")
     with staged(out) as stage:
         raw = write_demo_raw(stage / "raw")
+        # 40 records each in shards of 16: the last shard (8 records) is held out for validation.
+        held_out = valid_fraction_split(0.25)
         prepare(
             raw.captions_jsonl,
             raw.images_dir,
             stage / "captions",
             fmt="caption",
             shard_size=16,
+            split_ratio=held_out,
             verify_decode=True,
             progress=False,
         )
         prepare(
-            raw.sft_jsonl, raw.images_dir, stage / "sft", fmt="llava", shard_size=16, verify_decode=True, progress=False
+            raw.sft_jsonl,
+            raw.images_dir,
+            stage / "sft",
+            fmt="llava",
+            shard_size=16,
+            split_ratio=held_out,
+            verify_decode=True,
+            progress=False,
         )
         write_blend(stage / "blend.yaml", {"captions": 1.0, "sft": 1.0})
     return out
@@ -139,7 +155,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write; must not hold or lie inside --images")
     p.add_argument("--format", choices=FORMATS, default="llava")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
-    p.add_argument("--split-ratio", default="1,0,0", help="train,val,test shares of the shards")
+    p.add_argument("--split-ratio", default=DEFAULT_SPLIT, help="train,val,test shares of the shards")
+    p.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=None,
+        help="hold this share of the shards out as the val split that validation reads (e.g. 0.02)",
+    )
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.add_argument("--verify-decode", action="store_true", help="fully decode every image (slower)")
     p.add_argument("--workers", type=int, default=8, help="threads reading images")

@@ -7,20 +7,47 @@ import yaml
 from sail_megatron.config import ConfigError
 
 
-def check_dataset_path(path: str) -> None:
+def check_dataset_path(path: str, field: str = "data.path") -> None:
     """An energon dataset folder (prepared: `.nv-meta/`) or a blend YAML (an energon metadataset)."""
     p = Path(path)
-    fix = "point data.path at a folder made by `sail-data prepare` or at a blend YAML of such folders"
+    fix = f"point {field} at a folder made by `sail-data prepare` or at a blend YAML of such folders"
     if not p.exists():
-        raise ConfigError("data.path", f"{p} does not exist", fix)
+        raise ConfigError(field, f"{p} does not exist", fix)
     if p.is_dir():
         if not (p / ".nv-meta").is_dir():
-            raise ConfigError("data.path", f"{p} is not a prepared dataset (no .nv-meta folder)", fix)
+            raise ConfigError(field, f"{p} is not a prepared dataset (no .nv-meta folder)", fix)
         return
     try:
         blend = yaml.safe_load(p.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError("data.path", f"{p} is neither a dataset folder nor a blend YAML ({reason})", fix) from None
+        raise ConfigError(field, f"{p} is neither a dataset folder nor a blend YAML ({reason})", fix) from None
     if not isinstance(blend, dict) or "splits" not in blend:
-        raise ConfigError("data.path", f"{p} is not a blend: an energon metadataset YAML has a 'splits' section", fix)
+        raise ConfigError(field, f"{p} is not a blend: an energon metadataset YAML has a 'splits' section", fix)
+
+
+VALID_SPLIT_FIX = (
+    "hold some data out with `sail-data prepare --valid-fraction F`, point data.valid_path at a prepared "
+    "folder or blend with a `val` split, or set run.eval_interval=0"
+)
+
+
+def check_valid_split(path: str, field: str) -> None:
+    """The `val` split that validation reads from `path` (a prepared folder or a blend YAML written by
+    sail-data) holds samples. Other metadatasets are left to energon."""
+    from sail_megatron.data.blend import split_samples
+
+    fix = VALID_SPLIT_FIX
+    p = Path(path)
+    if p.is_dir():
+        if not split_samples(p, "val"):
+            raise ConfigError(field, f"{p} has no samples in its val split", fix)
+        return
+    blend = yaml.safe_load(p.read_text())
+    val = (blend.get("splits") or {}).get("val")
+    if val is None:
+        raise ConfigError(field, f"{p} has no val split", fix)
+    folders = [p.parent / entry["path"] for entry in (val.get("blend") or []) if isinstance(entry, dict)]
+    local = [f for f in folders if f.is_dir()]
+    if local and len(local) == len(folders) and not sum(split_samples(f, "val") for f in local):
+        raise ConfigError(field, f"the datasets of {p}'s val split hold no val samples", fix)

@@ -1,9 +1,16 @@
-"""Builds the energon training loader for one data-parallel rank."""
+"""Builds the energon training and validation loaders for one data-parallel rank."""
 
 import warnings
 from typing import Optional
 
-from megatron.energon import SavableDataLoader, WorkerConfig, get_savable_loader, get_train_dataset
+from megatron.energon import (
+    SavableDataLoader,
+    WorkerConfig,
+    get_loader,
+    get_savable_loader,
+    get_train_dataset,
+    get_val_dataset,
+)
 
 from sail_megatron.config.data import DataConfig
 from sail_megatron.data.task_encoder import build_task_encoder
@@ -46,3 +53,31 @@ def build_train_loader(
     if state is not None:
         loader.restore_state_rank(state)
     return loader
+
+
+def build_valid_loader(
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    tile_size: int,
+    tokens_per_tile: int,
+    data_parallel_rank: int = 0,
+    data_parallel_size: int = 1,
+    seed: int = 0,
+    limit: Optional[int] = None,
+):
+    """This rank's share of the validation split (`data.valid_path`, else the `val` split of
+    `data.path`): read once, in order, packed like training; at most `limit` rows."""
+    cfg.validate()
+    worker_config = WorkerConfig(
+        rank=data_parallel_rank, world_size=data_parallel_size, num_workers=cfg.num_workers, seed_offset=seed
+    )
+    dataset = get_val_dataset(
+        cfg.valid_path or cfg.path,
+        split_part="val",
+        worker_config=worker_config,
+        batch_size=cfg.micro_batch_size,
+        packing_buffer_size=cfg.packing_buffer_size if cfg.packing else None,
+        limit=limit,
+        task_encoder=build_task_encoder(cfg, tokenizer, tile_size, tokens_per_tile, seed=seed),
+    )
+    return get_loader(dataset)

@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 FORMATS = ("llava", "caption")
 REPORT_NAME = "prepare_report.json"
+DEFAULT_SPLIT = "1,0,0"
+"""train,val,test shares of the shards: everything trains unless a split is asked for."""
 # What a finished prepare folder holds (energon adds .nv-meta and the .tar.idx files).
 OUTPUT_LAYOUT = ("shard-*.tar", "shard-*.tar.idx", REPORT_NAME, ".nv-meta")
 
@@ -108,12 +110,25 @@ def parse_split_ratio(text: str) -> Tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
-def _check_train_split(ratio: Tuple[float, float, float], shards: int, shard_size: int, split_ratio: str) -> None:
+def valid_fraction_split(fraction: float) -> str:
+    """`--valid-fraction F` as the split ratio it means: train 1-F, val F, no test."""
+    if not 0 < fraction < 1:
+        raise PrepareError(f"--valid-fraction {fraction}: give a share between 0 and 1, e.g. 0.02")
+    return f"{1 - fraction:g},{fraction:g},0"
+
+
+def _check_splits(ratio: Tuple[float, float, float], shards: int, shard_size: int, split_ratio: str) -> None:
     # energon assigns int(shards * cumulative share) shards to each split, in order.
-    if int(shards * ratio[0] / sum(ratio)) < 1:
+    train_end = int(shards * ratio[0] / sum(ratio))
+    if train_end < 1:
         raise PrepareError(
             f"--split-ratio {split_ratio} leaves the train split no shard of the {shards} written; "
             f"lower --shard-size (now {shard_size}) or raise the train share"
+        )
+    if ratio[1] > 0 and int(shards * (ratio[0] + ratio[1]) / sum(ratio)) - train_end < 1:
+        raise PrepareError(
+            f"--split-ratio {split_ratio} holds out no shard of the {shards} written for validation (splits are "
+            f"whole shards); lower --shard-size (now {shard_size}) or raise the validation share"
         )
 
 
@@ -411,7 +426,7 @@ def prepare(
     out_dir: Path,
     fmt: str = "llava",
     shard_size: int = 1000,
-    split_ratio: str = "1,0,0",
+    split_ratio: str = DEFAULT_SPLIT,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     verify_decode: bool = False,
     workers: int = 8,
@@ -443,7 +458,7 @@ def prepare(
         report = _write_shards(stage, records, reader, shard_size, workers, window, progress, out_dir)
         if report.written == 0:
             raise _no_records_error(input_path, report, num_shards, shard_index)
-        _check_train_split(ratio, report.shards, shard_size, split_ratio)
+        _check_splits(ratio, report.shards, shard_size, split_ratio)
         try:
             _write_report(stage, report, (num_shards, shard_index), rules)
         except OSError as e:

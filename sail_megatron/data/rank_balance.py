@@ -245,11 +245,13 @@ class RankBalancedLoader:
         self.origin_q, self.origin_step = 0, 0
         if state is not None:
             self.step, self.pulled = int(state["step"]), int(state["pulled"])
-            self.buffer = [(int(d), row) for d, row in state["buffer"]]
             self.pending = list(state["pending"])
-            if int(state["num_micro"]) == num_micro:
+            if state["num_micro"] == num_micro:
+                self.buffer = [(int(d), row) for d, row in state["buffer"]]
                 self.origin_q, self.origin_step = int(state["origin_q"]), int(state["origin_step"])
-            else:  # another global batch or layout: new rows queue behind the restored ones
+            else:  # another global batch or layout: the restored rows are due first, in their order (at
+                # most num_micro per step, so the deadline rule holds), and new rows queue behind them
+                self.buffer = [(self.step + i // num_micro, row) for i, (_, row) in enumerate(state["buffer"])]
                 self.origin_q = self.pulled
                 self.origin_step = self.step + -(-len(self.buffer) // num_micro)
 

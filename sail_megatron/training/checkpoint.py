@@ -1,5 +1,6 @@
 """Checkpoints with megatron-core dist_checkpointing: model, optimizer, scheduler and iteration,
-reshardable across TP/PP/DP; per-rank RNG and loader state for exact resume at the same layout.
+reshardable across TP/PP/DP; each data-parallel rank's loader state (continued at another DP size by
+training/data_position.py); per-rank RNG state for exact resume at the same layout.
 
 A checkpoint is written to `iter_XXXXXXXX.tmp`, renamed when every rank has finished, and only then
 does the `latest` pointer move (itself replaced atomically). A run killed mid-write leaves the previous
@@ -49,6 +50,35 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
 def _rank_state_object(state: Dict[str, Any]) -> ShardedObject:
     world, rank = dist.get_world_size(), dist.get_rank()
     return ShardedObject("rank_state", state, (world,), (rank,), replica_id=0)
+
+
+def _replica_peer() -> int:
+    """0 on the first of a data-parallel rank's TP/PP peers (which read the same data), else not 0."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_rank() + ps.get_pipeline_model_parallel_rank()
+
+
+def _data_state_object(state: Any) -> ShardedObject:
+    """This data-parallel rank's loader state, written once: its TP and PP peers read the same data."""
+    from megatron.core import parallel_state as ps
+
+    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    return ShardedObject("data_state", state, (dp,), (rank,), replica_id=_replica_peer())
+
+
+def load_data_states(path, saved_data_parallel: int, ranks: Dict[int, bool]) -> Dict[int, Any]:
+    """Collective: the loader states the checkpoint holds for the saved data-parallel ranks in `ranks`.
+    Every saved rank must be read by some rank, and counted once: `ranks[d]` is True on the one
+    data-parallel rank that counts it (dist_checkpointing checks the reads cover each object once)."""
+    directory = resolve_checkpoint_folder(path)
+    peer = _replica_peer()
+    sd = {
+        f"data_state_{d}": ShardedObject("data_state", None, (saved_data_parallel,), (d,), int(peer or not first))
+        for d, first in ranks.items()
+    }
+    loaded = dist_checkpointing.load(sd, str(directory))
+    return {d: loaded[f"data_state_{d}"] for d in ranks}
 
 
 def _materialize_adam_state(optimizer) -> None:
@@ -129,12 +159,14 @@ def save_checkpoint(
     scheduler=None,
     common: Optional[Dict[str, Any]] = None,
     rank_state: Optional[Dict[str, Any]] = None,
+    data_state: Any = None,
     keep_last: int = 3,
     async_queue: Optional[AsyncCallsQueue] = None,
     optimizer_format: str = DEFAULT_OPTIMIZER_FORMAT,
 ) -> Path:
     """Collective: every rank calls it. `common` is small run state (same on all ranks, e.g. consumed
-    samples); `rank_state` is per rank (RNG, loader state). With `async_queue` the write is scheduled there
+    samples); `rank_state` is per rank (beside its RNG state), `data_state` per data-parallel rank (the
+    loader's state; None: not saved). With `async_queue` the write is scheduled there
     and this returns once the state is staged; the checkpoint appears when the queue finalizes it."""
     save_dir = Path(save_dir)
     final, tmp = save_dir / checkpoint_name(iteration), save_dir / (checkpoint_name(iteration) + ".tmp")
@@ -150,6 +182,8 @@ def save_checkpoint(
     sd["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     sd["common"] = common or {}
     sd["rank_state"] = _rank_state_object({"rng": rng_state(), **(rank_state or {})})
+    if data_state is not None:
+        sd["data_state"] = _data_state_object(data_state)
     metadata = _layout()
     if async_queue is None:
         dist_checkpointing.save(sd, str(tmp), content_metadata=metadata)
@@ -170,7 +204,9 @@ class CheckpointWriter:
         self.queue = AsyncCallsQueue() if async_save else None
         self.in_flight: Optional[Path] = None
 
-    def save(self, iteration: int, chunks, optimizer=None, scheduler=None, common=None, rank_state=None) -> Path:
+    def save(
+        self, iteration: int, chunks, optimizer=None, scheduler=None, common=None, rank_state=None, data_state=None
+    ) -> Path:
         """Start (async) or write (sync) the checkpoint of `iteration`; a previous background write is
         completed first, so at most one is in flight."""
         self.wait()
@@ -183,6 +219,7 @@ class CheckpointWriter:
             scheduler,
             common=common,
             rank_state=rank_state,
+            data_state=data_state,
             keep_last=self.keep_last,
             async_queue=self.queue,
             optimizer_format=self.optimizer_format,
@@ -222,8 +259,9 @@ class CheckpointWriter:
 
 @torch_adam_checkpoint_fix()
 def load_checkpoint(path, chunks: List[torch.nn.Module], optimizer=None, scheduler=None) -> Dict[str, Any]:
-    """Load into this layout (any TP/PP/DP for model and optimizer). Returns iteration, common state
-    and this rank's saved state (None when the checkpoint was written by a different world size)."""
+    """Load into this layout (any TP/PP/DP for model and optimizer). Returns iteration, common state,
+    this rank's saved state (None when the checkpoint was written by a different world size) and the
+    layout it was written under (world_size, tensor/pipeline/data_parallel)."""
     directory = resolve_checkpoint_folder(path)
     common = dist_checkpointing.load_common_state_dict(str(directory))
     saved = common.get("content_metadata", {})
@@ -246,10 +284,14 @@ def load_checkpoint(path, chunks: List[torch.nn.Module], optimizer=None, schedul
         scheduler.load_state_dict(common["scheduler"])
     rank = state.get("rank_state") if same_world else None
     if rank is None:
-        logger.info(
-            "checkpoint %s was written by another world size: per-rank RNG and loader state start fresh", directory
-        )
-    return {"iteration": common["iteration"], "common": common.get("common", {}), "rank_state": rank, "path": directory}
+        logger.info("checkpoint %s was written by another world size: per-rank RNG state starts fresh", directory)
+    return {
+        "iteration": common["iteration"],
+        "common": common.get("common", {}),
+        "rank_state": rank,
+        "layout": saved,
+        "path": directory,
+    }
 
 
 def _check_dp_reshardable(directory: Path, saved: Dict[str, int], now: Dict[str, int]) -> None:

@@ -21,7 +21,6 @@ def build_loader(cfg, tokenizer, device, state=None):
     """This rank's savable loader (energon's, wrapped in the cross-rank tile balance when that applies)
     and the materializer that decodes its batches on `device`. `state`: what `loader.save_state_rank()`
     returned in an earlier run."""
-    from sail_megatron.data.decode import BatchMaterializer, build_tile_decoder
     from sail_megatron.data.loader import build_train_loader
     from sail_megatron.data.rank_balance import balanced_loader, split_loader_state
 
@@ -50,18 +49,23 @@ def build_loader(cfg, tokenizer, device, state=None):
             gather_ints_over_data_parallel,
             state=balance_state,
         )
+    return loader, build_materializer(cfg, tokenizer, device)
+
+
+def build_materializer(cfg, tokenizer, device):
+    """RawBatch -> Batch on `device` for this rank's pipeline stage (its own skip counts)."""
+    from sail_megatron.data.decode import BatchMaterializer, build_tile_decoder
+
     # Every stage reads the same micro-batches (the schedules call next() on each), but only the first
     # runs the vision encoder: later stages skip decoding and the copy of the tiles to the device.
-    decoder = build_tile_decoder(cfg.data.decoder, device, max_pixels=cfg.data.max_pixels)
-    materialize = BatchMaterializer(
-        decoder,
-        tile,
+    return BatchMaterializer(
+        build_tile_decoder(cfg.data.decoder, device, max_pixels=cfg.data.max_pixels),
+        cfg.model.vision.image_size,
         device,
-        model.tokens_per_tile,
+        cfg.model.tokens_per_tile,
         tokenizer.ids.img_context,
         decode_images=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
     )
-    return loader, materialize
 
 
 def from_loader(loader: Iterable, materialize: Callable) -> Iterator[Measured]:

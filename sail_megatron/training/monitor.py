@@ -211,6 +211,22 @@ class TrainingMonitor:
                 self.writer.add_scalar(tag, value, step)
         self.writer.flush()
 
+    def log_validation(self, step: int, result) -> None:
+        """One validation result (a ValidResult, the same on every rank): console, metrics.jsonl, TensorBoard."""
+        if not self.env.is_main:
+            return
+        print(
+            f"validation at step {step:6d} | loss {result.loss:.4f} | {result.trained_tokens:,} tokens "
+            f"| {result.seconds:.1f} s",
+            flush=True,
+        )
+        record = {"step": step, "valid_loss": result.loss, "valid_tokens": result.trained_tokens}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self.writer is not None:
+            self.writer.add_scalar("loss/valid", result.loss, step)
+            self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 METRICS_FILE = "metrics.jsonl"
-REQUIRED_KEYS = ("step", "loss")
+REQUIRED_KEYS = ("step",)
+LOSS_KEYS = ("loss", "valid_loss")
+"""A record carries the training loss of a logged step, a validation loss, or both."""
 
 
 class MetricsError(ValueError):
@@ -25,8 +27,8 @@ def _metrics_path(run_dir_or_metrics_path: Union[str, Path]) -> Path:
 
 
 def load_metrics(run_dir_or_metrics_path: Union[str, Path]) -> List[Dict]:
-    """Records sorted by step, keeping the last record of each step (a resumed run appends and
-    repeats the steps after its checkpoint). Malformed lines are skipped with one counted warning."""
+    """One record per step, sorted by step: the step's records merged, later lines winning (a resumed
+    run appends and repeats the steps after its checkpoint). Malformed lines are skipped with one counted warning."""
     path = _metrics_path(run_dir_or_metrics_path)
     if not path.is_file():
         raise MetricsError(f"{path}: no such metrics file")
@@ -38,15 +40,19 @@ def load_metrics(run_dir_or_metrics_path: Union[str, Path]) -> List[Dict]:
                 continue
             try:
                 rec = json.loads(line)
-                if not isinstance(rec, dict) or any(k not in rec for k in REQUIRED_KEYS):
-                    raise ValueError(f"needs a JSON object with keys {list(REQUIRED_KEYS)}")
+                if (
+                    not isinstance(rec, dict)
+                    or any(k not in rec for k in REQUIRED_KEYS)
+                    or not any(k in rec for k in LOSS_KEYS)
+                ):
+                    raise ValueError(f"needs a JSON object with 'step' and one of {list(LOSS_KEYS)}")
                 step = rec["step"]
                 if isinstance(step, bool) or not isinstance(step, int):
                     raise ValueError(f"step {step!r} is not an integer")
             except ValueError as e:  # json.JSONDecodeError is a ValueError
                 bad.append(f"line {lineno}: {e}")
                 continue
-            by_step[step] = rec  # later lines win
+            by_step.setdefault(step, {}).update(rec)  # a step's training and validation records merge; later lines win
     if bad:
         shown = "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else "")
         warnings.warn(f"{path}: skipped {len(bad)} malformed line(s): {shown}", stacklevel=2)
@@ -76,7 +82,7 @@ def _smooth(values: Sequence[float], weight: float = 0.9) -> List[float]:
 
 
 def plot_curves(run_dir_or_metrics_path: Union[str, Path], out_png: Optional[Union[str, Path]] = None) -> Path:
-    """Draw loss (raw + smoothed), tokens/s (with TFLOP/s or MFU on a twin axis) and lr against step."""
+    """Draw loss (raw + smoothed, validation), tokens/s (with TFLOP/s or MFU on a twin axis) and lr against step."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: no display on cluster nodes
@@ -93,6 +99,9 @@ def plot_curves(run_dir_or_metrics_path: Union[str, Path], out_png: Optional[Uni
     ax_loss.plot(steps, loss, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
     if loss:
         ax_loss.plot(steps, _smooth(loss), color="tab:blue", linewidth=2, label="smoothed (EMA 0.9)")
+    steps, valid = _series(records, "valid_loss")
+    if valid:
+        ax_loss.plot(steps, valid, color="tab:red", marker="o", linewidth=2, label="validation")
     ax_loss.set_ylabel("loss")
     ax_loss.legend(loc="upper right")
 

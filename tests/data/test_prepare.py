@@ -121,3 +121,18 @@ def test_deterministic_shards(tmp_path, image_dir):
     assert a.shards == b.shards == 3
     for shard in sorted((tmp_path / "a").glob("shard-*.tar")):
         assert shard.read_bytes() == (tmp_path / "b" / shard.name).read_bytes()
+
+
+def test_valid_fraction_holds_whole_shards_out(tmp_path, image_dir, capsys):
+    from sail_megatron.data.blend import split_samples
+
+    src = tmp_path / "captions.jsonl"
+    src.write_text("".join(json.dumps({"image": "good.jpg", "caption": f"Noise {i}."}) + "\n" for i in range(10)))
+    args = ["prepare", "--input", str(src), "--images", str(image_dir), "--format", "caption", "--shard-size", "3"]
+    assert sail_data([*args, "--out", str(tmp_path / "o"), "--valid-fraction", "0.25"]) == 0
+    # 4 shards (3, 3, 3, 1 samples): energon gives the train split int(4 x 0.75) = 3 of them.
+    assert (split_samples(tmp_path / "o", "train"), split_samples(tmp_path / "o", "val")) == (9, 1)
+    assert sail_data([*args, "--out", str(tmp_path / "p"), "--valid-fraction", "1.5"]) == 2
+    assert sail_data([*args, "--out", str(tmp_path / "q"), "--valid-fraction", "0.1", "--split-ratio", "8,1,1"]) == 2
+    err = capsys.readouterr().err
+    assert "between 0 and 1" in err and "not both" in err

@@ -56,9 +56,15 @@ def printed_losses(stdout: str) -> List[float]:
 
 
 def metrics(run_dir: Path) -> dict:
-    """step -> full-precision loss; the last record wins (a resumed run appends)."""
+    """step -> full-precision training loss; the last record wins (a resumed run appends)."""
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records}
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def valid_metrics(run_dir: Path) -> dict:
+    """step -> full-precision validation loss."""
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["valid_loss"] for r in records if "valid_loss" in r}
 
 
 def last_record(run_dir: Path) -> dict:

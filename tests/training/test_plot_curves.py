@@ -42,6 +42,18 @@ def test_load_keeps_last_record_per_step(run_dir):
     assert records[0]["loss"] == pytest.approx(4.9)
 
 
+def test_validation_records_merge_into_their_step_and_are_drawn(tmp_path):
+    lines = [{"step": 0, "valid_loss": 6.0}, _rec(1, 5.0), _rec(2, 4.0), {"step": 2, "valid_loss": 4.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    records = load_metrics(tmp_path)
+    assert [(r["step"], r.get("loss"), r.get("valid_loss")) for r in records] == [
+        (0, None, 6.0),
+        (1, 5.0, None),
+        (2, 4.0, 4.5),
+    ]
+    assert plot_curves(tmp_path).read_bytes().startswith(PNG_MAGIC)
+
+
 def test_plot_writes_valid_png(run_dir):
     with pytest.warns(UserWarning):
         out = plot_curves(run_dir)

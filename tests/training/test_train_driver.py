@@ -404,17 +404,31 @@ def test_damaged_checkpoints_are_named_before_the_model_is_built(demo, straight_
         prepare_config(_args(demo, "run.init_from=/nonexistent/run"), world_size=1)
 
 
-def test_a_run_saved_at_two_data_parallel_ranks_continues_on_one(demo, straight_run, tmp_path):
-    # Model, optimizer (saved as dp_reshardable) and schedule reshard to DP=1; the loader position cannot, and
-    # the log says so.
+def test_a_run_continues_on_one_data_parallel_rank_and_back_on_two(demo, straight_run, tmp_path):
+    # Model, optimizer (saved as dp_reshardable) and schedule reshard to DP=1 and back; the data position
+    # goes along stream by stream (2 ranks x 1 loader worker = 1 rank x 2 workers; exactness is checked
+    # against energon in tests/data/test_loader_state.py), and the log says what changed.
     run = tmp_path / "run"
     shutil.copytree(straight_run, run)
     losses, log = _train(
         SFT, demo, run, "run.train_steps=8", "run.save_interval=100", FRESH, SAIL_VL2, *GPU_RECIPE_PRECISION
     )
-    assert "resumed from" in log and "resuming at another world size (1 now)" in log, log[-3000:]
+    assert "data.num_workers 1 -> 2" in log and "from data-parallel size 2 to 1" in log, log[-3000:]
     assert len(losses) == 2 and _latest(run) == "iter_00000008"
     assert abs(losses[0] - _metrics(straight_run)[6]) < 0.5  # the trained weights and moments came along
+    losses, log = _train(
+        SFT,
+        demo,
+        run,
+        "run.train_steps=10",
+        "run.save_interval=100",
+        FRESH,
+        SAIL_VL2,
+        *GPU_RECIPE_PRECISION,
+        **GPU_LIKE,
+    )
+    assert "data.num_workers 1 -> 1" not in log and "from data-parallel size 1 to 2" in log, log[-3000:]
+    assert len(losses) == 2 and _latest(run) == "iter_00000010"
 
 
 def test_a_damaged_newest_checkpoint_is_passed_over_for_an_older_good_one(straight_run, tmp_path):
