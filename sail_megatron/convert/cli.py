@@ -5,6 +5,7 @@ Families: InternViT or AIMv2 / SAILViT vision encoders with Qwen2 / Qwen2.5 or d
 
     sail-convert hf-to-mcore --hf SAIL-VL-2B --out ckpt/sail-vl-2b --tp 2 --pp 1
     sail-convert mcore-to-hf --ckpt runs/sft --out export/sail-vl-2b-sft [--tokenizer DIR] [--base-hf DIR]
+    sail-convert mcore-to-hf --ckpt runs/sft --out export/sft-hf --format transformers [--template NAME]
     sail-convert init --llm Qwen2.5-1.5B-Instruct --vision InternViT-300M-448px --out ckpt/stage1 --tp 2
     sail-convert init --llm Qwen3-1.7B --vision aimv2-huge-patch14-448 --tokenizer TOK --out ckpt/stage1-vl2
     sail-convert verify --hf SAIL-VL-2B --ckpt ckpt/sail-vl-2b
@@ -62,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     a.add_argument("--image-token-id", type=int, default=None, help="<IMG_CONTEXT> id (default: from the tokenizer)")
 
-    b = sub.add_parser("mcore-to-hf", help="megatron checkpoint -> Hugging Face InternVL-chat folder")
+    b = sub.add_parser("mcore-to-hf", help="megatron checkpoint -> Hugging Face folder (InternVL-chat or transformers)")
     b.add_argument("--ckpt", required=True, help="checkpoint folder or run folder (its `latest`)")
     b.add_argument("--out", required=True, help="new folder for the Hugging Face model")
     b.add_argument(
@@ -83,6 +84,19 @@ def _parser() -> argparse.ArgumentParser:
         default="5GB",
         type=_shard_size,
         help="largest safetensors file: bytes, or a number with KB, MB, GB, KiB, MiB, GiB (default 5GB)",
+    )
+    b.add_argument(
+        "--format",
+        default="internvl-chat",
+        choices=["internvl-chat", "transformers"],
+        help="internvl-chat: the SAIL-VL / InternVL-chat layout (trust_remote_code); transformers: "
+        "InternVLForConditionalGeneration + processor, no remote code (InternViT models only)",
+    )
+    b.add_argument(
+        "--template",
+        default=None,
+        help="--format transformers: the chat template the model was trained with (chatml, sailvl-chat, "
+        "univl-chat, internvl2_5; default: the run's data.template, else config.json's template)",
     )
 
     c = sub.add_parser("init", help="fresh stage-1 checkpoint: Qwen2/Qwen3 + InternViT/AIMv2 + a new projector")
@@ -141,6 +155,18 @@ def _run(args) -> int:
             make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
             image_token_id=args.image_token_id,
         )
+    elif args.command == "mcore-to-hf" and args.format == "transformers":
+        from sail_megatron.convert.to_transformers import mcore_to_transformers
+
+        out = mcore_to_transformers(
+            args.ckpt,
+            args.out,
+            tokenizer=args.tokenizer,
+            base_hf=args.base_hf,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            template=args.template,
+        )
     elif args.command == "mcore-to-hf":
         from sail_megatron.convert.to_hf import mcore_to_hf
 
@@ -192,7 +218,10 @@ def _run(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "mcore-to-hf" and args.template is not None and args.format != "transformers":
+        parser.error("--template applies to --format transformers (the InternVL-chat layout brings its own)")
     # Conversion builds CPU (local) layers; hide GPUs before anything imports torch and asks for CUDA.
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -8,18 +8,22 @@ export drops them and config.json says so (`num_hidden_layers` = built layers, `
 same model); an AIMv2 encoder cannot be cut that way (select_layer -1 would add its final norm), so its
 export asks for the source.
 Vocabulary padding is removed; weights stream out one tensor at a time into safetensors shards + index.
+The checks, the checkpoint reading and the tensor stream (`plan_export`, `loaded_model`, `hf_tensors`) also
+serve `--format transformers` (to_transformers.py).
 """
 
 import dataclasses
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import yaml
 
 from sail_megatron.config import ModelConfig
+from sail_megatron.config.data import DataConfig
 from sail_megatron.config.loading import from_dict
 from sail_megatron.config.model import padded_vocab_size
 from sail_megatron.convert import mapping
@@ -52,6 +56,9 @@ from sail_megatron.convert.outputs import (
 )
 from sail_megatron.training.checkpoint_files import check_checkpoint
 
+if TYPE_CHECKING:
+    from sail_megatron.model.sail_vl import SailVLModel
+
 logger = logging.getLogger(__name__)
 
 
@@ -70,6 +77,8 @@ class ExportSource:
     """A folder whose small files (tokenizer, modelling code) go with the export."""
     run_tokenizer: Optional[Path] = None
     """The tokenizer a training run recorded (`data.tokenizer` in its config.yaml)."""
+    run_data: Optional[DataConfig] = None
+    """A training run's data settings (chat template, tiling), from its config.yaml."""
 
 
 def _converted_source(root: Path, record: Dict) -> ExportSource:
@@ -99,6 +108,7 @@ def _run_source(run_config: Path) -> ExportSource:
         vocab_rows=rows,
         template={},
         run_tokenizer=Path(train.data.tokenizer) if train.data.tokenizer else None,
+        run_data=train.data,
     )
 
 
@@ -183,67 +193,39 @@ def _unused_folder(src: ExportSource) -> Optional[SafetensorsFolder]:
     return folder
 
 
-def write_weights(
-    model: torch.nn.Module,
-    src: ExportSource,
-    export_cfg: ModelConfig,
-    out: Path,
-    dtype: torch.dtype,
-    max_shard_bytes: int,
-    unused: Optional[SafetensorsFolder],
-) -> None:
-    """Stream the model's parameters (and carried tensors) into HF safetensors shards."""
-    shapes = mapping.expected_hf_shapes(export_cfg, src.lm_head_stored)
-    writer = ShardedSafetensorsWriter(out, [(n, dtype, s) for n, s in shapes.items()], max_shard_bytes)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for rule in mapping.tensor_rules(src.cfg, src.lm_head_stored):
-            for name, value in zip(rule.hf, mapping.to_hf(rule, params[rule.mcore].detach(), src.cfg)):
-                writer.write(name, value.to(dtype))
-        if unused is not None:
-            for name in mapping.unused_hf_names(src.cfg):
-                writer.write(name, unused.read(name).to(dtype))
-    writer.close()
+@dataclass
+class ExportPlan:
+    """What an export writes, settled (and checked) before any model is built."""
+
+    ckpt: Path
+    src: ExportSource
+    dtype: str
+    """Output dtype: 'bf16', 'fp32' or 'fp16'."""
+    export_cfg: ModelConfig
+    """The model as written: `src.cfg`, or `truncated(src.cfg)` when the ViT layers after select_layer have no
+    source."""
+    unused: Optional[SafetensorsFolder]
+    """The carried ViT layers after select_layer (InternVL-chat names), when there is a source for them."""
+    shard_bytes: int
+    tokenizer: Optional[Path]
+    """--tokenizer, checked to hold tokenizer files."""
+
+    def close(self) -> None:
+        if self.unused is not None:
+            self.unused.close()
 
 
-def _side_files(src: ExportSource) -> List[Path]:
-    """Carried small files other than the tokenizer (chosen on its own: files of two tokenizers never mix)."""
-    if src.side_dir is None:
-        return []
-    return [p for p in side_files(src.side_dir) if p.name != UNUSED_TENSORS_FILE and p.name not in TOKENIZER_FILES]
-
-
-def _export_tokenizer(src: ExportSource, tokenizer: Optional[Path]) -> List[Path]:
-    """The tokenizer files of the export: --tokenizer, else the one the training run recorded, else the
-    carried one (sail-convert's hf_source/ or --base-hf). Says so when there is none."""
-    if tokenizer is not None:
-        return tokenizer_files(tokenizer)
-    if src.run_tokenizer is not None:
-        files = tokenizer_files(src.run_tokenizer) if src.run_tokenizer.is_dir() else []
-        if files:
-            logger.info("tokenizer from the run's config.yaml: %s", src.run_tokenizer)
-            return files
-        logger.warning(
-            "the run's config.yaml names the tokenizer %s, but it holds no tokenizer files here", src.run_tokenizer
-        )
-    carried = tokenizer_files(src.side_dir) if src.side_dir is not None else []
-    if not carried:
-        logger.warning("the export has no tokenizer: pass --tokenizer DIR (or --base-hf with one) to include it")
-    return carried
-
-
-def _shard_bytes(max_shard_size) -> int:
-    try:
-        return parse_size(max_shard_size)
-    except ValueError as e:
-        raise ConversionError("bad --max-shard-size", [str(e)]) from None
-
-
-def mcore_to_hf(
-    ckpt, out_dir, tokenizer=None, base_hf=None, dtype: Optional[str] = None, max_shard_size: str = "5GB"
-) -> Path:
-    """Export a megatron checkpoint (from sail-convert or the trainer) as an InternVL-chat HF folder:
-    safetensors shards + index, config.json, tokenizer and other carried files."""
+def plan_export(
+    ckpt,
+    out_dir,
+    tokenizer=None,
+    base_hf=None,
+    dtype: Optional[str] = None,
+    max_shard_size: str = "5GB",
+    check: Optional[Callable[[ExportSource], None]] = None,
+) -> ExportPlan:
+    """Every input check of an export, in order, before anything is written; `check(src)` adds an output
+    format's own refusals right after the model's source is known. Close the plan when done."""
     ckpt, out_dir = Path(ckpt), Path(out_dir)
     check_output_free(out_dir)
     shard_bytes = _shard_bytes(max_shard_size)
@@ -254,6 +236,8 @@ def mcore_to_hf(
         )
     check_checkpoint(ckpt)  # a damaged checkpoint is reported before any model is built
     src = resolve_export_source(ckpt, base_hf)
+    if check is not None:
+        check(src)
     out_dtype = dtype or src.ckpt_dtype
     raise_if(
         [] if out_dtype in DTYPE_OPTIONS else [f"unknown dtype {out_dtype!r}"],
@@ -279,19 +263,125 @@ def mcore_to_hf(
             src.cfg.vision.num_layers - src.cfg.vision.num_built_layers,
             src.cfg.vision.num_built_layers,
         )
-    # No template (trainer checkpoint, no --base-hf): a fresh InternVL-chat config with every field explicit.
-    template = src.template or stage1_template({}, {}, "internvl2_5", out_dtype)
-    config = hf_config_from_model(export_cfg, template, out_dtype)
+    return ExportPlan(ckpt, src, out_dtype, export_cfg, unused, shard_bytes, tokenizer)
+
+
+@contextmanager
+def loaded_model(plan: ExportPlan) -> Iterator["SailVLModel"]:
+    """The checkpoint's weights (written under any TP/PP) in the single-process TP1/PP1 model."""
+    with single_process():
+        model = build_empty_model(plan.src.cfg, plan.src.ckpt_dtype, plan.src.vocab_rows)
+        load_model(model, plan.ckpt)
+        yield model
+
+
+def hf_tensors(model: torch.nn.Module, plan: ExportPlan, lm_head_stored: bool) -> Iterator[Tuple[str, torch.Tensor]]:
+    """The export's tensors under InternVL-chat names, one at a time (call under torch.no_grad): the full
+    (TP1) values with the vocabulary padding removed, then the carried ViT layers after select_layer.
+    `lm_head_stored`: also give `lm_head.weight` for tied embeddings."""
+    params = dict(model.named_parameters())
+    for rule in mapping.tensor_rules(plan.src.cfg, lm_head_stored):
+        yield from zip(rule.hf, mapping.to_hf(rule, params[rule.mcore].detach(), plan.src.cfg))
+    if plan.unused is not None:
+        for name in mapping.unused_hf_names(plan.src.cfg):
+            yield name, plan.unused.read(name)
+
+
+def write_weights(
+    model: torch.nn.Module,
+    plan: ExportPlan,
+    out: Path,
+    shapes: Dict[str, Tuple[int, ...]],
+    lm_head_stored: bool,
+    rename: Optional[Callable[[str, torch.Tensor], Dict[str, torch.Tensor]]] = None,
+) -> None:
+    """Stream the model's parameters (and carried tensors) into safetensors shards planned from `shapes`;
+    `rename` turns each InternVL-chat tensor into the output layout's tensors (default: kept as is)."""
+    dtype = DTYPE_OPTIONS[plan.dtype]
+    writer = ShardedSafetensorsWriter(out, [(n, dtype, s) for n, s in shapes.items()], plan.shard_bytes)
+    with torch.no_grad():
+        for name, value in hf_tensors(model, plan, lm_head_stored):
+            for out_name, tensor in (rename(name, value) if rename else {name: value}).items():
+                writer.write(out_name, tensor.to(dtype))
+    writer.close()
+
+
+def _side_files(src: ExportSource) -> List[Path]:
+    """Carried small files other than the tokenizer (chosen on its own: files of two tokenizers never mix)."""
+    if src.side_dir is None:
+        return []
+    return [p for p in side_files(src.side_dir) if p.name != UNUSED_TENSORS_FILE and p.name not in TOKENIZER_FILES]
+
+
+def export_tokenizer(src: ExportSource, tokenizer: Optional[Path]) -> List[Path]:
+    """The tokenizer files of the export: --tokenizer, else the one the training run recorded, else the
+    carried one (sail-convert's hf_source/ or --base-hf). Says so when there is none."""
+    if tokenizer is not None:
+        return tokenizer_files(tokenizer)
+    if src.run_tokenizer is not None:
+        files = tokenizer_files(src.run_tokenizer) if src.run_tokenizer.is_dir() else []
+        if files:
+            logger.info("tokenizer from the run's config.yaml: %s", src.run_tokenizer)
+            return files
+        logger.warning(
+            "the run's config.yaml names the tokenizer %s, but it holds no tokenizer files here", src.run_tokenizer
+        )
+    carried = tokenizer_files(src.side_dir) if src.side_dir is not None else []
+    if not carried:
+        logger.warning("the export has no tokenizer: pass --tokenizer DIR (or --base-hf with one) to include it")
+    return carried
+
+
+def _shard_bytes(max_shard_size) -> int:
     try:
-        with atomic_output_dir(out_dir) as tmp:
-            with single_process():
-                model = build_empty_model(src.cfg, src.ckpt_dtype, src.vocab_rows)
-                load_model(model, ckpt)
-                write_weights(model, src, export_cfg, tmp, DTYPE_OPTIONS[out_dtype], shard_bytes, unused)
+        return parse_size(max_shard_size)
+    except ValueError as e:
+        raise ConversionError("bad --max-shard-size", [str(e)]) from None
+
+
+# Chat templates InternVL-chat's remote code (conversation.py) knows by name; others are recorded as the
+# closest it knows, and the export says so.
+REMOTE_CODE_TEMPLATES = ("internvl2_5", "sailvl-chat", "univl-chat")
+
+
+def _run_template(data: Optional[DataConfig], dtype: str) -> Dict:
+    """A fresh InternVL-chat config whose prompt and tiling settings are the training run's."""
+    if data is None:
+        return stage1_template({}, {}, "internvl2_5", dtype)
+    name = data.template if data.template in REMOTE_CODE_TEMPLATES else "internvl2_5"
+    if name != data.template:
+        logger.warning(
+            "the run trained with data.template %r, which InternVL-chat's remote code does not know: config.json "
+            "names %r; pass sail-chat --template with this export, or export with --format transformers, whose "
+            "chat template is the trained one",
+            data.template,
+            name,
+        )
+    template = stage1_template({}, {}, name, dtype)
+    template.update(
+        use_thumbnail=data.use_thumbnail, min_dynamic_patch=data.min_tiles, max_dynamic_patch=data.max_tiles
+    )
+    return template
+
+
+def mcore_to_hf(
+    ckpt, out_dir, tokenizer=None, base_hf=None, dtype: Optional[str] = None, max_shard_size: str = "5GB"
+) -> Path:
+    """Export a megatron checkpoint (from sail-convert or the trainer) as an InternVL-chat HF folder:
+    safetensors shards + index, config.json, tokenizer and other carried files."""
+    plan = plan_export(ckpt, out_dir, tokenizer, base_hf, dtype, max_shard_size)
+    src = plan.src
+    try:
+        # No template (trainer checkpoint, no --base-hf): a fresh InternVL-chat config with every field explicit.
+        template = src.template or _run_template(src.run_data, plan.dtype)
+        config = hf_config_from_model(plan.export_cfg, template, plan.dtype)
+        with atomic_output_dir(Path(out_dir)) as tmp:
+            with loaded_model(plan) as model:
+                shapes = mapping.expected_hf_shapes(plan.export_cfg, src.lm_head_stored)
+                write_weights(model, plan, tmp, shapes, src.lm_head_stored)
                 del model
             write_json(tmp / "config.json", config)
-            copy_files(_side_files(src) + _export_tokenizer(src, tokenizer), tmp)
+            copy_files(_side_files(src) + export_tokenizer(src, plan.tokenizer), tmp)
     finally:
-        if unused is not None:
-            unused.close()
-    return out_dir
+        plan.close()
+    return Path(out_dir)

@@ -19,8 +19,10 @@ per message, with `roles = ('<|im_start|>user\\n', '<|im_start|>assistant\\n')`)
                system message, roles and separator; UniVL is the project's internal name).
   internvl2_5  InternVL 2.5 (OpenGVLab/InternVL, internvl_chat/internvl/conversation.py, `internvl2_5`):
                MPT style with sep `<|im_end|>\\n` and its own default system message.
+`chat_template_jinja` writes each as the Jinja chat template a Hugging Face tokenizer applies (exports).
 """
 
+import json
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -67,3 +69,44 @@ def get_template(name: str) -> TemplateSpec:
         return TEMPLATES[name]
     except KeyError:
         raise ValueError(f"unknown chat template {name!r}; use one of {', '.join(TEMPLATES)}") from None
+
+
+def chat_template_jinja(name: str, system_prompt: Optional[str] = None) -> str:
+    """The Jinja chat template (`tokenizer.apply_chat_template`) that renders what `ChatTemplate` renders for
+    template `name` and `data.system_prompt`, so an exported model is prompted as it was trained.
+
+    The first system message replaces the default one (later ones are dropped, as in training); every other
+    message is `<|im_start|>{role}\\n{content}<|im_end|>` plus the template's turn end. Content is a string (with
+    `<image>` placeholders, as in the training data) or a list of parts: `{"type": "text", "text": ...}` as is,
+    `{"type": "image"}` as `<image>\\n` (InternVL's convention). A processor replaces each `<image>` with the
+    image block `<img><IMG_CONTEXT>*n</img>`. `add_generation_prompt` opens the assistant turn.
+    """
+    from sail_megatron.data.sample import IMAGE_PLACEHOLDER  # imported here: it imports megatron-energon
+    from sail_megatron.data.tokenizer import IM_END, IM_START
+
+    spec = get_template(name)
+    system = spec.default_system if system_prompt is None else system_prompt
+
+    def literal(text: str) -> str:  # a JSON string is a valid Jinja string literal
+        return json.dumps(text, ensure_ascii=False)
+
+    start, newline, end = literal(IM_START), literal("\n"), literal(IM_END + spec.turn_end)
+    image, prompt = literal(IMAGE_PLACEHOLDER + "\n"), literal(IM_START + "assistant\n")
+    return "".join(
+        (
+            "{%- macro render(content) -%}",
+            "{%- if content is string -%}{{ content }}{%- else -%}{%- for part in content -%}",
+            f"{{%- if part['type'] == 'image' -%}}{{{{ {image} }}}}",
+            "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}",
+            "{%- endfor -%}{%- endif -%}{%- endmacro -%}",
+            f"{{%- set ns = namespace(system={literal(system or '')}, found=false) -%}}",
+            "{%- for message in messages -%}{%- if message['role'] == 'system' and not ns.found -%}",
+            "{%- set ns.system = render(message['content']) -%}{%- set ns.found = true -%}",
+            "{%- endif -%}{%- endfor -%}",
+            f"{{%- if ns.system -%}}{{{{ {start} + 'system' + {newline} + ns.system + {end} }}}}{{%- endif -%}}",
+            "{%- for message in messages -%}{%- if message['role'] != 'system' -%}",
+            f"{{{{ {start} + message['role'] + {newline} + render(message['content']) + {end} }}}}",
+            "{%- endif -%}{%- endfor -%}",
+            f"{{%- if add_generation_prompt -%}}{{{{ {prompt} }}}}{{%- endif -%}}",
+        )
+    )
