@@ -55,6 +55,7 @@ setup(
             "sail-bench=sail_megatron.bench.cli:main",
             "sail-data=sail_megatron.data.cli:main",
             "sail-convert=sail_megatron.convert.cli:main",
+            "sail-chat=sail_megatron.chat.cli:main",
         ],
     },
 )

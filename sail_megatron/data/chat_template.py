@@ -8,6 +8,8 @@ Layouts (chatml tokens, InternVL image blocks; `end` is what the template puts a
 The template (`templates.py`: 'chatml', 'sailvl-chat', 'internvl2_5') decides `end` ('\\n' or nothing)
 and the system message used when neither the sample nor `system_prompt` sets one. The caption layout is
 the same for every template.
+At inference (`render_prompt`) a conversation ending with a user turn is followed by an open assistant
+turn, `<|im_start|>assistant\\n`, as the upstream templates render a prompt whose last message is empty.
 Text is tokenized piece by piece and special ids are inserted directly, so loss-mask boundaries are
 exact and image blocks are never tokenized from strings. Sample text goes through `encode_text`: a
 control-token string typed in it ("<|im_end|>", "<IMG_CONTEXT>") stays text and never becomes the
@@ -89,6 +91,9 @@ class ChatTemplate:
                 pieces.append(Piece(self.tok.encode_text(part), trained=False, round=round_))
         return pieces, next_image
 
+    def _turn_start(self, role: str, round_: int) -> Piece:
+        return Piece([self.ids.im_start] + self.tok.encode_text(f"{role}\n"), False, round=round_)
+
     def render(self, sample: VLSample, plans: List[TilePlan]) -> List[Piece]:
         ids = self.ids
         if sample.kind == "caption":
@@ -113,14 +118,14 @@ class ChatTemplate:
             if role == "user":
                 round_ += 1
                 body, next_image = self._text_with_images(text, plans, next_image, round_)
-                pieces.append(Piece([ids.im_start] + self.tok.encode_text("user\n"), False, round=round_))
+                pieces.append(self._turn_start("user", round_))
                 pieces += body
                 pieces.append(Piece([ids.im_end] + end, False, round=round_))
             elif role == "assistant":
                 if IMAGE_PLACEHOLDER in text:
                     raise MalformedSample("an assistant turn contains an image placeholder")
                 round_ = max(round_, 0)
-                pieces.append(Piece([ids.im_start] + self.tok.encode_text("assistant\n"), False, round=round_))
+                pieces.append(self._turn_start("assistant", round_))
                 pieces.append(Piece(self.tok.encode_text(text) + [ids.im_end], True, round=round_))
                 if end:  # the separator after an answer is context, not a target
                     pieces.append(Piece(end, False, round=round_))
@@ -129,6 +134,14 @@ class ChatTemplate:
         if next_image != len(plans):
             raise MalformedSample(f"{next_image} {IMAGE_PLACEHOLDER} placeholders for {len(plans)} images")
         return pieces
+
+    def render_prompt(self, sample: VLSample, plans: List[TilePlan]) -> List[Piece]:
+        """A conversation that ends with a user turn, rendered as in training, then the open assistant
+        turn the model answers from (inference; nothing in it is trained)."""
+        if sample.kind != "conversation" or not sample.turns or sample.turns[-1][0] != "user":
+            raise MalformedSample("a generation prompt is a conversation that ends with a user turn")
+        pieces = self.render(sample, plans)
+        return pieces + [self._turn_start("assistant", max(p.round for p in pieces))]
 
     def encode(self, sample: VLSample, images: List[bytes], plans: List[TilePlan], seq_length: int) -> EncodedSample:
         """Tokenize, apply the over-length policy and build labels and the loss mask."""
