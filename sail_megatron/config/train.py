@@ -10,7 +10,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -53,6 +53,11 @@ def parse_fault(text: str) -> Fault:
             f"use KIND@STEP[:RANK] with KIND one of {', '.join(FAULT_KINDS)}, e.g. 'kill@5:1'",
         )
     return fault
+
+
+def parse_faults(text: str) -> List[Fault]:
+    """'KIND@STEP[:RANK],KIND@STEP[:RANK],...' -> the faults of a drill, in the order given."""
+    return [parse_fault(part.strip()) for part in text.split(",")]
 
 
 @dataclass
@@ -104,7 +109,8 @@ class RunConfig:
     """Also treat a step as hung past this many times the median of the recent steps (0: off)."""
     inject_fault: Optional[str] = None
     """Testing and drills only: 'hang@STEP', 'kill@STEP' or 'exit@STEP', optionally ':RANK' (default rank
-    0), e.g. 'kill@5:1' SIGKILLs rank 1 at step 5. Off by default."""
+    0), e.g. 'kill@5:1' SIGKILLs rank 1 at step 5; several, comma-separated, make a drill ('kill@3:1,hang@5:0').
+    Each fires once per run folder. Off by default."""
 
     def validate(self) -> None:
         for name in (
@@ -141,7 +147,7 @@ class RunConfig:
                 "use 0 (off) or a factor above 1, e.g. 10",
             )
         if self.inject_fault is not None:
-            parse_fault(self.inject_fault)
+            parse_faults(self.inject_fault)
 
 
 @dataclass
