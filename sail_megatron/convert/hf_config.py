@@ -485,6 +485,11 @@ def hf_config_from_model(model: ModelConfig, template: Dict[str, Any], dtype: Op
     return out
 
 
+TRAINED_PROMPT_KEY = "sail_trained_prompt"
+"""config.json key of a trainer export: the chat template name and system message the run trained with
+(InternVL-chat's remote code ignores it; `template` holds the nearest name that code knows)."""
+
+
 def stage1_template(
     llm_config: Dict[str, Any], vision_config: Dict[str, Any], template: str, dtype: str
 ) -> Dict[str, Any]:

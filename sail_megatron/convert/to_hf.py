@@ -30,6 +30,7 @@ from sail_megatron.convert import mapping
 from sail_megatron.convert.checks import DTYPE_OPTIONS, stored_dtype, tensor_problems
 from sail_megatron.convert.errors import ConversionError, raise_if
 from sail_megatron.convert.hf_config import (
+    TRAINED_PROMPT_KEY,
     hf_config_from_model,
     model_config_from_hf,
     read_json,
@@ -352,15 +353,17 @@ def _run_template(data: Optional[DataConfig], dtype: str) -> Dict:
     if name != data.template:
         logger.warning(
             "the run trained with data.template %r, which InternVL-chat's remote code does not know: config.json "
-            "names %r; pass sail-chat --template with this export, or export with --format transformers, whose "
-            "chat template is the trained one",
+            "names %r (sail-chat reads the trained one from its %s; --format transformers exports carry it "
+            "as their chat template)",
             data.template,
             name,
+            TRAINED_PROMPT_KEY,
         )
     template = stage1_template({}, {}, name, dtype)
     template.update(
         use_thumbnail=data.use_thumbnail, min_dynamic_patch=data.min_tiles, max_dynamic_patch=data.max_tiles
     )
+    template[TRAINED_PROMPT_KEY] = {"template": data.template, "system_prompt": data.system_prompt}
     return template
 
 

@@ -221,3 +221,16 @@ def test_bad_inputs_exit_2_with_one_line(made, capsys, monkeypatch, tmp_path, tr
     assert "model_type 'internvl'" in line and "--format transformers" in line
     line = _bad(capsys, ["--ckpt", run, "--image", photo, "--dtype", "bf16"] + ask)
     assert "--dtype bf16 needs CUDA" in line
+
+
+def test_a_trainer_export_is_prompted_as_the_run_was_trained():
+    from sail_megatron.chat.source import data_from_hf_config
+    from sail_megatron.config.data import DataConfig
+    from sail_megatron.convert.to_hf import _run_template
+
+    run = DataConfig(template="chatml", system_prompt="Be brief.", min_tiles=2, max_tiles=4, use_thumbnail=False)
+    config = _run_template(run, "fp32")  # what mcore-to-hf writes for a training run's checkpoint
+    assert config["template"] == "internvl2_5"  # the nearest name InternVL-chat's remote code knows
+    assert (config["min_dynamic_patch"], config["max_dynamic_patch"], config["use_thumbnail"]) == (2, 4, False)
+    data = data_from_hf_config({**config, "dynamic_image_size": True}, None)
+    assert (data.template, data.system_prompt, data.max_tiles, data.use_thumbnail) == ("chatml", "Be brief.", 4, False)
