@@ -21,42 +21,13 @@ from torch import nn
 from sail_megatron.config import ModelConfig
 from sail_megatron.convert.hf_config import model_config_from_hf, read_json
 from sail_megatron.convert.hf_io import SafetensorsFolder
-from sail_megatron.convert.mapping import LLM_PREFIX, PROJECTOR_PREFIX, VISION_PREFIX, aimv2_to_transformers
-
-# InternViT (InternVL-chat) layer names -> transformers InternVLVisionModel names.
-_VISION_LAYER_NAMES = {
-    "attn.proj": "attention.projection_layer",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
-    "norm1": "layernorm_before",
-    "norm2": "layernorm_after",
-    "ls1": "lambda_1",
-    "ls2": "lambda_2",
-}
-_VISION_EMBEDDING_NAMES = {
-    "embeddings.class_embedding": "embeddings.cls_token",
-    "embeddings.position_embedding": "embeddings.position_embeddings",
-    "embeddings.patch_embedding.weight": "embeddings.patch_embeddings.projection.weight",
-    "embeddings.patch_embedding.bias": "embeddings.patch_embeddings.projection.bias",
-}
-
-
-def internvit_to_transformers(name: str, tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """One InternViT tensor (name without `vision_model.`) -> transformers InternVLVisionModel tensors."""
-    if name in _VISION_EMBEDDING_NAMES:
-        return {_VISION_EMBEDDING_NAMES[name]: tensor}
-    parts = name.split(".", 3)  # encoder.layers.N.rest
-    if len(parts) < 4 or parts[:2] != ["encoder", "layers"]:
-        raise KeyError(f"{name} is not an InternViT tensor name")
-    prefix, rest = f"encoder.layer.{parts[2]}.", parts[3]
-    if rest.startswith("attn.qkv."):
-        q, k, v = torch.chunk(tensor, 3, dim=0)
-        kind = rest.rsplit(".", 1)[1]
-        return {f"{prefix}attention.{p}_proj.{kind}": t for p, t in zip("qkv", (q, k, v))}
-    for ours, theirs in _VISION_LAYER_NAMES.items():
-        if rest == ours or rest.startswith(ours + "."):
-            return {prefix + theirs + rest[len(ours) :]: tensor}
-    raise KeyError(name)
+from sail_megatron.convert.mapping import (
+    LLM_PREFIX,
+    PROJECTOR_PREFIX,
+    VISION_PREFIX,
+    aimv2_to_transformers,
+    internvit_to_transformers,
+)
 
 
 def pixel_shuffle(features: torch.Tensor, downsample_ratio: float, ps_version: str) -> torch.Tensor:

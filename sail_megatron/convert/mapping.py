@@ -378,3 +378,42 @@ def aimv2_from_transformers_shape(name: str, shapes: Sequence[Shape]) -> Optiona
     if any(len(s) != len(shapes[0]) or tuple(s[1:]) != tuple(shapes[0][1:]) for s in shapes):
         return None
     return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+
+# InternViT (InternVL-chat, names without `vision_model.`) -> transformers `InternVLVisionModel` names; the
+# fused `attn.qkv` becomes its thirds `attention.{q,k,v}_proj` (rows [q; k; v]).
+INTERNVIT_TRANSFORMERS_EMBEDDINGS = {
+    "embeddings.class_embedding": "embeddings.cls_token",
+    "embeddings.position_embedding": "embeddings.position_embeddings",
+    "embeddings.patch_embedding.weight": "embeddings.patch_embeddings.projection.weight",
+    "embeddings.patch_embedding.bias": "embeddings.patch_embeddings.projection.bias",
+}
+INTERNVIT_TRANSFORMERS_LAYER = {
+    "ls1": "lambda_1",
+    "ls2": "lambda_2",
+    **{f"attn.proj.{wb}": f"attention.projection_layer.{wb}" for wb in ("weight", "bias")},
+    **{f"norm1.{wb}": f"layernorm_before.{wb}" for wb in ("weight", "bias")},
+    **{f"norm2.{wb}": f"layernorm_after.{wb}" for wb in ("weight", "bias")},
+    **{f"mlp.{fc}.{wb}": f"mlp.{fc}.{wb}" for fc in ("fc1", "fc2") for wb in ("weight", "bias")},
+}
+
+
+def internvit_transformers_names(name: str) -> Tuple[str, ...]:
+    """The transformers `InternVLVisionModel` tensors one InternViT tensor (name without prefix) is made of."""
+    if name in INTERNVIT_TRANSFORMERS_EMBEDDINGS:
+        return (INTERNVIT_TRANSFORMERS_EMBEDDINGS[name],)
+    parts = name.split(".", 3)  # encoder.layers.N.rest
+    if len(parts) == 4 and parts[:2] == ["encoder", "layers"]:
+        layer, tail = f"encoder.layer.{parts[2]}.", parts[3]
+        if tail in ("attn.qkv.weight", "attn.qkv.bias"):
+            wb = tail.rsplit(".", 1)[1]
+            return tuple(f"{layer}attention.{p}_proj.{wb}" for p in "qkv")
+        if tail in INTERNVIT_TRANSFORMERS_LAYER:
+            return (layer + INTERNVIT_TRANSFORMERS_LAYER[tail],)
+    raise KeyError(f"{name} is not an InternViT tensor name")
+
+
+def internvit_to_transformers(name: str, tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """One InternViT tensor -> its transformers `InternVLVisionModel` tensors (renames and row splits)."""
+    names = internvit_transformers_names(name)
+    return dict(zip(names, torch.chunk(tensor, len(names), dim=0)))

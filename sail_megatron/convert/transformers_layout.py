@@ -58,20 +58,6 @@ PROJECTOR = "model.multi_modal_projector."
 LANGUAGE = "model.language_model."
 LM_HEAD = "lm_head.weight"
 
-_EMBEDDINGS = {
-    "embeddings.class_embedding": "embeddings.cls_token",
-    "embeddings.position_embedding": "embeddings.position_embeddings",
-    "embeddings.patch_embedding.weight": "embeddings.patch_embeddings.projection.weight",
-    "embeddings.patch_embedding.bias": "embeddings.patch_embeddings.projection.bias",
-}
-_LAYER = {
-    "ls1": "lambda_1",
-    "ls2": "lambda_2",
-    **{f"attn.proj.{wb}": f"attention.projection_layer.{wb}" for wb in ("weight", "bias")},
-    **{f"norm1.{wb}": f"layernorm_before.{wb}" for wb in ("weight", "bias")},
-    **{f"norm2.{wb}": f"layernorm_after.{wb}" for wb in ("weight", "bias")},
-    **{f"mlp.{fc}.{wb}": f"mlp.{fc}.{wb}" for fc in ("fc1", "fc2") for wb in ("weight", "bias")},
-}
 _PROJECTOR = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}
 
 
@@ -129,17 +115,7 @@ def check_supported(cfg: ModelConfig) -> None:
 def transformers_names(name: str) -> Tuple[str, ...]:
     """The `InternVLForConditionalGeneration` tensors one InternVL-chat tensor becomes (InternViT + Qwen)."""
     if name.startswith(mapping.VISION_PREFIX):
-        rest = name[len(mapping.VISION_PREFIX) :]
-        if rest in _EMBEDDINGS:
-            return (VISION_TOWER + _EMBEDDINGS[rest],)
-        parts = rest.split(".", 3)  # encoder.layers.N.rest
-        if len(parts) == 4 and parts[:2] == ["encoder", "layers"]:
-            layer, tail = f"{VISION_TOWER}encoder.layer.{parts[2]}.", parts[3]
-            if tail in ("attn.qkv.weight", "attn.qkv.bias"):
-                wb = tail.rsplit(".", 1)[1]
-                return tuple(f"{layer}attention.{p}_proj.{wb}" for p in "qkv")
-            if tail in _LAYER:
-                return (layer + _LAYER[tail],)
+        return tuple(VISION_TOWER + n for n in mapping.internvit_transformers_names(name[len(mapping.VISION_PREFIX) :]))
     elif name.startswith(mapping.PROJECTOR_PREFIX):
         index, _, wb = name[len(mapping.PROJECTOR_PREFIX) :].partition(".")
         if index in _PROJECTOR and wb in ("weight", "bias"):

@@ -68,8 +68,11 @@ def build_valid_loader(
     """This rank's share of the validation split (`data.valid_path`, else the `val` split of
     `data.path`): read once, in order, packed like training; at most `limit` rows."""
     cfg.validate()
+    # Read in this process: the rows are read once, and worker processes would outlive the read (energon's
+    # are persistent), holding memory for the whole run. It also keeps the split's cut among ranks
+    # independent of data.num_workers.
     worker_config = WorkerConfig(
-        rank=data_parallel_rank, world_size=data_parallel_size, num_workers=cfg.num_workers, seed_offset=seed
+        rank=data_parallel_rank, world_size=data_parallel_size, num_workers=0, seed_offset=seed
     )
     dataset = get_val_dataset(
         cfg.valid_path or cfg.path,

@@ -45,13 +45,24 @@ def _read(loader, n):
     return [tuple(next(it).keys) for _ in range(n)]
 
 
+def _close(loader):
+    """Stop the loader's worker processes now: they would go on filling their buffers (and taking the CPU
+    from the tests after this one) until the garbage collector finds the loader."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        iterator._shutdown_workers()
+
+
 def _continue_on(path, tok, saved, states, now):
     """Rows each rank of `now` reads after taking over the saved states."""
     out = []
     for rank in range(now.data_parallel):
         mine = {d: states[d] for d in source_ranks(saved, now, rank)}
-        state = reshard_loader_state(mine, saved, now, rank)
-        out.append(_read(_loader(path, tok, rank, now.data_parallel, now.num_workers, state), 4 * now.num_workers))
+        loader = _loader(
+            path, tok, rank, now.data_parallel, now.num_workers, reshard_loader_state(mine, saved, now, rank)
+        )
+        out.append(_read(loader, 4 * now.num_workers))
+        _close(loader)
     return out
 
 
@@ -67,6 +78,7 @@ def test_every_stream_continues_where_it_stood(two_datasets, tokenizer_dir, save
         states[rank] = loader.save_state_rank()
         nxt = states[rank].next_worker_id
         rows = _read(loader, 4 * saved.num_workers * 2)
+        _close(loader)
         for i, row in enumerate(rows):  # a rank reads its workers in turn, starting at next_worker_id
             stream = saved.streams_of(rank).start + (nxt + i) % saved.num_workers
             per_stream.setdefault(stream, []).append(row)
