@@ -21,18 +21,9 @@ import warnings
 from typing import List, Optional
 
 from sail_megatron.config.data import TEMPLATES
+from sail_megatron.convert.cli import positive_int
 
 DTYPES = ("fp32", "bf16", "fp16")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,8 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="run folder, iter_* folder, sail-convert checkpoint or HF folder")
     p.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     p.add_argument("--prompt", required=True, help="the question")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=32)
-    p.add_argument("--max-tiles", type=_positive_int, default=None, help="tiles per image (default: as trained)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--max-tiles", type=positive_int, default=None, help="tiles per image (default: as trained)")
     p.add_argument("--system", default=None, help="system message (default: as trained; '' for none)")
     p.add_argument("--template", default=None, choices=TEMPLATES, help="chat template (default: as trained)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one it was trained with)")

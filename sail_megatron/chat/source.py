@@ -24,7 +24,7 @@ from sail_megatron.config.loading import from_dict
 from sail_megatron.config.model import padded_vocab_size
 from sail_megatron.convert import mapping
 from sail_megatron.convert.checks import check_tensors, stored_dtype
-from sail_megatron.convert.hf_config import TRAINED_PROMPT_KEY, model_config_from_hf, read_json
+from sail_megatron.convert.hf_config import data_from_hf_config, model_config_from_hf, read_json
 from sail_megatron.convert.hf_io import SafetensorsFolder
 from sail_megatron.convert.mcore_io import HF_SOURCE_DIR, checkpoint_root, read_provenance
 from sail_megatron.convert.outputs import tokenizer_files
@@ -158,22 +158,6 @@ def _hf_source(folder: Path) -> ChatSource:
         vocab_rows=cfg.language.padded_vocab_size(1),
         data=data_from_hf_config(config, folder if tokenizer_files(folder) else None),
         lm_head_stored=lm_head_stored,
-    )
-
-
-def data_from_hf_config(config: Dict[str, Any], tokenizer: Optional[Path]) -> DataConfig:
-    """How an InternVL-chat model renders its prompts, from its config.json (InternVLChatConfig's defaults
-    for absent keys: one tile without dynamic_image_size, no thumbnail)."""
-    dynamic = bool(config.get("dynamic_image_size", False))
-    max_tiles = int(config.get("max_dynamic_patch", 6)) if dynamic else 1
-    trained = config.get(TRAINED_PROMPT_KEY) or {}  # a trainer export: the prompt exactly as trained
-    return DataConfig(
-        tokenizer=str(tokenizer) if tokenizer is not None else "",
-        template=str(trained.get("template") or config.get("template") or ""),
-        system_prompt=trained.get("system_prompt"),
-        min_tiles=min(int(config.get("min_dynamic_patch", 1)), max_tiles),
-        max_tiles=max_tiles,
-        use_thumbnail=bool(config.get("use_thumbnail", False)),
     )
 
 

@@ -24,7 +24,8 @@ import warnings
 from typing import List, Optional
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (shared by the command-line tools)."""
     try:
         value = int(text)
     except ValueError:
@@ -134,8 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", default="fp32", help="compute dtype of both models (fp32, bf16, fp16)")
     d.add_argument("--atol", type=float, default=None, help="max |logit diff| allowed (default by dtype)")
     d.add_argument("--min-top1", type=float, default=None, help="min top-1 agreement (default by dtype)")
-    d.add_argument("--tiles", type=_positive_int, default=2, help="image tiles in the image case")
-    d.add_argument("--text-tokens", type=_positive_int, default=16, help="text tokens before and after the image")
+    d.add_argument("--tiles", type=positive_int, default=2, help="image tiles in the image case")
+    d.add_argument("--text-tokens", type=positive_int, default=16, help="text tokens before and after the image")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--image-token-id", type=int, default=None)
     return p
@@ -155,29 +156,18 @@ def _run(args) -> int:
             make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
             image_token_id=args.image_token_id,
         )
-    elif args.command == "mcore-to-hf" and args.format == "transformers":
-        from sail_megatron.convert.to_transformers import mcore_to_transformers
-
-        out = mcore_to_transformers(
-            args.ckpt,
-            args.out,
-            tokenizer=args.tokenizer,
-            base_hf=args.base_hf,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            template=args.template,
-        )
     elif args.command == "mcore-to-hf":
-        from sail_megatron.convert.to_hf import mcore_to_hf
-
-        out = mcore_to_hf(
-            args.ckpt,
-            args.out,
-            tokenizer=args.tokenizer,
-            base_hf=args.base_hf,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
+        common = dict(
+            tokenizer=args.tokenizer, base_hf=args.base_hf, dtype=args.dtype, max_shard_size=args.max_shard_size
         )
+        if args.format == "transformers":
+            from sail_megatron.convert.to_transformers import mcore_to_transformers
+
+            out = mcore_to_transformers(args.ckpt, args.out, template=args.template, **common)
+        else:
+            from sail_megatron.convert.to_hf import mcore_to_hf
+
+            out = mcore_to_hf(args.ckpt, args.out, **common)
     elif args.command == "init":
         from sail_megatron.convert.init_stage1 import init_stage1
 

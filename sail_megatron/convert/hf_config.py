@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from sail_megatron.config import ConfigError, LanguageConfig, ModelConfig, ProjectorConfig, VisionConfig
+from sail_megatron.config.data import DataConfig
 from sail_megatron.convert.errors import raise_if
 
 MODEL_TYPE = "internvl_chat"
@@ -488,6 +489,22 @@ def hf_config_from_model(model: ModelConfig, template: Dict[str, Any], dtype: Op
 TRAINED_PROMPT_KEY = "sail_trained_prompt"
 """config.json key of a trainer export: the chat template name and system message the run trained with
 (InternVL-chat's remote code ignores it; `template` holds the nearest name that code knows)."""
+
+
+def data_from_hf_config(config: Dict[str, Any], tokenizer: Optional[Path] = None) -> DataConfig:
+    """How an InternVL-chat model renders its prompts, from its config.json (InternVLChatConfig's defaults
+    for absent keys: one tile without dynamic_image_size, no thumbnail)."""
+    dynamic = bool(config.get("dynamic_image_size", False))
+    max_tiles = int(config.get("max_dynamic_patch", 6)) if dynamic else 1
+    trained = config.get(TRAINED_PROMPT_KEY) or {}  # a trainer export: the prompt exactly as trained
+    return DataConfig(
+        tokenizer=str(tokenizer) if tokenizer is not None else "",
+        template=str(trained.get("template") or config.get("template") or ""),
+        system_prompt=trained.get("system_prompt"),
+        min_tiles=min(int(config.get("min_dynamic_patch", 1)), max_tiles),
+        max_tiles=max_tiles,
+        use_thumbnail=bool(config.get("use_thumbnail", False)),
+    )
 
 
 def stage1_template(

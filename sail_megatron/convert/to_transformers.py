@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 from sail_megatron.config.data import DataConfig
 from sail_megatron.convert import transformers_layout as layout
 from sail_megatron.convert.errors import ConversionError, raise_if
-from sail_megatron.convert.hf_config import read_json, write_json
+from sail_megatron.convert.hf_config import data_from_hf_config, read_json, write_json
 from sail_megatron.convert.outputs import atomic_output_dir, copy_files
 from sail_megatron.convert.to_hf import ExportSource, export_tokenizer, loaded_model, plan_export, write_weights
 from sail_megatron.convert.tokens import find_token_id
@@ -53,15 +53,23 @@ def _token_ids(files: List[Path]) -> Dict[str, int]:
     return {token: i for token, i in ids.items() if i is not None}
 
 
+def _trained_data(src: ExportSource) -> Optional[DataConfig]:
+    """How the model was fed: the run's data settings, else what an InternVL-chat config.json records."""
+    if src.run_data is not None:
+        return src.run_data
+    return data_from_hf_config(src.template) if src.template else None
+
+
 def _chat_template(src: ExportSource, template: Optional[str]) -> Tuple[str, Optional[str]]:
     """(template name, system prompt) the model was trained with; --template overrides the name."""
-    system = src.run_data.system_prompt if src.run_data is not None else None
+    data = _trained_data(src)
+    system = data.system_prompt if data is not None else None
     if template is not None:
         name, where = template, "--template"
     elif src.run_data is not None:
         name, where = src.run_data.template, "data.template in the run's config.yaml"
-    elif src.template.get("template"):
-        name, where = src.template["template"], "`template` in the model's config.json"
+    elif data is not None and data.template:
+        name, where = data.template, "the model's config.json"
     else:
         raise ConversionError(
             "no chat template for the transformers export",
@@ -82,19 +90,8 @@ def _tiling(src: ExportSource) -> Tuple[int, int]:
     """(min, max) tiles per image: the run's data settings, else the InternVL-chat config's (absent keys take
     InternVLChatConfig's defaults: no dynamic tiling, no thumbnail), else the trainer's defaults. The processor
     adds a thumbnail after several tiles (it has no switch): says so when the model was trained without one."""
-    if src.run_data is not None:
-        data = src.run_data
-        tiles, thumbnail = (data.min_tiles, data.max_tiles), data.use_thumbnail
-    elif src.template:
-        config = src.template
-        dynamic = config.get("dynamic_image_size", False)
-        tiles = (
-            (int(config.get("min_dynamic_patch", 1)), int(config.get("max_dynamic_patch", 6))) if dynamic else (1, 1)
-        )
-        thumbnail = bool(config.get("use_thumbnail", False))
-    else:
-        data = DataConfig()
-        tiles, thumbnail = (data.min_tiles, data.max_tiles), data.use_thumbnail
+    data = _trained_data(src) or DataConfig()
+    tiles, thumbnail = (data.min_tiles, data.max_tiles), data.use_thumbnail
     if not thumbnail and tiles[1] > 1:
         logger.warning(
             "the model was trained without a thumbnail tile, but transformers' image processor always adds one "

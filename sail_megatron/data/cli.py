@@ -96,26 +96,17 @@ def build_demo(out: Path, overwrite: bool = False) -> Path:
         raw = write_demo_raw(stage / "raw")
         # 40 records each in shards of 16: the last shard (8 records) is held out for validation.
         held_out = valid_fraction_split(0.25)
-        prepare(
-            raw.captions_jsonl,
-            raw.images_dir,
-            stage / "captions",
-            fmt="caption",
-            shard_size=16,
-            split_ratio=held_out,
-            verify_decode=True,
-            progress=False,
-        )
-        prepare(
-            raw.sft_jsonl,
-            raw.images_dir,
-            stage / "sft",
-            fmt="llava",
-            shard_size=16,
-            split_ratio=held_out,
-            verify_decode=True,
-            progress=False,
-        )
+        for records, name, fmt in ((raw.captions_jsonl, "captions", "caption"), (raw.sft_jsonl, "sft", "llava")):
+            prepare(
+                records,
+                raw.images_dir,
+                stage / name,
+                fmt=fmt,
+                shard_size=16,
+                split_ratio=held_out,
+                verify_decode=True,
+                progress=False,
+            )
         write_blend(stage / "blend.yaml", {"captions": 1.0, "sft": 1.0})
     return out
 

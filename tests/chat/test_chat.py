@@ -224,8 +224,8 @@ def test_bad_inputs_exit_2_with_one_line(made, capsys, monkeypatch, tmp_path, tr
 
 
 def test_a_trainer_export_is_prompted_as_the_run_was_trained():
-    from sail_megatron.chat.source import data_from_hf_config
     from sail_megatron.config.data import DataConfig
+    from sail_megatron.convert.hf_config import data_from_hf_config
     from sail_megatron.convert.to_hf import _run_template
 
     run = DataConfig(template="chatml", system_prompt="Be brief.", min_tiles=2, max_tiles=4, use_thumbnail=False)
