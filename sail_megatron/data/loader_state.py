@@ -62,9 +62,8 @@ def source_ranks(saved: LoaderLayout, now: LoaderLayout, rank: int) -> List[int]
     return sorted({saved.rank_of(g) for g in now.streams_of(rank)})
 
 
-def _leftover_rows(state: Any) -> List[Any]:
-    """Rows a saved rank had read from its loader but not yet trained on (tile-balance buffer)."""
-    _, balance = split_loader_state(state)
+def _leftover_rows(balance: Optional[Dict[str, Any]]) -> List[Any]:
+    """Rows a saved rank had read from its loader but not yet trained on (its tile-balance state's)."""
     if balance is None:
         return []
     return list(balance["pending"]) + [row for _, row in balance["buffer"]]
@@ -77,7 +76,8 @@ def reshard_loader_state(saved_states: Dict[int, Any], saved: LoaderLayout, now:
         raise ValueError(f"{saved} and {now} split the data into different numbers of streams")
     if saved == now:
         return saved_states[rank]
-    energon = {d: split_loader_state(s)[0] for d, s in saved_states.items()}
+    parts = {d: split_loader_state(s) for d, s in saved_states.items()}  # d -> (energon, balance or None)
+    energon = {d: e for d, (e, _) in parts.items()}
     mine = now.streams_of(rank)
     worker_states = []
     for g in mine:
@@ -94,10 +94,10 @@ def reshard_loader_state(saved_states: Dict[int, Any], saved: LoaderLayout, now:
 
     # Read-ahead rows of a saved rank go round-robin to the new ranks that took over its streams.
     rows = []
-    for d in sorted(saved_states):
+    for d in sorted(parts):
         takers = sorted({now.rank_of(g) for g in saved.streams_of(d)})
-        rows += [row for i, row in enumerate(_leftover_rows(saved_states[d])) if takers[i % len(takers)] == rank]
-    steps = [split_loader_state(s)[1]["step"] for s in saved_states.values() if split_loader_state(s)[1]]
+        rows += [row for i, row in enumerate(_leftover_rows(parts[d][1])) if takers[i % len(takers)] == rank]
+    steps = [balance["step"] for _, balance in parts.values() if balance]
     if not rows and not steps:
         return loader
     return {
