@@ -83,7 +83,7 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
     env, run = read_dist_env(), cfg.run
     save_dir = Path(run.save_dir)
     stop = GracefulStop()  # before the slow setup: a signal during it still saves at the first step
-    watchdog = StepWatchdog(save_dir, env.rank, run.step_timeout_s, run.step_timeout_factor)
+    watchdog = StepWatchdog(save_dir, env.rank, env.world_size, run.step_timeout_s, run.step_timeout_factor)
     faults = FaultInjector(run.inject_fault, env.rank, save_dir)
     begin = choose_start(save_dir, run.resume, run.init_from)
     if env.is_main:

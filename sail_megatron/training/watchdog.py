@@ -5,9 +5,12 @@ limit: `run.step_timeout_s`, and (after a few steps) `run.step_timeout_factor` t
 recent steps, whichever is smaller. Past it, the rank writes every thread's Python stack
 (`faulthandler`) to `RUN/hangs/rank_N.txt`, says so in the log, and exits with code 3, so torchrun
 (with `--max-restarts`) restarts the job from the last checkpoint. A collective that hangs stops every
-rank, so every rank dumps its stacks: together they show who waits on what. The watch starts with the
-first step (`arm`); the first steps are held only to `step_timeout_s`, checkpoint saves likewise. The
-start-up before it (loading, rendezvous) is bounded by the process-group timeout of its collectives.
+rank, so every rank dumps its stacks: together they show who waits on what. Ranks reach their limits a
+little apart, and the launcher stops all of them once one exits, so a rank that fired waits (until every
+rank's dump of this hang is there, or a grace of a fifth of the limit, 2-30 s) before it exits. The
+watch starts with the first step (`arm`); the first steps are held only to `step_timeout_s`, checkpoint
+saves likewise. The start-up before it (loading, rendezvous) is bounded by the process-group timeout of
+its collectives.
 """
 
 import contextlib
@@ -27,11 +30,19 @@ HANG_EXIT_CODE = 3
 HANGS_DIR = "hangs"
 _WARMUP_STEPS = 5  # steps before the median-based limit applies
 _WINDOW = 50  # recent steps the median is taken over
+_GRACE_RANGE_S = (2.0, 30.0)  # bounds of the wait for the peers' dumps before exiting
+_CLOCK_SLACK_S = 1.0  # file times on a shared file system may lag the writer's clock a little
+
+
+def dump_grace_s(limit: float) -> float:
+    """How long a rank that fired waits for its peers to dump their stacks too."""
+    low, high = _GRACE_RANGE_S
+    return min(high, max(low, limit / 5))
 
 
 class StepWatchdog:
-    def __init__(self, run_dir, rank: int, timeout_s: Optional[float], factor: float = 0.0):
-        self.run_dir, self.rank = Path(run_dir), rank
+    def __init__(self, run_dir, rank: int, world_size: int, timeout_s: Optional[float], factor: float = 0.0):
+        self.run_dir, self.rank, self.world_size = Path(run_dir), rank, world_size
         self.timeout_s, self.factor = timeout_s, factor
         self.recent: deque = deque(maxlen=_WINDOW)
         self.last_beat = time.monotonic()
@@ -91,6 +102,7 @@ class StepWatchdog:
         return 1.0 if limit is None else max(0.05, min(1.0, limit / 20))
 
     def _fire(self, waited: float, limit: float) -> None:
+        step_began = time.time() - waited
         folder = self.run_dir / HANGS_DIR
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"rank_{self.rank}.txt"
@@ -113,4 +125,26 @@ class StepWatchdog:
         )
         for handler in logging.getLogger().handlers:
             handler.flush()
+        self.wait_for_peer_dumps(step_began, dump_grace_s(limit))
         os._exit(HANG_EXIT_CODE)
+
+    def wait_for_peer_dumps(self, step_began: float, grace_s: float) -> int:
+        """Wait until every rank has dumped its stacks for this hang (files written after the hung step
+        began; older ones are from an earlier hang), at most grace_s. Returns how many had."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            dumped = sum(
+                1
+                for path in (self.run_dir / HANGS_DIR).glob("rank_*.txt")
+                if _mtime(path) >= step_began - _CLOCK_SLACK_S
+            )
+            if dumped >= self.world_size or time.monotonic() >= deadline:
+                return dumped
+            time.sleep(0.1)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # a peer replacing its dump
+        return 0.0
