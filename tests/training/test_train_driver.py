@@ -116,8 +116,9 @@ def _leftover_processes(run_dir) -> str:
 def test_a_killed_and_then_a_hung_rank_restart_the_job_which_resumes_by_itself(demo, straight, tmp_path):
     # One drill, two faults. Rank 1 is SIGKILLed as it starts step 4: torchrun restarts both ranks, which meet
     # again and resume from the step-2 checkpoint (written in the background). Then rank 1 stops at step 6 (as
-    # in a dead collective): both ranks' watchdogs dump their stacks (the first to fire waits for the other's dump) and exit, torchrun restarts the job again,
-    # and it resumes from its newest complete checkpoint. It finishes with the uninterrupted run's losses, bitwise.
+    # in a dead collective): both ranks' watchdogs dump their stacks (the first to fire waits for the other's
+    # dump) and exit, torchrun restarts the job again, and it resumes from its newest complete checkpoint. It
+    # finishes with the uninterrupted run's losses, bitwise.
     _, log = _train(
         SFT,
         demo,
