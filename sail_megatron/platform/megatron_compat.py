@@ -158,7 +158,10 @@ def checkpoint_results_queue_dies_with_rank() -> None:
     """megatron-core's checkpoint writer collects write results through a queue served by a spawned
     multiprocessing Manager, created on the first save and never told when its rank dies: after a SIGKILL
     it lives on as an orphan holding the job's output pipes. Serve that queue from a Manager that dies
-    with this process instead (set before the first save; megatron reuses an existing queue)."""
+    with this process instead (set before the first save; megatron reuses an existing queue).
+
+    It is forked, as megatron's own checkpoint writers are: a spawned server imports the launching module
+    again and then torch to unpickle the first write results, about 6-8 s of every rank's first save."""
     global _checkpoint_results_manager
     import multiprocessing as mp
     from multiprocessing.managers import SyncManager
@@ -169,7 +172,7 @@ def checkpoint_results_queue_dies_with_rank() -> None:
 
     if filesystem_async._results_queue is not None:
         return
-    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager = SyncManager(ctx=mp.get_context("fork"))
     manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
     _checkpoint_results_manager = manager
     filesystem_async._results_queue = manager.Queue()
