@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from sail_megatron.data.cli import build_demo
 from tests.helpers.train_cli import torchrun_command
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,11 +73,6 @@ def _check(result):
     assert set(result["breakdown_s_per_step"]) == PHASES
     assert result["tokens_per_s"] > 0 and result["tflops_per_s_per_device"] > 0
     assert result["mfu"] is None and result["mfu_fp8"] is None  # no tensor-core peak on the CPU
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return build_demo(tmp_path_factory.mktemp("demo") / "demo_data")
 
 
 def test_synthetic_packed_vs_padded_under_pipeline_parallelism(tmp_path, demo):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from sail_megatron.data.cli import build_demo
 from tests.helpers.multiprocess import free_port
 from tests.helpers.processes import kill_tree
 
@@ -22,8 +21,7 @@ def test_scripts_parse(script):
     subprocess.run(["bash", "-n", str(LAUNCH / script)], check=True)
 
 
-def test_two_nodes_of_two_processes(tmp_path):
-    demo = build_demo(tmp_path / "demo_data")
+def test_two_nodes_of_two_processes(demo, tmp_path):
     env = {
         **os.environ,
         "NNODES": "2",

@@ -17,7 +17,6 @@ from types import SimpleNamespace
 import pytest
 
 from sail_megatron.config import ConfigError
-from sail_megatron.data.cli import build_demo
 from sail_megatron.data.prepare import prepare
 from sail_megatron.training.checkpoint_files import CheckpointError
 from sail_megatron.training.resume import StartPoint, choose_start
@@ -28,11 +27,6 @@ from tests.helpers.train_cli import ENV, GPU_RECIPE_PRECISION, printed_losses, t
 from tests.helpers.train_cli import metrics as _metrics
 
 RECIPES = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny"
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return build_demo(tmp_path_factory.mktemp("demo") / "demo_data")
 
 
 def _command(recipe, demo, run_dir, *overrides, nproc=1, data=None, launcher=()):

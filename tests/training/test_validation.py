@@ -10,18 +10,12 @@ from types import SimpleNamespace
 import pytest
 
 from sail_megatron.config import ConfigError
-from sail_megatron.data.cli import build_demo
 from sail_megatron.data.demo_dataset import write_demo_raw
 from sail_megatron.data.prepare import prepare
 from sail_megatron.training.startup import prepare_config
 from tests.helpers.train_cli import ENV, printed_losses, train_command, valid_metrics
 
 DEMO_RECIPE = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny" / "demo.yaml"
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return build_demo(tmp_path_factory.mktemp("demo") / "demo_data")
 
 
 def _overrides(demo, run_dir, *extra, tp=1, pp=1, dp=1):
