@@ -161,7 +161,9 @@ def checkpoint_results_queue_dies_with_rank() -> None:
     with this process instead (set before the first save; megatron reuses an existing queue).
 
     It is forked, as megatron's own checkpoint writers are: a spawned server imports the launching module
-    again and then torch to unpickle the first write results, about 6-8 s of every rank's first save."""
+    again and then torch to unpickle the first write results, about 6-8 s of every rank's first save. A
+    forked server keeps the memory pages it was forked with for as long as it lives (the run), so a long
+    job calls this early, while the process is small (the trainer: before its process group and model)."""
     global _checkpoint_results_manager
     import multiprocessing as mp
     from multiprocessing.managers import SyncManager
