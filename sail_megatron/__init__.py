@@ -8,6 +8,14 @@ __version__ = "0.1.0"
 # our one `backends:` log line (sail_megatron.platform.backends) reports the same fact.
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*(not installed|Falling back)")
 
+# megatron-core's distributed optimizer zeroes grads by checking `.grad` of its fp32 shard views (views of
+# the parameters, so not leaves): torch warns once per rank, and the answer (None) is right.
+warnings.filterwarnings(
+    "ignore",
+    message=r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
+    module=r"(megatron\.core\.optimizer|sail_megatron\.platform\.cpu_emulation)",
+)
+
 # Installs map the top-level kernels/ folder to sail_megatron.kernels (setup.py package_dir). When this
 # package is imported from a source checkout (tests run from the repo with a non-editable install, or
 # no install at all), let the checkout's kernels/ be found under the same name, without importing it now.
