@@ -158,7 +158,9 @@ def checkpoint_results_queue_dies_with_rank() -> None:
     """megatron-core's checkpoint writer collects write results through a queue served by a spawned
     multiprocessing Manager, created on the first save and never told when its rank dies: after a SIGKILL
     it lives on as an orphan holding the job's output pipes. Serve that queue from a Manager that dies
-    with this process instead (set before the first save; megatron reuses an existing queue).
+    with this process instead (set before the first save; megatron reuses an existing queue). It also
+    ignores the stop signals, which reach the rank's whole process group: the rank saves on them, and
+    needs the queue to finish that save.
 
     It is forked, as megatron's own checkpoint writers are: a spawned server imports the launching module
     again and then torch to unpickle the first write results, about 6-8 s of every rank's first save. A
@@ -170,12 +172,12 @@ def checkpoint_results_queue_dies_with_rank() -> None:
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from sail_megatron.platform.process_lifetime import die_with_parent
+    from sail_megatron.platform.process_lifetime import serve_until_parent_stops
 
     if filesystem_async._results_queue is not None:
         return
     manager = SyncManager(ctx=mp.get_context("fork"))
-    manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+    manager.start(initializer=serve_until_parent_stops, initargs=(os.getpid(),))
     _checkpoint_results_manager = manager
     filesystem_async._results_queue = manager.Queue()
 

@@ -13,6 +13,10 @@ import sys
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
+# The signals that ask a run to save and stop (SLURM, torchrun, Ctrl-C). They reach a rank's whole
+# process group, helpers included; the trainer acts on them, and stops its helpers itself.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
 
 def die_with_parent(parent: int) -> None:
     """Ask the kernel to SIGKILL this process when its parent dies, however it dies. Call it first thing
@@ -23,3 +27,11 @@ def die_with_parent(parent: int) -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before the request took effect
         os._exit(0)
+
+
+def serve_until_parent_stops(parent: int) -> None:
+    """For a helper server the trainer needs while it saves on a stop signal (megatron's checkpoint-results
+    server): ignore the stop signals, and die with `parent`. Call it first thing in the child."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    die_with_parent(parent)

@@ -10,11 +10,10 @@ import logging
 import signal
 
 from sail_megatron.data.worker_signals import shield_loader_workers
+from sail_megatron.platform.process_lifetime import STOP_SIGNALS
 from sail_megatron.training.collectives import any_rank
 
 logger = logging.getLogger(__name__)
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class GracefulStop:
