@@ -15,7 +15,7 @@ import threading
 
 from torch.utils.data._utils import signal_handling
 
-from sail_megatron.platform.process_lifetime import die_with_parent
+from sail_megatron.platform.process_lifetime import STOP_SIGNALS, die_with_parent
 
 
 def _exit_on_parent_sigterm(parent: int) -> None:
@@ -26,10 +26,10 @@ def _exit_on_parent_sigterm(parent: int) -> None:
 
 
 def _shield_worker() -> None:
-    # A Python-level no-op (not SIG_IGN: ignored signals are discarded and never reach sigwaitinfo).
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    signal.signal(signal.SIGUSR1, lambda *_: None)
-    signal.signal(signal.SIGINT, lambda *_: None)  # Ctrl-C reaches the whole group; the trainer saves first
+    # A Python-level no-op (not SIG_IGN: ignored signals are discarded and never reach sigwaitinfo). The
+    # stop signals reach the whole process group (Ctrl-C too); the trainer saves first.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda *_: None)
     # Threads started from here on inherit the block; the waiter thread takes SIGTERM synchronously.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     parent = os.getppid()
