@@ -10,6 +10,7 @@ from sail_megatron.data.loader import build_train_loader
 from sail_megatron.data.loader_state import LoaderLayout, reshard_loader_state, source_ranks, workers_to_continue
 from sail_megatron.data.tokenizer import load_tokenizer
 from tests.data.test_loader import PER_TILE, TILE, tokenizer_dir, two_datasets  # noqa: F401 (fixtures)
+from tests.helpers.loader_workers import stop_loader_workers
 
 
 def test_workers_keep_the_number_of_streams():
@@ -45,14 +46,6 @@ def _read(loader, n):
     return [tuple(next(it).keys) for _ in range(n)]
 
 
-def _close(loader):
-    """Stop the loader's worker processes now: they would go on filling their buffers (and taking the CPU
-    from the tests after this one) until the garbage collector finds the loader."""
-    iterator = getattr(loader, "_iterator", None)
-    if iterator is not None:
-        iterator._shutdown_workers()
-
-
 def _continue_on(path, tok, saved, states, now):
     """Rows each rank of `now` reads after taking over the saved states."""
     out = []
@@ -62,7 +55,7 @@ def _continue_on(path, tok, saved, states, now):
             path, tok, rank, now.data_parallel, now.num_workers, reshard_loader_state(mine, saved, now, rank)
         )
         out.append(_read(loader, 4 * now.num_workers))
-        _close(loader)
+        stop_loader_workers()  # this loader's: the next one reads alone
     return out
 
 
@@ -78,7 +71,7 @@ def test_every_stream_continues_where_it_stood(two_datasets, tokenizer_dir, save
         states[rank] = loader.save_state_rank()
         nxt = states[rank].next_worker_id
         rows = _read(loader, 4 * saved.num_workers * 2)
-        _close(loader)
+        stop_loader_workers()  # this loader's: the next one reads alone
         for i, row in enumerate(rows):  # a rank reads its workers in turn, starting at next_worker_id
             stream = saved.streams_of(rank).start + (nxt + i) % saved.num_workers
             per_stream.setdefault(stream, []).append(row)
