@@ -92,7 +92,9 @@ def build_empty_model(cfg: ModelConfig, dtype: str, vocab_rows: Optional[int] = 
     parts = PartConfigs(
         *(dataclasses.replace(c, perform_initialization=False) for c in (parts.vision, parts.projector, parts.language))
     )
-    return SailVLModel(cfg, parts, build_specs(cpu.layer_backend, cfg), pre_process=True, post_process=True).eval()
+    return SailVLModel(
+        cfg, parts, build_specs(cpu.layer_backend, cfg, cfg.language.num_layers), pre_process=True, post_process=True
+    ).eval()
 
 
 def target_vocab_rows(cfg: ModelConfig, tp: int) -> int:
@@ -144,12 +146,12 @@ def save_model(model: "SailVLModel", out_dir: Path, provenance: Dict[str, Any]) 
 def load_model(model: "SailVLModel", ckpt: Path) -> None:
     """Load a checkpoint written under any layout into the TP1/PP1 model, in place. A damaged checkpoint
     raises CheckpointError naming the folder and the file."""
-    from megatron.core import dist_checkpointing
+    from sail_megatron.training.backend_state import apply_model_state, load_sharded
 
     directory = check_checkpoint(ckpt)
     with checkpoint_read_errors(directory):
-        state = dist_checkpointing.load({"model": tp1_sharded_state_dict(model)}, str(directory))
-        model.load_state_dict(state["model"])
+        state = load_sharded({"model": tp1_sharded_state_dict(model)}, directory)
+        apply_model_state(model, state["model"], directory)
 
 
 def read_common(ckpt: Path) -> Dict[str, Any]:

@@ -3,6 +3,7 @@
 import logging
 
 from megatron.core import parallel_state
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
 from sail_megatron.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig
 from sail_megatron.model.sail_vl import SailVLModel
@@ -27,8 +28,8 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, precision: Precisi
     # Checked again here, where the backends are known: callers that build without TrainConfig.validate.
     parallel.check_layer_backend(layer_backend)
     precision.check_cuda_capability(backends.cuda_capability)
-    specs = build_specs(layer_backend, model)
     configs = build_part_configs(model, parallel, precision, backends)
+    specs = build_specs(layer_backend, model, get_num_layers_to_build(configs.language))
     stage = SailVLModel(
         model,
         configs,

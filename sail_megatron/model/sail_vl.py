@@ -83,7 +83,7 @@ class SailVLModel(MegatronModule):
         lang = model.language
         self.language_model = GPTModel(
             config=configs.language,
-            transformer_layer_spec=specs.language_layer,
+            transformer_layer_spec=specs.language_block,
             vocab_size=lang.padded_vocab_size(configs.language.tensor_model_parallel_size),
             max_sequence_length=lang.max_position_embeddings,
             pre_process=pre_process,

@@ -18,6 +18,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from sail_megatron.config import LanguageConfig, ModelConfig, VisionConfig
@@ -36,7 +38,17 @@ class ModelSpecs:
     """The encoder module with its layer (and norm) specs as params; built with (config, vision)."""
     projector_norm: ModuleSpec
     projector_mlp: MLPSubmodules
-    language_layer: ModuleSpec
+    language_block: TransformerBlockSubmodules
+    """This pipeline stage's decoder layers and, named here rather than left to megatron, the final norm."""
+
+
+class LocalLayers(LocalSpecProvider):
+    """megatron-core's local layers with torch's norms on every machine. megatron's own provider returns
+    apex's FusedLayerNorm (CUDA-only) for LayerNorm when apex imports, until its first RMSNorm request
+    rebinds a module global: the module tree would depend on the machine and on the build order."""
+
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
+        return WrappedTorchNorm
 
 
 def _provider(backend: str) -> BackendSpecProvider:
@@ -45,7 +57,7 @@ def _provider(backend: str) -> BackendSpecProvider:
 
         return TESpecProvider()
     if backend == "local":
-        return LocalSpecProvider()
+        return LocalLayers()
     raise ValueError(f"unknown layer backend {backend!r}: use 'te' or 'local'")
 
 
@@ -115,7 +127,18 @@ def language_layer_spec(backend: str, language: LanguageConfig) -> ModuleSpec:
     return spec
 
 
-def build_specs(backend: str, model: ModelConfig) -> ModelSpecs:
+def language_block_spec(backend: str, language: LanguageConfig, num_layers: int) -> TransformerBlockSubmodules:
+    """`num_layers` decoder layers and the final RMSNorm of the chosen backend. Given only a layer spec,
+    megatron picks the final norm itself: TE's whenever Transformer Engine imports, whatever the backend,
+    so a local-layer model would hold a TE module (CUDA-only, with a checkpoint key the local one lacks)."""
+    return TransformerBlockSubmodules(
+        layer_specs=[language_layer_spec(backend, language)] * num_layers,
+        layer_norm=_provider(backend).layer_norm(rms_norm=True),
+    )
+
+
+def build_specs(backend: str, model: ModelConfig, language_layers: int) -> ModelSpecs:
+    """The specs of a model whose pipeline stage holds `language_layers` decoder layers."""
     provider = _provider(backend)
     fused = provider.fuse_layernorm_and_linear()
     return ModelSpecs(
@@ -124,5 +147,5 @@ def build_specs(backend: str, model: ModelConfig) -> ModelSpecs:
         # TE folds the projector's LayerNorm into fc1 (TELayerNormColumnParallelLinear).
         projector_norm=IdentityOp if fused else provider.layer_norm(rms_norm=False),
         projector_mlp=_mlp(provider),
-        language_layer=language_layer_spec(backend, model.language),
+        language_block=language_block_spec(backend, model.language, language_layers),
     )

@@ -30,6 +30,7 @@ from sail_megatron.platform.megatron_compat import (
     torch_adam_checkpoint_fix,
     unshare_adam_steps,
 )
+from sail_megatron.training.backend_state import apply_model_state, load_sharded
 from sail_megatron.training.checkpoint_files import CheckpointError, resolve_checkpoint_folder
 from sail_megatron.training.run_dir import LATEST, checkpoint_name, checkpoints_to_prune
 
@@ -272,8 +273,8 @@ def load_checkpoint(path, chunks: List[torch.nn.Module], optimizer=None, schedul
     same_world = saved.get("world_size") == dist.get_world_size()
     if same_world:
         sd["rank_state"] = _rank_state_object({})
-    state = dist_checkpointing.load(sd, str(directory))
-    _unwrap(chunks[0]).load_state_dict(state["model"])
+    state = load_sharded(sd, directory)
+    apply_model_state(_unwrap(chunks[0]), state["model"], directory)
     if optimizer is not None:
         # No autograd: with fp32 weights the optimizer's main params are views of the model's leaf params,
         # which megatron copies into in place (its dp_reshardable load does so outside no_grad).
