@@ -13,7 +13,8 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from sail_megatron.config import VisionConfig
-from sail_megatron.model.fp8_shapes import fp8_tile_multiple, pad_to_tile_multiple
+from sail_megatron.model.fp8_shapes import token_multiple
+from sail_megatron.model.tile_layout import TileLayout
 
 
 class AIMv2Model(VisionModule):
@@ -39,19 +40,17 @@ class AIMv2Model(VisionModule):
             if vision.applies_final_norm
             else None
         )
-        self.tile_multiple = fp8_tile_multiple(config, vision.num_positions)
-        """The ViT runs a multiple of this many tiles at once (blank tiles pad the rest): FP8 shapes."""
+        self.layout = TileLayout(vision.num_positions, token_multiple(config))
 
     def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
         self.decoder.set_input_tensor(input_tensor)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         tiles = pixel_values.shape[0]
-        pixel_values = pad_to_tile_multiple(pixel_values, self.tile_multiple)
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # [T, H, g, g]
         x = self.patch_norm(x.flatten(2).transpose(1, 2)) + self.position_embedding  # [T, g*g, H]
-        x = x.transpose(0, 1).contiguous()  # [s, b=T, h]: megatron's layout
-        x = self.decoder(hidden_states=x, attention_mask=None)
+        x, packed = self.layout.enter(x)
+        x = self.decoder(hidden_states=x, attention_mask=None, packed_seq_params=packed)
         if self.final_layernorm is not None:
             x = self.final_layernorm(x)
-        return x[:, :tiles].transpose(0, 1).contiguous()  # drop blank tiles -> [T, g*g, H]
+        return self.layout.leave(x, tiles).contiguous()  # [T, g*g, H]

@@ -13,7 +13,8 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from sail_megatron.config import VisionConfig
-from sail_megatron.model.fp8_shapes import fp8_tile_multiple, pad_to_tile_multiple
+from sail_megatron.model.fp8_shapes import token_multiple
+from sail_megatron.model.tile_layout import TileLayout
 
 
 class InternViTModel(VisionModule):
@@ -46,23 +47,22 @@ class InternViTModel(VisionModule):
                 "drop_path_rate": vision.drop_path_rate,
                 "drop_path_depth": vision.num_layers,
                 "layer_scale_init": vision.layer_scale_init,
+                "tile_tokens": vision.num_positions,
             },
         )
         # All built layers live on this stage: the vision config says pipeline size 1.
         self.decoder = TransformerBlock(config=config, spec=layer_spec, pre_process=True, post_process=False)
-        self.tile_multiple = fp8_tile_multiple(config, vision.num_positions)
-        """The ViT runs a multiple of this many tiles at once (blank tiles pad the rest): FP8 shapes."""
+        self.layout = TileLayout(vision.num_positions, token_multiple(config))
 
     def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
         self.decoder.set_input_tensor(input_tensor)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         tiles = pixel_values.shape[0]
-        pixel_values = pad_to_tile_multiple(pixel_values, self.tile_multiple)
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # [T, H, g, g]
         x = x.flatten(2).transpose(1, 2)  # [T, g*g, H]
         cls = self.class_embedding.expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1) + self.position_embedding  # [T, 1+g*g, H]
-        x = x.transpose(0, 1).contiguous()  # [s, b=T, h]: megatron's layout
-        x = self.decoder(hidden_states=x, attention_mask=None)
-        return x[1:, :tiles].transpose(0, 1).contiguous()  # drop CLS and blank tiles -> [T, g*g, H]
+        x, packed = self.layout.enter(x)
+        x = self.decoder(hidden_states=x, attention_mask=None, packed_seq_params=packed)
+        return self.layout.leave(x, tiles)[:, 1:].contiguous()  # drop CLS -> [T, g*g, H]

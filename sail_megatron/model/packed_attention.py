@@ -2,8 +2,9 @@
 
 megatron-core's local DotProductAttention refuses packed sequences; only Transformer Engine's takes
 them. This subclass keeps the local behaviour for ordinary batches and, given `packed_seq_params`
-(qkv_format 'thd'), attends within each packed sample only, causally: SDPA under a block-diagonal
-causal mask on the CPU (the reference), flex_attention's document masking on CUDA.
+(qkv_format 'thd'), attends within each packed sample only: causally in the decoder, both ways in the
+ViT's packed tiles (the layer's mask type says which). SDPA under a block-diagonal mask on the CPU (the
+reference), flex_attention's document masking on CUDA.
 """
 
 import functools
@@ -14,6 +15,9 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+_CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
 
 
 def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -22,11 +26,18 @@ def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True)
 
 
+def document_mask(cu_seqlens: torch.Tensor, total: int, causal: bool = True) -> torch.Tensor:
+    """[t, t] bool, True where query i may attend to key j: same sample (and j <= i when causal)."""
+    seg = segment_ids(cu_seqlens, total)
+    same = seg[:, None] == seg[None, :]
+    if not causal:
+        return same
+    return same & torch.ones(total, total, dtype=torch.bool, device=cu_seqlens.device).tril_()
+
+
 def document_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """[t, t] bool, True where query i may attend to key j: same sample and j <= i."""
-    seg = segment_ids(cu_seqlens, total)
-    causal = torch.ones(total, total, dtype=torch.bool, device=cu_seqlens.device).tril_()
-    return causal & (seg[:, None] == seg[None, :])
+    return document_mask(cu_seqlens, total, causal=True)
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,12 +56,22 @@ def _document_causal_mod(seg: torch.Tensor) -> Callable:
     return mask_mod
 
 
-def document_block_mask(cu_seqlens: torch.Tensor, total: int, device: torch.device):
-    """flex_attention's BlockMask for a packed row: causal within each sample."""
+def _document_mod(seg: torch.Tensor) -> Callable:
+    """flex_attention's mask_mod: same sample."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return seg[q_idx] == seg[kv_idx]
+
+    return mask_mod
+
+
+def document_block_mask(cu_seqlens: torch.Tensor, total: int, device: torch.device, causal: bool = True):
+    """flex_attention's BlockMask for a packed row: within each sample (causally, or both ways)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     seg = segment_ids(cu_seqlens, total)
-    return create_block_mask(_document_causal_mod(seg), None, None, total, total, device=device)
+    mod = _document_causal_mod(seg) if causal else _document_mod(seg)
+    return create_block_mask(mod, None, None, total, total, device=device)
 
 
 def _version_of(t: torch.Tensor) -> Optional[int]:
@@ -84,11 +105,14 @@ class LastBlockMask:
         return self._mask
 
 
-_block_masks = LastBlockMask()
+_block_masks = {
+    True: LastBlockMask(),  # decoder: causal
+    False: LastBlockMask(functools.partial(document_block_mask, causal=False)),  # ViT tiles
+}
 
 
-def _flex_document_attention(q, k, v, cu_seqlens, scale):
-    block_mask = _block_masks(cu_seqlens, q.shape[2], q.device)
+def _flex_document_attention(q, k, v, cu_seqlens, scale, causal: bool = True):
+    block_mask = _block_masks[causal](cu_seqlens, q.shape[2], q.device)
     return _compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -119,14 +143,15 @@ class PackedDotProductAttention(DotProductAttention):
         total = query.shape[0]
         q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))
         cu = packed_seq_params.cu_seqlens_q
+        causal = (attn_mask_type or self.attn_mask_type) in _CAUSAL
         dropout = self.attention_dropout.p if self.training else 0.0
         if q.is_cuda and dropout == 0.0:
-            out = _flex_document_attention(q, k, v, cu, self.softmax_scale)
+            out = _flex_document_attention(q, k, v, cu, self.softmax_scale, causal)
         else:
             if k.shape[1] != q.shape[1]:
                 k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
                 v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-            mask = document_causal_mask(cu, total)
+            mask = document_mask(cu, total, causal)
             with tensor_parallel.get_cuda_rng_tracker().fork():  # dropout differs per TP rank, as in megatron
                 out = F.scaled_dot_product_attention(
                     q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.softmax_scale

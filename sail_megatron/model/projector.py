@@ -9,6 +9,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from sail_megatron.model.fp8_shapes import pad_rows, token_multiple
+
 
 class VisionProjector(MegatronModule):
     """Pixel-shuffled vision features [.., input_size] -> language embeddings [.., hidden].
@@ -21,11 +23,16 @@ class VisionProjector(MegatronModule):
         super().__init__(config=config)
         self.layer_norm = build_module(norm_spec, config=config, hidden_size=input_size, eps=config.layernorm_epsilon)
         self.mlp = MultimodalProjector(config, mlp, projector_type="mlp", input_size=input_size)
+        self.token_multiple = token_multiple(config)
+        """FP8 GEMM rule (fp8_shapes): 256 tokens per tile always meet it; smaller tiles get zero rows."""
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """[..., input_size] -> [..., hidden]; every position is independent."""
+        rows = features.reshape(-1, features.shape[-1])
         # megatron opens FP8 autocast only inside TransformerBlock; the projector is not in one.
         with get_fp8_context(self.config):
-            return self.mlp(self.layer_norm(features))
+            out = self.mlp(self.layer_norm(pad_rows(rows, self.token_multiple)))
+        return out[: rows.shape[0]].view(*features.shape[:-1], -1)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """A separate LayerNorm is checkpointed under TE's fused fc1 names, so local and TE layouts

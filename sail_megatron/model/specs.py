@@ -50,6 +50,10 @@ class LocalLayers(LocalSpecProvider):
     def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
         return WrappedTorchNorm
 
+    def core_attention(self) -> type:
+        """megatron's local attention plus packed (THD) sequences, which only TE's attention takes."""
+        return PackedDotProductAttention
+
 
 def _provider(backend: str) -> BackendSpecProvider:
     if backend == "te":

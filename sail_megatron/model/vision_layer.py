@@ -9,12 +9,20 @@ import torch
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 
-def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
-    """Stochastic depth over [s, b, h] activations: drops whole tiles (dim 1) of the branch."""
+def drop_path(x: torch.Tensor, rate: float, training: bool, tile_tokens: int) -> torch.Tensor:
+    """Stochastic depth: drops whole tiles of the branch. Batched, [s, b, h] with s = tile_tokens, a tile
+    is a column b; packed (model/tile_layout.py), [T*s + pad, 1, h], tile k is rows k*s..(k+1)*s and the
+    pad rows come last (kept). The same draws either way: one per tile, in tile order."""
     if rate == 0.0 or not training:
         return x
     keep = 1.0 - rate
-    mask = torch.empty((1, x.shape[1], 1), dtype=x.dtype, device=x.device).bernoulli_(keep)
+    if x.shape[0] == tile_tokens:
+        mask = torch.empty((1, x.shape[1], 1), dtype=x.dtype, device=x.device).bernoulli_(keep)
+    else:
+        tiles = x.shape[0] // tile_tokens
+        drawn = torch.empty(tiles, dtype=x.dtype, device=x.device).bernoulli_(keep)
+        pad = drawn.new_full((x.shape[0] - tiles * tile_tokens,), keep)  # * 1 after the / keep below
+        mask = torch.cat([drawn.repeat_interleave(tile_tokens), pad]).view(-1, 1, 1)
     return x * mask / keep
 
 
@@ -26,9 +34,16 @@ class LayerScaleTransformerLayer(TransformerLayer):
     """
 
     def __init__(
-        self, *args, drop_path_rate: float = 0.0, drop_path_depth: int = 1, layer_scale_init: float = 0.1, **kwargs
+        self,
+        *args,
+        drop_path_rate: float = 0.0,
+        drop_path_depth: int = 1,
+        layer_scale_init: float = 0.1,
+        tile_tokens: int = 1,
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.tile_tokens = tile_tokens
         device = "cpu" if self.config.use_cpu_initialization else torch.cuda.current_device()
         hidden = self.config.hidden_size
         self.ls1 = torch.nn.Parameter(
@@ -51,7 +66,7 @@ class LayerScaleTransformerLayer(TransformerLayer):
                     x = x + bias
                 x = torch.nn.functional.dropout(x, p=dropout_prob, training=training)
                 x = x * getattr(self, scale_name)
-                return residual + drop_path(x, self.drop_path_rate, training)
+                return residual + drop_path(x, self.drop_path_rate, training, self.tile_tokens)
 
             return apply
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from sail_megatron.model import packed_attention
-from sail_megatron.model.packed_attention import LastBlockMask, document_block_mask, document_causal_mask
+from sail_megatron.model.packed_attention import LastBlockMask, document_block_mask, document_mask
 
 CPU = torch.device("cpu")
 UNCOMPILED = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -68,7 +68,7 @@ def test_flex_layers_of_a_micro_batch_share_one_block_mask(monkeypatch):
         built.append(document_block_mask(cu_seqlens, total, device))
         return built[-1]
 
-    monkeypatch.setattr(packed_attention, "_block_masks", LastBlockMask(recording_build))
+    monkeypatch.setattr(packed_attention, "_block_masks", {True: LastBlockMask(recording_build)})
     g = torch.Generator().manual_seed(0)
     for cu in (torch.tensor([0, 40, 100, 128], dtype=torch.int32), torch.tensor([0, 64, 128], dtype=torch.int32)):
         for _layer in range(3):
@@ -78,14 +78,16 @@ def test_flex_layers_of_a_micro_batch_share_one_block_mask(monkeypatch):
 
 
 @UNCOMPILED
-def test_flex_document_mask_matches_the_sdpa_reference(monkeypatch):
+@pytest.mark.parametrize("causal", [True, False])  # decoder rows; the ViT's packed tiles
+def test_flex_document_mask_matches_the_sdpa_reference(monkeypatch, causal):
     _uncompiled_flex(monkeypatch)
     g = torch.Generator().manual_seed(0)
     cu = torch.tensor([0, 37, 90, 150, 200], dtype=torch.int32)
     q = torch.randn(1, 4, 200, 16, generator=g)
     k, v = (torch.randn(1, 2, 200, 16, generator=g) for _ in range(2))  # GQA: 2 groups for 4 heads
-    out = packed_attention._flex_document_attention(q, k, v, cu, 0.25)
+    out = packed_attention._flex_document_attention(q, k, v, cu, 0.25, causal)
+    mask = document_mask(cu, 200, causal)
     ref = F.scaled_dot_product_attention(
-        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=document_causal_mask(cu, 200), scale=0.25
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask, scale=0.25
     )
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -121,16 +121,33 @@ def text_only_batch_reaches_every_vision_parameter() -> dict:
         destroy_distributed()
 
 
-def padded_tiles_leave_real_tiles_exact() -> float:
-    """Blank tiles padding the ViT's tile count (FP8 shapes) leave the real tiles' features unchanged."""
-    cfg, model = _tiny()
+def packed_tiles_match_batched_tiles(preset: str, tiles: int) -> dict:
+    """The ViT's packed layout (tiles as THD segments plus a pad segment: InternViT under FP8) against its
+    batched layout on the same weights: features and every vision gradient, drop path included."""
+    from sail_megatron.model.tile_layout import TileLayout
+
+    init_distributed(ParallelConfig(), seed=5)
+    cfg = get_preset(preset)
+    if cfg.vision.arch == "internvit":  # AIMv2 has no stochastic depth
+        cfg.vision.drop_path_rate = 0.5
+    cfg.image_context_token_id = IMG_CONTEXT
     try:
-        pixels = torch.randn(3, 3, cfg.vision.image_size, cfg.vision.image_size)
-        with torch.no_grad():
-            alone = model.vision_model(pixels)
-            model.vision_model.tile_multiple = 8
-            padded = model.vision_model(pixels)
-        assert padded.shape == alone.shape
-        return float((padded - alone).abs().max())
+        model = build_model(cfg, ParallelConfig(), PrecisionConfig(dtype="fp32")).train()
+        vit = model.vision_model
+        pixels = torch.randn(tiles, 3, cfg.vision.image_size, cfg.vision.image_size)
+        runs = {}
+        for name, layout in (("batched", vit.layout), ("packed", TileLayout(cfg.vision.num_positions, 16))):
+            vit.layout = layout
+            vit.zero_grad(set_to_none=True)
+            torch.manual_seed(11)  # the same drop-path draws
+            features = vit(pixels)
+            (features * torch.linspace(-1, 1, features.numel()).view_as(features)).sum().backward()
+            runs[name] = (features.detach(), {n: p.grad.clone() for n, p in vit.named_parameters()})
+        (fb, gb), (fp, gp) = runs["batched"], runs["packed"]
+        return {
+            "shape_equal": fb.shape == fp.shape,
+            "features": float((fb - fp).abs().max()),
+            "grads": max(float((gb[n] - gp[n]).abs().max() / (gb[n].abs().max() + 1e-12)) for n in gb),
+        }
     finally:
         destroy_distributed()
