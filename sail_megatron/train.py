@@ -31,6 +31,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from sail_megatron.config import ConfigError
 from sail_megatron.config.train import TrainConfig, dump
 from sail_megatron.platform import destroy_distributed, init_distributed, read_dist_env
+from sail_megatron.platform.distributed import restart_rendezvous_problem
 from sail_megatron.platform.megatron_compat import checkpoint_results_queue_dies_with_rank
 from sail_megatron.training.checkpoint import CheckpointWriter, load_checkpoint, restore_rng_state
 from sail_megatron.training.checkpoint_files import CheckpointError, checkpoint_read_errors, resolve_checkpoint_folder
@@ -257,8 +258,13 @@ def main(argv=None) -> None:
     if args.check:
         print(f"{args.config}: ready for {env.world_size} processes")
         return
+    rendezvous = restart_rendezvous_problem()
+    if rendezvous:
+        logger.error("%s", rendezvous)
+        sys.exit(2)
     lock = _claim_run_dir(cfg) if env.is_main else None
     checkpoint_results_queue_dies_with_rank()  # forked now, while this process holds little memory
+    FaultInjector(cfg.run.inject_fault, env.rank, cfg.run.save_dir).at_startup()
     try:
         init_distributed(cfg.parallel, seed=cfg.run.seed, timeout_minutes=cfg.run.process_group_timeout_s / 60)
     except dist.DistNetworkError as e:

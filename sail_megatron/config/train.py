@@ -31,7 +31,8 @@ FAULT_KINDS = ("hang", "kill", "exit")
 
 @dataclass(frozen=True)
 class Fault:
-    """A fault to inject (run.inject_fault): what, at which step, on which global rank."""
+    """A fault to inject (run.inject_fault): what, at which step (0: during start-up, before the process
+    group exists), on which global rank."""
 
     kind: str
     step: int
@@ -46,11 +47,12 @@ def parse_fault(text: str) -> Fault:
         fault = Fault(kind.strip(), int(step), int(rank) if rank else 0)
     except ValueError:
         fault = None
-    if fault is None or fault.kind not in FAULT_KINDS or fault.step < 1 or fault.rank < 0:
+    if fault is None or fault.kind not in FAULT_KINDS or fault.step < 0 or fault.rank < 0:
         raise ConfigError(
             "run.inject_fault",
             f"cannot read {text!r}",
-            f"use KIND@STEP[:RANK] with KIND one of {', '.join(FAULT_KINDS)}, e.g. 'kill@5:1'",
+            f"use KIND@STEP[:RANK] with KIND one of {', '.join(FAULT_KINDS)} and STEP >= 0 (0: during start-up), "
+            "e.g. 'kill@5:1'",
         )
     return fault
 
@@ -110,7 +112,8 @@ class RunConfig:
     inject_fault: Optional[str] = None
     """Testing and drills only: 'hang@STEP', 'kill@STEP' or 'exit@STEP', optionally ':RANK' (default rank
     0), e.g. 'kill@5:1' SIGKILLs rank 1 at step 5; several, comma-separated, make a drill ('kill@3:1,hang@5:0').
-    Each fires once per run folder. Off by default."""
+    Step 0 fires during start-up, before the process group exists ('exit@0:1': a rank lost while the job
+    starts). Each fires once per run folder. Off by default."""
 
     def validate(self) -> None:
         for name in (

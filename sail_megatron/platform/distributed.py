@@ -51,30 +51,57 @@ def _quiet_megatron_deprecations() -> None:
         )
 
 
-def _attempt_store(env: DistEnv, timeout: datetime.timedelta) -> Optional[dist.Store]:
-    """The rendezvous store of this launch attempt, under torchrun (which may restart the job).
+def _launch_attempt() -> int:
+    """Which attempt of the job this is under torchrun (0: the first), as its agent counts them."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
-    torchrun can keep one store for the whole job, and every process group stores its members' addresses
-    in it under the same keys in each attempt: after a restart a new rank could read a dead rank's address
-    left by the previous attempt and fail, or wait, to connect to it. So each attempt uses its own key
-    prefix. The attempt is counted in the store itself (every rank of an attempt adds one on arrival)
-    rather than taken from TORCHELASTIC_RESTART_COUNT, which differs between nodes after one node's
-    failure. Outside torchrun: None (torch's own env:// rendezvous)."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
+
+def _shares_agent_store() -> bool:
+    """torchrun keeps one rendezvous store for the whole job (its default; the static rendezvous always),
+    unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives every launch attempt a fresh one on a fresh port."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def restart_rendezvous_problem() -> Optional[str]:
+    """Why restarts of this launch could rendezvous under different keys on different ranks, or None.
+
+    In a shared store every attempt writes the process group's keys anew, so each attempt needs its own
+    key prefix, and the only attempt number ranks share without talking to each other is their agent's
+    restart count, which agrees between the ranks of one node but not between nodes (a node that failed
+    counts a restart, the others re-rendezvous without one). A count kept in the store itself desynchronizes
+    for good when a rank dies before adding to it. So several nodes with restarts need a fresh store per
+    attempt."""
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if not _shares_agent_store() or nodes == 1 or restarts == 0:
         return None
-    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    return (
+        f"torchrun restarts this {nodes}-node job ({restarts} restarts) over one shared rendezvous store, where "
+        "restarted ranks of different nodes can wait under different keys until the process-group timeout. "
+        "Fix: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun with --rdzv-backend c10d (the launch "
+        "scripts in examples/launch do), or pass --max-restarts 0"
+    )
+
+
+def _attempt_store(env: DistEnv, timeout: datetime.timedelta) -> Optional[dist.Store]:
+    """The rendezvous store of this launch attempt, or None for torch's own env:// rendezvous.
+
+    With a fresh store per attempt (outside torchrun, or TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) torch's
+    env:// rendezvous is right. In torchrun's shared store, torch 2.13 puts every attempt's process-group
+    keys under the same names, so a restarted rank could read a dead rank's address left by the previous
+    attempt: each attempt gets its own prefix, from the agent's restart count (one node; several nodes with
+    restarts are refused, restart_rendezvous_problem)."""
+    if not _shares_agent_store():
+        return None
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"],
         int(os.environ["MASTER_PORT"]),
         env.world_size,
-        is_master=env.rank == 0 and not agent_hosts_store,
+        is_master=False,
         timeout=timeout,
         wait_for_workers=False,
     )
-    attempt = (store.add("sail-megatron/arrivals", 1) - 1) // env.world_size
-    if attempt > 0 and env.is_main:
-        logger.warning("launch attempt %d in this store (the job was restarted after a failure)", attempt + 1)
-    return dist.PrefixStore(f"sail-megatron/attempt-{attempt}", store)
+    return dist.PrefixStore(f"sail-megatron/attempt-{_launch_attempt()}", store)
 
 
 def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: float = 10) -> DistEnv:
@@ -86,6 +113,12 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
     """
     env = read_dist_env()
     _quiet_megatron_deprecations()
+    if _launch_attempt() > 0 and env.is_main:
+        logger.warning(
+            "launch attempt %d of at most %s (torchrun restarted the job after a failure)",
+            _launch_attempt() + 1,
+            int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) + 1,
+        )
     # One hardware queue keeps TP communication ordered ahead of compute (megatron-core's advice);
     # it must be set before the CUDA context exists.
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")

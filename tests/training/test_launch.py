@@ -58,3 +58,43 @@ def test_two_nodes_of_two_processes(demo, tmp_path):
     assert "world 4 = TP 2 x PP 2 x DP 1" in log
     assert len(re.findall(r"^step +\d+/2 \| loss", log, re.M)) == 2  # printed once, by global rank 0
     assert (tmp_path / "run" / "latest").read_text().strip() == "iter_00000002"
+
+
+def test_a_rank_lost_before_the_process_group_does_not_desynchronize_the_restart(demo, tmp_path):
+    # Rank 1 exits during start-up of the first attempt, before the process group exists (as after a "device
+    # busy" or a file-system error). torchrun restarts both ranks, which must meet again at once: a short
+    # process-group timeout turns any rendezvous under different keys into a failure instead of a long wait.
+    env = {
+        **os.environ,
+        "GPUS_PER_NODE": "2",
+        "TORCHRUN": f"{sys.executable} -m torch.distributed.run",
+        "PYTHON": sys.executable,
+        "MAX_RESTARTS": "1",
+    }
+    out = subprocess.run(
+        [
+            "bash",
+            str(LAUNCH / "single_node.sh"),
+            str(ROOT / "examples/configs/tiny/1-pretrain-alignment.yaml"),
+            f"data.tokenizer={demo / 'raw' / 'tokenizer'}",
+            f"data.path={demo / 'captions'}",
+            f"run.save_dir={tmp_path / 'run'}",
+            "run.train_steps=2",
+            "run.init_from=null",
+            "run.plot=false",
+            "parallel.tensor_model_parallel_size=1",
+            "parallel.pipeline_model_parallel_size=1",
+            "run.process_group_timeout_s=60",
+            "run.inject_fault=exit@0:1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=400,
+    )
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    assert "injecting fault: exit on rank 1 during start-up" in log
+    assert "launch attempt 2 of at most 2" in log
+    assert (tmp_path / "run" / "latest").read_text().strip() == "iter_00000002"
