@@ -182,7 +182,9 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
             step += 1
             watchdog.beat(step)
             try:
-                writer.poll()
+                # Finishing a background write (barriers, rename, pruning old checkpoints) is no step's time.
+                with watchdog.long_phase():
+                    writer.poll()
             except Exception as e:
                 raise SaveFailed(describe_save_failure(save_dir, step, e)) from e
             monitor.end_step(

@@ -143,6 +143,13 @@ class RunConfig:
             raise ConfigError("run.process_group_timeout_s", "must be >= 1", "use seconds, e.g. 1800")
         if self.step_timeout_s is not None and not self.step_timeout_s > 0:
             raise ConfigError("run.step_timeout_s", f"must be > 0, got {self.step_timeout_s}", "use seconds or null")
+        if self.step_timeout_s is not None and self.step_timeout_s >= self.process_group_timeout_s:
+            raise ConfigError(
+                "run.step_timeout_s",
+                f"is {self.step_timeout_s} s, not below run.process_group_timeout_s ({self.process_group_timeout_s} s): "
+                "a hung collective would end the process first, without the per-rank stack dumps",
+                "set run.step_timeout_s below run.process_group_timeout_s",
+            )
         if not self.step_timeout_factor >= 0 or 0 < self.step_timeout_factor <= 1:
             raise ConfigError(
                 "run.step_timeout_factor",

@@ -108,7 +108,9 @@ class BatchMaterializer:
         self._check_expansion(raw)
         self.skipped.update(raw.skipped)
         self.conversions.update(raw.conversions)
-        loss_mask = raw.loss_mask.clone()
+        # A copy (decode failures zero their spans), page-locked when the loader pinned the original.
+        src = raw.loss_mask
+        loss_mask = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_pinned()).copy_(src)
         pixels = self._decode(raw, loss_mask) if self.decode_images else None
         return Batch(
             tokens=raw.tokens,

@@ -7,6 +7,7 @@ decoder in the training process (DALI on the GPU). Bad samples are skipped with 
 the shard and key, and counted; the counts travel with the next batch to the training process.
 """
 
+import dataclasses
 import logging
 import zlib
 from collections import Counter
@@ -49,6 +50,17 @@ class RawBatch:
     @property
     def num_tiles(self) -> int:
         return sum(p.num_tiles for p in self.plans)
+
+    def pin_memory(self) -> "RawBatch":
+        """Page-locked copies of the text tensors. torch's loader pin thread calls this (it pins only
+        tensors and containers by itself): a copy to the GPU from pageable memory waits for the device to
+        go idle, so every micro-batch would stall the host behind the previous backward."""
+        pinned = {name: getattr(self, name) for name in _TEXT_TENSORS}
+        pinned = {name: t.pin_memory() for name, t in pinned.items() if t is not None}
+        return dataclasses.replace(self, **pinned)
+
+
+_TEXT_TENSORS = ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens")
 
 
 def sample_id(sample: VLSample) -> str:

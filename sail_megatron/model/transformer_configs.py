@@ -88,6 +88,13 @@ def build_part_configs(
     # The ViT lives whole on stage 0. InternViT and `mlp1` use exact (erf) GELU; megatron's fused
     # bias-GELU is the tanh approximation, so GELU parts never take it (its fused SwiGLU is exact).
     vision_common = {**common, "pipeline_model_parallel_size": 1, "bias_activation_fusion": False}
+    # TE's linears accumulate weight gradients into DDP's fp32 main_grad by themselves (no apex needed);
+    # only megatron's own linears (the LM's output layer, local layers) need apex's extension for it. The
+    # vision side is all TE linears when TE layers are chosen.
+    te_layers = precision.layer_backend(backends) == "te"
+    vision_common["gradient_accumulation_fusion"] = common["gradient_accumulation_fusion"] or (
+        backends.cuda and te_layers
+    )
     arch = v.spec
     vision_fusion = {"bias_activation_fusion": common["bias_activation_fusion"] and arch.gated_mlp}
     vision = TransformerConfig(

@@ -32,10 +32,13 @@ def sum_counts_over_data_parallel(counts: Mapping[str, int]) -> Counter:
 def gather_ints_over_data_parallel(values: Sequence[int]) -> List[List[int]]:
     """Every data-parallel rank's list of ints (same length on all), in data-parallel rank order."""
     group = parallel_state.get_data_parallel_group()
-    t = torch.tensor(list(values), dtype=torch.int64, device=read_dist_env().device)
-    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, t, group=group)
-    return [g.tolist() for g in gathered]
+    t = torch.tensor(list(values), dtype=torch.int64).to(read_dist_env().device)
+    ranks = dist.get_world_size(group)
+    gathered = t.new_empty(ranks * t.numel())  # flat: gloo takes no [ranks, n] output
+    dist.all_gather_into_tensor(gathered, t, group=group)
+    return (
+        gathered.view(ranks, t.numel()).cpu().tolist()
+    )  # one device-to-host copy for all ranks' values, not one per rank
 
 
 def max_over_world(values: Sequence[float]) -> List[float]:

@@ -350,3 +350,27 @@ def test_each_skip_is_seen_by_one_data_parallel_rank(bad_shards, tokenizer_dir, 
         seen.append({r.args[0] for r in caplog.records if r.getMessage().startswith("skipping sample")})
     n_bad = len(bad_inputs.cases()) + 3 - n_valid
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == n_bad
+
+
+def test_raw_batches_pin_their_text_tensors(monkeypatch):
+    """torch's loader pin thread pins only tensors and containers, and calls pin_memory() on anything else:
+    a micro-batch's text tensors must come out page-locked (the GPU copy is then asynchronous)."""
+    from sail_megatron.data.task_encoder import RawBatch
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: pinned.append(t) or t.clone())
+    tokens = torch.zeros(1, 8, dtype=torch.int64)
+    raw = RawBatch(
+        keys=["a"],
+        tokens=tokens,
+        labels=tokens.clone(),
+        loss_mask=torch.ones(1, 8),
+        position_ids=tokens.clone(),
+        images=[b"jpeg"],
+        plans=[],
+        image_sample=[0],
+        cu_seqlens=torch.tensor([0, 8], dtype=torch.int32),
+    )
+    out = torch.utils.data._utils.pin_memory.pin_memory(raw)
+    assert isinstance(out, RawBatch) and out.images == [b"jpeg"]
+    assert len(pinned) == 5 and all(t.shape[-1] in (8, 2) for t in pinned)

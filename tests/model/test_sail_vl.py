@@ -133,3 +133,8 @@ def test_packed_tiles_match_batched_tiles(preset, tiles):
     assert r["shape_equal"]
     assert r["features"] < 1e-5, r
     assert r["grads"] < 1e-4, r
+
+
+def test_blank_vision_term_is_zero_in_fp16():
+    (term,) = run_on_ranks(workers.blank_vision_term_in_fp16, 1)
+    assert term == 0.0

@@ -26,13 +26,28 @@ def test_vision_side_uses_exact_gelu_on_gpu(preset):
 
 
 def test_grad_accumulation_fusion_needs_apex_extension(monkeypatch):
-    # Transformer Engine or not, nothing make megatron's own ColumnParallelLinear (the output layer)
-    # accept gradient-accumulation fusion: it needs apex's fused_weight_gradient_mlp_cuda.
+    # Transformer Engine or not, nothing makes megatron's own ColumnParallelLinear (the output layer, local
+    # layers) accept gradient-accumulation fusion: it needs apex's fused_weight_gradient_mlp_cuda.
     monkeypatch.setattr("sail_megatron.model.transformer_configs._grad_accum_fusion_available", False)
     parts = _parts(GPU)
     assert not any(p.gradient_accumulation_fusion for p in (parts.vision, parts.projector, parts.language))
     monkeypatch.setattr("sail_megatron.model.transformer_configs._grad_accum_fusion_available", True)
     assert _parts(GPU).language.gradient_accumulation_fusion
+
+
+def test_te_vision_keeps_its_own_wgrad_fusion_without_apex(monkeypatch):
+    # The vision side is all TE linears under TE layers: TE fuses wgrad accumulation itself.
+    monkeypatch.setattr("sail_megatron.model.transformer_configs._grad_accum_fusion_available", False)
+    # TE is not installed here: megatron's config check of the LM's RoPE fusion only asks that TE's kernel exist.
+    monkeypatch.setattr("megatron.core.models.common.embeddings.rope_utils.fused_apply_rotary_pos_emb", object())
+    te = Backends(cuda=True, transformer_engine=True, apex=False)
+    parts = _parts(te)
+    assert parts.vision.gradient_accumulation_fusion and parts.projector.gradient_accumulation_fusion
+    assert not parts.language.gradient_accumulation_fusion  # its output layer is megatron's own linear
+    local = build_part_configs(
+        get_preset("sail-vl-2b"), ParallelConfig(), PrecisionConfig(dtype="bf16", layers="local"), te
+    )
+    assert not local.vision.gradient_accumulation_fusion
 
 
 def test_cpu_takes_no_fusions():

@@ -151,3 +151,19 @@ def packed_tiles_match_batched_tiles(preset: str, tiles: int) -> dict:
         }
     finally:
         destroy_distributed()
+
+
+def blank_vision_term_in_fp16() -> float:
+    """The text-only micro-batch's zero through the ViT and projector, in fp16, with projector outputs whose sum
+    is far beyond fp16's range (65504): still exactly zero, never inf * 0 = NaN."""
+    init_distributed(ParallelConfig(), seed=5)
+    cfg = get_preset("tiny")
+    cfg.image_context_token_id = IMG_CONTEXT
+    try:
+        model = build_model(cfg, ParallelConfig(), PrecisionConfig(dtype="fp16")).eval()
+        with torch.no_grad():
+            model.projector.mlp.encoder.linear_fc2.bias.fill_(1000.0)
+            assert float(model.encode_images(torch.zeros(1, 3, 112, 112, dtype=torch.float16)).float().sum()) > 65504
+            return float(model._blank_vision_term())
+    finally:
+        destroy_distributed()

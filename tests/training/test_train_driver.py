@@ -360,11 +360,12 @@ def _args(demo, *overrides):
         ("optim.schedule=linear", "optim.schedule"),
         ("run.resume=maybe", "run.resume"),
         ("run.inject_fault=kill", "run.inject_fault"),
+        ("run.step_timeout_s=120 run.process_group_timeout_s=60", "run.step_timeout_s"),
     ],
 )
 def test_user_errors_are_found_before_any_process_group(demo, tmp_path, override, field):
     with pytest.raises(ConfigError) as found:
-        prepare_config(_args(demo, override.format(empty=tmp_path, demo=demo)), world_size=1)
+        prepare_config(_args(demo, *override.format(empty=tmp_path, demo=demo).split()), world_size=1)
     assert found.value.field == field and len(str(found.value).splitlines()) <= 2
 
 
