@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """`make gpu-check`: a one-shot check of everything that only runs on a GPU (tests, Transformer Engine vs
-local layers, bf16/FP8 training throughput and MFU, Triton kernels, DALI decoding, CPU-written checkpoints
-in TE layers). Writes gpu_check/report.md and gpu_check/report.json; exits 2 without a CUDA GPU, 1 when a
-part failed or timed out. See docs/gpu.md.
+local layers, the ViT in FP8, bf16/FP8 training throughput and MFU, Triton kernels, DALI decoding, CPU-written
+checkpoints in TE layers, torchrun's restart). Writes gpu_check/report.md, gpu_check/report.json and
+gpu_check/summary.txt; exits 2 without a CUDA GPU, 1 when a part failed or timed out. See docs/gpu.md.
 
     python tools/gpu_check.py [--out DIR] [--only PART ...] [--skip PART ...] [--budget SECONDS] [--list]
 """

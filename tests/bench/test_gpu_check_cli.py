@@ -1,10 +1,11 @@
 """tools/gpu_check.py on a machine without CUDA, its part runner and its report writer (fake parts: the real
-ones need a GPU; docs/gpu.md)."""
+ones need a GPU; docs/gpu.md). The parts' own CPU-testable logic: tests/bench/test_gpu_check_parts.py."""
 
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from sail_megatron.bench.gpu_check import (
@@ -13,6 +14,7 @@ from sail_megatron.bench.gpu_check import (
     PartResult,
     bench_figures,
     render_markdown,
+    render_summary,
     report_document,
     run_parts,
     write_report,
@@ -107,7 +109,7 @@ def test_report_markdown_and_json(tmp_path):
 
     started = datetime.datetime(2026, 11, 23, 9, 30, tzinfo=datetime.timezone.utc)
     doc = report_document(ENV, _fake_results(), started, 301.4, 450)
-    md_path, json_path = write_report(tmp_path, doc)
+    md_path, json_path, summary_path = write_report(tmp_path, doc)
 
     back = json.loads(json_path.read_text())
     assert back["date"] == "2026-11-23T09:30:00+00:00" and back["duration_s"] == 301.4
@@ -143,6 +145,24 @@ def test_report_markdown_and_json(tmp_path):
     assert "| model | batch | rel_l2 | ok |" in md and "| tiny | packed | 0.91 | no |" in md
     assert "````\nFAILED: tiny packed: TE vs local logits differ | by 0.91\n````" in md
     assert "## train-fp8: skipped" in md and "**Transformer Engine is not importable (No module)**" in md
+
+    # summary.txt: the date, the machine and the versions, then one line per part to paste into an issue.
+    summary = summary_path.read_text()
+    assert summary == render_summary(back)
+    lines = summary.splitlines()
+    assert lines[0] == (
+        "sail-megatron gpu-check 2026-11-23T09:30:00+00:00, 5 min 01 s (budget 450 s): "
+        "1 passed, 1 failed, 1 timed out, 1 skipped"
+    )
+    assert lines[1] == "device: NVIDIA H100 80GB HBM3 (sm_90, 79.10 GiB), driver 550.54.15, CUDA (torch) 12.8"
+    assert lines[2].startswith("versions: torch 2.13.0, Transformer Engine not importable (ModuleNotFoundError")
+    assert lines[2].endswith("megatron-core 0.16.1")
+    assert lines[3:] == [
+        "pytest-gpu  passed     41 s  3 passed in 40.1s",
+        "layers      failed     95 s  3/4 within rel L2 0.05 (worst 0.9)",
+        "train-bf16  timeout   150 s  killed after 150 s",
+        "train-fp8   skipped     0 s  Transformer Engine is not importable (No module)",
+    ]
 
 
 def _python_part(name, code, timeout_s=60, **kw):
@@ -228,3 +248,29 @@ def test_pytest_summary_is_read_from_the_log():
     )
     counts, summary = part.collect(None, log)
     assert counts == {"passed": 2, "skipped": 1} and summary == "2 passed, 1 skipped in 33.10s"
+
+
+def test_a_timeout_kills_processes_in_sessions_of_their_own(tmp_path):
+    # torchrun starts each rank in a session of its own: killing the part's process group would leave them.
+    ctx = Context(root=ROOT, out=tmp_path)
+    pid_file = tmp_path / "rank.pid"
+    rank = "import time; time.sleep(120)"
+    code = (
+        "import subprocess, sys, time; "
+        f"p = subprocess.Popen([sys.executable, '-c', {rank!r}], start_new_session=True); "
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid)); print('launched', flush=True); time.sleep(120)"
+    )
+    (result,) = run_parts([_python_part("launcher", code, timeout_s=3)], ctx, budget_s=60)
+    assert result.status == "timeout" and "launched" in result.log_tail
+    rank_pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{rank_pid}").exists() and _state(rank_pid) != "Z" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{rank_pid}").exists() or _state(rank_pid) == "Z"
+
+
+def _state(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"

@@ -1,0 +1,71 @@
+"""The parts of the check, in the order they run, with their time limits; and the workers the parts start.
+A new part: a module with its worker (if it runs our Python code) and a `part(timeout_s)`, listed here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Dict, List
+
+from sail_megatron.bench.gpu_check import (
+    decode,
+    fp8_vision,
+    init_from,
+    kernels_bench,
+    layers,
+    probe,
+    pytest_parts,
+    restart,
+    train_bench,
+)
+from sail_megatron.bench.gpu_check.helpers import Figures
+from sail_megatron.bench.gpu_check.runner import Part
+
+# The whole check, from its start (environment probe and demo tokenizer included): 7 min 50 s, so that it ends
+# within 8 minutes on one H100 with the report written. A part is cut short when the budget runs out, and
+# not started with less than 30 s of it left.
+DEFAULT_BUDGET_S = 470
+
+# Each part's limit is about twice the time it should take on one H100, so a part that hangs costs the others
+# at most that much of the budget. The expected seconds are estimates until a report measures them; with
+# ~15 s for the probe they add up to ~435 s. On a slower machine the last parts are cut or skipped first:
+# run them alone with --only.
+#   part            expected  limit
+#   pytest-gpu         35 s    90 s   2 trainings of the tiny model (bf16, FP8), each in a fresh process
+#   layers             40 s    90 s   4 models built twice (local, TE) and moved over through a checkpoint
+#   fp8-vision         30 s    90 s   4 models x 6 micro-batches, forward + backward
+#   train-bf16         50 s   120 s   building SAIL-VL-2B, 3 warm-up + 5 measured steps + 1 breakdown step
+#   train-fp8          50 s   120 s   the same in FP8
+#   kernels-bench      30 s    60 s   compiling and timing 4 Triton kernels
+#   decode             20 s    45 s   DALI's pipeline build, 3 PIL and 10 DALI passes over 28 JPEGs
+#   init-from          75 s   150 s   the CPU writer (5 models, fp32 reference logits; 2 min on 2 cores), then TE
+#   restart            45 s   150 s   demo data (~7 s), then two launch attempts of 2 CPU ranks (42 s in all on a
+#                                     2-core CPU); torchrun's own limit inside is 120 s
+#   kernel-tests       45 s   120 s   every kernel's tests, compiled (partly cached by kernels-bench)
+
+
+def default_parts() -> List[Part]:
+    return [
+        pytest_parts.pytest_gpu(90),
+        layers.part(90),
+        fp8_vision.part(90),
+        train_bench.train_bf16(120),
+        train_bench.train_fp8(120),
+        kernels_bench.part(60),
+        decode.part(45),
+        init_from.part(150),
+        restart.part(150),
+        pytest_parts.kernel_tests(120),
+    ]
+
+
+# `python -m sail_megatron.bench.gpu_check worker NAME ...` runs one of these in a part's subprocess.
+WORKERS: Dict[str, Callable[[Figures, Path], None]] = {
+    "env": probe.worker,
+    layers.NAME: layers.worker,
+    fp8_vision.NAME: fp8_vision.worker,
+    kernels_bench.NAME: kernels_bench.worker,
+    decode.NAME: decode.worker,
+    init_from.WRITER: init_from.writer,
+    init_from.NAME: init_from.worker,
+    restart.NAME: restart.worker,
+}
