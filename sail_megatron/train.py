@@ -4,11 +4,12 @@ Resolves and validates the recipe before any process group exists, builds this r
 freezes by stage, starts from `run.init_from` (the previous stage's weights) or resumes exactly from
 the run's own latest checkpoint (model, optimizer, scheduler, RNG and loader state), trains on packed
 micro-batches, validates on fixed rows of the validation split (before the first step, every
-`run.eval_interval` steps and at the end), logs
-(console, TensorBoard, metrics.jsonl, curves.png) and saves every
-`run.save_interval` steps, on SIGTERM/SIGUSR1, and at the end. Steps with a NaN/Inf loss or gradient
-are skipped; `run.max_nonfinite_steps` of them in a row stop the run with exit code 1 (fp16 loss-scale
-overflows are skipped too, but count only once the scale cannot back off any further).
+`run.eval_interval` steps and at the end), logs (console, TensorBoard, metrics.jsonl, curves.png) and
+saves every `run.save_interval` steps, on SIGTERM/SIGUSR1 (under torchrun SIGTERM is best-effort: torchrun
+kills its ranks 30 s after forwarding it; USR1 sent to the ranks has no such limit), and at the end. Steps
+with a NaN/Inf loss or gradient are skipped; `run.max_nonfinite_steps` of them in a row stop the run with
+exit code 1 (fp16 loss-scale overflows are skipped too, but count only once the scale cannot back off any
+further).
 """
 
 import os

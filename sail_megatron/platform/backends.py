@@ -4,6 +4,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -72,9 +73,17 @@ def _distribution_version(name: str) -> Optional[str]:
         return None
 
 
+CUDA_ENVIRONMENT = {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+"""Read by CUDA when a process first uses it, so set before that (unless the user set them): one hardware
+queue keeps tensor-parallel communication ordered ahead of compute (megatron-core's advice)."""
+
+
 @functools.lru_cache(maxsize=1)
 def detect_backends() -> Backends:
-    """What this process can use. Absent optional packages are never an error."""
+    """What this process can use. Absent optional packages are never an error. The first call of every
+    entry point that may touch CUDA, so CUDA's environment is settled here."""
+    for name, value in CUDA_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     # The PyPI package called `apex` is not NVIDIA apex: require its CUDA extension module too.
     apex = _importable("apex") and _importable("amp_C")
     cuda = torch.cuda.is_available()

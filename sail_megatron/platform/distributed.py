@@ -119,9 +119,6 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
             _launch_attempt() + 1,
             int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) + 1,
         )
-    # One hardware queue keeps TP communication ordered ahead of compute (megatron-core's advice);
-    # it must be set before the CUDA context exists.
-    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if env.backend == "nccl":
         torch.cuda.set_device(env.local_rank)
     else:

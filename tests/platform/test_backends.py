@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import logging
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -102,3 +103,15 @@ def test_te_range_is_megatron_cores_and_setup_pins_it(monkeypatch):
     (te,) = captured["extras_require"]["te"]
     assert Requirement(te).name == "transformer-engine"
     assert Requirement(te).specifier == SpecifierSet(backends.TE_VERSION_RANGE)
+
+
+def test_cuda_environment_is_settled_before_cuda_is_first_touched(monkeypatch):
+    from sail_megatron.platform import backends
+
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    backends.detect_backends.cache_clear()
+    try:
+        backends.detect_backends()
+        assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    finally:
+        backends.detect_backends.cache_clear()
