@@ -21,29 +21,41 @@ def test_scripts_parse(script):
     subprocess.run(["bash", "-n", str(LAUNCH / script)], check=True)
 
 
-def test_two_nodes_of_two_processes(demo, tmp_path):
-    env = {
-        **os.environ,
-        "NNODES": "2",
-        "GPUS_PER_NODE": "2",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "RDZV_ID": "two-node-test",
-        "TORCHRUN": f"{sys.executable} -m torch.distributed.run",
-        "PYTHON": sys.executable,
-        "MAX_RESTARTS": "0",  # a failure here is a test failure, not something to retry
-    }
-    args = [
+def _launch(script: str, demo, run_dir, *overrides: str):
+    """The command line of a launch script training the tiny stage-1 recipe for 2 steps on the demo data."""
+    return [
         "bash",
-        str(LAUNCH / "multi_node.sh"),
+        str(LAUNCH / script),
         str(ROOT / "examples/configs/tiny/1-pretrain-alignment.yaml"),
         f"data.tokenizer={demo / 'raw' / 'tokenizer'}",
         f"data.path={demo / 'captions'}",
-        f"run.save_dir={tmp_path / 'run'}",
+        f"run.save_dir={run_dir}",
         "run.train_steps=2",
         "run.init_from=null",
         "run.plot=false",
+        *overrides,
     ]
+
+
+def _launch_env(**settings: str):
+    return {
+        **os.environ,
+        "TORCHRUN": f"{sys.executable} -m torch.distributed.run",
+        "PYTHON": sys.executable,
+        "GPUS_PER_NODE": "2",
+        **settings,
+    }
+
+
+def test_two_nodes_of_two_processes(demo, tmp_path):
+    env = _launch_env(
+        NNODES="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        RDZV_ID="two-node-test",
+        MAX_RESTARTS="0",  # a failure here is a test failure, not something to retry
+    )
+    args = _launch("multi_node.sh", demo, tmp_path / "run")
     nodes = [
         subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
         for _ in range(2)
@@ -64,32 +76,19 @@ def test_a_rank_lost_before_the_process_group_does_not_desynchronize_the_restart
     # Rank 1 exits during start-up of the first attempt, before the process group exists (as after a "device
     # busy" or a file-system error). torchrun restarts both ranks, which must meet again at once: a short
     # process-group timeout turns any rendezvous under different keys into a failure instead of a long wait.
-    env = {
-        **os.environ,
-        "GPUS_PER_NODE": "2",
-        "TORCHRUN": f"{sys.executable} -m torch.distributed.run",
-        "PYTHON": sys.executable,
-        "MAX_RESTARTS": "1",
-    }
     out = subprocess.run(
-        [
-            "bash",
-            str(LAUNCH / "single_node.sh"),
-            str(ROOT / "examples/configs/tiny/1-pretrain-alignment.yaml"),
-            f"data.tokenizer={demo / 'raw' / 'tokenizer'}",
-            f"data.path={demo / 'captions'}",
-            f"run.save_dir={tmp_path / 'run'}",
-            "run.train_steps=2",
-            "run.init_from=null",
-            "run.plot=false",
+        _launch(
+            "single_node.sh",
+            demo,
+            tmp_path / "run",
             "parallel.tensor_model_parallel_size=1",
             "parallel.pipeline_model_parallel_size=1",
             "run.process_group_timeout_s=60",
             "run.inject_fault=exit@0:1",
-        ],
+        ),
         capture_output=True,
         text=True,
-        env=env,
+        env=_launch_env(MAX_RESTARTS="1"),
         cwd=ROOT,
         timeout=400,
     )
