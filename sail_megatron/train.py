@@ -30,13 +30,15 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
 from sail_megatron.config import ConfigError
-from sail_megatron.config.train import TrainConfig, dump
+from sail_megatron.config.train import TrainConfig, dump, override_changes
 from sail_megatron.platform import destroy_distributed, init_distributed, read_dist_env
 from sail_megatron.platform.distributed import restart_rendezvous_problem
 from sail_megatron.platform.megatron_compat import checkpoint_results_queue_dies_with_rank
+from sail_megatron.platform.process_lifetime import rank_dies_with_launcher
 from sail_megatron.training.checkpoint import CheckpointWriter, load_checkpoint, restore_rng_state
 from sail_megatron.training.checkpoint_files import CheckpointError, checkpoint_read_errors, resolve_checkpoint_folder
 from sail_megatron.training.collectives import sum_over_data_parallel
+from sail_megatron.training.config_agreement import check_ranks_agree
 from sail_megatron.training.data_position import COMMON_KEY as DATA_POSITION
 from sail_megatron.training.data_position import position_record, resume_data
 from sail_megatron.training.faults import FaultInjector
@@ -46,7 +48,14 @@ from sail_megatron.training.metered_data import MeteredData, build_loader, from_
 from sail_megatron.training.monitor import TrainingMonitor, device_peak_flops
 from sail_megatron.training.optimizer import part_learning_rates
 from sail_megatron.training.resume import choose_start
-from sail_megatron.training.run_dir import RunLock, another_model_error, check_writable, describe_save_failure
+from sail_megatron.training.run_dir import (
+    RunLock,
+    another_model_error,
+    check_writable,
+    describe_save_failure,
+    save_errors,
+)
+from sail_megatron.training.run_logs import CONFIG_FILE, mark_resume, set_aside_earlier_logs
 from sail_megatron.training.startup import build_training, start
 from sail_megatron.training.step import train_step
 from sail_megatron.training.validation import Validator
@@ -113,8 +122,12 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
         # bf16/fp16 weights have fp32 main copies in the optimizer, taken when it was built: take them anew.
         optimizer.reload_model_params()
         logger.info("initialized from %s (its step %d)", loaded["path"], loaded["iteration"])
-    if env.is_main:  # only now: a resume refused above leaves the run's recorded config as it was
-        (save_dir / "config.yaml").write_text(dump(cfg))
+    if env.is_main:  # only now: a resume refused above leaves the run's logs and recorded config as they were
+        if begin.resume is None:
+            set_aside_earlier_logs(save_dir)
+        else:
+            mark_resume(save_dir, start, loaded["path"].name)
+        (save_dir / CONFIG_FILE).write_text(dump(cfg))
 
     dp_size = parallel_state.get_data_parallel_world_size()
     num_micro = cfg.num_microbatches(env.world_size)
@@ -165,7 +178,7 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
                 },
                 data_state=loader.save_state_rank(),
             )
-        except Exception as e:
+        except save_errors() as e:
             raise SaveFailed(describe_save_failure(save_dir, step, e)) from e
 
     step, in_a_row = start, 0
@@ -186,7 +199,7 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
                 # Finishing a background write (barriers, rename, pruning old checkpoints) is no step's time.
                 with watchdog.long_phase():
                     writer.poll()
-            except Exception as e:
+            except save_errors() as e:
                 raise SaveFailed(describe_save_failure(save_dir, step, e)) from e
             monitor.end_step(
                 step,
@@ -223,8 +236,11 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
                 with watchdog.long_phase():
                     save(step)
             if stopping:
-                with watchdog.long_phase():
-                    writer.wait()  # the checkpoint is on disk and `latest` names it before the process exits
+                try:
+                    with watchdog.long_phase():
+                        writer.wait()  # the checkpoint is on disk and `latest` names it before the process exits
+                except save_errors() as e:
+                    raise SaveFailed(describe_save_failure(save_dir, step, e)) from e
                 logger.warning(
                     "received %s: saved the checkpoint at step %d; exiting",
                     stop.received or "a stop signal on another rank",
@@ -234,7 +250,7 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
         try:
             with watchdog.long_phase():
                 writer.close()  # a background write finishes (and the pointer moves) before the run ends
-        except Exception as e:
+        except save_errors() as e:
             raise SaveFailed(describe_save_failure(save_dir, step, e)) from e
     finally:
         watchdog.close()
@@ -257,8 +273,11 @@ def main(argv=None) -> None:
         "(the launch scripts do this once before torchrun, whose restarts would repeat a user error)",
     )
     args = p.parse_args(argv)
+    rank_dies_with_launcher()
     env, cfg, tokenizer = start(args)
     if args.check:
+        for change in override_changes(args.config, args.overrides):
+            print(f"override: {change}")
         print(f"{args.config}: ready for {env.world_size} processes")
         return
     rendezvous = restart_rendezvous_problem()
@@ -278,12 +297,17 @@ def main(argv=None) -> None:
         )
         sys.exit(2)
     try:
+        check_ranks_agree(cfg)
         train(cfg, tokenizer, args.config)
         dist.barrier()
-    except (ConfigError, CheckpointError) as e:  # found after start-up (a resume or init_from that does not fit)
+    except (
+        ConfigError,
+        CheckpointError,
+        SaveFailed,
+    ) as e:  # found after start-up: a resume that does not fit, a full disk
         logger.error("%s", e)
         sys.exit(2)
-    except (NonFiniteStop, SaveFailed) as e:
+    except NonFiniteStop as e:
         logger.error("%s", e)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ Unknown keys and values of the wrong type are errors that name the dotted key; n
 (values are parsed with yaml.safe_load only).
 """
 
+import copy
 import dataclasses
 import typing
 from pathlib import Path
@@ -64,8 +65,18 @@ def from_dict(cls: Type[T], data: Dict[str, Any], prefix: str = "") -> T:
     return cls(**kwargs)
 
 
+def merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
+    """`top` over `base`, section by section: a mapping changes only the keys it names (how a child recipe
+    inherits, and how a `section={...}` override applies); any other value replaces."""
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
 def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
-    """`a.b.c=value` strings (value parsed as YAML) applied to a nested dict, in order."""
+    """`a.b.c=value` strings (value parsed as YAML) applied to a nested dict, in order. A mapping value
+    merges into the section it names, as in a child recipe (`data={seq_length: 256}` keeps the rest)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(item, "an override needs the form dotted.key=value", "e.g. optim.lr=1e-4")
@@ -76,7 +87,10 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(dotted, f"{k} is not a section", "override a leaf key")
-        node[keys[-1]] = yaml.safe_load(raw)
+        # `key=` is the empty string (a system prompt of none), not YAML's null: write `key=null` for that.
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        old = node.get(keys[-1])
+        node[keys[-1]] = merge(old, value) if isinstance(value, dict) and isinstance(old, dict) else value
     return data
 
 

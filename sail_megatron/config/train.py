@@ -8,6 +8,7 @@ and command-line overrides use dotted keys (`optim.lr=2e-5`). `python -m sail_me
 import argparse
 import copy
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -17,7 +18,7 @@ import yaml
 from sail_megatron.config.data import DataConfig
 from sail_megatron.config.errors import ConfigError
 from sail_megatron.config.freezing import FreezeConfig
-from sail_megatron.config.loading import apply_overrides, from_dict, load_yaml
+from sail_megatron.config.loading import apply_overrides, from_dict, load_yaml, merge
 from sail_megatron.config.model import ModelConfig
 from sail_megatron.config.optim import OptimConfig
 from sail_megatron.config.parallel import ParallelConfig
@@ -202,20 +203,13 @@ class TrainConfig:
         self.num_microbatches(world_size)
 
 
-def _merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
 def _read_recipe(path: Path, seen: tuple = ()) -> Dict[str, Any]:
     path = Path(path).resolve()
     if path in seen:
         raise ConfigError("inherit", f"{path} inherits itself", "break the inheritance cycle")
     data = load_yaml(path)
     parent = data.pop("inherit", None)
-    return _merge(_read_recipe(path.parent / parent, seen + (path,)), data) if parent else data
+    return merge(_read_recipe(path.parent / parent, seen + (path,)), data) if parent else data
 
 
 def resolve(data: Dict[str, Any]) -> TrainConfig:
@@ -225,7 +219,7 @@ def resolve(data: Dict[str, Any]) -> TrainConfig:
     preset = data.pop("model_preset", "tiny")
     if preset not in PRESETS:
         raise ConfigError("model_preset", f"unknown preset {preset!r}", f"use one of {sorted(PRESETS)}")
-    model = _merge(dataclasses.asdict(get_preset(preset)), data.pop("model", {}) or {})
+    model = merge(dataclasses.asdict(get_preset(preset)), data.pop("model", {}) or {})
     cfg = from_dict(TrainConfig, {**data, "model": {}})
     cfg.model = from_dict(ModelConfig, model, "model")
     cfg.model_preset = preset
@@ -240,12 +234,50 @@ def dump(cfg: TrainConfig) -> str:
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
 
 
+def flat_config(cfg: TrainConfig) -> Dict[str, Any]:
+    """dotted.key -> value of every leaf of a resolved config."""
+    out: Dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        else:
+            out[prefix] = node
+
+    walk(dataclasses.asdict(cfg), "")
+    return out
+
+
+def config_differences(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
+    """'key: A -> B' for every leaf where two flat configs differ."""
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def override_changes(path, overrides: Sequence[str]) -> List[str]:
+    """What the overrides change in the recipe at `path`, leaf by leaf."""
+    if not overrides:
+        return []
+    return config_differences(flat_config(load_train_config(path)), flat_config(load_train_config(path, overrides)))
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Print a recipe resolved with its overrides.")
+    p = argparse.ArgumentParser(
+        description="Print a recipe resolved with its overrides, after checking it as for a GPU machine with "
+        "Transformer Engine (`sail-train --check` checks it for this machine, its data and checkpoints)."
+    )
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
+    p.add_argument("--world-size", type=int, default=None, help="processes to check the layout for (default TP x PP)")
     args = p.parse_args(argv)
-    print(dump(load_train_config(args.config, args.overrides)), end="")
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+        world = args.world_size or cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+        cfg.validate(world, has_cuda=True, has_te=True, needs_data=False)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(dump(cfg), end="")
 
 
 if __name__ == "__main__":

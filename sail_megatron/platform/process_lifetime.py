@@ -35,3 +35,12 @@ def serve_until_parent_stops(parent: int) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     die_with_parent(parent)
+
+
+def rank_dies_with_launcher() -> None:
+    """Under torchrun: SIGKILL this rank when its launcher dies (kill -9, the OOM killer). torch starts ranks
+    in sessions of their own, so neither the launcher's death nor a kill of its process group reaches them,
+    and orphaned ranks would go on training and writing checkpoints into the run folder. A rank's helpers
+    die with the rank in turn. Call first thing in the rank."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent(os.getppid())

@@ -19,10 +19,9 @@ from sail_megatron.platform import read_dist_env
 from sail_megatron.training.collectives import max_over_world, sum_counts_over_data_parallel, sum_over_data_parallel
 from sail_megatron.training.flops import PeakFlops, mfu_figures, peak_flops
 from sail_megatron.training.metered_data import DataTally
+from sail_megatron.training.run_logs import METRICS_FILE, TENSORBOARD_DIR
 
 logger = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.jsonl"
 
 
 def peak_memory_gib() -> float:
@@ -102,7 +101,7 @@ class TrainingMonitor:
         if self.env.is_main and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=start_step + 1)
+            self.writer = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
         self._jsonl = open(self.run_dir / METRICS_FILE, "a") if self.env.is_main else None
 
     def end_step(

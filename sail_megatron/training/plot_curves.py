@@ -11,7 +11,8 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
-METRICS_FILE = "metrics.jsonl"
+from sail_megatron.training.run_logs import CURVES_FILE, METRICS_FILE, RESUME_EVENT
+
 REQUIRED_KEYS = ("step",)
 LOSS_KEYS = ("loss", "valid_loss")
 """A record carries the training loss of a logged step, a validation loss, or both."""
@@ -27,8 +28,9 @@ def _metrics_path(run_dir_or_metrics_path: Union[str, Path]) -> Path:
 
 
 def load_metrics(run_dir_or_metrics_path: Union[str, Path]) -> List[Dict]:
-    """One record per step, sorted by step: the step's records merged, later lines winning (a resumed
-    run appends and repeats the steps after its checkpoint). Malformed lines are skipped with one counted warning."""
+    """One record per step, sorted by step: the step's records merged, later lines winning; at a resume
+    marker the records of the steps after its checkpoint are dropped (the resumed run runs them again).
+    Malformed lines are skipped with one counted warning."""
     path = _metrics_path(run_dir_or_metrics_path)
     if not path.is_file():
         raise MetricsError(f"{path}: no such metrics file")
@@ -40,6 +42,10 @@ def load_metrics(run_dir_or_metrics_path: Union[str, Path]) -> List[Dict]:
                 continue
             try:
                 rec = json.loads(line)
+                if isinstance(rec, dict) and rec.get("event") == RESUME_EVENT and isinstance(rec.get("step"), int):
+                    for later in [s for s in by_step if s > rec["step"]]:
+                        del by_step[later]
+                    continue
                 if (
                     not isinstance(rec, dict)
                     or any(k not in rec for k in REQUIRED_KEYS)
@@ -90,7 +96,7 @@ def plot_curves(run_dir_or_metrics_path: Union[str, Path], out_png: Optional[Uni
 
     path = _metrics_path(run_dir_or_metrics_path)
     records = load_metrics(path)
-    out = Path(out_png) if out_png is not None else path.parent / "curves.png"
+    out = Path(out_png) if out_png is not None else path.parent / CURVES_FILE
 
     fig, (ax_loss, ax_tput, ax_lr) = plt.subplots(3, 1, figsize=(9, 10), sharex=True)
     fig.suptitle(path.parent.resolve().name)

@@ -75,15 +75,25 @@ def another_model_error(
 
 def check_writable(save_dir: Path) -> None:
     """Create the run folder and prove it takes files, before any process group exists."""
+    probe = save_dir / f".write-test-{os.getpid()}"
     try:
         save_dir.mkdir(parents=True, exist_ok=True)
-        probe = save_dir / f".write-test-{os.getpid()}"
         probe.write_text("ok")
-        probe.unlink()
     except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise ConfigError(
+                "run.save_dir",
+                f"cannot write to {save_dir}: the disk is full ({_free_mib(save_dir)})",
+                "free space there or choose a run.save_dir on another filesystem",
+            ) from None
         raise ConfigError(
             "run.save_dir", f"cannot write to {save_dir}: {e.strerror or e}", "choose a folder this user can write to"
         ) from None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:  # the folder itself could not be made
+            pass
 
 
 class RunLock:
@@ -149,14 +159,35 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def save_errors() -> tuple:
+    """What a failed checkpoint write raises: any Exception, and torch's CheckpointException, which
+    megatron's dist_checkpointing passes on and which derives from BaseException (so `except Exception`
+    misses it). KeyboardInterrupt and SystemExit stay out."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
+def _free_mib(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:,.0f} MiB free on its filesystem"
+    except OSError:
+        return "free space unknown"
+
+
+def _nearly_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path).free < 64 * 2**20
+    except OSError:
+        return False
+
+
 def describe_save_failure(save_dir: Path, step: int, error: BaseException) -> str:
     """One message for a failed checkpoint write: what failed, how much room is left, what is intact."""
-    try:
-        free_mib = shutil.disk_usage(save_dir).free / 2**20
-        room = f"{free_mib:,.0f} MiB free on its filesystem"
-    except OSError:
-        room = "free space unknown"
+    room = _free_mib(save_dir)
     full = isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error)
+    # torch reports a short write of a full disk as an unexpected stream position; the free space says which.
+    full = full or ("unexpected pos" in str(error) and _nearly_full(save_dir))
     cause = "the disk is full" if full else str(error).strip().splitlines()[0][:300]
     pointer = save_dir / LATEST
     kept = pointer.read_text().strip() if pointer.is_file() else "none"

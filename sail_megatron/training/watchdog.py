@@ -24,10 +24,11 @@ from collections import deque
 from pathlib import Path
 from typing import Optional
 
+from sail_megatron.training.run_logs import HANGS_DIR
+
 logger = logging.getLogger(__name__)
 
 HANG_EXIT_CODE = 3
-HANGS_DIR = "hangs"
 _WARMUP_STEPS = 5  # steps before the median-based limit applies
 _WINDOW = 50  # recent steps the median is taken over
 _GRACE_RANGE_S = (2.0, 30.0)  # bounds of the wait for the peers' dumps before exiting

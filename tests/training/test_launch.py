@@ -97,3 +97,32 @@ def test_a_rank_lost_before_the_process_group_does_not_desynchronize_the_restart
     assert "injecting fault: exit on rank 1 during start-up" in log
     assert "launch attempt 2 of at most 2" in log
     assert (tmp_path / "run" / "latest").read_text().strip() == "iter_00000002"
+
+
+def test_nodes_launched_with_different_recipes_refuse_to_train(demo, tmp_path):
+    # The same line must run on every node: here the second node was given another learning rate. Every
+    # rank compares its resolved recipe (and code) before the first step, and every node exits naming the key.
+    env = _launch_env(
+        NNODES="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        RDZV_ID="mismatch-test",
+        MAX_RESTARTS="0",
+    )
+    lines = [
+        _launch("multi_node.sh", demo, tmp_path / "run", "optim.lr=1e-4"),
+        _launch("multi_node.sh", demo, tmp_path / "run", "optim.lr=1e-2"),
+    ]
+    nodes = [
+        subprocess.Popen(line, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+        for line in lines
+    ]
+    try:
+        logs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            kill_tree(node.pid)
+    assert all(n.returncode != 0 for n in nodes), "\n".join(log[-3000:] for log in logs)
+    for log in logs:
+        assert "config optim.lr: 0.0001 -> 0.01" in log, log[-3000:]
+        assert not re.search(r"^step +1/", log, re.M)  # refused before the first step

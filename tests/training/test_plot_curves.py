@@ -42,6 +42,16 @@ def test_load_keeps_last_record_per_step(run_dir):
     assert records[0]["loss"] == pytest.approx(4.9)
 
 
+def test_a_resume_marker_drops_the_steps_run_again(tmp_path):
+    # The first attempt logged steps 1-5 and a validation at 4, then died; it resumed from its step-2
+    # checkpoint and ran only to step 3 (a shorter run.train_steps): nothing after step 3 may survive.
+    lines = [_rec(s, 5.0 - 0.1 * s) for s in range(1, 6)] + [{"step": 4, "valid_loss": 4.0}]
+    lines += [{"event": "resume", "step": 2, "checkpoint": "iter_00000002"}, _rec(3, 7.0)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    records = load_metrics(tmp_path)
+    assert [(r["step"], r["loss"]) for r in records] == [(1, pytest.approx(4.9)), (2, pytest.approx(4.8)), (3, 7.0)]
+
+
 def test_validation_records_merge_into_their_step_and_are_drawn(tmp_path):
     lines = [{"step": 0, "valid_loss": 6.0}, _rec(1, 5.0), _rec(2, 4.0), {"step": 2, "valid_loss": 4.5}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))

@@ -135,6 +135,8 @@ def test_a_killed_and_then_a_hung_rank_restart_the_job_which_resumes_by_itself(d
     assert "faults.py" in stacks["rank_1.txt"]  # the hung rank's own stack shows where it stopped
     assert "train_step" in stacks["rank_0.txt"]  # the other waits inside the step for it
     assert _latest(tmp_path) == "iter_00000006" and _metrics(tmp_path) == straight
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("event") == "resume"] == [2, 4]  # each restart marks its resume
     assert not _leftover_processes(tmp_path)  # no loader worker of a killed rank outlived it
 
 
