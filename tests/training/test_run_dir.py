@@ -98,3 +98,15 @@ def test_disk_full_message_says_so_and_names_what_is_intact(tmp_path):
     message = describe_save_failure(tmp_path, 4, OSError(errno.ENOSPC, "No space left on device"))
     assert "disk is full" in message and "iter_00000002" in message and "MiB free" in message
     assert "step-4" in message
+
+
+def test_a_full_disk_at_start_is_named_and_leaves_no_probe(tmp_path):
+    from tests.helpers.small_disk import fill, small_filesystem
+
+    with small_filesystem(tmp_path / "disk", "256k") as disk:
+        (disk / "run").mkdir()
+        fill(disk)
+        with pytest.raises(ConfigError, match="the disk is full") as found:
+            check_writable(disk / "run")
+        assert "MiB free" in str(found.value) and "can write to" not in str(found.value)
+        assert list((disk / "run").iterdir()) == []

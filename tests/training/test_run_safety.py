@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.processes import kill_tree, wait_for
+from tests.helpers.small_disk import small_filesystem
 from tests.helpers.train_cli import ENV, train_command
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,25 +67,10 @@ def test_a_fresh_run_sets_an_earlier_runs_logs_aside(demo, tmp_path):
     assert not any(p.name.endswith(".earlier") for p in (run / "tensorboard").iterdir())
 
 
-@contextmanager
-def _small_filesystem(path: Path, size: str):
-    """A tmpfs of `size` at `path` (root only): a disk that fills up."""
-    path.mkdir(parents=True)
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small filesystem needs root")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 @pytest.mark.parametrize("async_save", ["false", "true"])
 def test_a_full_disk_during_a_save_says_so_and_keeps_the_last_checkpoint(demo, tmp_path, async_save):
     # A tiny checkpoint is about 10 MB: the step-2 save fits in 14 MB, the step-4 save does not.
-    with _small_filesystem(tmp_path / "disk", "14m") as disk:
+    with small_filesystem(tmp_path / "disk", "14m") as disk:
         run = disk / "run"
         rc, log = _train(demo, run, "run.train_steps=4", "run.save_interval=2", f"run.async_save={async_save}")
         assert rc == 2, log[-3000:]
