@@ -15,10 +15,3 @@ warnings.filterwarnings(
     message=r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
     module=r"(megatron\.core\.optimizer|sail_megatron\.platform\.cpu_emulation)",
 )
-
-# Installs map the top-level kernels/ folder to sail_megatron.kernels (setup.py package_dir). When this
-# package is imported from a source checkout (tests run from the repo with a non-editable install, or
-# no install at all), let the checkout's kernels/ be found under the same name, without importing it now.
-_checkout = __import__("pathlib").Path(__file__).resolve().parent.parent
-if (_checkout / "kernels" / "__init__.py").is_file() and not (_checkout / "sail_megatron" / "kernels").exists():
-    __path__.append(str(_checkout))
