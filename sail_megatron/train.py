@@ -41,6 +41,7 @@ from sail_megatron.training.collectives import sum_over_data_parallel
 from sail_megatron.training.config_agreement import check_ranks_agree
 from sail_megatron.training.data_position import COMMON_KEY as DATA_POSITION
 from sail_megatron.training.data_position import position_record, resume_data
+from sail_megatron.training.disk_errors import write_errors
 from sail_megatron.training.faults import FaultInjector
 from sail_megatron.training.flops import Trains
 from sail_megatron.training.graceful_stop import GracefulStop
@@ -53,7 +54,6 @@ from sail_megatron.training.run_dir import (
     another_model_error,
     check_writable,
     describe_save_failure,
-    save_errors,
 )
 from sail_megatron.training.run_logs import CONFIG_FILE, mark_resume, set_aside_earlier_logs
 from sail_megatron.training.startup import build_training, start
@@ -178,7 +178,7 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
                 },
                 data_state=loader.save_state_rank(),
             )
-        except save_errors() as e:
+        except write_errors() as e:
             raise SaveFailed(describe_save_failure(save_dir, step, e)) from e
 
     step, in_a_row = start, 0
@@ -199,7 +199,7 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
                 # Finishing a background write (barriers, rename, pruning old checkpoints) is no step's time.
                 with watchdog.long_phase():
                     writer.poll()
-            except save_errors() as e:
+            except write_errors() as e:
                 raise SaveFailed(describe_save_failure(save_dir, step, e)) from e
             monitor.end_step(
                 step,
@@ -239,7 +239,7 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
                 try:
                     with watchdog.long_phase():
                         writer.wait()  # the checkpoint is on disk and `latest` names it before the process exits
-                except save_errors() as e:
+                except write_errors() as e:
                     raise SaveFailed(describe_save_failure(save_dir, step, e)) from e
                 logger.warning(
                     "received %s: saved the checkpoint at step %d; exiting",
@@ -250,7 +250,7 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
         try:
             with watchdog.long_phase():
                 writer.close()  # a background write finishes (and the pointer moves) before the run ends
-        except save_errors() as e:
+        except write_errors() as e:
             raise SaveFailed(describe_save_failure(save_dir, step, e)) from e
     finally:
         watchdog.close()

@@ -66,13 +66,12 @@ def load_chat_model(source: ChatSource, image_token_id: int, device: torch.devic
     `one_process`."""
     cfg = dataclasses.replace(source.model, image_context_token_id=image_token_id)
     model = build_empty_model(cfg, dtype, source.vocab_rows)
+    weights = source.weights
     if source.kind == "hf":
-        with SafetensorsFolder(source.weights) as folder:  # its tensors were checked by resolve_source
+        with SafetensorsFolder(weights) as folder:  # its tensors were checked by resolve_source
             rules = mapping.tensor_rules(cfg, source.lm_head_stored)
             check_all_filled(model, fill_params(model, folder, rules, cfg))
-    else:
-        load_model(model, source.weights)  # any saved TP/PP; stored values cast into the model's dtype
-    logger.info(
-        "loaded %s (%s, stored %s) as %s on %s", source.weights, source.kind, source.stored_dtype, dtype, device
-    )
+    else:  # any saved TP/PP; stored values cast into the model's dtype; a run folder's newest checkpoint
+        weights = load_model(model, source.ckpt or weights)
+    logger.info("loaded %s (%s, stored %s) as %s on %s", weights, source.kind, source.stored_dtype, dtype, device)
     return model.to(device=device, dtype=DTYPE_OPTIONS[dtype]).eval()

@@ -4,6 +4,9 @@ tokens_per_tile `<IMG_CONTEXT>` ids, then an open assistant turn; the micro-batc
 `BatchMaterializer` (expansion check, PIL tile decoding, normalization) as one unpacked row."""
 
 import dataclasses
+import errno
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Sequence
@@ -36,9 +39,7 @@ def read_images(paths: Sequence[str], data: DataConfig, tile_size: int) -> List[
     images = []
     for name in paths:
         path = Path(name)
-        if not path.is_file():
-            raise ChatError(f"--image {path}: {'is a folder' if path.is_dir() else 'no such file'}")
-        raw = path.read_bytes()
+        raw = _read_image_file(path)
         try:
             width, height = read_image_size(raw, max_pixels=data.max_pixels)
         except ImageError as e:
@@ -46,6 +47,28 @@ def read_images(paths: Sequence[str], data: DataConfig, tile_size: int) -> List[
         plan = plan_tiles(width, height, data.min_tiles, data.max_tiles, tile_size, data.use_thumbnail)
         images.append(ChatImage(path, raw, plan))
     return images
+
+
+def _read_image_file(path: Path) -> bytes:
+    """The bytes of a regular file, or a ChatError saying what `path` is instead (a symlink loop, a
+    dangling link, a folder, a FIFO or device that would block or never end, an unreadable file)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise ChatError(f"--image {path} is a symbolic link to {os.readlink(path)}, which does not exist") from None
+        raise ChatError(f"--image {path}: no such file") from None
+    except OSError as e:  # ELOOP: a symbolic link loop; EACCES on a folder on the way, ...
+        what = "a symbolic link loop" if e.errno == errno.ELOOP else "not readable"
+        raise ChatError(f"--image {path} is {what} ({e.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise ChatError(f"--image {path}: is a folder")
+    if not stat.S_ISREG(mode):
+        raise ChatError(f"--image {path} is not a regular file (a FIFO, socket or device): pass an image file")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ChatError(f"--image {path} is not readable ({e.strerror or e})") from None
 
 
 def user_text(prompt: str, num_images: int) -> str:

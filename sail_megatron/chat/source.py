@@ -28,6 +28,7 @@ from sail_megatron.convert.hf_config import data_from_hf_config, model_config_fr
 from sail_megatron.convert.hf_io import SafetensorsFolder
 from sail_megatron.convert.mcore_io import HF_SOURCE_DIR, checkpoint_root, read_provenance
 from sail_megatron.convert.outputs import tokenizer_files
+from sail_megatron.convert.run_paths import find_recorded_folder
 from sail_megatron.training.checkpoint_files import COMMON, DCP_METADATA, METADATA_JSON, check_checkpoint
 from sail_megatron.training.run_dir import LATEST
 
@@ -54,6 +55,9 @@ class ChatSource:
     """Hugging Face folders with tied embeddings that also store lm_head.weight."""
     trained_seq_length: Optional[int] = None
     """The run's data.seq_length (runs only): prompts plus answers longer than this were never trained."""
+    ckpt: Optional[Path] = None
+    """What --ckpt named (megatron checkpoints): the model loads from it, so a run folder gives the newest
+    checkpoint at load time, also when its training has pruned `weights` since."""
 
 
 def resolve_source(
@@ -91,10 +95,10 @@ def _megatron_source(path: Path) -> ChatSource:
     folder = check_checkpoint(path)  # a damaged checkpoint is reported before anything else
     for root in (checkpoint_root(path), folder.parent):
         if (root / RUN_CONFIG).is_file():
-            return _run_source(folder, root / RUN_CONFIG)
-    record = read_provenance(folder)
+            return dataclasses.replace(_run_source(folder, root / RUN_CONFIG), ckpt=path)
+    record = read_provenance(path)
     if record is not None:
-        return _converted_source(folder, checkpoint_root(path), record)
+        return dataclasses.replace(_converted_source(folder, checkpoint_root(path), record), ckpt=path)
     raise ChatError(
         f"--ckpt {path}: cannot tell the model of {folder}: no training {RUN_CONFIG} beside it and no "
         "sail-convert record in it"
@@ -112,13 +116,17 @@ def _run_source(folder: Path, run_config: Path) -> ChatSource:
     rows = padded_vocab_size(
         lang.vocab_size, lang.make_vocab_size_divisible_by, train.parallel.tensor_model_parallel_size
     )
+    data = train.data
+    if data.tokenizer:  # as recorded, maybe relative to where the training ran (convert/run_paths.py)
+        found = find_recorded_folder(data.tokenizer, run_config.parent, train.run.save_dir)
+        data = dataclasses.replace(data, tokenizer=str(found)) if found is not None else data
     return ChatSource(
         kind="run",
         weights=folder,
         model=train.model,
         stored_dtype=train.precision.dtype,
         vocab_rows=rows,
-        data=train.data,
+        data=data,
         trained_seq_length=train.data.seq_length,
     )
 
@@ -173,8 +181,13 @@ def _with_overrides(
     if not Path(data.tokenizer).is_dir():
         if tokenizer is not None:
             raise ChatError(f"--tokenizer {data.tokenizer} is not a folder")
+        elsewhere = (
+            " (nor under the folder the training ran in, nor in the run folder)"
+            if src.kind == "run" and not Path(data.tokenizer).is_absolute()
+            else ""
+        )
         raise ChatError(
-            f"{where} names the tokenizer {data.tokenizer}, which is not a folder here: pass --tokenizer DIR"
+            f"{where} names the tokenizer {data.tokenizer}, which is not a folder here{elsewhere}: pass --tokenizer DIR"
         )
     if template is not None:
         data.template = template

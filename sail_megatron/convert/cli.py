@@ -23,6 +23,8 @@ import time
 import warnings
 from typing import List, Optional
 
+from sail_megatron.data.templates import TEMPLATES  # the chat templates themselves (no torch: --help stays fast)
+
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (shared by the command-line tools)."""
@@ -96,8 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--template",
         default=None,
-        help="--format transformers: the chat template the model was trained with (chatml, sailvl-chat, "
-        "univl-chat, internvl2_5; default: the run's data.template, else config.json's template)",
+        choices=list(TEMPLATES),
+        help="--format transformers: the chat template the model was trained with (default: the run's "
+        "data.template, else config.json's template)",
     )
 
     c = sub.add_parser("init", help="fresh stage-1 checkpoint: Qwen2/Qwen3 + InternViT/AIMv2 + a new projector")

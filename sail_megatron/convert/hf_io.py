@@ -272,14 +272,18 @@ class ShardedSafetensorsWriter:
             raw += b" " * (-len(raw) % 8)  # the format allows space padding; keeps data 8-byte aligned
             fd = os.open(self.folder / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             self.fds.append(fd)
-            os.write(fd, struct.pack("<Q", len(raw)) + raw)
+            try:
+                os.write(fd, struct.pack("<Q", len(raw)) + raw)
+                os.ftruncate(fd, 8 + len(raw) + offset)
+            except BaseException:
+                self.abandon()
+                raise
             base = 8 + len(raw)
             for name, dtype, shape in shard:
                 begin, end = header[name]["data_offsets"]
                 self.slots[name] = (len(self.fds) - 1, base + begin, dtype, tuple(shape))
                 self.weight_map[name] = fname
                 self.total += end - begin
-            os.ftruncate(fd, base + offset)
         self.written: set = set()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -295,6 +299,12 @@ class ShardedSafetensorsWriter:
         while pos < len(view):
             pos += os.pwrite(self.fds[shard], view[pos : pos + _CHUNK], offset + pos)
         self.written.add(name)
+
+    def abandon(self) -> None:
+        """After a failed write: close the files (their space is freed once the caller removes them)."""
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
 
     def close(self) -> None:
         """Checks completeness, then writes the index (unless writing a single file)."""

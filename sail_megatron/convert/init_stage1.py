@@ -21,7 +21,7 @@ import torch
 from sail_megatron.config import ConfigError, ModelConfig, ProjectorConfig
 from sail_megatron.convert import mapping
 from sail_megatron.convert.checks import check_layout, resolve_dtype, tensor_problems
-from sail_megatron.convert.errors import raise_if
+from sail_megatron.convert.errors import ConversionError, raise_if
 from sail_megatron.convert.hf_config import (
     hf_config_from_model,
     language_from_hf,
@@ -142,6 +142,9 @@ def _open_vision(vision_dir: Path, cfg: ModelConfig):
     return view
 
 
+_FAMILY = {"internvit": "InternViT", "aimv2": "AIMv2 / SAILViT"}
+
+
 def default_select_layer(vision_config: dict) -> int:
     """SAIL-VL's choice per encoder: -4 for InternViT (SAIL-VL-2B/8B), -1 for AIMv2 / SAILViT (SAIL-VL-1.6, SAIL-VL2)."""
     return -1 if vision_arch_of(vision_config) == "aimv2" else -4
@@ -156,7 +159,9 @@ def _stage1_config(
     downsample_ratio: float,
     ps_version: str,
     divisible_by: int,
+    select_layer_defaulted: bool = False,
 ) -> ModelConfig:
+    what = "cannot build a stage-1 model from these folders"
     problems: List[str] = []
     language = language_from_hf(
         llm_config, problems, prefix=f"{llm_dir / 'config.json'}", make_vocab_size_divisible_by=divisible_by
@@ -167,17 +172,26 @@ def _stage1_config(
         projector=ProjectorConfig(downsample_ratio=downsample_ratio, ps_version=ps_version),
         language=language,
     )
-    if not problems:
-        try:
-            cfg.validate()
-        except ConfigError as e:
-            problems.append(str(e))
     raise_if(
         problems,
-        "cannot build a stage-1 model from these folders",
+        what,
         "pass a Qwen2/Qwen2.5 or dense Qwen3 folder as --llm and an InternViT-300M style or AIMv2 / SAILViT "
         "folder as --vision",
     )
+    try:
+        cfg.validate()
+    except ConfigError as e:  # the folders are of the right kind; a value of theirs or ours does not fit
+        if e.field.endswith("vision.select_layer"):
+            n = cfg.vision.num_layers
+            given = f"--select-layer {select_layer}" + (
+                f" (the default for {_FAMILY.get(cfg.vision.arch, cfg.vision.arch)})" if select_layer_defaulted else ""
+            )
+            raise ConversionError(
+                what,
+                [f"{given} leaves {cfg.vision.num_built_layers} of the {n} layers of {vision_dir}"],
+                f"pass --select-layer with a value in [1, {n}] or [-{n}, -1]",
+            ) from None
+        raise ConversionError(what, [str(e)]) from None  # the config's message carries its own fix
     return cfg
 
 
@@ -203,6 +217,7 @@ def init_stage1(
     llm_dir, vision_dir, out_dir = Path(llm_dir), Path(vision_dir), Path(out_dir)
     check_output_free(out_dir)
     llm_config, vision_config = read_json(llm_dir / "config.json"), read_json(vision_dir / "config.json")
+    defaulted = select_layer is None
     if select_layer is None:
         select_layer = default_select_layer(vision_config)
     cfg = _stage1_config(
@@ -214,6 +229,7 @@ def init_stage1(
         downsample_ratio,
         ps_version,
         make_vocab_size_divisible_by,
+        select_layer_defaulted=defaulted,
     )
     llm, vit = SafetensorsFolder(llm_dir), _open_vision(vision_dir, cfg)
     lm_head_stored = cfg.language.tie_word_embeddings and "lm_head.weight" in llm.tensors

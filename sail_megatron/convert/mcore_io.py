@@ -18,7 +18,7 @@ import torch
 
 from sail_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig
 from sail_megatron.convert.errors import ConversionError
-from sail_megatron.training.checkpoint_files import check_checkpoint, checkpoint_read_errors, resolve_checkpoint_folder
+from sail_megatron.training.checkpoint_files import read_checkpoint, resolve_checkpoint_folder
 
 if TYPE_CHECKING:  # megatron-core is imported only when a model is built: input checks stay fast
     from sail_megatron.model.sail_vl import SailVLModel
@@ -143,24 +143,25 @@ def save_model(model: "SailVLModel", out_dir: Path, provenance: Dict[str, Any]) 
     return save_checkpoint(out_dir, 0, [_WholeTensorView(model)], common={PROVENANCE_KEY: provenance}, keep_last=1)
 
 
-def load_model(model: "SailVLModel", ckpt: Path) -> None:
-    """Load a checkpoint written under any layout into the TP1/PP1 model, in place. A damaged checkpoint
-    raises CheckpointError naming the folder and the file."""
+def load_model(model: "SailVLModel", ckpt: Path) -> Path:
+    """Load a checkpoint written under any layout into the TP1/PP1 model, in place; returns the iter folder
+    read. A run folder gives its newest checkpoint, also while its training prunes older ones
+    (`read_checkpoint`); a damaged checkpoint raises CheckpointError naming the folder and the file."""
     from sail_megatron.training.backend_state import apply_model_state, load_sharded
 
-    directory = check_checkpoint(ckpt)
-    with checkpoint_read_errors(directory):
+    def read(directory: Path) -> Path:
         state = load_sharded({"model": tp1_sharded_state_dict(model)}, directory)
         apply_model_state(model, state["model"], directory)
+        return directory
+
+    return read_checkpoint(ckpt, read)
 
 
 def read_common(ckpt: Path) -> Dict[str, Any]:
     """The common (non-tensor) state of a checkpoint folder or run folder; no process group needed."""
     from megatron.core import dist_checkpointing
 
-    directory = resolve_checkpoint_folder(ckpt)
-    with checkpoint_read_errors(directory):
-        return dist_checkpointing.load_common_state_dict(str(directory))
+    return read_checkpoint(ckpt, lambda directory: dist_checkpointing.load_common_state_dict(str(directory)))
 
 
 def read_provenance(ckpt: Path) -> Optional[Dict[str, Any]]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterator, List
 
 from sail_megatron.convert.errors import ConversionError
+from sail_megatron.training.disk_errors import free_space, output_failure, write_errors
 
 # Not carried as "side files": the weights and configs we rewrite ourselves.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
@@ -73,8 +74,11 @@ def _make_dir(path: Path, final: Path, parents: bool = False) -> None:
 
 @contextmanager
 def atomic_output_dir(final: Path) -> Iterator[Path]:
-    """Yields a temporary sibling of `final`, renamed to `final` only when the block succeeds; on any
-    error the temporary folder is removed, so a failed conversion leaves nothing behind."""
+    """Yields a temporary sibling of `final` (hidden, named `.NAME.partial-PID`: no reader takes it for
+    an output), renamed to `final` only when the block succeeds; on any error the temporary folder is
+    removed, so a failed conversion leaves nothing behind. A write the filesystem refused (full, over
+    quota, read-only: torch's and megatron's wrapped forms too) ends as one ConversionError naming
+    `final` and the free space there."""
     final = Path(final).absolute()
     check_output_free(final)
     _make_dir(final.parent, final, parents=True)
@@ -86,9 +90,28 @@ def atomic_output_dir(final: Path) -> Iterator[Path]:
         if final.exists():
             final.rmdir()  # empty (checked above)
         os.replace(tmp, final)
+    except write_errors() as e:
+        cause = None if isinstance(e, ConversionError) else output_failure(e, tmp)  # before the space is freed
+        shutil.rmtree(tmp, ignore_errors=True)
+        if cause is None:
+            raise
+        raise _write_failed(final, tmp, cause) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_failed(final: Path, tmp: Path, cause: str) -> ConversionError:
+    left = (
+        f"the partial output is left in {tmp} (a name no reader takes for an output): delete it"
+        if tmp.exists()
+        else f"the partial output was removed: nothing was written at {final}"
+    )
+    return ConversionError(
+        f"cannot write {final}",
+        [f"{cause} ({free_space(final.parent)} now); {left}"],
+        "free space there (or choose an --out on another filesystem) and run the command again",
+    )
 
 
 def side_files(folder: Path) -> List[Path]:

@@ -55,6 +55,7 @@ from sail_megatron.convert.outputs import (
     side_files,
     tokenizer_files,
 )
+from sail_megatron.convert.run_paths import find_recorded_folder
 from sail_megatron.training.checkpoint_files import check_checkpoint
 
 if TYPE_CHECKING:
@@ -99,6 +100,10 @@ def _run_source(run_config: Path) -> ExportSource:
     from sail_megatron.config.train import resolve
 
     train = resolve(yaml.safe_load(run_config.read_text()))
+    tokenizer = None
+    if train.data.tokenizer:  # as recorded, maybe relative to where the training ran (run_paths.py)
+        found = find_recorded_folder(train.data.tokenizer, run_config.parent, train.run.save_dir)
+        tokenizer = found or Path(train.data.tokenizer)
     lang = train.model.language
     rows = padded_vocab_size(
         lang.vocab_size, lang.make_vocab_size_divisible_by, train.parallel.tensor_model_parallel_size
@@ -108,7 +113,7 @@ def _run_source(run_config: Path) -> ExportSource:
         ckpt_dtype=train.precision.dtype,
         vocab_rows=rows,
         template={},
-        run_tokenizer=Path(train.data.tokenizer) if train.data.tokenizer else None,
+        run_tokenizer=tokenizer,
         run_data=train.data,
     )
 
@@ -300,10 +305,14 @@ def write_weights(
     `rename` turns each InternVL-chat tensor into the output layout's tensors (default: kept as is)."""
     dtype = DTYPE_OPTIONS[plan.dtype]
     writer = ShardedSafetensorsWriter(out, [(n, dtype, s) for n, s in shapes.items()], plan.shard_bytes)
-    with torch.no_grad():
-        for name, value in hf_tensors(model, plan, lm_head_stored):
-            for out_name, tensor in (rename(name, value) if rename else {name: value}).items():
-                writer.write(out_name, tensor.to(dtype))
+    try:
+        with torch.no_grad():
+            for name, value in hf_tensors(model, plan, lm_head_stored):
+                for out_name, tensor in (rename(name, value) if rename else {name: value}).items():
+                    writer.write(out_name, tensor.to(dtype))
+    except BaseException:
+        writer.abandon()
+        raise
     writer.close()
 
 

@@ -88,8 +88,12 @@ def carry_unused(
     dest.mkdir(parents=True, exist_ok=True)
     plan = [(rename(n), folder.tensors[n].dtype, folder.tensors[n].shape) for n in names]
     writer = ShardedSafetensorsWriter(dest, plan, file_name=UNUSED_TENSORS_FILE)
-    for n in names:
-        writer.write(rename(n), folder.read(n))
+    try:
+        for n in names:
+            writer.write(rename(n), folder.read(n))
+    except BaseException:
+        writer.abandon()
+        raise
     writer.close()
     return [p[0] for p in plan]
 

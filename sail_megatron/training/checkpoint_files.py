@@ -3,19 +3,27 @@ megatron-core's dist_checkpointing reads it, so a damaged checkpoint is reported
 folder and the file) instead of as whatever exception the first failed read happens to raise.
 
     check_checkpoint(path) -> the iter folder      (a checkpoint folder, or a run folder whose `latest` names one)
+    read_checkpoint(path, read) -> read(folder)    (checked, read, and read again where a live run pruned it)
     with checkpoint_read_errors(folder): ...       (what still fails while loading, as a CheckpointError)
 
 A torch_dist checkpoint folder holds `metadata.json` (the backend), `common.pt` (non-tensor state, a zip
 written by torch.save), `.metadata` (where every tensor lives: file, offset, length) and the `*.distcp`
 files it names. Each named file must exist and reach the end of the last byte range `.metadata` puts in it.
+
+A run folder may be read while its training still writes into it. The trainer renames a finished
+checkpoint into place, then moves `latest`, then prunes what `run.keep_last` no longer keeps, so a reader
+that followed `latest` a moment earlier can find its folder half deleted. That is no damage: when a check
+or read fails and `latest` has meanwhile moved on (or the folder is gone), the reader says so in one line
+and reads the checkpoint `latest` names now (`read_checkpoint`).
 """
 
 import json
+import logging
 import re
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, TypeVar
 
 from sail_megatron.training.run_dir import LATEST
 
@@ -25,6 +33,11 @@ DCP_METADATA = ".metadata"
 _POINTER = re.compile(r"iter_\d+")
 _LISTED = 5  # at most this many bad files are named; the rest are counted
 _FIX = "point `latest` at a complete iter_* folder (or pass that folder itself), or copy the checkpoint again"
+READ_ATTEMPTS = 3
+"""Reads of a run folder whose training prunes the checkpoint being read, before giving up."""
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class CheckpointError(ValueError):
@@ -45,12 +58,78 @@ class CheckpointError(ValueError):
 
 def check_checkpoint(path) -> Path:
     """The iter folder that `path` names (itself, or what its `latest` names), after checking that every
-    file a load reads is there and long enough. Raises CheckpointError otherwise."""
+    file a load reads is there and long enough. Raises CheckpointError otherwise. A run folder whose
+    training prunes that folder meanwhile is checked again at its new `latest` (`read_checkpoint`)."""
+    return read_checkpoint(path, lambda folder: folder)
+
+
+def read_checkpoint(path, read: Callable[[Path], T], attempts: int = READ_ATTEMPTS) -> T:
+    """`read(folder)` for the iter folder `path` names (itself, or what its `latest` names), after the file
+    checks of `check_checkpoint`, with what loading raises reported as a CheckpointError naming the folder
+    (`checkpoint_read_errors`). The one way every reader of a run folder reads a checkpoint.
+
+    A failed check or read of a run folder whose `latest` has meanwhile moved on to another folder is the
+    run's own pruning, not damage (module docstring): one line says so and the read starts again on the
+    folder `latest` names now, up to `attempts` reads in all. A failure while `latest` stays put is damage
+    and raised as such; so is an iter folder passed itself that is pruned, with the run folder to pass."""
+    path = Path(path)
     folder = resolve_checkpoint_folder(path)
-    problems = _file_problems(folder)
-    if problems:
-        raise CheckpointError(folder, _shortened(problems))
-    return folder
+    for attempt in range(1, attempts + 1):
+        try:
+            problems = _file_problems(folder)
+            if problems:
+                raise CheckpointError(folder, _shortened(problems))
+            with checkpoint_read_errors(folder):
+                return read(folder)
+        except CheckpointError as error:
+            newer = _moved_on(path, folder)
+            if newer is None:
+                raise _pruned_itself(path, folder) or error
+            if attempt == attempts:
+                raise CheckpointError(
+                    path,
+                    [
+                        f"the training writing here replaced the checkpoint being read {attempts} times in a row "
+                        f"(last {folder.name}, now {newer.name}): it prunes older checkpoints "
+                        "(run.keep_last) faster than they can be read"
+                    ],
+                    "read it once the training has stopped, or train with a larger run.keep_last so that a "
+                    "checkpoint outlives its reading",
+                ) from error
+            what = f"{folder} was pruned while being read" if not folder.exists() else f"reading {folder} failed"
+            logger.warning(
+                "checkpoint %s: the training writing %s has moved `%s` on to %s; reading that one",
+                what,
+                path,
+                LATEST,
+                newer.name,
+            )
+            folder = newer
+    raise AssertionError("unreachable")
+
+
+def _moved_on(path: Path, folder: Path) -> Optional[Path]:
+    """The folder `latest` in `path` names now, when it is another one than `folder`; else None."""
+    if not (path / LATEST).is_file():
+        return None
+    try:
+        now = resolve_checkpoint_folder(path)
+    except CheckpointError:
+        return None
+    return now if now.name != folder.name else None
+
+
+def _pruned_itself(path: Path, folder: Path) -> Optional[CheckpointError]:
+    """The error for an iter folder passed itself that disappeared while it was read (its run pruned it)."""
+    if path != folder or folder.exists():
+        return None
+    run = folder.parent
+    where = f"the training writing {run} prunes older checkpoints (run.keep_last)" if (run / LATEST).is_file() else ""
+    return CheckpointError(
+        folder,
+        [f"was removed while being read{': ' + where if where else ''}"],
+        f"pass the run folder {run} to read its newest checkpoint, or copy the checkpoint elsewhere and read the copy",
+    )
 
 
 def resolve_checkpoint_folder(path) -> Path:
@@ -157,8 +236,19 @@ def _follow_pointer(run: Path, pointer: Path) -> Path:
         )
     folder = run / name
     if not folder.is_dir():
+        moved = _pointer_name(pointer)
+        if moved != name and moved is not None and _POINTER.fullmatch(moved) and (run / moved).is_dir():
+            # A training moved `latest` and pruned the old folder between the two looks: its new one.
+            return run / moved
         raise CheckpointError(run, [f"`{LATEST}` names {name}, which does not exist{_choices(run)}"], fix)
     return folder
+
+
+def _pointer_name(pointer: Path) -> Optional[str]:
+    try:
+        return pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _iter_folders(run: Path) -> List[Path]:

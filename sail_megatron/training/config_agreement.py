@@ -15,16 +15,16 @@ import torch.distributed as dist
 from sail_megatron.config import ConfigError
 from sail_megatron.config.train import TrainConfig, config_differences, dump, flat_config
 
-_PACKAGE = Path(__file__).resolve().parents[1]  # sail_megatron/ (its kernels included)
+_PACKAGE = Path(__file__).resolve().parents[1]  # sail_megatron/
 _SHOWN = 12
 
 
 def _sources() -> Dict[str, str]:
     """relative path -> sha256 of every Python source of the package."""
-    files = sorted(p for p in _PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
-    kernels = _PACKAGE.parent / "kernels"  # installed as sail_megatron.kernels; in a checkout it sits beside
-    if kernels.is_dir():
-        files += sorted(kernels.rglob("*.py"))
+    import sail_megatron.kernels
+
+    roots = [_PACKAGE, *(Path(p) for p in sail_megatron.kernels.__path__)]  # a checkout's kernels/ sits beside
+    files = sorted({p for root in roots for p in root.rglob("*.py") if "__pycache__" not in p.parts})
     return {str(p.relative_to(_PACKAGE.parent)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 

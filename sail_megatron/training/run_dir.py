@@ -17,13 +17,13 @@ import fcntl
 import logging
 import os
 import re
-import shutil
 import socket
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from sail_megatron.config import ConfigError
+from sail_megatron.training.disk_errors import free_space, output_failure
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def check_writable(save_dir: Path) -> None:
         if e.errno == errno.ENOSPC:
             raise ConfigError(
                 "run.save_dir",
-                f"cannot write to {save_dir}: the disk is full ({_free_mib(save_dir)})",
+                f"cannot write to {save_dir}: the disk is full ({free_space(save_dir)})",
                 "free space there or choose a run.save_dir on another filesystem",
             ) from None
         raise ConfigError(
@@ -159,36 +159,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def save_errors() -> tuple:
-    """What a failed checkpoint write raises: any Exception, and torch's CheckpointException, which
-    megatron's dist_checkpointing passes on and which derives from BaseException (so `except Exception`
-    misses it). KeyboardInterrupt and SystemExit stay out."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    return (Exception, CheckpointException)
-
-
-def _free_mib(path: Path) -> str:
-    try:
-        return f"{shutil.disk_usage(path).free / 2**20:,.0f} MiB free on its filesystem"
-    except OSError:
-        return "free space unknown"
-
-
-def _nearly_full(path: Path) -> bool:
-    try:
-        return shutil.disk_usage(path).free < 64 * 2**20
-    except OSError:
-        return False
-
-
 def describe_save_failure(save_dir: Path, step: int, error: BaseException) -> str:
     """One message for a failed checkpoint write: what failed, how much room is left, what is intact."""
-    room = _free_mib(save_dir)
-    full = isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error)
-    # torch reports a short write of a full disk as an unexpected stream position; the free space says which.
-    full = full or ("unexpected pos" in str(error) and _nearly_full(save_dir))
-    cause = "the disk is full" if full else str(error).strip().splitlines()[0][:300]
+    room = free_space(save_dir)
+    cause = output_failure(error, save_dir) or str(error).strip().splitlines()[0][:300]
     pointer = save_dir / LATEST
     kept = pointer.read_text().strip() if pointer.is_file() else "none"
     return (

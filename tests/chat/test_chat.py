@@ -4,12 +4,17 @@ input exits with code 2 and one line."""
 
 import io
 import json
+import os
+import shutil
+import subprocess
+import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Dict
 
 import pytest
 import torch
+import yaml
 
 from sail_megatron.chat.cli import main
 from sail_megatron.data.chat_template import ChatTemplate
@@ -234,3 +239,89 @@ def test_a_trainer_export_is_prompted_as_the_run_was_trained():
     assert (config["min_dynamic_patch"], config["max_dynamic_patch"], config["use_thumbnail"]) == (2, 4, False)
     data = data_from_hf_config({**config, "dynamic_image_size": True}, None)
     assert (data.template, data.system_prompt, data.max_tiles, data.use_thumbnail) == ("chatml", "Be brief.", 4, False)
+
+
+# --- sail-chat as the console script, in a subprocess ---------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _chat_process(argv, cwd: Path, prunes: int = 0) -> subprocess.CompletedProcess:
+    """`sail-chat ARGV` in a fresh process run from `cwd`; with `prunes`, a training "prunes" the checkpoint
+    being read that many times, between the reader's resolving of `latest` and its read
+    (tests/helpers/pruning_run.py)."""
+    tool = ["-m", "tests.helpers.pruning_run", str(prunes), "sail-chat"] if prunes else ["-m", "sail_megatron.chat.cli"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, *tool, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
+
+
+def _one_line_refusal(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("sail-chat: ")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return lines[0]
+
+
+def test_a_checkpoint_pruned_while_read_is_read_at_its_successor(made, tmp_path):
+    """A training with run.keep_last 1 moves `latest` on and deletes the folder sail-chat resolved, just
+    before the weights are read: one line says so and the answer comes from the new checkpoint."""
+    root, result = made
+    run = shutil.copytree(root / "run", tmp_path / "live")
+    argv = ["--ckpt", str(run), "--image", str(root / "chelsea.jpg"), "--prompt", PROMPT, "--max-new-tokens", "1"]
+    done = _chat_process(argv, tmp_path, prunes=1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        f"checkpoint {run / 'iter_00000001'} was pruned while being read: the training writing {run} has moved "
+        "`latest` on to iter_00000002; reading that one" in done.stderr
+    ), done.stderr[-3000:]
+    assert f"loaded {run / 'iter_00000002'} (run" in done.stderr and "damaged" not in done.stderr
+    assert done.stdout.strip(), "no answer"
+
+
+def test_a_run_is_read_from_another_working_folder(made, tmp_path):
+    """config.yaml records data.tokenizer and run.save_dir as the training was given them, relative to the
+    folder it ran in: sail-chat run from elsewhere finds the tokenizer there."""
+    root, _ = made
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    run = shutil.copytree(root / "run", project / "runs" / "rel")
+    shutil.copytree(root / "tokenizer", project / "data" / "tokenizer")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["tokenizer"], config["run"]["save_dir"] = "data/tokenizer", "runs/rel"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    elsewhere.mkdir()
+    argv = ["--ckpt", str(run), "--image", str(root / "chelsea.jpg"), "--prompt", PROMPT, "--max-new-tokens", "1"]
+    done = _chat_process(argv, elsewhere)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # The transformers export needs that tokenizer too (its processor and image-token id).
+    export = [sys.executable, "-m", "sail_megatron.convert.cli", "mcore-to-hf", "--ckpt", str(run), "--out", "tf"]
+    done = subprocess.run(
+        [*export, "--format", "transformers"], cwd=elsewhere, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (elsewhere / "tf" / "tokenizer.json").is_file()
+    assert f"tokenizer from the run's config.yaml: {project / 'data' / 'tokenizer'}" in done.stderr
+
+
+def test_a_run_whose_tokenizer_is_nowhere_says_so(made, tmp_path, capsys, monkeypatch):
+    """A recorded tokenizer in none of the places a relative path may mean: the clear error stays."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    root, _ = made
+    run = shutil.copytree(root / "run", tmp_path / "runs" / "rel")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["tokenizer"], config["run"]["save_dir"] = "data/tokenizer", "runs/rel"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(root)
+    line = _bad(capsys, ["--ckpt", str(run), "--image", str(root / "chelsea.jpg"), "--prompt", PROMPT])
+    assert line.startswith(
+        "sail-chat: the run's config names the tokenizer data/tokenizer, which is not a folder here (nor under "
+        "the folder the training ran in, nor in the run folder): pass --tokenizer DIR"
+    ), line
+
+
+def test_an_image_that_is_no_file_is_named_for_what_it_is(made, tmp_path):
+    root, _ = made
+    (tmp_path / "loop_a.jpg").symlink_to("loop_b.jpg")
+    (tmp_path / "loop_b.jpg").symlink_to("loop_a.jpg")
+    argv = ["--ckpt", str(root / "run"), "--image", "loop_a.jpg", "--prompt", PROMPT]
+    line = _one_line_refusal(_chat_process(argv, tmp_path))
+    assert line == "sail-chat: --image loop_a.jpg is a symbolic link loop (Too many levels of symbolic links)"

@@ -4,7 +4,9 @@ exported, no image-token id recorded, a dtype picked for mixed-dtype weights).""
 
 import logging
 import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Dict
 
@@ -21,6 +23,7 @@ from sail_megatron.convert.to_hf import mcore_to_hf
 from sail_megatron.convert.to_mcore import hf_to_mcore
 from sail_megatron.convert.verify import verify
 from tests.convert import cli_workers
+from tests.convert import fixtures as F
 from tests.helpers.multiprocess import run_on_ranks
 
 READ_ONLY = Path("/sys")  # refuses new folders even to root, for whom permission bits do not count
@@ -145,8 +148,66 @@ def cli_runs(tiny_checkpoints, tmp_path_factory):
     if os.geteuid() != 0:  # permission bits bind everyone but root
         (root / "locked").mkdir(mode=0o555)
         cases["mcore_locked"] = ["mcore-to-hf", "--ckpt", str(mcore), "--out", str(root / "locked" / "out")]
-    (results,) = run_on_ranks(cli_workers.run_cli, 1, list(cases.values()))
-    return root, dict(zip(cases, results))
+    # Refused from the arguments alone (before the checkpoint is read), and an InternViT of 3 layers under the
+    # default --select-layer (-4).
+    transformers = ["--format", "transformers", "--template", "garbage"]
+    cases["bad_template"] = [
+        "mcore-to-hf",
+        "--ckpt",
+        str(root / "run_tok"),
+        "--out",
+        str(root / "tpl.hf"),
+        *transformers,
+    ]
+    F.write_standalone(root / "qwen", root / "vit", F.build_modules(F.Spec(seed=20)))
+    stage1 = ["init", "--llm", str(root / "qwen"), "--vision", str(root / "vit")]
+    cases["init_default_select_layer"] = [*stage1, "--out", str(root / "init")]
+    # A disk too full for any output: every command that writes ends with one message, nothing left behind.
+    full = root / "full"
+    mounted, why = _mount_small_tmpfs(full)
+    if mounted:
+        cases["full_mcore_to_hf"] = ["mcore-to-hf", "--ckpt", str(tiny_checkpoints / "run"), "--out", str(full / "exp")]
+        cases["full_hf_to_mcore"] = ["hf-to-mcore", "--hf", str(hf), "--out", str(full / "h2m")]
+        cases["full_init"] = [*stage1, "--select-layer", "-1", "--out", str(full / "init")]
+    try:
+        (results,) = run_on_ranks(cli_workers.run_cli, 1, list(cases.values()), timeout=600)
+        left_on_full_disk = sorted(p.name for p in full.iterdir()) if mounted else None
+    finally:
+        if mounted:
+            _unmount(full)
+    return root, dict(zip(cases, results)), {"on_full_disk": left_on_full_disk, "not_mounted": why}
+
+
+FREE_ON_FULL_DISK = 192 << 10
+"""What the filler leaves free on the 2 MiB tmpfs: less than any output of the tiny model needs."""
+
+
+def _mount_small_tmpfs(folder: Path):
+    """(True, None) with a 2 MiB tmpfs at `folder` holding a filler that leaves FREE_ON_FULL_DISK, or
+    (False, why not)."""
+    if os.geteuid() != 0:
+        return False, "mounting a tmpfs needs root"
+    folder.mkdir()
+    try:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, f"mount failed: {e}"
+    if done.returncode != 0:
+        return False, f"mount failed: {done.stderr.strip() or done.returncode}"
+    try:
+        with open(folder / "filler", "wb") as f:
+            f.write(b"\0" * (shutil.disk_usage(folder).free - FREE_ON_FULL_DISK))
+    except BaseException:
+        _unmount(folder)
+        raise
+    return True, None
+
+
+def _unmount(folder: Path) -> None:
+    if subprocess.run(["umount", str(folder)], capture_output=True, timeout=30).returncode != 0:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30)
 
 
 def _refused(result: Dict, *needles: str) -> str:
@@ -163,7 +224,7 @@ def _no_leftovers(folder: Path) -> None:
 
 @pytest.mark.parametrize("case", ["hf_under_file", "mcore_under_file"])
 def test_out_under_a_file(cli_runs, case):
-    root, results = cli_runs
+    root, results, _ = cli_runs
     _refused(results[case], f"cannot write {root / 'afile' / 'sub'}", f"{root / 'afile'} is a file, not a folder")
     assert (root / "afile").read_bytes() == b""
     _no_leftovers(root)
@@ -172,13 +233,13 @@ def test_out_under_a_file(cli_runs, case):
 @pytest.mark.skipif(not READ_ONLY.is_dir(), reason="needs /sys")
 @pytest.mark.parametrize("case", ["hf_read_only", "mcore_read_only"])
 def test_out_in_a_read_only_folder(cli_runs, case):
-    _, results = cli_runs
+    _, results, _ = cli_runs
     _refused(results[case], "cannot write /sys/sail-convert-test", "/sys")
     assert not (READ_ONLY / "sail-convert-test").exists()
 
 
 def test_out_in_a_folder_without_permission(cli_runs):
-    root, results = cli_runs
+    root, results, _ = cli_runs
     if "mcore_locked" not in results:
         pytest.skip("root may write anywhere")
     _refused(results["mcore_locked"], f"no permission to create folders in {root / 'locked'}")
@@ -186,7 +247,7 @@ def test_out_in_a_folder_without_permission(cli_runs):
 
 
 def test_trainer_run_exports_the_tokenizer_it_recorded(cli_runs):
-    root, results = cli_runs
+    root, results, _ = cli_runs
     assert results["run_tok"]["rc"] == 0, results["run_tok"]["stderr"]
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (root / "run_tok.hf" / name).read_bytes() == (root / "tok" / name).read_bytes()
@@ -194,7 +255,7 @@ def test_trainer_run_exports_the_tokenizer_it_recorded(cli_runs):
 
 
 def test_trainer_run_without_its_tokenizer_says_so(cli_runs):
-    root, results = cli_runs
+    root, results, _ = cli_runs
     gone, bare = results["run_gone_tok"], results["run_bare"]
     assert gone["rc"] == 0 and bare["rc"] == 0, gone["stderr"] + bare["stderr"]
     assert f"names the tokenizer {root / 'gone'}, but it holds no tokenizer files" in gone["stderr"]
@@ -204,7 +265,51 @@ def test_trainer_run_without_its_tokenizer_says_so(cli_runs):
 
 
 def test_hf_folder_without_tokenizer_warns_about_the_image_token(cli_runs):
-    root, results = cli_runs
+    root, results, _ = cli_runs
     result = results["hf_notok"]
     assert result["rc"] == 0, result["stderr"]
     assert "no tokenizer with an <IMG_CONTEXT> token" in result["stderr"] and "--image-token-id" in result["stderr"]
+
+
+def test_an_unknown_template_is_refused_by_the_parser(cli_runs):
+    root, results, _ = cli_runs
+    result = results["bad_template"]
+    assert result["rc"] == 2, result["stderr"]
+    assert "argument --template: invalid choice: 'garbage'" in result["stderr"], result["stderr"]
+    assert "'sailvl-chat'" in result["stderr"] and "Traceback" not in result["stderr"]
+    assert not (root / "tpl.hf").exists()
+
+
+def test_init_names_the_select_layer_that_leaves_no_layer(cli_runs):
+    root, results, _ = cli_runs
+    assert cli_workers.error_lines(results["init_default_select_layer"]) == [
+        "sail-convert init: cannot build a stage-1 model from these folders: --select-layer -4 (the default for "
+        f"InternViT) leaves 0 of the 3 layers of {root / 'vit'}",
+        "Fix: pass --select-layer with a value in [1, 3] or [-3, -1]",
+    ]
+    assert results["init_default_select_layer"]["rc"] == 2 and not (root / "init").exists()
+
+
+@pytest.mark.parametrize(
+    "case,command,out",
+    [
+        ("full_mcore_to_hf", "mcore-to-hf", "exp"),
+        ("full_hf_to_mcore", "hf-to-mcore", "h2m"),
+        ("full_init", "init", "init"),
+    ],
+)
+def test_a_full_disk_is_one_message_and_leaves_nothing(cli_runs, case, command, out):
+    root, results, disk = cli_runs
+    if disk["not_mounted"]:
+        pytest.skip(f"no small filesystem to fill: {disk['not_mounted']}")
+    out = root / "full" / out
+    lines = cli_workers.error_lines(results[case])
+    assert results[case]["rc"] == 2 and "Traceback" not in results[case]["stderr"], results[case]["stderr"]
+    assert len(lines) == 2, results[case]["stderr"]
+    assert re.fullmatch(
+        rf"sail-convert {command}: cannot write {re.escape(str(out))}: the disk is full \(\d+\.\d MiB free on its "
+        rf"filesystem now\); the partial output was removed: nothing was written at {re.escape(str(out))}",
+        lines[0],
+    ), lines[0]
+    assert lines[1].startswith("Fix: free space there")
+    assert disk["on_full_disk"] == ["filler"]  # no output, no hidden partial folder
