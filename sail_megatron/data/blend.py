@@ -1,12 +1,21 @@
 """Weighted blends of prepared datasets, written as energon metadatasets (how SAIL-VL mixes
-caption, OCR and instruction data), and the join of the parts of one input prepared in shards."""
+caption, OCR and instruction data), and the join of the parts of one input prepared in shards.
+
+A part is read only if it is a folder whose report and `.nv-meta` files are regular files (`input_files.py`),
+so a FIFO or a device planted in a part cannot block the join."""
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
+
+from sail_megatron.data.input_files import check_files_in, check_folder, kind_of, read_regular
+
+_REPORT_LIMIT = 1 << 30
+"""prepare_report.json lists every skipped record: large inputs can make it large, never this large."""
 
 
 def write_blend(path: Union[str, Path], weights: Dict[str, float]) -> Path:
@@ -52,16 +61,30 @@ def split_samples(folder: Path, part: str) -> int:
 
 def _input_shard(folder: Path) -> Optional[Tuple[int, int]]:
     """(num_shards, shard_index) recorded by `sail-data prepare`, if any."""
+    report = Path(folder) / "prepare_report.json"
+    if not report.exists():
+        return None
     try:
-        doc = json.loads((Path(folder) / "prepare_report.json").read_text())
+        doc = json.loads(read_regular(report, _REPORT_LIMIT))
         shard = doc["input_shard"]
         return int(shard["num_shards"]), int(shard["shard_index"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
 
 
-def check_parts_cover(parts: Sequence[Path]) -> List[str]:
-    """Errors for parts that repeat an input shard; returns warnings for shards no part holds."""
+def check_part(part: Path) -> None:
+    """A prepared folder whose files energon and this module open are regular files (raises OSError)."""
+    check_folder(part, "--parts")
+    check_files_in(part, "--parts")
+    meta = Path(part) / ".nv-meta"
+    if not meta.is_dir():
+        raise FileNotFoundError(f"{part} is not a prepared dataset (no .nv-meta); run sail-data prepare")
+    check_files_in(meta, "--parts")
+
+
+def check_parts_cover(parts: Sequence[Path], allow_missing: bool = False) -> List[str]:
+    """Errors for parts that repeat an input shard, and (unless `allow_missing`) for input shards no part
+    holds; returns warnings for those missing shards."""
     seen: Dict[Tuple[int, int], Path] = {}
     for part in parts:
         shard = _input_shard(part)
@@ -74,34 +97,59 @@ def check_parts_cover(parts: Sequence[Path]) -> List[str]:
         seen[shard] = part
     warnings = []
     for n in sorted({n for n, _ in seen}):
-        missing = sorted(set(range(n)) - {i for m, i in seen if m == n})
-        if missing:
-            warnings.append(
-                f"the parts hold input shards {sorted(i for m, i in seen if m == n)} of {n}; missing {missing}"
+        held = sorted(i for m, i in seen if m == n)
+        missing = sorted(set(range(n)) - set(held))
+        if missing and not allow_missing:
+            raise ValueError(
+                f"the parts hold input shards {held} of {n}; shards {missing} are missing: prepare them with "
+                f"--num-shards {n} --shard-index I and list them in --parts, or pass --allow-missing-parts to "
+                "blend without them"
             )
+        if missing:
+            warnings.append(f"the parts hold input shards {held} of {n}; missing {missing}")
     return warnings
 
 
+def _check_blend_out(blend_path: Path, overwrite: bool) -> None:
+    if not (blend_path.exists() or blend_path.is_symlink()):
+        return
+    try:
+        mode = blend_path.stat().st_mode
+    except OSError:  # a broken symbolic link: replacing it is replacing the link
+        mode = stat.S_IFREG
+    if stat.S_ISDIR(mode):
+        raise ValueError(
+            f"--out {blend_path} is a folder; --out names the blend YAML file to write, e.g. {blend_path / 'blend.yaml'}"
+        )
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"--out {blend_path} is {kind_of(mode)}; name the blend YAML file to write")
+    if not overwrite:
+        raise FileExistsError(f"--out {blend_path} exists; pass --overwrite to replace it")
+
+
 def join_parts(
-    parts: Sequence[Union[str, Path]], blend_path: Union[str, Path], overwrite: bool = False
+    parts: Sequence[Union[str, Path]],
+    blend_path: Union[str, Path],
+    overwrite: bool = False,
+    allow_missing_parts: bool = False,
 ) -> Tuple[Dict[str, int], List[str]]:
     """Write a blend over prepared folders (e.g. the shards of one input, prepared on several machines)
     with weights equal to their train sample counts, so every sample is as likely as in one folder.
 
+    Parts that were prepared as shards of one input must hold all its shards, unless `allow_missing_parts`.
     Returns ({path as written in the blend: train samples}, warnings about input shards no part holds)."""
     blend_path = Path(blend_path)
     parts = [Path(p) for p in parts]
     if not parts:
         raise ValueError("--parts needs at least one prepared folder")
+    for part in parts:
+        check_part(part)
     real = [p.resolve() for p in parts]
     dup = next((p for i, p in enumerate(parts) if real[i] in real[:i]), None)
     if dup is not None:
         raise ValueError(f"{dup} is listed twice in --parts")
-    warnings = check_parts_cover(parts)
-    if blend_path.exists() and not overwrite:
-        raise FileExistsError(f"{blend_path} exists; pass --overwrite to replace it")
-    if blend_path.is_dir():
-        raise ValueError(f"--out {blend_path} is a folder; name the blend YAML file to write")
+    warnings = check_parts_cover(parts, allow_missing=allow_missing_parts)
+    _check_blend_out(blend_path, overwrite)
     counts: Dict[str, int] = {}
     for part, full in zip(parts, real):
         n = train_samples(part)

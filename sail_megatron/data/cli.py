@@ -4,25 +4,38 @@
                     [--num-shards N --shard-index I]    one part of the input per machine
   sail-data join --parts DIR [DIR ...] --out BLEND.yaml  a blend over the parts, weighted by sample count
   sail-data demo --out DIR       the embedded demo dataset (real photos, captions, conversations)
-  sail-data show --input FILE --tokenizer DIR [--images DIR] [--index N] [--template NAME]
+  sail-data show --input FILE --tokenizer DIR [--images DIR] [--index N|A-B|N,M,...] [--template NAME]
                  [--system-prompt TEXT] [--max-tiles N] [--json]
-                                 one input record as the trainer tokenizes it, trained spans marked
+                                 input records as the trainer tokenizes them, trained spans marked
 
 User errors (bad arguments, unusable paths, unreadable input, a full disk) print a few lines naming the
 path and the fix, and exit with code 2.
+
+Nothing waits on input forever: only regular files are read (a FIFO, a device or a socket is refused or
+skipped, naming its kind), each within a stated size. Ctrl-C, SIGTERM, SIGHUP and SIGUSR1 stop any command
+within a second or two, also while prepare's reader threads are busy: it removes what it was writing, prints
+one line saying it was interrupted and exits with 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM).
 """
 
 import argparse
 import logging
-import signal
+import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from sail_megatron.config.data import DEFAULT_MAX_PIXELS, TEMPLATES, DataConfig
 from sail_megatron.data.blend import join_parts, write_blend
-from sail_megatron.data.out_dir import check_out, layout_matches, staged
-from sail_megatron.data.prepare import DEFAULT_SPLIT, FORMATS, is_prepared_output, prepare, valid_fraction_split
-from sail_megatron.data.show import TOKENS_PER_TILE, report, show_record
+from sail_megatron.data.out_dir import Interrupted, check_out, layout_matches, staged, stop_on_signals
+from sail_megatron.data.prepare import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_TEXT_CHARS,
+    FORMATS,
+    is_prepared_output,
+    prepare,
+)
+from sail_megatron.data.records import DEFAULT_MAX_RECORD_BYTES
+from sail_megatron.data.show import TOKENS_PER_TILE, parse_indexes, report, show_records
 
 _DEMO_LAYOUT = ("raw", "captions", "sft", "blend.yaml")
 _DEMO_RAW_LAYOUT = ("images", "captions.jsonl", "sft.jsonl", "tokenizer")
@@ -36,18 +49,17 @@ def _prepare(args) -> int:
         rules = TrainerRules.from_recipe(Path(args.recipe), args.set)
     elif args.set:
         raise ValueError("--set changes the --recipe; pass --recipe too")
-    split_ratio = args.split_ratio
-    if args.valid_fraction is not None:
-        if split_ratio != DEFAULT_SPLIT:
-            raise ValueError("give --valid-fraction or --split-ratio, not both")
-        split_ratio = valid_fraction_split(args.valid_fraction)
     report = prepare(
         Path(args.input),
         Path(args.images),
         Path(args.out),
         fmt=args.format,
         shard_size=args.shard_size,
-        split_ratio=split_ratio,
+        split_ratio=args.split_ratio,
+        valid_fraction=args.valid_fraction,
+        max_image_bytes=args.max_image_bytes,
+        max_record_bytes=args.max_record_bytes,
+        max_text_chars=args.max_text_chars,
         max_pixels=args.max_pixels,
         verify_decode=args.verify_decode,
         workers=args.workers,
@@ -65,7 +77,9 @@ def _prepare(args) -> int:
 
 
 def _join(args) -> int:
-    counts, warnings = join_parts(args.parts, Path(args.out), overwrite=args.overwrite)
+    counts, warnings = join_parts(
+        args.parts, Path(args.out), overwrite=args.overwrite, allow_missing_parts=args.allow_missing_parts
+    )
     for w in warnings:
         print(f"sail-data: warning: {w}", file=sys.stderr)
     total = sum(counts.values())
@@ -95,7 +109,6 @@ def build_demo(out: Path, overwrite: bool = False) -> Path:
     with staged(out) as stage:
         raw = write_demo_raw(stage / "raw")
         # 40 records each in shards of 16: the last shard (8 records) is held out for validation.
-        held_out = valid_fraction_split(0.25)
         for records, name, fmt in ((raw.captions_jsonl, "captions", "caption"), (raw.sft_jsonl, "sft", "llava")):
             prepare(
                 records,
@@ -103,7 +116,7 @@ def build_demo(out: Path, overwrite: bool = False) -> Path:
                 stage / name,
                 fmt=fmt,
                 shard_size=16,
-                split_ratio=held_out,
+                valid_fraction=0.25,
                 verify_decode=True,
                 progress=False,
             )
@@ -121,19 +134,25 @@ def _demo(args) -> int:
 
 
 def _show(args) -> int:
-    shown, tok = show_record(
+    tok, shown = show_records(
         Path(args.input),
         Path(args.tokenizer),
+        parse_indexes(args.index),
         images_dir=Path(args.images) if args.images else None,
-        index=args.index,
         fmt=args.format,
         template=args.template,
         system_prompt=args.system_prompt,
         max_tiles=args.max_tiles,
         tokens_per_tile=args.tokens_per_tile,
         seq_length=args.seq_length,
+        max_image_bytes=args.max_image_bytes,
+        max_text_chars=args.max_text_chars,
     )
-    print(report(shown, tok, as_json=args.json, color=sys.stdout.isatty()))
+    color = sys.stdout.isatty()
+    for i, one in enumerate(shown):
+        if i and not args.json:
+            print()
+        print(report(one, tok, as_json=args.json, color=color), flush=True)
     return 0
 
 
@@ -146,12 +165,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write; must not hold or lie inside --images")
     p.add_argument("--format", choices=FORMATS, default="llava")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
-    p.add_argument("--split-ratio", default=DEFAULT_SPLIT, help="train,val,test shares of the shards")
+    p.add_argument("--split-ratio", help="train,val,test shares of the shards (default 1,0,0)")
     p.add_argument(
         "--valid-fraction",
         type=float,
         default=None,
-        help="hold this share of the shards out as the val split that validation reads (e.g. 0.02)",
+        help="hold this share of the shards out as the val split that validation reads (e.g. 0.02); splits are "
+        "whole shards, so the share held out is rounded to shards (the summary says how much)",
     )
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.add_argument("--verify-decode", action="store_true", help="fully decode every image (slower)")
@@ -184,11 +204,35 @@ def _parser() -> argparse.ArgumentParser:
         "(skips what that training would always skip)",
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a --recipe key")
+    p.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_BYTES,
+        help="skip image files larger than this, unread (image_file_too_big; default 128 MiB)",
+    )
+    p.add_argument(
+        "--max-record-bytes",
+        type=int,
+        default=DEFAULT_MAX_RECORD_BYTES,
+        help="skip JSON Lines records longer than this, unread (record_too_large; default 32 MiB)",
+    )
+    p.add_argument(
+        "--max-text-chars",
+        type=int,
+        default=DEFAULT_MAX_TEXT_CHARS,
+        help="skip records with more characters of text (text_too_long; default 1000000); with --recipe, "
+        "also those longer than its seq_length could ever hold",
+    )
     p.set_defaults(func=_prepare)
     j = sub.add_parser("join", help="blend prepared parts (e.g. --shard-index 0..N-1) into one energon metadataset")
     j.add_argument("--parts", nargs="+", required=True, help="prepared folders")
     j.add_argument("--out", required=True, help="blend YAML to write (use it as data.path)")
-    j.add_argument("--overwrite", action="store_true")
+    j.add_argument("--overwrite", action="store_true", help="replace an existing blend YAML file")
+    j.add_argument(
+        "--allow-missing-parts",
+        action="store_true",
+        help="blend the parts given even if some input shards of their --num-shards are missing",
+    )
     j.set_defaults(func=_join)
     d = sub.add_parser("demo", help="build the embedded demo dataset from scikit-image's sample photos")
     d.add_argument("--out", required=True)
@@ -199,7 +243,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--input", required=True, help="a sail-data prepare input: LLaVA JSON/JSONL or caption JSONL")
     s.add_argument("--tokenizer", required=True, help="local Hugging Face tokenizer folder (with the image tokens)")
     s.add_argument("--images", help="folder the record's image paths are relative to (default: the input's folder)")
-    s.add_argument("--index", type=int, default=0, help="which record, counted from 0 (blank lines do not count)")
+    s.add_argument(
+        "--index",
+        default="0",
+        help="which records, counted from 0 (blank lines do not count): N, a range A-B, or a comma list of both",
+    )
     s.add_argument(
         "--format", choices=("auto",) + FORMATS, default="auto", help="auto: caption records have no conversations"
     )
@@ -208,25 +256,38 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tiles", type=int, default=defaults.max_tiles, help="tiles per image at most (data.max_tiles)")
     s.add_argument("--tokens-per-tile", type=int, default=TOKENS_PER_TILE, help="image tokens per tile (SAIL-VL: 256)")
     s.add_argument("--seq-length", type=int, help="apply the trainer's over-length policy for this budget")
-    s.add_argument("--json", action="store_true", help='print {"input_ids", "loss_mask", "text"} as JSON')
+    s.add_argument(
+        "--json", action="store_true", help='print {"input_ids", "loss_mask", "text"} as JSON, one line per record'
+    )
+    s.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES, help="as for prepare")
+    s.add_argument("--max-text-chars", type=int, default=DEFAULT_MAX_TEXT_CHARS, help="as for prepare")
     s.set_defaults(func=_show)
     return parser
 
 
-def _exit_on_sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signum)  # unwinds, so the staging folder is removed
+def _interrupted(command: str, e: Interrupted) -> str:
+    left = "; --out was left as it was" if command in ("prepare", "join", "demo") else ""
+    return f"sail-data {command}: interrupted by {e.name}{left}"
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
-    if argv is None:  # the command line, not a caller in the same process
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        return args.func(args)
-    except (OSError, ValueError) as e:  # FileExistsError, FileNotFoundError, PermissionError, ENOSPC ...
-        print(f"sail-data: error: {e}", file=sys.stderr)
-        return 2
+    command_line = argv is None  # not a caller in the same process, whose signals are its own business
+    with stop_on_signals() if command_line else nullcontext():
+        try:
+            return args.func(args)
+        except (OSError, ValueError) as e:  # FileExistsError, FileNotFoundError, PermissionError, ENOSPC ...
+            print(f"sail-data: error: {e}", file=sys.stderr)
+            return 2
+        except Interrupted as e:
+            print(_interrupted(args.command, e), file=sys.stderr)
+            if not command_line:
+                return 128 + e.signum
+            # Reader threads may still be busy with their last item: do not wait for them at exit.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + e.signum)
 
 
 if __name__ == "__main__":

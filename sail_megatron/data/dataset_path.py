@@ -1,10 +1,30 @@
-"""A cheap look at `data.path` before any process group or model exists, so a wrong path costs seconds."""
+"""A cheap look at `data.path` before any process group or model exists, so a wrong path costs seconds.
+
+Blend YAMLs are read only if they are regular files of at most 16 MiB, and a prepared folder's `.nv-meta`
+files must be regular files (`input_files.py`): a FIFO or a device there would block the loader forever."""
 
 from pathlib import Path
 
 import yaml
 
 from sail_megatron.config import ConfigError
+from sail_megatron.data.input_files import check_files_in, read_regular
+
+_BLEND_LIMIT = 16 << 20
+
+
+def _read_blend(p: Path) -> str:
+    """The text of blend YAML `p`; OSError (not a regular file, too large, unreadable) or UnicodeDecodeError."""
+    return read_regular(p, _BLEND_LIMIT).decode("utf-8")
+
+
+def _check_meta_files(p: Path, field: str, fix: str) -> None:
+    if not (p / ".nv-meta").is_dir():
+        return  # not prepared: the callers' own checks say so
+    try:
+        check_files_in(p / ".nv-meta")
+    except OSError as e:
+        raise ConfigError(field, f"{p} is not a usable prepared dataset: {e}", fix) from None
 
 
 def check_dataset_path(path: str, field: str = "data.path") -> None:
@@ -16,9 +36,10 @@ def check_dataset_path(path: str, field: str = "data.path") -> None:
     if p.is_dir():
         if not (p / ".nv-meta").is_dir():
             raise ConfigError(field, f"{p} is not a prepared dataset (no .nv-meta folder)", fix)
+        _check_meta_files(p, field, fix)
         return
     try:
-        blend = yaml.safe_load(p.read_text())
+        blend = yaml.safe_load(_read_blend(p))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(field, f"{p} is neither a dataset folder nor a blend YAML ({reason})", fix) from None
@@ -40,14 +61,21 @@ def check_valid_split(path: str, field: str) -> None:
     fix = VALID_SPLIT_FIX
     p = Path(path)
     if p.is_dir():
+        _check_meta_files(p, field, fix)
         if not split_samples(p, "val"):
             raise ConfigError(field, f"{p} has no samples in its val split", fix)
         return
-    blend = yaml.safe_load(p.read_text())
+    try:
+        blend = yaml.safe_load(_read_blend(p))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(field, f"{p} is not a readable blend YAML ({reason})", fix) from None
     val = (blend.get("splits") or {}).get("val")
     if val is None:
         raise ConfigError(field, f"{p} has no val split", fix)
     folders = [p.parent / entry["path"] for entry in (val.get("blend") or []) if isinstance(entry, dict)]
     local = [f for f in folders if f.is_dir()]
+    for f in local:
+        _check_meta_files(f, field, fix)
     if local and len(local) == len(folders) and not sum(split_samples(f, "val") for f in local):
         raise ConfigError(field, f"the datasets of {p}'s val split hold no val samples", fix)

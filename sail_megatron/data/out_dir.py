@@ -4,18 +4,81 @@ A command writes into a hidden sibling folder and renames it into place only whe
 so a failed or interrupted run leaves `--out` as it was. `--overwrite` replaces a folder only if it is
 recognisably an earlier output of the same command (its layout says so) and only after the new one is
 complete. An `--out` that is, holds or lies inside an input is refused before anything is written.
+
+Stop signals (Ctrl-C, SIGTERM, SIGHUP, SLURM's SIGUSR1): under `stop_on_signals` the first one raises
+`Interrupted` in the main thread, so the command unwinds through these same cleanups at once, whatever it was
+waiting for; the cleanups themselves (removing the staging folder, swapping the new folder in) are never cut
+short by a signal: one that arrives meanwhile is raised when they are done.
 """
 
 import fnmatch
 import os
 import shutil
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence
 
+# The trainer's stop signals (platform/process_lifetime.STOP_SIGNALS: SLURM, torchrun, Ctrl-C) and a closed
+# terminal's SIGHUP. Not imported from there: importing platform/ loads megatron-core, seconds that every
+# sail-data command would spend for nothing.
+_DATA_TOOL_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+
 
 class OutputError(ValueError):
     """`--out` cannot be used; the message names the path and the fix."""
+
+
+class Interrupted(BaseException):
+    """A stop signal arrived (see `stop_on_signals`). A BaseException, like KeyboardInterrupt: code that
+    handles errors (`except Exception`) must not swallow it."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {self.name}")
+
+
+class _Stop:
+    shield_depth = 0  # > 0 while a cleanup runs: signals wait for its end
+    pending: Optional[int] = None  # a signal that arrived during a cleanup
+    raised = False  # Interrupted was raised once: the command is unwinding, later signals change nothing
+
+
+def _on_stop_signal(signum: int, frame) -> None:
+    if _Stop.raised:
+        return
+    if _Stop.shield_depth > 0:
+        _Stop.pending = _Stop.pending or signum
+        return
+    _Stop.raised = True
+    raise Interrupted(signum)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While active, a stop signal raises `Interrupted` in the main thread (call it from the main thread).
+    The previous handlers come back at the end."""
+    _Stop.shield_depth, _Stop.pending, _Stop.raised = 0, None, False
+    previous = {sig: signal.signal(sig, _on_stop_signal) for sig in _DATA_TOOL_STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def _shielded() -> Iterator[None]:
+    """A cleanup step that a stop signal must not cut short: the signal is raised when the step is done."""
+    _Stop.shield_depth += 1
+    try:
+        yield
+    finally:
+        _Stop.shield_depth -= 1
+        if _Stop.shield_depth == 0 and _Stop.pending is not None and not _Stop.raised:
+            signum, _Stop.pending, _Stop.raised = _Stop.pending, None, True
+            raise Interrupted(signum)
 
 
 def _real(path: Path) -> Path:
@@ -111,20 +174,22 @@ def staged(out: Path) -> Iterator[Path]:
     `check_out` allowed that), on any failure it is removed and `out` stays as it was."""
     out = _real(out)  # stage on the filesystem the output lands on, so the final rename is atomic
     created = _missing_parents(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
-    _remove(stage)  # left by an earlier process with the same pid
-    stage.mkdir()
-    try:
+    try:  # from the first folder made: a signal at any point leaves nothing behind
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove(stage)  # left by an earlier process with the same pid
+        stage.mkdir()
         yield stage
-        _swap_in(stage, out)
+        with _shielded():
+            _swap_in(stage, out)
     except BaseException:
-        _remove(stage)
-        for parent in created:  # innermost first; only folders this call made, and only if still empty
-            try:
-                parent.rmdir()
-            except OSError:
-                break
+        with _shielded():
+            _remove(stage)
+            for parent in created:  # innermost first; only folders this call made, and only if still empty
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
         raise
 
 

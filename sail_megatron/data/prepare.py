@@ -14,9 +14,20 @@ of the writer, and shards are written in input order whatever the thread timing.
 
 Scale-out: `num_shards`/`shard_index` select every N-th record (`records.py`), one command per machine,
 each into its own folder; `sail-data join` blends the parts (`blend.join_parts`).
+
+Bounds: inputs are read only if they are regular files (`input_files.py`: a FIFO, a device such as /dev/zero,
+a socket or a folder in an image's place is skipped as `image_not_a_file`, naming the kind), and nothing is
+read past a stated limit: `max_image_bytes` per image file (`image_file_too_big`; default 128 MiB, far above
+any 64-megapixel photo, but a valid JPEG followed by hundreds of MB of junk never reaches a shard),
+`max_record_bytes` per JSON Lines record (`record_too_large`; records nested deeper than 100 levels are
+`record_too_deep`). A record with more than `max_text_chars` characters of text (default one million) is
+skipped as `text_too_long` before anything tokenizes it: training would tokenize all of it on every pass only
+to cut or skip it. With a recipe the bound is lowered to what `seq_length` tokens of the recipe's tokenizer
+can hold at most (`TrainerRules.max_text_chars`).
 """
 
 import errno
+import functools
 import io
 import json
 import logging
@@ -29,14 +40,23 @@ from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, List, Optional, Tuple, TypeVar, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar, Union
 
 from tqdm import tqdm
 
 from sail_megatron.config.data import DEFAULT_MAX_PIXELS
+from sail_megatron.data.blend import split_samples
 from sail_megatron.data.image_io import ImageError, decode_rgb, read_image_size
+from sail_megatron.data.input_files import FileTooLarge, NotRegularFile, check_folder, check_regular, read_regular
 from sail_megatron.data.out_dir import OutputError, check_out, check_separate, layout_matches, staged
-from sail_megatron.data.records import Record, check_shard, read_records
+from sail_megatron.data.records import (
+    DEFAULT_MAX_RECORD_BYTES,
+    Record,
+    RecordCount,
+    RecordProblem,
+    check_shard,
+    read_records,
+)
 from sail_megatron.data.sample import IMAGE_PLACEHOLDER
 from sail_megatron.data.trainer_rules import TrainerRules
 
@@ -47,6 +67,10 @@ FORMATS = ("llava", "caption")
 REPORT_NAME = "prepare_report.json"
 DEFAULT_SPLIT = "1,0,0"
 """train,val,test shares of the shards: everything trains unless a split is asked for."""
+DEFAULT_MAX_IMAGE_BYTES = 128 << 20
+"""Image files larger than this (128 MiB) are skipped unread (`--max-image-bytes`)."""
+DEFAULT_MAX_TEXT_CHARS = 1_000_000
+"""Records with more characters of text than this are skipped (`--max-text-chars`)."""
 # What a finished prepare folder holds (energon adds .nv-meta and the .tar.idx files).
 OUTPUT_LAYOUT = ("shard-*.tar", "shard-*.tar.idx", REPORT_NAME, ".nv-meta")
 
@@ -75,12 +99,19 @@ class PrepareReport:
     shards: int = 0
     skipped: List[SkippedRecord] = field(default_factory=list)
     converted: Counter = field(default_factory=Counter)
+    split_samples: Dict[str, int] = field(default_factory=dict)  # samples per split, when a split was asked for
+    split_note: str = ""  # how far the whole-shard split is from the share asked for
 
     def by_reason(self) -> Counter:
         return Counter(s.reason for s in self.skipped)
 
     def summary(self) -> str:
         lines = [f"wrote {self.written} samples in {self.shards} shards; skipped {len(self.skipped)}"]
+        if self.split_samples and self.written:
+            parts = ", ".join(f"{part} {n} ({100 * n / self.written:.1f} %)" for part, n in self.split_samples.items())
+            lines.append(f"  splits (whole shards): {parts}")
+        if self.split_note:
+            lines.append(f"  note: {self.split_note}")
         lines += [f"  skipped {n:6d} x {reason}" for reason, n in sorted(self.by_reason().items())]
         lines += [f"  converted {n:6d} x {what}" for what, n in sorted(self.converted.items())]
         return "\n".join(lines)
@@ -117,23 +148,63 @@ def valid_fraction_split(fraction: float) -> str:
     return f"{1 - fraction:g},{fraction:g},0"
 
 
-def _check_splits(ratio: Tuple[float, float, float], shards: int, shard_size: int, split_ratio: str) -> None:
+def _split_flag(split_ratio: str, valid_fraction: Optional[float]) -> str:
+    """The flag the user gave for the split, as messages name it."""
+    return f"--valid-fraction {valid_fraction:g}" if valid_fraction is not None else f"--split-ratio {split_ratio}"
+
+
+def _check_splits(
+    ratio: Tuple[float, float, float],
+    shards: int,
+    shard_size: int,
+    written: int,
+    split_ratio: str,
+    valid_fraction: Optional[float],
+) -> None:
     # energon assigns int(shards * cumulative share) shards to each split, in order.
+    flag = _split_flag(split_ratio, valid_fraction)
     train_end = int(shards * ratio[0] / sum(ratio))
+    no_val = ratio[1] > 0 and int(shards * (ratio[0] + ratio[1]) / sum(ratio)) - train_end < 1
+    if valid_fraction is not None and (train_end < 1 or no_val):
+        suggest = max(1, math.ceil(written * valid_fraction))
+        raise PrepareError(
+            f"{flag} holds whole shards out, and the {shards} shard(s) written cannot give both the train and "
+            f"the val split a shard; lower --shard-size (now {shard_size}, {written} samples written), "
+            f"e.g. --shard-size {suggest}"
+        )
     if train_end < 1:
         raise PrepareError(
-            f"--split-ratio {split_ratio} leaves the train split no shard of the {shards} written; "
+            f"{flag} leaves the train split no shard of the {shards} written; "
             f"lower --shard-size (now {shard_size}) or raise the train share"
         )
-    if ratio[1] > 0 and int(shards * (ratio[0] + ratio[1]) / sum(ratio)) - train_end < 1:
+    if no_val:
         raise PrepareError(
-            f"--split-ratio {split_ratio} holds out no shard of the {shards} written for validation (splits are "
+            f"{flag} holds out no shard of the {shards} written for validation (splits are "
             f"whole shards); lower --shard-size (now {shard_size}) or raise the validation share"
         )
 
 
+def _split_report(
+    folder: Path, ratio: Tuple[float, float, float], written: int, shard_size: int, flag: str
+) -> Tuple[Dict[str, int], str]:
+    """Samples per split as energon assigned them, and a note when the whole shards held out are far from
+    the share asked for."""
+    counts = {part: split_samples(folder, part) for part in ("train", "val", "test")}
+    asked = (ratio[1] + ratio[2]) / sum(ratio)
+    held = (counts["val"] + counts["test"]) / max(written, 1)
+    note = ""
+    if abs(held - asked) > max(0.005, 0.1 * asked):
+        note = (
+            f"{flag} asked for {100 * asked:.3g} % held out, but splits are whole shards of {shard_size} samples, "
+            f"so {100 * held:.1f} % is held out; lower --shard-size for a closer share"
+        )
+    return counts, note
+
+
 def _normalize(record: object, fmt: str) -> Tuple[dict, List[str], List[str]]:
     """Record -> (shard json without image info, image paths, conversions applied). Raises _Skip."""
+    if isinstance(record, RecordProblem):
+        raise _Skip(record.reason, record.detail)
     if isinstance(record, Exception):
         raise _Skip("malformed_line", str(record))
     if isinstance(record, list):
@@ -194,8 +265,14 @@ def _image_path(images_dir: Path, name: str, allow_outside: bool) -> Path:
     return images_dir / name
 
 
-def _read_file(path: Path) -> bytes:
-    return path.read_bytes()
+def _read_file(path: Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
+    """An image file's bytes: a regular file of at most `max_bytes` (`input_files.read_regular`)."""
+    return read_regular(path, max_bytes)
+
+
+def text_chars(meta: dict) -> int:
+    """Characters of text in a normalized record (every turn)."""
+    return sum(len(t["text"]) for t in meta["turns"])
 
 
 @dataclass(frozen=True)
@@ -209,11 +286,19 @@ class _Reader:
     allow_outside: bool
     rules: TrainerRules
     read_file: Callable[[Path], bytes]
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
+    text_bound: str = "--max-text-chars"  # what the text bound comes from, for the skip detail
 
     def _image(self, path: Path) -> Tuple[bytes, int, int]:
         try:
             data = self.read_file(path)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        except NotRegularFile as e:
+            raise _Skip("image_not_a_file", str(e)) from None
+        except IsADirectoryError:
+            raise _Skip("image_not_a_file", f"{path} is a folder, not a regular file") from None
+        except FileTooLarge as e:
+            raise _Skip("image_file_too_big", f"{e} (--max-image-bytes)") from None
+        except (FileNotFoundError, NotADirectoryError):
             raise _Skip("missing_image", str(path)) from None
         except OSError as e:  # permissions, I/O errors: this image only, not the whole run
             raise _Skip("unreadable_image", f"{path}: {e.strerror or e}") from None
@@ -230,6 +315,12 @@ class _Reader:
         record = rec.value
         try:
             meta, paths, conversions = _normalize(record, self.fmt)
+            chars = text_chars(meta)
+            if chars > self.max_text_chars:
+                raise _Skip(
+                    "text_too_long",
+                    f"{chars} characters of text, more than {self.max_text_chars} ({self.text_bound})",
+                )
             loaded = [self._image(_image_path(self.images_dir, p, self.allow_outside)) for p in paths]
             meta.update(
                 conversions=conversions,
@@ -339,29 +430,47 @@ def run_energon_prepare(out_dir: Path, split_ratio: str, name: Optional[Path] = 
         raise PrepareError(f"energon prepare wrote no .nv-meta/dataset.yaml for {name}:\n{output}")
 
 
-def _check_arguments(
-    fmt: str, shard_size: int, max_pixels: int, workers: int, split_ratio: str, num_shards: int, shard_index: int
-) -> Tuple[float, float, float]:
+def _check_arguments(fmt: str, num_shards: int, shard_index: int, **at_least_one: int) -> None:
+    """at_least_one: {flag name with _ for -: value}."""
     if fmt not in FORMATS:
         raise PrepareError(f"--format must be one of {FORMATS}, got {fmt!r}")
-    for flag, value in (("--shard-size", shard_size), ("--max-pixels", max_pixels), ("--workers", workers)):
+    for name, value in at_least_one.items():
         if value < 1:
-            raise PrepareError(f"{flag} must be at least 1, got {value}")
+            raise PrepareError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     check_shard(num_shards, shard_index)
-    return parse_split_ratio(split_ratio)
+
+
+def _split_arguments(split_ratio: Optional[str], valid_fraction: Optional[float]) -> str:
+    """The split ratio energon gets, from --split-ratio or --valid-fraction (one of them at most)."""
+    if valid_fraction is None:
+        return DEFAULT_SPLIT if split_ratio is None else split_ratio
+    if split_ratio is not None:
+        raise PrepareError(
+            f"give --valid-fraction or --split-ratio, not both (got --valid-fraction {valid_fraction:g} and "
+            f"--split-ratio {split_ratio}); --valid-fraction F means --split-ratio 1-F,F,0"
+        )
+    return valid_fraction_split(valid_fraction)
 
 
 def _check_inputs(input_path: Path, images_dir: Path) -> None:
-    if not input_path.is_file():
-        raise FileNotFoundError(f"--input {input_path} does not exist or is not a file")
-    if not os.access(input_path, os.R_OK):
-        raise PrepareError(f"--input {input_path} is not readable (permissions)")
-    if not images_dir.is_dir():
-        raise FileNotFoundError(f"--images {images_dir} does not exist or is not a folder")
+    try:
+        check_regular(input_path, "--input")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--input {input_path} does not exist") from None
+    except PermissionError:
+        raise PrepareError(f"--input {input_path} is not readable (permissions)") from None
+    check_folder(images_dir, "--images")
 
 
-def _no_records_error(input_path: Path, report: PrepareReport, num_shards: int, shard_index: int) -> PrepareError:
+def _no_records_error(
+    input_path: Path, report: PrepareReport, num_shards: int, shard_index: int, total: int
+) -> PrepareError:
     where = f"{input_path}" + (f" (shard {shard_index} of {num_shards})" if num_shards > 1 else "")
+    if not report.skipped and total > 0:
+        return PrepareError(
+            f"no records in part {shard_index} of {num_shards} of {input_path}: the file holds {total} records, and "
+            f"this part takes records i with i % {num_shards} == {shard_index}; use at most {total} for --num-shards"
+        )
     if not report.skipped:
         return PrepareError(f"no records in {where}: the file is empty")
     reasons = ", ".join(f"{n} x {r}" for r, n in report.by_reason().most_common())
@@ -373,6 +482,7 @@ def _write_report(out_dir: Path, report: PrepareReport, shard: Tuple[int, int], 
     doc = {
         "written": report.written,
         "shards": report.shards,
+        "split_samples": report.split_samples,
         "converted": dict(report.converted),
         "skipped_by_reason": dict(report.by_reason()),
         "skipped": [asdict(s) for s in report.skipped],
@@ -394,26 +504,29 @@ def _write_shards(
 ) -> PrepareReport:
     report = PrepareReport()
     writer = _ShardWriter(stage, shard_size)
+    pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = bounded_map(pool, reader, records, window)
-            for result in tqdm(results, desc="prepare", unit=" records", disable=not progress):
-                if isinstance(result, SkippedRecord):
-                    report.skipped.append(result)
-                    logger.warning("skipped %s (id %s): %s: %s", result.source, result.id, result.reason, result.detail)
-                    continue
-                meta_json, images, conversions = result
-                report.converted.update(conversions)
-                writer.write(meta_json, images)
-            writer.close()
+        results = bounded_map(pool, reader, records, window)
+        for result in tqdm(results, desc="prepare", unit=" records", disable=not progress):
+            if isinstance(result, SkippedRecord):
+                report.skipped.append(result)
+                logger.warning("skipped %s (id %s): %s: %s", result.source, result.id, result.reason, result.detail)
+                continue
+            meta_json, images, conversions = result
+            report.converted.update(conversions)
+            writer.write(meta_json, images)
+        writer.close()
+        pool.shutdown(wait=True)
     except OSError as e:
+        pool.shutdown(wait=False, cancel_futures=True)
         writer.abandon()
         if e.errno in _WRITE_ERRNOS:
             raise OutputError(
                 f"cannot write {out_name}/{writer.current.name}: {e.strerror}; free space there or choose another --out"
             ) from None
         raise
-    except BaseException:
+    except BaseException:  # an error, or a stop signal (out_dir.Interrupted): never wait for busy workers
+        pool.shutdown(wait=False, cancel_futures=True)
         writer.abandon()
         raise
     report.written, report.shards = writer.count, writer.shards
@@ -426,7 +539,7 @@ def prepare(
     out_dir: Path,
     fmt: str = "llava",
     shard_size: int = 1000,
-    split_ratio: str = DEFAULT_SPLIT,
+    split_ratio: Optional[str] = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     verify_decode: bool = False,
     workers: int = 8,
@@ -437,31 +550,67 @@ def prepare(
     allow_outside_images: bool = False,
     rules: Optional[TrainerRules] = None,
     max_in_flight: Optional[int] = None,
-    read_file: Callable[[Path], bytes] = _read_file,
+    read_file: Optional[Callable[[Path], bytes]] = None,
+    valid_fraction: Optional[float] = None,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
 ) -> PrepareReport:
     """Write `input_path`'s records (shard `shard_index` of `num_shards`) as shards into `out_dir`.
 
+    split_ratio: train,val,test shares of the shards (default 1,0,0); valid_fraction F is 1-F,F,0 (not both).
     rules: the trainer checks to apply (default: those that hold for every recipe).
     max_in_flight: records read ahead of the writer (default 4 per worker).
-    read_file: how image files are read (tests inject one to watch the reads).
+    read_file: how image files are read (tests inject one to watch the reads; default: regular files of at
+      most max_image_bytes).
+    max_image_bytes, max_record_bytes, max_text_chars: the bounds of the module docstring.
     """
-    ratio = _check_arguments(fmt, shard_size, max_pixels, workers, split_ratio, num_shards, shard_index)
+    _check_arguments(
+        fmt,
+        num_shards,
+        shard_index,
+        shard_size=shard_size,
+        max_pixels=max_pixels,
+        workers=workers,
+        max_image_bytes=max_image_bytes,
+        max_record_bytes=max_record_bytes,
+        max_text_chars=max_text_chars,
+    )
+    split_ratio = _split_arguments(split_ratio, valid_fraction)
+    ratio = parse_split_ratio(split_ratio)
     input_path, images_dir, out_dir = Path(input_path), Path(images_dir), Path(out_dir)
     _check_inputs(input_path, images_dir)
     check_separate(out_dir, input_files=[input_path], input_dirs=[images_dir])
     check_out(out_dir, overwrite, is_prepared_output, "a sail-data prepare output")
     rules = rules or TrainerRules.structural(max_pixels)
-    reader = _Reader(fmt, images_dir, max_pixels, verify_decode, allow_outside_images, rules, read_file)
+    text_bound = "--max-text-chars"
+    if rules.max_text_chars is not None and rules.max_text_chars < max_text_chars:
+        max_text_chars, text_bound = rules.max_text_chars, rules.text_bound
+    reader = _Reader(
+        fmt,
+        images_dir,
+        max_pixels,
+        verify_decode,
+        allow_outside_images,
+        rules,
+        read_file or functools.partial(_read_file, max_bytes=max_image_bytes),
+        max_text_chars,
+        text_bound,
+    )
     window = max_in_flight or 4 * workers
+    count = RecordCount()
     with staged(out_dir) as stage:
-        records = read_records(input_path, num_shards, shard_index)
+        records = read_records(input_path, num_shards, shard_index, max_record_bytes, count)
         report = _write_shards(stage, records, reader, shard_size, workers, window, progress, out_dir)
         if report.written == 0:
-            raise _no_records_error(input_path, report, num_shards, shard_index)
-        _check_splits(ratio, report.shards, shard_size, split_ratio)
+            raise _no_records_error(input_path, report, num_shards, shard_index, count.total)
+        _check_splits(ratio, report.shards, shard_size, report.written, split_ratio, valid_fraction)
+        run_energon_prepare(stage, split_ratio, name=out_dir)
+        if ratio[1] + ratio[2] > 0:
+            flag = _split_flag(split_ratio, valid_fraction)
+            report.split_samples, report.split_note = _split_report(stage, ratio, report.written, shard_size, flag)
         try:
             _write_report(stage, report, (num_shards, shard_index), rules)
         except OSError as e:
             raise OutputError(f"cannot write {out_dir / REPORT_NAME}: {e.strerror}") from None
-        run_energon_prepare(stage, split_ratio, name=out_dir)
     return report

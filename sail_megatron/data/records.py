@@ -8,12 +8,24 @@ own (the parse error), so the caller can report it and go on.
 Records are numbered from 0 in file order (blank lines are not records); with `num_shards` N only the
 records whose number is `shard_index` modulo N are parsed and returned, so N machines that run the same
 command with shard indexes 0..N-1 together see every record exactly once.
+
+Bounds: the file must be a regular file (`input_files.py`). A JSON Lines record is never read past
+`max_record_bytes` (the line is skipped up to its end and becomes a `RecordProblem`); a record nested deeper
+than `MAX_JSON_DEPTH` levels is a `RecordProblem` too, so no later code can recurse into it without end. A
+`.json` array is one JSON document and is read whole.
 """
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Union
+from typing import BinaryIO, Iterator, Optional, Union
+
+from sail_megatron.data.input_files import open_regular, read_regular
+
+DEFAULT_MAX_RECORD_BYTES = 32 << 20
+"""A JSON Lines record longer than this (32 MiB) is skipped unread (`--max-record-bytes`)."""
+MAX_JSON_DEPTH = 100
+"""Records nest 4 levels (record, conversations, turn, text); deeper ones are skipped."""
 
 _UTF8_BOM = b"\xef\xbb\xbf"
 _OTHER_BOMS = {
@@ -28,11 +40,26 @@ class InputError(ValueError):
     """The input file cannot be read as records at all."""
 
 
+class RecordProblem(Exception):
+    """A record that is not parsed at all (too large, too deeply nested); `reason` is its counter name."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
 @dataclass(frozen=True)
 class Record:
     index: int  # 0-based position among all records of the file
     source: str  # file:line for JSON Lines, file:[i] for a JSON array
-    value: Union[object, json.JSONDecodeError]  # the parsed JSON, or why the line did not parse
+    value: Union[object, json.JSONDecodeError, RecordProblem]  # the parsed JSON, or why it was not parsed
+
+
+@dataclass
+class RecordCount:
+    """Filled in by `read_records`: how many records the file holds (all shards), once it is read."""
+
+    total: int = 0
 
 
 def check_shard(num_shards: int, shard_index: int) -> None:
@@ -80,11 +107,9 @@ def _whole_document_error(path: Path, opener: str) -> None:
         f"{path} holds a single JSON object at the top level; the top level must be a JSON array of "
         "records (.json) or one record per line (.jsonl)"
     )
-    if path.stat().st_size > _WHOLE_DOCUMENT_LIMIT:
-        raise InputError(top)
     try:
-        doc = json.loads(path.read_bytes().removeprefix(_UTF8_BOM).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        doc = json.loads(read_regular(path, _WHOLE_DOCUMENT_LIMIT).removeprefix(_UTF8_BOM).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise InputError(top) from None
     if isinstance(doc, dict):
         lists = [k for k, v in doc.items() if isinstance(v, list)]
@@ -101,8 +126,41 @@ def _whole_document_error(path: Path, opener: str) -> None:
     raise InputError(top)
 
 
-def _json_array(path: Path, num_shards: int, shard_index: int) -> Iterator[Record]:
-    data = path.read_bytes().removeprefix(_UTF8_BOM)
+def _too_deep(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `value` nests lists and objects more than `limit` levels deep (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+_TOO_DEEP = f"JSON nested more than {MAX_JSON_DEPTH} levels deep"
+
+
+def _parse(text: str) -> object:
+    """One record's JSON; a JSONDecodeError or RecordProblem as the value when it is not a usable record."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        return e
+    except RecursionError:  # the decoder's own guard, far below the C stack's end: nothing is damaged
+        return RecordProblem("record_too_deep", _TOO_DEEP)
+    # Cheap first: a record cannot nest deeper than its count of brackets.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _too_deep(value):
+        return RecordProblem("record_too_deep", _TOO_DEEP)
+    return value
+
+
+def _json_array(
+    path: Path, f: BinaryIO, num_shards: int, shard_index: int, count: Optional[RecordCount]
+) -> Iterator[Record]:
+    data = f.read().removeprefix(_UTF8_BOM)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -115,43 +173,82 @@ def _json_array(path: Path, num_shards: int, shard_index: int) -> Iterator[Recor
         records = json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InputError(f"{path} is not usable: its {_TOO_DEEP}") from None
     if not isinstance(records, list):
         raise InputError(f"{path}: the top level must be a JSON array of records, got {type(records).__name__}")
     for i in range(shard_index, len(records), num_shards):
-        yield Record(i, f"{path.name}:[{i}]", records[i])
+        value = records[i]
+        if isinstance(value, (dict, list)) and _too_deep(value):
+            value = RecordProblem("record_too_deep", _TOO_DEEP)
+        yield Record(i, f"{path.name}:[{i}]", value)
+    if count is not None:
+        count.total = len(records)
 
 
-def _json_lines(path: Path, f: BinaryIO, num_shards: int, shard_index: int) -> Iterator[Record]:
-    index = 0
-    for n, raw in enumerate(f, start=1):
-        if n == 1:
-            raw = raw.removeprefix(_UTF8_BOM)
-        line = _decode(path, raw, n)  # every line, so all shards fail alike on a bad file
-        if not line.strip():
+def _lines(f: BinaryIO, max_bytes: int) -> Iterator[Optional[bytes]]:
+    """The lines of `f`, each read only if it holds at most `max_bytes` bytes; None for a longer one (the
+    rest of it is skipped in bounded reads)."""
+    while True:
+        raw = f.readline(max_bytes + 1)
+        if not raw:
+            return
+        if len(raw) <= max_bytes or raw.endswith(b"\n"):
+            yield raw
             continue
-        mine = index % num_shards == shard_index
-        if mine or index == 0:
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                if index == 0 and line.strip() in ("[", "{"):
+        while raw and not raw.endswith(b"\n"):
+            raw = f.readline(1 << 20)
+        yield None
+
+
+def _json_lines(
+    path: Path, f: BinaryIO, num_shards: int, shard_index: int, max_bytes: int, count: Optional[RecordCount]
+) -> Iterator[Record]:
+    index = 0
+    for n, raw in enumerate(_lines(f, max_bytes), start=1):
+        if raw is None:
+            value: object = RecordProblem(
+                "record_too_large", f"the line holds more than {max_bytes} bytes (--max-record-bytes); not read"
+            )
+            mine = index % num_shards == shard_index
+        else:
+            if n == 1:
+                raw = raw.removeprefix(_UTF8_BOM)
+            line = _decode(path, raw, n)  # every line, so all shards fail alike on a bad file
+            if not line.strip():
+                continue
+            mine = index % num_shards == shard_index
+            if mine or index == 0:
+                value = _parse(line)
+                if index == 0 and isinstance(value, json.JSONDecodeError) and line.strip() in ("[", "{"):
                     _whole_document_error(path, line.strip())
-                value = e
-            if mine:
-                yield Record(index, f"{path.name}:{n}", value)
+        if mine:
+            yield Record(index, f"{path.name}:{n}", value)
         index += 1
+    if count is not None:
+        count.total = index
 
 
-def read_records(path: Path, num_shards: int = 1, shard_index: int = 0) -> Iterator[Record]:
-    """The records of `path` that belong to shard `shard_index` of `num_shards` (module docstring)."""
+def read_records(
+    path: Path,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    count: Optional[RecordCount] = None,
+) -> Iterator[Record]:
+    """The records of `path` that belong to shard `shard_index` of `num_shards` (module docstring).
+
+    count: set to the number of records in the whole file once the iterator is exhausted."""
     check_shard(num_shards, shard_index)
+    if max_record_bytes < 1:
+        raise ValueError(f"--max-record-bytes must be at least 1, got {max_record_bytes}")
     path = Path(path)
-    with path.open("rb") as f:
+    with open_regular(path, "--input") as f:
         head = f.read(4096)
         _check_encoding(path, head)
         is_array = path.suffix.lower() == ".json" and head.removeprefix(_UTF8_BOM).lstrip().startswith(b"[")
-        if is_array:
-            yield from _json_array(path, num_shards, shard_index)
-            return
         f.seek(0)
-        yield from _json_lines(path, f, num_shards, shard_index)
+        if is_array:
+            yield from _json_array(path, f, num_shards, shard_index, count)
+            return
+        yield from _json_lines(path, f, num_shards, shard_index, max_record_bytes, count)

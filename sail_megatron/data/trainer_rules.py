@@ -8,6 +8,12 @@ reason comes back to prepare instead of going to the training log.
 
 Without a recipe only the rules that hold for every recipe apply: the text is not tokenized and the
 budgets are unbounded. With a recipe (`--recipe`), its tokenizer, sequence length and tiling decide.
+
+With a recipe, text longer than `seq_length` tokens could ever cover is known without tokenizing it: no
+token of the tokenizer spans more than its longest vocabulary entry (in UTF-8 bytes, each at least one
+character), and Unicode normalization merges at most 3 characters into one (Hangul jamo), so a record with
+more than `4 * seq_length * longest` characters of text cannot fit (`max_text_chars`). `sail-data prepare`
+skips such records before the probe would spend seconds tokenizing them.
 """
 
 from dataclasses import dataclass
@@ -15,6 +21,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from sail_megatron.config.data import DEFAULT_MAX_PIXELS, DataConfig
+from sail_megatron.data.input_files import check_files_in, check_regular
 from sail_megatron.data.sample import cook_vl_sample
 from sail_megatron.data.task_encoder import PaddedTaskEncoder
 from sail_megatron.data.tokenizer import TokenIds
@@ -48,10 +55,17 @@ class _UntokenizedText:
         return []
 
 
+def longest_token_bytes(tokenizer) -> int:
+    """UTF-8 bytes of the longest entry of the tokenizer's vocabulary (added tokens included)."""
+    return max((len(t.encode("utf-8")) for t in tokenizer.hf.get_vocab()), default=1)
+
+
 @dataclass(frozen=True)
 class TrainerRules:
     probe: _Probe
     source: str  # what the budgets come from, for the report
+    max_text_chars: Optional[int] = None  # more characters of text than this can never fit (module docstring)
+    text_bound: str = ""  # what max_text_chars comes from, for skip details
 
     @classmethod
     def structural(cls, max_pixels: int = DEFAULT_MAX_PIXELS) -> "TrainerRules":
@@ -75,6 +89,7 @@ class TrainerRules:
         from sail_megatron.data.tokenizer import load_tokenizer
 
         try:
+            check_regular(recipe)
             cfg = load_train_config(Path(recipe), list(overrides))
         except (ConfigError, OSError, ValueError, yaml.YAMLError) as e:
             reason = str(e).strip() or type(e).__name__
@@ -85,6 +100,7 @@ class TrainerRules:
                 f"--recipe {recipe}: data.tokenizer {cfg.data.tokenizer!r} is not a folder; the budget "
                 "check tokenizes the text: build the tokenizer first or pass --set data.tokenizer=DIR"
             )
+        check_files_in(tok_dir, "data.tokenizer")
         tokenizer = load_tokenizer(tok_dir)
         probe = _Probe(
             cfg.data, tokenizer, tile_size=cfg.model.vision.image_size, tokens_per_tile=cfg.model.tokens_per_tile
@@ -93,6 +109,8 @@ class TrainerRules:
             probe,
             f"recipe {recipe} (seq_length {cfg.data.seq_length}, max_tiles {cfg.data.max_tiles}, "
             f"max_tiles_per_pack {cfg.data.max_tiles_per_pack})",
+            max_text_chars=4 * cfg.data.seq_length * longest_token_bytes(tokenizer),
+            text_bound=f"more than seq_length {cfg.data.seq_length} tokens of the recipe's tokenizer can hold",
         )
 
     def rejection(self, meta_json: bytes, images: Sequence[Tuple[bytes, str]]) -> Optional[Tuple[str, str]]:

@@ -176,9 +176,12 @@ def test_join_refuses_bad_part_lists(tmp_path, capsys):
         join_parts([part, tmp_path / "." / "p0"], tmp_path / "b.yaml")
     with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
         join_parts([part, images], tmp_path / "b.yaml")
-    counts, warnings = join_parts([part], tmp_path / "b.yaml")
+    with pytest.raises(ValueError, match=r"shards \[1\] are missing.*--allow-missing-parts"):
+        join_parts([part], tmp_path / "b.yaml")
+    counts, warnings = join_parts([part], tmp_path / "b.yaml", allow_missing_parts=True)
     assert counts == {"p0": 2} and warnings == ["the parts hold input shards [0] of 2; missing [1]"]
-    assert sail_data(["join", "--parts", str(part), "--out", str(tmp_path / "b.yaml")]) == 2
+    out = ["--out", str(tmp_path / "b.yaml")]
+    assert sail_data(["join", "--parts", str(part), *out, "--allow-missing-parts"]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
     copy = tmp_path / "copy"
     prepare(src, images, copy, num_shards=2, shard_index=0, progress=False)
