@@ -179,7 +179,7 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
                 data_state=loader.save_state_rank(),
             )
         except write_errors() as e:
-            raise SaveFailed(describe_save_failure(save_dir, step, e)) from e
+            raise SaveFailed(describe_save_failure(save_dir, writer.step_of_failure(step), e)) from e
 
     step, in_a_row = start, 0
     watchdog.arm()
@@ -200,7 +200,7 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
                 with watchdog.long_phase():
                     writer.poll()
             except write_errors() as e:
-                raise SaveFailed(describe_save_failure(save_dir, step, e)) from e
+                raise SaveFailed(describe_save_failure(save_dir, writer.step_of_failure(step), e)) from e
             monitor.end_step(
                 step,
                 result,
@@ -240,7 +240,7 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
                     with watchdog.long_phase():
                         writer.wait()  # the checkpoint is on disk and `latest` names it before the process exits
                 except write_errors() as e:
-                    raise SaveFailed(describe_save_failure(save_dir, step, e)) from e
+                    raise SaveFailed(describe_save_failure(save_dir, writer.step_of_failure(step), e)) from e
                 logger.warning(
                     "received %s: saved the checkpoint at step %d; exiting",
                     stop.received or "a stop signal on another rank",
@@ -251,7 +251,7 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
             with watchdog.long_phase():
                 writer.close()  # a background write finishes (and the pointer moves) before the run ends
         except write_errors() as e:
-            raise SaveFailed(describe_save_failure(save_dir, step, e)) from e
+            raise SaveFailed(describe_save_failure(save_dir, writer.step_of_failure(step), e)) from e
     finally:
         watchdog.close()
         monitor.close()

@@ -32,7 +32,7 @@ from sail_megatron.platform.megatron_compat import (
 )
 from sail_megatron.training.backend_state import apply_model_state, load_sharded
 from sail_megatron.training.checkpoint_files import CheckpointError, resolve_checkpoint_folder
-from sail_megatron.training.run_dir import LATEST, checkpoint_name, checkpoints_to_prune
+from sail_megatron.training.run_dir import LATEST, checkpoint_name, checkpoint_step, checkpoints_to_prune
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +233,11 @@ class CheckpointWriter:
             "state staged, written in the background" if self.queue is not None else "written",
         )
         return final
+
+    def step_of_failure(self, step: int) -> int:
+        """The step whose checkpoint a failure just raised belongs to: a background write still in flight
+        (it fails where it is finished: at a later step, or at the next save), else `step`."""
+        return checkpoint_step(self.in_flight.name) if self.in_flight is not None else step
 
     def poll(self) -> None:
         """Finalize a background write that every rank has finished (one small all-reduce)."""

@@ -36,6 +36,14 @@ def checkpoint_name(iteration: int) -> str:
     return f"iter_{iteration:08d}"
 
 
+def checkpoint_step(name: str) -> int:
+    """The iteration of a checkpoint folder name (`iter_00000004` -> 4)."""
+    found = _CHECKPOINT_NAME.match(name)
+    if found is None:
+        raise ValueError(f"{name!r} is not a checkpoint folder name")
+    return int(found.group(1))
+
+
 def complete_checkpoints(save_dir: Path) -> List[Path]:
     """`iter_XXXXXXXX` folders, oldest first (in-progress `.tmp` writes and other names excluded)."""
     if not save_dir.is_dir():
