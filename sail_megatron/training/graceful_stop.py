@@ -1,12 +1,13 @@
 """Stop on a signal at a step boundary: SIGTERM (SLURM preemption, `scancel`, torchrun shutting down),
 SIGUSR1 (SLURM `--signal=USR1@120`, an early warning) and SIGINT (Ctrl-C) ask the run to save and exit
-cleanly. A second Ctrl-C aborts at once, without saving.
+cleanly. A second Ctrl-C aborts at once, without saving (outside torchrun: torchrun turns it into SIGTERM).
 
 The handler only sets a flag; the loop checks it after each step, and all ranks agree through one
 tiny all-reduce, so every rank stops at the same step and the checkpoint is collective and whole.
 """
 
 import logging
+import os
 import signal
 
 from sail_megatron.data.worker_signals import shield_loader_workers
@@ -39,10 +40,10 @@ class GracefulStop:
         if signum == signal.SIGINT:
             if self.received == "SIGINT":
                 raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait for the save
-            print(
-                "interrupted: saving a checkpoint at the end of this step (Ctrl-C again aborts without saving)",
-                flush=True,
-            )
+            if os.environ.get("RANK", "0") == "0":  # one line per job, not one per rank
+                # Under torchrun a second Ctrl-C reaches torchrun, which passes it on as SIGTERM: it saves too.
+                again = "" if "TORCHELASTIC_RUN_ID" in os.environ else " (Ctrl-C again aborts without saving)"
+                print(f"interrupted: saving a checkpoint at the end of this step{again}", flush=True)
         self.received = signal.Signals(signum).name
 
     def agreed(self) -> bool:

@@ -207,6 +207,8 @@ def test_stop_signal_saves_and_exits(demo, tmp_path, sig, writes):
     assert re.search(rf"received {sig.name}: saved the checkpoint at step {stopped_at}; exiting", log), log[-3000:]
     assert _latest(tmp_path) == f"iter_{stopped_at:08d}" and stopped_at < 200
     assert "DataLoader worker" not in log  # the loader's workers outlived the signal
+    if sig == signal.SIGINT:  # under torchrun a second Ctrl-C becomes SIGTERM: no abort is promised
+        assert log.count("interrupted: saving a checkpoint") == 1 and "Ctrl-C again" not in log, log[-3000:]
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(demo, tmp_path):
