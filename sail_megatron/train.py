@@ -20,6 +20,7 @@ if os.environ.get("RANK", "0") != "0":
     os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -162,9 +163,17 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
 
     writer = CheckpointWriter(save_dir, run.keep_last, run.async_save, run.optimizer_checkpoint)
 
+    @contextlib.contextmanager
+    def reported_as_save_failure():
+        """A failed checkpoint write (torch's CheckpointException is a BaseException) as one SaveFailed."""
+        try:
+            yield
+        except write_errors() as e:
+            raise SaveFailed(describe_save_failure(save_dir, writer.step_of_failure(step), e)) from e
+
     def save(step: int) -> None:
         (samples,) = sum_over_data_parallel([data.samples_consumed])
-        try:
+        with reported_as_save_failure():
             writer.save(
                 step,
                 chunks,
@@ -178,8 +187,6 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
                 },
                 data_state=loader.save_state_rank(),
             )
-        except write_errors() as e:
-            raise SaveFailed(describe_save_failure(save_dir, writer.step_of_failure(step), e)) from e
 
     step, in_a_row = start, 0
     watchdog.arm()
@@ -195,12 +202,9 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
             )
             step += 1
             watchdog.beat(step)
-            try:
-                # Finishing a background write (barriers, rename, pruning old checkpoints) is no step's time.
-                with watchdog.long_phase():
-                    writer.poll()
-            except write_errors() as e:
-                raise SaveFailed(describe_save_failure(save_dir, writer.step_of_failure(step), e)) from e
+            # Finishing a background write (barriers, rename, pruning old checkpoints) is no step's time.
+            with reported_as_save_failure(), watchdog.long_phase():
+                writer.poll()
             monitor.end_step(
                 step,
                 result,
@@ -236,22 +240,16 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
                 with watchdog.long_phase():
                     save(step)
             if stopping:
-                try:
-                    with watchdog.long_phase():
-                        writer.wait()  # the checkpoint is on disk and `latest` names it before the process exits
-                except write_errors() as e:
-                    raise SaveFailed(describe_save_failure(save_dir, writer.step_of_failure(step), e)) from e
+                with reported_as_save_failure(), watchdog.long_phase():
+                    writer.wait()  # the checkpoint is on disk and `latest` names it before the process exits
                 logger.warning(
                     "received %s: saved the checkpoint at step %d; exiting",
                     stop.received or "a stop signal on another rank",
                     step,
                 )
                 break
-        try:
-            with watchdog.long_phase():
-                writer.close()  # a background write finishes (and the pointer moves) before the run ends
-        except write_errors() as e:
-            raise SaveFailed(describe_save_failure(save_dir, writer.step_of_failure(step), e)) from e
+        with reported_as_save_failure(), watchdog.long_phase():
+            writer.close()  # a background write finishes (and the pointer moves) before the run ends
     finally:
         watchdog.close()
         monitor.close()
@@ -300,11 +298,7 @@ def main(argv=None) -> None:
         check_ranks_agree(cfg)
         train(cfg, tokenizer, args.config)
         dist.barrier()
-    except (
-        ConfigError,
-        CheckpointError,
-        SaveFailed,
-    ) as e:  # found after start-up: a resume that does not fit, a full disk
+    except (ConfigError, CheckpointError, SaveFailed) as e:  # after start-up: a misfit resume, a full disk
         logger.error("%s", e)
         sys.exit(2)
     except NonFiniteStop as e:

@@ -14,6 +14,8 @@ import functools
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from sail_megatron.model.fp8_shapes import pad_rows
+
 
 @functools.lru_cache(maxsize=64)
 def _tile_bounds(tiles: int, tokens_per_tile: int, pad: int, device: torch.device) -> torch.Tensor:
@@ -44,7 +46,7 @@ class TileLayout:
             return x.transpose(0, 1).contiguous(), None  # [s, b=T, h]: megatron's layout
         tiles, s, h = x.shape
         pad = self.pad_tokens(tiles)
-        flat = torch.cat([x.reshape(tiles * s, h), x.new_zeros(pad, h)]) if pad else x.reshape(tiles * s, h)
+        flat = pad_rows(x.reshape(tiles * s, h), self.token_multiple)
         cu = _tile_bounds(tiles, s, pad, x.device)
         longest = max(s, pad)
         params = PackedSeqParams(

@@ -17,6 +17,7 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
+from sail_megatron.config.errors import first_and_count
 from sail_megatron.training.checkpoint_files import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -34,9 +35,7 @@ def is_backend_extra_state(key: str) -> bool:
 
 
 def _names(keys: Iterable[str]) -> List[str]:
-    keys = sorted(keys)
-    shown = keys[:_SHOWN]
-    return shown + ([f"... and {len(keys) - _SHOWN} more"] if len(keys) > _SHOWN else [])
+    return first_and_count(sorted(keys), _SHOWN)
 
 
 def load_sharded(sharded_state: Dict[str, Any], directory: Path) -> Dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Tuple
 import torch.distributed as dist
 
 from sail_megatron.config import ConfigError
+from sail_megatron.config.errors import first_and_count
 from sail_megatron.config.train import TrainConfig, config_differences, dump, flat_config
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # sail_megatron/
@@ -34,10 +35,6 @@ def _fingerprint(cfg: TrainConfig, sources: Dict[str, str]) -> Tuple[str, str]:
     return config, code
 
 
-def _listed(lines: List[str]) -> List[str]:
-    return lines[:_SHOWN] + ([f"... and {len(lines) - _SHOWN} more"] if len(lines) > _SHOWN else [])
-
-
 def check_ranks_agree(cfg: TrainConfig) -> None:
     """Collective over all ranks; raises ConfigError on every rank when any two ranks differ."""
     sources = _sources()
@@ -56,6 +53,7 @@ def check_ranks_agree(cfg: TrainConfig) -> None:
     what = [f"config {d}" for d in differ] + [f"source {f}" for f in files]
     raise ConfigError(
         "launch",
-        f"rank {other} runs another recipe or code than rank 0 (rank 0 -> rank {other}): " + "; ".join(_listed(what)),
+        f"rank {other} runs another recipe or code than rank 0 (rank 0 -> rank {other}): "
+        + "; ".join(first_and_count(what, _SHOWN)),
         "launch every node with the same command line, recipe and checkout",
     )

@@ -44,14 +44,21 @@ def write_errors() -> Tuple[type, ...]:
     return (Exception, CheckpointException)
 
 
-def free_space(path) -> str:
-    """'1.9 MiB free on its filesystem' for the filesystem holding `path` (or its nearest existing parent)."""
+def _free_bytes(path) -> Optional[int]:
+    """Free bytes on the filesystem holding `path` (or its nearest existing parent); None if unknown."""
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
     try:
-        free = shutil.disk_usage(path).free
+        return shutil.disk_usage(path).free
     except OSError:
+        return None
+
+
+def free_space(path) -> str:
+    """'1.9 MiB free on its filesystem' for the filesystem holding `path` (or its nearest existing parent)."""
+    free = _free_bytes(path)
+    if free is None:
         return "free space unknown"
     mib = free / 2**20
     shown = f"{mib:,.1f}" if mib < 10 else f"{mib:,.0f}"
@@ -94,10 +101,5 @@ def _causes(error: BaseException, limit: int = 20) -> Iterator[BaseException]:
 
 
 def _nearly_full(path) -> bool:
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    try:
-        return shutil.disk_usage(path).free < NEARLY_FULL_BYTES
-    except OSError:
-        return False
+    free = _free_bytes(path)
+    return free is not None and free < NEARLY_FULL_BYTES
