@@ -31,6 +31,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
 from sail_megatron.config import ConfigError
+from sail_megatron.config.budget import scale_points
+from sail_megatron.config.counts import format_count
 from sail_megatron.config.train import TrainConfig, dump, override_changes
 from sail_megatron.platform import destroy_distributed, init_distributed, read_dist_env
 from sail_megatron.platform.distributed import restart_rendezvous_problem
@@ -38,7 +40,6 @@ from sail_megatron.platform.megatron_compat import checkpoint_results_queue_dies
 from sail_megatron.platform.process_lifetime import rank_dies_with_launcher
 from sail_megatron.training.checkpoint import CheckpointWriter, load_checkpoint, restore_rng_state
 from sail_megatron.training.checkpoint_files import CheckpointError, checkpoint_read_errors, resolve_checkpoint_folder
-from sail_megatron.training.collectives import sum_over_data_parallel
 from sail_megatron.training.config_agreement import check_ranks_agree
 from sail_megatron.training.data_position import COMMON_KEY as DATA_POSITION
 from sail_megatron.training.data_position import position_record, resume_data
@@ -48,7 +49,8 @@ from sail_megatron.training.flops import Trains
 from sail_megatron.training.graceful_stop import GracefulStop
 from sail_megatron.training.metered_data import MeteredData, build_loader, from_loader
 from sail_megatron.training.monitor import TrainingMonitor, device_peak_flops
-from sail_megatron.training.optimizer import part_learning_rates
+from sail_megatron.training.optimizer import part_learning_rates, schedule_changes
+from sail_megatron.training.progress import SCHEDULE_UNIT_KEY, Consumed, Progress, check_schedule_unit
 from sail_megatron.training.resume import choose_start
 from sail_megatron.training.run_dir import (
     RunLock,
@@ -105,19 +107,24 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
         if begin.pointer_note:
             logger.warning("%s: resuming from %s (%s)", save_dir, begin.resume.name, begin.pointer_note)
     chunks, optimizer, scheduler = build_training(cfg, env.device)
+    budget, schedule, points = run.budget(), cfg.lr_schedule(), scale_points(run.save_at_tokens)
 
-    start, loader_state, samples_before = 0, None, 0
+    start, loader_state = 0, None
+    progress = Progress(budget, points, Consumed())
     if begin.resume is not None:
         loaded = _load("run.save_dir", begin.resume, cfg, chunks, optimizer, scheduler)
         start = loaded["iteration"]
-        samples_before = loaded["common"].get("consumed_samples", 0)
+        progress = Progress.resumed(budget, points, start, loaded["common"])
+        check_schedule_unit(loaded["common"], schedule, budget)
+        for change in schedule_changes(loaded["scheduler"] or {}, scheduler):
+            logger.warning("the recipe changes the lr schedule against the checkpoint's: %s", change)
         if loaded["rank_state"] is not None:
             restore_rng_state(loaded["rank_state"]["rng"])
         data_resume = resume_data(loaded, cfg.data.num_workers, env.is_main)
         loader_state = data_resume.state
         if data_resume.num_workers != cfg.data.num_workers:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=data_resume.num_workers))
-        logger.info("resumed from %s at step %d", loaded["path"], start)
+        logger.info("resumed from %s at step %d: %s consumed", loaded["path"], start, progress.describe())
     elif begin.init_from:
         loaded = _load("run.init_from", begin.init_from, cfg, chunks)  # weights only: a new stage, a new optimizer
         # bf16/fp16 weights have fp32 main copies in the optimizer, taken when it was built: take them anew.
@@ -142,24 +149,24 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
     validator = Validator(cfg, tokenizer, env.device, num_micro) if run.eval_interval else None
     monitor = TrainingMonitor(
         save_dir,
-        run.train_steps,
-        start,
+        progress,
         run.log_interval,
         device_peak_flops(cfg.precision, run.peak_tflops),
         tensorboard=run.tensorboard,
     )
     logger.info(
-        "training %s (%s) steps %d..%d: world %d = TP %d x PP %d x DP %d, %d micro-batches per step",
+        "training %s (%s) from step %d to %s: world %d = TP %d x PP %d x DP %d, %d micro-batches per step",
         config_path,
         cfg.model_preset,
         start,
-        run.train_steps,
+        budget.describe(),
         env.world_size,
         cfg.parallel.tensor_model_parallel_size,
         cfg.parallel.pipeline_model_parallel_size,
         dp_size,
         num_micro,
     )
+    logger.info("lr schedule: %s", schedule.describe(cfg.optim.schedule))
 
     writer = CheckpointWriter(save_dir, run.keep_last, run.async_save, run.optimizer_checkpoint)
 
@@ -171,8 +178,9 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
         except write_errors() as e:
             raise SaveFailed(describe_save_failure(save_dir, writer.step_of_failure(step), e)) from e
 
-    def save(step: int) -> None:
-        (samples,) = sum_over_data_parallel([data.samples_consumed])
+    def save(step: int, keep_points=()) -> None:
+        """keep_points: the scaling-curve points this step reached: the checkpoint is kept for good."""
+        reached = ", ".join(format_count(p) for p in keep_points)
         with reported_as_save_failure():
             writer.save(
                 step,
@@ -180,12 +188,13 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
                 optimizer,
                 scheduler,
                 common={
-                    "consumed_rows": step * run.global_batch_size,
-                    "consumed_samples": samples_before + int(samples),
+                    **progress.checkpoint_state(run.global_batch_size),
+                    SCHEDULE_UNIT_KEY: schedule.unit,
                     "model_config": dataclasses.asdict(cfg.model),
                     DATA_POSITION: position_record(cfg.data.num_workers),
                 },
                 data_state=loader.save_state_rank(),
+                keep=f"run.save_at_tokens: reached {reached} tokens at step {step}" if keep_points else None,
             )
 
     step, in_a_row = start, 0
@@ -194,14 +203,18 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
         if validator is not None and start == 0:  # where the stage starts from: the curve's first point
             with watchdog.long_phase():
                 monitor.log_validation(0, validator.run(chunks))
-        while step < run.train_steps:
+        while not progress.done:
             faults.before_step(step + 1)
             began = time.perf_counter()
             result = train_step(
-                chunks, optimizer, scheduler, data, num_micro, cfg.data.seq_length, cfg.data.micro_batch_size
+                chunks, optimizer, None, data, num_micro, cfg.data.seq_length, cfg.data.micro_batch_size
             )
             step += 1
             watchdog.beat(step)
+            tally = data.take_tally()
+            consumed = progress.count_step(tally)  # over the whole job: the same on every rank
+            if result.updated:
+                scheduler.step(increment=consumed.of(schedule.unit))
             # Finishing a background write (barriers, rename, pruning old checkpoints) is no step's time.
             with reported_as_save_failure(), watchdog.long_phase():
                 writer.poll()
@@ -209,7 +222,7 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
                 step,
                 result,
                 time.perf_counter() - began,
-                data.take_tally(),
+                tally,
                 part_learning_rates(scheduler, cfg.optim),
                 materialize.skipped,
             )
@@ -232,13 +245,13 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
                     f"{step}); stopping without saving: resume from the last checkpoint in {save_dir} "
                     "with a lower optim.lr or check the data"
                 )
-            stopping = stop.agreed()
-            if validator is not None and not stopping and (step % run.eval_interval == 0 or step == run.train_steps):
+            stopping, done = stop.agreed(), progress.done
+            if validator is not None and not stopping and (step % run.eval_interval == 0 or done):
                 with watchdog.long_phase():
                     monitor.log_validation(step, validator.run(chunks))
-            if step % run.save_interval == 0 or step == run.train_steps or stopping:
+            if step % run.save_interval == 0 or done or stopping or progress.crossed:
                 with watchdog.long_phase():
-                    save(step)
+                    save(step, progress.crossed)
             if stopping:
                 with reported_as_save_failure(), watchdog.long_phase():
                     writer.wait()  # the checkpoint is on disk and `latest` names it before the process exits
@@ -258,6 +271,8 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
         from sail_megatron.training.plot_curves import plot_curves
 
         logger.info("curves: %s", plot_curves(save_dir))
+    if env.is_main and progress.done:
+        logger.info("reached the budget: %s", progress.describe())
 
 
 def main(argv=None) -> None:

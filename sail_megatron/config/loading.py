@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Sequence, Type, TypeVar
 
 import yaml
 
+from sail_megatron.config.counts import Count, parse_count
 from sail_megatron.config.errors import ConfigError
 
 T = TypeVar("T")
@@ -27,7 +28,17 @@ def _coerce(value: Any, tp, key: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        if len(inner) > 1:  # Union[A, B]: the first option of the value's shape (a list for List[...])
+            shaped = [o for o in inner if (typing.get_origin(o) in (list, List, Sequence)) == isinstance(value, list)]
+            inner = shaped or inner
+        for option in inner[:-1]:
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        return _coerce(value, inner[-1], key)
+    if tp is Count:
+        return parse_count(value, key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a mapping for {_type_name(tp)}, got {value!r}", "write a nested section")

@@ -31,13 +31,22 @@ class OptimConfig:
     clip_grad: float = 1.0
     """Global gradient-norm clip (0 disables)."""
     schedule: str = "cosine"
-    """cosine: warmup then cosine to min_lr over decay_steps; wsd: warmup, hold lr, then anneal to min_lr
-    over the last wsd_decay_steps of decay_steps; constant: warmup then hold."""
-    warmup_steps: int = 0
-    decay_steps: int = 1000
-    """Steps after which the lr has reached min_lr (counted from step 0, warmup included)."""
-    wsd_decay_steps: int = 0
-    """wsd only: length of the final anneal."""
+    """cosine: warmup then cosine to min_lr at the decay's end; wsd: warmup, hold lr, then anneal to min_lr
+    over the last wsd_decay of the decay; constant: warmup then hold. The lengths are resolved against
+    the stage's budget (config/lr_schedule.py)."""
+    warmup_steps: Optional[int] = None
+    """Linear warmup in optimizer steps (stages budgeted in steps only); null with warmup_fraction."""
+    warmup_fraction: Optional[float] = None
+    """Linear warmup as a fraction of the stage's budget, in its unit (steps, tokens or samples);
+    neither set: no warmup."""
+    decay_steps: Optional[int] = None
+    """Step at which the lr reaches min_lr (counted from step 0, warmup included; steps budgets only)."""
+    decay_fraction: Optional[float] = None
+    """The same as a fraction of the budget; neither set: the decay lasts the whole budget."""
+    wsd_decay_steps: Optional[int] = None
+    """wsd only: length of the final anneal in steps (steps budgets only)."""
+    wsd_decay_fraction: Optional[float] = None
+    """wsd only: length of the final anneal as a fraction of the budget."""
     wsd_decay_style: str = "linear"
     initial_loss_scale: float = 2.0**32
     """fp16 only: the dynamic loss scale to start from (megatron's default). The first steps overflow
@@ -65,23 +74,18 @@ class OptimConfig:
                 raise ConfigError(f"optim.{part}_lr", f"must be > 0, got {value}", "set a positive lr or null")
         if self.schedule not in SCHEDULES:
             raise ConfigError("optim.schedule", f"unknown schedule {self.schedule!r}", f"use one of {SCHEDULES}")
-        if self.warmup_steps < 0 or self.decay_steps <= self.warmup_steps:
-            raise ConfigError(
-                "optim.decay_steps",
-                f"warmup={self.warmup_steps}, decay={self.decay_steps}",
-                "use warmup_steps >= 0 and decay_steps > warmup_steps",
-            )
         if self.schedule == "wsd":
             if self.wsd_decay_style not in WSD_DECAY_STYLES:
                 raise ConfigError(
                     "optim.wsd_decay_style", f"unknown style {self.wsd_decay_style!r}", f"use one of {WSD_DECAY_STYLES}"
                 )
-            if not 0 < self.wsd_decay_steps <= self.decay_steps - self.warmup_steps:
-                raise ConfigError(
-                    "optim.wsd_decay_steps",
-                    f"{self.wsd_decay_steps} with warmup {self.warmup_steps} and decay_steps {self.decay_steps}",
-                    "use 0 < wsd_decay_steps <= decay_steps - warmup_steps",
-                )
+        for name in ("warmup_steps", "decay_steps", "wsd_decay_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ConfigError(f"optim.{name}", f"must be >= 0, got {getattr(self, name)}", "use a step count")
+        for name in ("warmup_fraction", "decay_fraction", "wsd_decay_fraction"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise ConfigError(f"optim.{name}", f"must lie in [0, 1], got {value}", "give a fraction of the budget")
         if not 0 < self.min_loss_scale <= self.initial_loss_scale:
             raise ConfigError(
                 "optim.min_loss_scale",

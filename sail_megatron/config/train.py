@@ -11,14 +11,17 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from sail_megatron.config.budget import Budget, budget_of, scale_points
+from sail_megatron.config.counts import Count
 from sail_megatron.config.data import DataConfig
 from sail_megatron.config.errors import ConfigError
 from sail_megatron.config.freezing import FreezeConfig
 from sail_megatron.config.loading import apply_overrides, from_dict, load_yaml, merge
+from sail_megatron.config.lr_schedule import LrSchedule, resolve_lr_schedule
 from sail_megatron.config.model import ModelConfig
 from sail_megatron.config.optim import OptimConfig
 from sail_megatron.config.parallel import ParallelConfig
@@ -67,7 +70,19 @@ def parse_faults(text: str) -> List[Fault]:
 class RunConfig:
     """The run itself: length, batch, where it writes, what it starts from."""
 
-    train_steps: int = 1000
+    train_steps: Optional[Count] = None
+    """The stage's length in optimizer steps. A stage has exactly one budget: train_steps, train_tokens or
+    train_samples (the others null); it stops at the first step that reaches it."""
+    train_tokens: Optional[Count] = None
+    """The stage's length in tokens the language model trains on (non-padding text and image tokens,
+    over all data-parallel ranks), e.g. 131B. The lr schedule then runs in tokens."""
+    train_samples: Optional[Count] = None
+    """The stage's length in samples (original records, however packing grouped them), e.g. 21M. The lr
+    schedule then runs in samples."""
+    save_at_tokens: Union[List[Count], str, None] = None
+    """Extra checkpoints kept for good (keep_last never prunes them) at the first step reaching each of
+    these token counts: a list ([1B, 10B, 100B]), 'log2' (1B, 2B, 4B, ...) or 'log2:START' (doubling from
+    START): the checkpoints a scaling curve is read from."""
     global_batch_size: int = 8
     """Rows (packed micro-batches of seq_length tokens) per optimizer step, over all data-parallel ranks."""
     seed: int = 1234
@@ -117,8 +132,9 @@ class RunConfig:
     starts). Each fires once per run folder. Off by default."""
 
     def validate(self) -> None:
+        self.budget()
+        scale_points(self.save_at_tokens)
         for name in (
-            "train_steps",
             "global_batch_size",
             "log_interval",
             "save_interval",
@@ -160,6 +176,10 @@ class RunConfig:
         if self.inject_fault is not None:
             parse_faults(self.inject_fault)
 
+    def budget(self) -> Budget:
+        """The stage's one budget (a ConfigError when none or several are set)."""
+        return budget_of(self.train_steps, self.train_tokens, self.train_samples)
+
 
 @dataclass
 class TrainConfig:
@@ -182,6 +202,10 @@ class TrainConfig:
             )
         return self.run.global_batch_size // per_step
 
+    def lr_schedule(self) -> LrSchedule:
+        """The lr schedule's lengths in the unit of the stage's budget."""
+        return resolve_lr_schedule(self.optim, self.run.budget())
+
     def validate(
         self,
         world_size: int,
@@ -200,6 +224,7 @@ class TrainConfig:
         self.data.validate(needs_path=needs_data)
         self.optim.validate()
         self.run.validate()
+        self.lr_schedule()
         self.num_microbatches(world_size)
 
 
@@ -278,6 +303,7 @@ def main(argv=None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(dump(cfg), end="")
+    print(f"# budget: {cfg.run.budget().describe()}; lr schedule: {cfg.lr_schedule().describe(cfg.optim.schedule)}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from sail_megatron.platform.megatron_compat import (
 )
 from sail_megatron.training.backend_state import apply_model_state, load_sharded
 from sail_megatron.training.checkpoint_files import CheckpointError, resolve_checkpoint_folder
-from sail_megatron.training.run_dir import LATEST, checkpoint_name, checkpoint_step, checkpoints_to_prune
+from sail_megatron.training.run_dir import KEEP_FILE, LATEST, checkpoint_name, checkpoint_step, checkpoints_to_prune
 
 logger = logging.getLogger(__name__)
 
@@ -132,11 +132,14 @@ def _layout() -> Dict[str, int]:
     }
 
 
-def _commit(save_dir: Path, tmp: Path, final: Path, keep_last: int) -> None:
+def _commit(save_dir: Path, tmp: Path, final: Path, keep_last: int, keep: Optional[str] = None) -> None:
     """Collective, after every rank's write is complete: the folder is renamed into place, then the
-    pointer moves, then older checkpoints beyond keep_last go."""
+    pointer moves, then older checkpoints beyond keep_last go. `keep`: why this checkpoint is kept for good
+    (written into it before the rename, so pruning never sees it without the mark)."""
     dist.barrier()
     if dist.get_rank() == 0:
+        if keep:
+            (tmp / KEEP_FILE).write_text(keep + "\n")
         if final.exists():  # never delete a checkpoint this call did not write: keep it under another name
             aside = final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(final, aside)
@@ -164,11 +167,13 @@ def save_checkpoint(
     keep_last: int = 3,
     async_queue: Optional[AsyncCallsQueue] = None,
     optimizer_format: str = DEFAULT_OPTIMIZER_FORMAT,
+    keep: Optional[str] = None,
 ) -> Path:
     """Collective: every rank calls it. `common` is small run state (same on all ranks, e.g. consumed
     samples); `rank_state` is per rank (beside its RNG state), `data_state` per data-parallel rank (the
     loader's state; None: not saved). With `async_queue` the write is scheduled there
-    and this returns once the state is staged; the checkpoint appears when the queue finalizes it."""
+    and this returns once the state is staged; the checkpoint appears when the queue finalizes it. `keep`:
+    the reason this checkpoint is never pruned (a scaling-curve point)."""
     save_dir = Path(save_dir)
     final, tmp = save_dir / checkpoint_name(iteration), save_dir / (checkpoint_name(iteration) + ".tmp")
     if dist.get_rank() == 0:
@@ -188,10 +193,10 @@ def save_checkpoint(
     metadata = _layout()
     if async_queue is None:
         dist_checkpointing.save(sd, str(tmp), content_metadata=metadata)
-        _commit(save_dir, tmp, final, keep_last)
+        _commit(save_dir, tmp, final, keep_last, keep)
         return final
     request = dist_checkpointing.save(sd, str(tmp), content_metadata=metadata, async_sharded_save=True)
-    request.add_finalize_fn(lambda: _commit(save_dir, tmp, final, keep_last))
+    request.add_finalize_fn(lambda: _commit(save_dir, tmp, final, keep_last, keep))
     async_queue.schedule_async_request(request)
     return final
 
@@ -206,7 +211,15 @@ class CheckpointWriter:
         self.in_flight: Optional[Path] = None
 
     def save(
-        self, iteration: int, chunks, optimizer=None, scheduler=None, common=None, rank_state=None, data_state=None
+        self,
+        iteration: int,
+        chunks,
+        optimizer=None,
+        scheduler=None,
+        common=None,
+        rank_state=None,
+        data_state=None,
+        keep: Optional[str] = None,
     ) -> Path:
         """Start (async) or write (sync) the checkpoint of `iteration`; a previous background write is
         completed first, so at most one is in flight."""
@@ -224,6 +237,7 @@ class CheckpointWriter:
             keep_last=self.keep_last,
             async_queue=self.queue,
             optimizer_format=self.optimizer_format,
+            keep=keep,
         )
         self.in_flight = final if self.queue is not None else None
         logger.info(
@@ -295,6 +309,7 @@ def load_checkpoint(path, chunks: List[torch.nn.Module], optimizer=None, schedul
         "iteration": common["iteration"],
         "common": common.get("common", {}),
         "rank_state": rank,
+        "scheduler": common.get("scheduler"),
         "layout": saved,
         "path": directory,
     }

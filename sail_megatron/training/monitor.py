@@ -15,10 +15,12 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
+from sail_megatron.config.counts import format_count
 from sail_megatron.platform import read_dist_env
 from sail_megatron.training.collectives import max_over_world, sum_counts_over_data_parallel, sum_over_data_parallel
 from sail_megatron.training.flops import PeakFlops, mfu_figures, peak_flops
 from sail_megatron.training.metered_data import DataTally
+from sail_megatron.training.progress import Progress
 from sail_megatron.training.run_logs import METRICS_FILE, TENSORBOARD_DIR
 
 logger = logging.getLogger(__name__)
@@ -80,19 +82,20 @@ class TrainingMonitor:
     def __init__(
         self,
         run_dir: Path,
-        total_steps: int,
-        start_step: int,
+        progress: Progress,
         log_interval: int,
         peak_flops: Union[PeakFlops, float, None],
         tensorboard: bool = True,
     ):
         """peak_flops: device_peak_flops(...); a bare number is taken as the 16-bit peak."""
         self.env = read_dist_env()
-        self.run_dir, self.total_steps, self.log_interval = Path(run_dir), total_steps, log_interval
+        self.run_dir, self.progress, self.log_interval = Path(run_dir), progress, log_interval
         self.peaks = peak_flops if isinstance(peak_flops, PeakFlops) else PeakFlops(bf16=peak_flops)
-        self.start_step = start_step
+        start_step = progress.consumed.steps
         self.interval = _Interval()
         self.step_times: List[float] = []
+        self.step_units: List[int] = []
+        """What each step consumed in the budget's unit (for the ETA)."""
         self.nonfinite_steps = 0
         self.overflow_steps = 0
         """fp16 loss-scaler overflows (updates skipped while the scale backs off)."""
@@ -120,7 +123,8 @@ class TrainingMonitor:
         for name in ("wait_s", "micro_batches", "samples", "tokens", "slots", "tiles", "flops"):
             setattr(iv.data, name, getattr(iv.data, name) + getattr(tally, name))
         self.step_times.append(step_time_s)
-        if step % self.log_interval == 0 or step == self.total_steps:
+        self.step_units.append(self.progress.last_step.of(self.progress.budget.unit))
+        if step % self.log_interval == 0 or self.progress.done:
             self._log(step, result, lrs, skipped_samples)
             self.interval = _Interval()
 
@@ -138,12 +142,17 @@ class TrainingMonitor:
         if not self.env.is_main:
             return
         t = max(iv.time_s, 1e-9)
-        # ETA from the recent steps' mean; the first step after (re)start compiles and warms caches.
-        recent = self.step_times[1:][-50:] or self.step_times
-        eta = (self.total_steps - step) * (sum(recent) / len(recent))
+        # ETA from the recent steps' pace; the first step after (re)start compiles and warms caches.
+        first = 1 if len(self.step_times) > 1 else 0
+        times, units = self.step_times[first:][-50:], self.step_units[first:][-50:]
+        eta = self.progress.remaining() * sum(times) / max(sum(units), 1)
+        consumed = self.progress.consumed
         flops_per_device = r["flops"] / t / self.env.world_size
         record = {
             "step": step,
+            "consumed_tokens": consumed.tokens,
+            "consumed_samples": consumed.samples,
+            "budget_fraction": self.progress.fraction,
             "loss": (sum(iv.losses) / len(iv.losses)) if iv.losses else float("nan"),
             "grad_norm": result.grad_norm,
             "lr": lrs.get("language", next(iter(lrs.values()))),
@@ -174,7 +183,7 @@ class TrainingMonitor:
         mfu = _mfu_text(r["mfu"], r["mfu_fp8"])
         skipped_text = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "0"
         print(
-            f"step {r['step']:6d}/{self.total_steps} | loss {r['loss']:.4f} | grad norm {r['grad_norm']:.3f} "
+            f"{self._progress_text(r)} | loss {r['loss']:.4f} | grad norm {r['grad_norm']:.3f} "
             f"| lr {r['lr']:.2e} | {1000 * r['step_time_s']:.0f} ms/step | {r['tokens_per_s']:,.0f} tok/s "
             f"| {r['tflops_per_s']:.3g} TFLOP/s/dev{mfu} | pack {100 * (r['packing_utilization'] or 0):.0f}% "
             f"| data wait {100 * r['data_wait_frac']:.0f}% | mem {r['memory_gib']:.2f} GiB "
@@ -183,10 +192,26 @@ class TrainingMonitor:
             flush=True,
         )
 
+    def _progress_text(self, r: Dict) -> str:
+        """'step 5/20 | 12.3K tok, 40 samples' (a steps budget) or 'step 5 | 12.3K/20K tok (61%), 40
+        samples' (a tokens budget; samples alike)."""
+        budget = self.progress.budget
+        tokens, samples = format_count(r["consumed_tokens"]), f"{r['consumed_samples']:,}"
+        pct = f" ({100 * r['budget_fraction']:.0f}%)"
+        if budget.unit == "tokens":
+            tokens += f"/{format_count(budget.amount)}{pct}"
+        elif budget.unit == "samples":
+            samples += f"/{budget.amount:,}{pct}"
+        step = f"step {r['step']:6d}" + (f"/{budget.amount}" if budget.unit == "steps" else "")
+        return f"{step} | {tokens} tok, {samples} samples"
+
     def _tensorboard(self, r: Dict) -> None:
         step = r["step"]
         scalars = {
             "loss/train": r["loss"],
+            "progress/consumed_tokens": r["consumed_tokens"],
+            "progress/consumed_samples": r["consumed_samples"],
+            "progress/budget_fraction": r["budget_fraction"],
             "optim/grad_norm": r["grad_norm"],
             "throughput/tokens_per_s": r["tokens_per_s"],
             "throughput/tokens_per_s_per_device": r["tokens_per_s_per_device"],
@@ -219,7 +244,14 @@ class TrainingMonitor:
             f"| {result.seconds:.1f} s",
             flush=True,
         )
-        record = {"step": step, "valid_loss": result.loss, "valid_tokens": result.trained_tokens}
+        consumed = self.progress.consumed
+        record = {
+            "step": step,
+            "consumed_tokens": consumed.tokens,
+            "consumed_samples": consumed.samples,
+            "valid_loss": result.loss,
+            "valid_tokens": result.trained_tokens,
+        }
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         if self.writer is not None:

@@ -9,6 +9,7 @@ from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from sail_megatron.config import ParallelConfig, PrecisionConfig
+from sail_megatron.config.lr_schedule import LrSchedule
 from sail_megatron.config.optim import OptimConfig
 from sail_megatron.training.freezing import PART_MODULES
 
@@ -83,24 +84,41 @@ def build_optimizer(
 _DECAY_STYLE = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}
 
 
-def build_scheduler(optimizer: MegatronOptimizer, optim: OptimConfig) -> OptimizerParamScheduler:
+def build_scheduler(optimizer: MegatronOptimizer, optim: OptimConfig, schedule: LrSchedule) -> OptimizerParamScheduler:
     """megatron-core's scheduler: it reads each param group's max_lr/min_lr, so per-part lrs follow the
-    same curve shape."""
+    same curve shape. Its 'steps' are the schedule's unit (steps, tokens or samples): the caller steps it
+    by what each step consumed. On resume the recipe's values win over the checkpoint's (a stage can be
+    lengthened or its lr changed; the driver logs what changed), only the progress is restored."""
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=optim.lr,
         min_lr=optim.min_lr,
-        lr_warmup_steps=optim.warmup_steps,
-        lr_decay_steps=optim.decay_steps,
+        lr_warmup_steps=schedule.warmup,
+        lr_decay_steps=schedule.decay,
         lr_decay_style=_DECAY_STYLE[optim.schedule],
-        wsd_decay_steps=optim.wsd_decay_steps if optim.schedule == "wsd" else None,
+        wsd_decay_steps=schedule.wsd_decay if optim.schedule == "wsd" else None,
         lr_wsd_decay_style=optim.wsd_decay_style if optim.schedule == "wsd" else None,
         start_wd=optim.weight_decay,
         end_wd=optim.weight_decay,
         wd_incr_steps=1,
         wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
+
+
+_COMPARED = {"max_lr": "lr", "min_lr": "min_lr", "lr_warmup_steps": "warmup", "lr_decay_steps": "decay"}
+
+
+def schedule_changes(saved: dict, scheduler: OptimizerParamScheduler) -> List[str]:
+    """What the recipe's schedule changes against a checkpoint's saved scheduler state ('decay: a -> b')."""
+    now = scheduler.state_dict()
+    return [
+        f"{name}: {saved[key]:g} -> {now[key]:g}"
+        for key, name in _COMPARED.items()
+        if key in saved and key in now and saved[key] != now[key]
+    ]
 
 
 def part_learning_rates(scheduler: OptimizerParamScheduler, optim: OptimConfig) -> Dict[str, float]:
@@ -111,8 +129,14 @@ def part_learning_rates(scheduler: OptimizerParamScheduler, optim: OptimConfig) 
     }
 
 
-def setup_training(model: torch.nn.Module, optim: OptimConfig, parallel: ParallelConfig, precision: PrecisionConfig):
+def setup_training(
+    model: torch.nn.Module,
+    optim: OptimConfig,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    schedule: LrSchedule,
+):
     """DDP-wrapped model chunks, their optimizer and its schedule (freeze the model before this)."""
     chunks = [wrap_ddp(model, parallel)]
     optimizer = build_optimizer(chunks, optim, parallel, precision)
-    return chunks, optimizer, build_scheduler(optimizer, optim)
+    return chunks, optimizer, build_scheduler(optimizer, optim, schedule)

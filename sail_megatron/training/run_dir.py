@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 LATEST = "latest"
 LOCK = ".lock"
+KEEP_FILE = "kept-for-good.txt"
+"""In a checkpoint folder: why `keep_last` never prunes it (run.save_at_tokens)."""
 _CHECKPOINT_NAME = re.compile(r"^iter_(\d{8})$")
 
 
@@ -54,8 +56,9 @@ def complete_checkpoints(save_dir: Path) -> List[Path]:
 
 def checkpoints_to_prune(save_dir: Path, newest: Path, keep_last: int) -> List[Path]:
     """What `keep_last` removes after `newest` was written: only complete checkpoints older than it (a
-    run resumes from the newest, so those are its own); never anything newer, in progress or renamed."""
-    older = [p for p in complete_checkpoints(save_dir) if p.name < newest.name]
+    run resumes from the newest, so those are its own); never anything newer, in progress, renamed or
+    kept for good (they do not count towards keep_last either)."""
+    older = [p for p in complete_checkpoints(save_dir) if p.name < newest.name and not (p / KEEP_FILE).exists()]
     return older[: max(len(older) - (keep_last - 1), 0)]
 
 

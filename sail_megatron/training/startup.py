@@ -79,7 +79,7 @@ def build_training(cfg: TrainConfig, device):
     model = build_model(cfg.model, cfg.parallel, cfg.precision)
     apply_freezing(model, cfg.freeze)
     model.to(device)
-    return setup_training(model, cfg.optim, cfg.parallel, cfg.precision)
+    return setup_training(model, cfg.optim, cfg.parallel, cfg.precision, cfg.lr_schedule())
 
 
 def start(args, needs_data: bool = True, loads_checkpoints: bool = True):

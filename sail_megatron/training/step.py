@@ -71,6 +71,8 @@ class StepResult:
     """fp16: the loss scaler found an overflow, skipped the update and backed off (expected early on)."""
     loss_scale: Optional[float] = None
     """fp16: the loss scale after this step."""
+    updated: bool = True
+    """The optimizer applied the update (the lr schedule advances only then)."""
 
 
 def reduce_loss_reports(reports: List[dict]) -> torch.Tensor:
@@ -95,7 +97,8 @@ def train_step(
 ) -> StepResult:
     """Forward and backward over `num_microbatches` micro-batches, then one guarded optimizer step
     (see `guarded_step`): a NaN/Inf loss or gradient skips the update and the lr step, and so does an
-    fp16 loss-scaler overflow; the result says which."""
+    fp16 loss-scaler overflow; the result says which. `scheduler` None: the caller advances the lr
+    schedule after an applied update (a budget in tokens or samples moves it by what the step consumed)."""
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -111,7 +114,7 @@ def train_step(
     )
     loss_sum, tokens = reduce_loss_reports(reports).tolist()
     outcome = guarded_step(optimizer, loss_finite=math.isfinite(loss_sum))
-    if outcome.updated:
+    if outcome.updated and scheduler is not None:
         scheduler.step(increment=1)
     return StepResult(
         loss=loss_sum / max(tokens, 1.0),
@@ -120,4 +123,5 @@ def train_step(
         skipped=outcome.nonfinite,
         overflow=outcome.overflow,
         loss_scale=outcome.loss_scale,
+        updated=outcome.updated,
     )

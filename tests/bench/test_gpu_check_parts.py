@@ -202,7 +202,7 @@ def test_restart_command_and_environment(tmp_path):
 
 
 def test_restart_reads_the_last_step_and_judges(tmp_path):
-    log = "step      1/3 | loss 7.6\nstep      2/3 | loss 7.5\n"
+    log = "step      1/3 | 2.1K tok, 4 samples | loss 7.6\nstep      2/3 | 4.2K tok, 8 samples | loss 7.5\n"
     assert restart.last_step(tmp_path, log) == 2  # no metrics.jsonl: the console lines
     (tmp_path / "metrics.jsonl").write_text(
         "\n".join(json.dumps(r) for r in ({"step": 1, "loss": 7.6}, {"step": 3, "loss": 7.4}, {"step": 3, "x": 1}))

@@ -108,6 +108,7 @@ def train_config(precision: PrecisionConfig, parallel: Optional[ParallelConfig] 
     cfg = TrainConfig(model=get_preset("tiny"), parallel=parallel, precision=precision)
     cfg.data.path, cfg.data.tokenizer = "data", "tokenizer"
     cfg.run.global_batch_size = parallel.data_parallel_size(parallel.model_parallel_size)
+    cfg.run.train_steps = 10
     return cfg
 
 

@@ -12,6 +12,7 @@ from sail_megatron.model.presets import get_preset
 from sail_megatron.platform import cpu_emulation_installed, destroy_distributed, detect_backends, init_distributed
 from sail_megatron.training.optimizer import OptimConfig, setup_training
 from sail_megatron.training.step import train_step
+from tests.helpers.schedules import steps_schedule
 
 
 def train_tiny_on_gpu(fp8: Optional[str] = None, steps: int = 4) -> dict:
@@ -24,7 +25,9 @@ def train_tiny_on_gpu(fp8: Optional[str] = None, steps: int = 4) -> dict:
         cfg = get_preset("tiny")
         cfg.image_context_token_id = IMG_CONTEXT
         model = build_model(cfg, parallel, precision)
-        chunks, optimizer, scheduler = setup_training(model, OptimConfig(lr=1e-3), parallel, precision)
+        chunks, optimizer, scheduler = setup_training(
+            model, OptimConfig(lr=1e-3), parallel, precision, steps_schedule(OptimConfig(lr=1e-3))
+        )
         data = SyntheticImageCaptions(
             SyntheticConfig(
                 seq_length=128,

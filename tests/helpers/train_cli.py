@@ -52,7 +52,7 @@ def run_train(config: Path, overrides: Sequence[str], nproc: int = 1, expect_rc:
 
 
 def printed_losses(stdout: str) -> List[float]:
-    return [float(x) for x in re.findall(r"^step +\d+/\d+ \| loss ([0-9.na]+)", stdout, re.M)]
+    return [float(x) for x in re.findall(r"^step +\d+(?:/\d+)? \|[^|\n]*\| loss ([0-9.na]+)", stdout, re.M)]
 
 
 def metrics(run_dir: Path) -> dict:

@@ -15,6 +15,7 @@ from sail_megatron.platform import destroy_distributed, init_distributed
 from sail_megatron.training.freezing import apply_freezing
 from sail_megatron.training.optimizer import OptimConfig, setup_training
 from sail_megatron.training.step import masked_token_loss, packed_seq_params, train_step
+from tests.helpers.schedules import steps_schedule
 
 SEQ, MBS = 96, 2
 
@@ -167,7 +168,9 @@ def train_steps(
         apply_freezing(model, FreezeConfig(trainable=trainable or ["vision", "projector", "language"]))
         initial = {n: p.detach().clone() for n, p in model.named_parameters()}
         optim = OptimConfig(lr=1e-3, warmup_steps=0, decay_steps=100)
-        chunks, optimizer, scheduler = setup_training(model, optim, parallel, PrecisionConfig(dtype="fp32"))
+        chunks, optimizer, scheduler = setup_training(
+            model, optim, parallel, PrecisionConfig(dtype="fp32"), steps_schedule(optim)
+        )
         data = _data(cfg).micro_batches(
             parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(), num_microbatches
         )
@@ -248,7 +251,9 @@ def train_with_checkpoint(
     cfg, parallel, model = _setup(tp, pp)
     try:
         optim = OptimConfig(lr=1e-3, warmup_steps=1, decay_steps=10)
-        chunks, optimizer, scheduler = setup_training(model, optim, parallel, PrecisionConfig(dtype="fp32"))
+        chunks, optimizer, scheduler = setup_training(
+            model, optim, parallel, PrecisionConfig(dtype="fp32"), steps_schedule(optim)
+        )
         start = 0
         if resume_from is not None:
             loaded = load_checkpoint(resume_from, chunks, optimizer, scheduler)

@@ -10,9 +10,11 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sail_megatron.config import PrecisionConfig
+from sail_megatron.config.budget import Budget, ScalePoints
 from sail_megatron.training import monitor
 from sail_megatron.training.flops import PeakFlops
 from sail_megatron.training.metered_data import DataTally
+from sail_megatron.training.progress import Consumed, Progress
 
 STEP_TIME_S = 2.0
 FLOPS_PER_STEP = 2.0 * 494.5e12  # half of an H100's bf16 peak over the 2 s step
@@ -27,9 +29,11 @@ def one_process(monkeypatch):
 
 
 def _log_one_step(run_dir, peaks, capsys):
-    mon = monitor.TrainingMonitor(run_dir, total_steps=1, start_step=0, log_interval=1, peak_flops=peaks)
+    progress = Progress(Budget("steps", 1), ScalePoints(), Consumed())
+    mon = monitor.TrainingMonitor(run_dir, progress, log_interval=1, peak_flops=peaks)
     result = SimpleNamespace(skipped=False, loss=2.5, grad_norm=1.0)
     tally = DataTally(micro_batches=1, samples=3, tokens=4000, slots=4096, tiles=4, flops=FLOPS_PER_STEP)
+    progress.last_step, progress.consumed = Consumed(1, 4000, 3), Consumed(1, 4000, 3)
     mon.end_step(1, result, STEP_TIME_S, tally, {"language": 1e-4}, Counter())
     mon.close()
     (record,) = [json.loads(line) for line in (run_dir / monitor.METRICS_FILE).read_text().splitlines()]

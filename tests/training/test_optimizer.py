@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from sail_megatron.config.budget import Budget
+from sail_megatron.config.lr_schedule import resolve_lr_schedule
 from sail_megatron.config.optim import OptimConfig
 from sail_megatron.training.optimizer import build_scheduler, part_learning_rates
 from tests.helpers.multiprocess import run_on_ranks
@@ -20,11 +22,11 @@ class _Groups:
         ]
 
 
-def _curve(optim: OptimConfig, steps: int):
-    scheduler = build_scheduler(_Groups(optim), optim)
+def _curve(optim: OptimConfig, steps: int, budget: Budget = Budget("steps", 1000), increment: int = 1):
+    scheduler = build_scheduler(_Groups(optim), optim, resolve_lr_schedule(optim, budget))
     out = []
     for _ in range(steps):
-        scheduler.step(1)
+        scheduler.step(increment)
         out.append(part_learning_rates(scheduler, optim))
     return out
 
@@ -46,6 +48,17 @@ def test_cosine_and_per_part_lrs_share_the_shape():
     middle = curve[6]["language"]  # step 7: half-way through the cosine
     assert middle == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 5 / 10)))
     assert curve[-1]["vision"] == pytest.approx(1e-6)
+
+
+def test_a_token_budget_runs_the_schedule_in_tokens():
+    """The same curve as a steps budget of 20 when each step consumes 1,000 tokens of a 20K budget."""
+    fractions = dict(warmup_fraction=0.2, wsd_decay_fraction=0.25)
+    by_tokens = _curve(
+        OptimConfig(lr=1.0, min_lr=0.1, schedule="wsd", **fractions), 22, Budget("tokens", 20_000), increment=1000
+    )
+    by_steps = _curve(OptimConfig(lr=1.0, min_lr=0.1, schedule="wsd", **fractions), 22, Budget("steps", 20))
+    assert [r["language"] for r in by_tokens] == pytest.approx([r["language"] for r in by_steps])
+    assert by_steps[3]["language"] == pytest.approx(1.0) and by_steps[19]["language"] == pytest.approx(0.1)
 
 
 def test_part_lrs_land_in_their_groups_and_survive_a_resume(tmp_path):

@@ -14,6 +14,7 @@ from sail_megatron.config import ConfigError
 from sail_megatron.training import resume
 from sail_megatron.training.resume import choose_start
 from sail_megatron.training.run_dir import (
+    KEEP_FILE,
     LATEST,
     RunLock,
     check_writable,
@@ -60,6 +61,15 @@ def test_prune_keeps_newer_and_foreign_folders(tmp_path):
     assert [p.name for p in checkpoints_to_prune(tmp_path, newest, keep_last=2)] == ["iter_00000002"]
     assert checkpoints_to_prune(tmp_path, newest, keep_last=3) == []
     assert [p.name for p in checkpoints_to_prune(tmp_path, newest, keep_last=1)] == ["iter_00000002", "iter_00000004"]
+
+
+def test_checkpoints_kept_for_a_scaling_curve_are_never_pruned_nor_counted(tmp_path):
+    _checkpoints(tmp_path, 1, 2, 3, 4, 5)
+    for it in (2, 3):
+        (tmp_path / f"iter_{it:08d}" / KEEP_FILE).write_text("run.save_at_tokens: reached 1K tokens\n")
+    newest = tmp_path / "iter_00000005"
+    assert [p.name for p in checkpoints_to_prune(tmp_path, newest, keep_last=2)] == ["iter_00000001"]
+    assert [p.name for p in checkpoints_to_prune(tmp_path, newest, keep_last=1)] == ["iter_00000001", "iter_00000004"]
 
 
 _HOLDER = textwrap.dedent("""

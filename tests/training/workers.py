@@ -14,6 +14,7 @@ from sail_megatron.platform import destroy_distributed, init_distributed
 from sail_megatron.training.checkpoint import load_checkpoint, save_checkpoint
 from sail_megatron.training.optimizer import setup_training
 from sail_megatron.training.step import train_step
+from tests.helpers.schedules import steps_schedule
 from tests.parallel.workers import MBS, SEQ, _data
 
 FP32 = PrecisionConfig(dtype="fp32")
@@ -37,7 +38,7 @@ def part_lrs_survive_resume(directory: str) -> Dict:
     try:
         optim = OptimConfig(lr=1e-3, min_lr=1e-5, vision_lr=1e-4, warmup_steps=1, decay_steps=10)
         cfg, model = _model(parallel)
-        chunks, optimizer, scheduler = setup_training(model, optim, parallel, FP32)
+        chunks, optimizer, scheduler = setup_training(model, optim, parallel, FP32, steps_schedule(optim))
         # The optimizer holds main-param shards (not the model's tensors); with DP=1, one per parameter.
         by_part = {
             "vision_params": len(list(model.vision_model.parameters())),
@@ -49,7 +50,7 @@ def part_lrs_survive_resume(directory: str) -> Dict:
         save_checkpoint(directory, 2, chunks, optimizer, scheduler)
         before = _groups(optimizer)
         _, model2 = _model(parallel)
-        chunks2, optimizer2, scheduler2 = setup_training(model2, optim, parallel, FP32)
+        chunks2, optimizer2, scheduler2 = setup_training(model2, optim, parallel, FP32, steps_schedule(optim))
         load_checkpoint(directory, chunks2, optimizer2, scheduler2)
         return {"by_part": by_part, "before": before, "after": _groups(optimizer2)}
     finally:
@@ -69,7 +70,9 @@ def recompute_run(
     init_distributed(parallel, seed=3)
     try:
         cfg, model = _model(parallel, drop_path=0.3)
-        chunks, optimizer, scheduler = setup_training(model, OptimConfig(), parallel, FP32)
+        chunks, optimizer, scheduler = setup_training(
+            model, OptimConfig(), parallel, FP32, steps_schedule(OptimConfig())
+        )
         model.train()
         result = train_step(chunks, optimizer, scheduler, _data(cfg).micro_batches(0, 1, 2), 2, SEQ, MBS)
         grads = {n: p.main_grad.detach().clone() for n, p in model.named_parameters()}
@@ -84,7 +87,11 @@ def nonfinite_step_is_skipped() -> Dict:
     try:
         cfg, model = _model(parallel)
         chunks, optimizer, scheduler = setup_training(
-            model, OptimConfig(warmup_steps=0, decay_steps=10), parallel, FP32
+            model,
+            OptimConfig(warmup_steps=0, decay_steps=10),
+            parallel,
+            FP32,
+            steps_schedule(OptimConfig(warmup_steps=0, decay_steps=10)),
         )
         data = _data(cfg).micro_batches(0, 1, 1)
         ok = train_step(chunks, optimizer, scheduler, data, 1, SEQ, MBS)

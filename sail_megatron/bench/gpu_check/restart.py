@@ -75,7 +75,7 @@ def last_step(run_dir: Path, log: str) -> Optional[int]:
         steps = [s for s in steps if isinstance(s, int)]
         if steps:
             return max(steps)
-    printed = [int(s) for s in re.findall(r"^step +(\d+)/\d+ \| loss", log, re.M)]
+    printed = [int(s) for s in re.findall(r"^step +(\d+)/\d+ \|[^|\n]*\| loss", log, re.M)]
     return max(printed) if printed else None
 
 
