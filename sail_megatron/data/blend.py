@@ -46,6 +46,15 @@ def train_samples(folder: Path) -> int:
 
 def split_samples(folder: Path, part: str) -> int:
     """Samples in one split ('train', 'val', 'test') of a prepared dataset folder, as energon counts them."""
+    return sum(shard.count for shard in _split_shard_infos(folder, part))
+
+
+def split_shards(folder: Path, part: str) -> List[str]:
+    """The shard files (relative to `folder`) energon assigned to one split of a prepared dataset folder."""
+    return [shard.name for shard in _split_shard_infos(folder, part)]
+
+
+def _split_shard_infos(folder: Path, part: str) -> list:
     from megatron.energon.epathlib import EPath
     from megatron.energon.flavors.webdataset.empty_dataset_error import EmptyDatasetError
     from megatron.energon.flavors.webdataset.metadata import WebdatasetMeta
@@ -55,8 +64,8 @@ def split_samples(folder: Path, part: str) -> int:
     try:
         meta = WebdatasetMeta.from_config(EPath(str(Path(folder).resolve())), split_part=part)
     except EmptyDatasetError:
-        return 0
-    return sum(shard.count for shard in meta.shards)
+        return []
+    return meta.shards
 
 
 def _input_shard(folder: Path) -> Optional[Tuple[int, int]]:

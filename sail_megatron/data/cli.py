@@ -3,6 +3,8 @@
   sail-data prepare --input FILE.jsonl --images DIR --out DIR [--format llava|caption]
                     [--num-shards N --shard-index I]    one part of the input per machine
   sail-data join --parts DIR [DIR ...] --out BLEND.yaml  a blend over the parts, weighted by sample count
+  sail-data stats PATH [--samples N] [--json]    measured tokens and tiles per sample of a prepared folder
+                                 or blend (prepared with --recipe), e.g. to turn a budget in samples into tokens
   sail-data demo --out DIR       the embedded demo dataset (real photos, captions, conversations)
   sail-data show --input FILE --tokenizer DIR [--images DIR] [--index N|A-B|N,M,...] [--template NAME]
                  [--system-prompt TEXT] [--max-tiles N] [--json]
@@ -18,12 +20,15 @@ one line saying it was interrupted and exits with 128 + the signal number (130 f
 """
 
 import argparse
+import json
 import logging
 import os
 import sys
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
+from sail_megatron.config.counts import format_count, parse_count
 from sail_megatron.config.data import DEFAULT_MAX_PIXELS, TEMPLATES, DataConfig
 from sail_megatron.data.blend import join_parts, write_blend
 from sail_megatron.data.out_dir import Interrupted, check_out, layout_matches, staged, stop_on_signals
@@ -36,6 +41,7 @@ from sail_megatron.data.prepare import (
 )
 from sail_megatron.data.records import DEFAULT_MAX_RECORD_BYTES
 from sail_megatron.data.show import TOKENS_PER_TILE, parse_indexes, report, show_records
+from sail_megatron.data.statistics import NO_RECIPE_FIX, TokenStatistics, token_statistics
 
 _DEMO_LAYOUT = ("raw", "captions", "sft", "blend.yaml")
 _DEMO_RAW_LAYOUT = ("images", "captions.jsonl", "sft.jsonl", "tokenizer")
@@ -86,6 +92,44 @@ def _join(args) -> int:
     print(f"blend {args.out}: {len(counts)} parts, {total} train samples")
     for path, n in sorted(counts.items()):
         print(f"  {path}: {n} samples (weight {n / total:.4f})")
+    try:
+        stats = token_statistics(Path(args.out))
+    except (OSError, ValueError) as e:  # the blend is written: a part's unreadable report is worth a warning
+        print(f"sail-data: warning: no token statistics for {args.out}: {e}", file=sys.stderr)
+        return 0
+    if stats is not None:
+        print(f"  {_means(stats)}; {stats.coverage()} (sail-data stats {args.out})")
+    return 0
+
+
+def _means(stats: TokenStatistics) -> str:
+    return (
+        f"{stats.mean_tokens_per_sample:.1f} tokens ({stats.mean_image_tokens_per_sample:.1f} of them image tokens) "
+        f"and {stats.mean_tiles_per_sample:.2f} tiles per sample"
+    )
+
+
+def _stats(args) -> int:
+    samples = parse_count(args.samples, "--samples") if args.samples is not None else None
+    stats = token_statistics(Path(args.path), split=args.split)
+    if stats is None:
+        why = "it was prepared without" if Path(args.path).is_dir() else "none of its datasets was prepared with"
+        raise ValueError(f"{args.path}: no token statistics: {why} --recipe; {NO_RECIPE_FIX}")
+    if not stats.complete:
+        missing = ", ".join(stats.unmeasured)
+        print(f"sail-data: warning: {stats.coverage()}; no statistics for {missing}: {NO_RECIPE_FIX}", file=sys.stderr)
+    if args.json:
+        doc = {"path": args.path, "split": args.split, **asdict(stats), "complete": stats.complete}
+        if samples is not None:
+            doc.update(samples=samples, tokens=stats.tokens_for(samples))
+        print(json.dumps(doc))
+        return 0
+    print(f"{args.path} ({args.split} split): {stats.coverage()}")
+    print(f"  {_means(stats)}")
+    print(f"  over {stats.samples_measured} samples, measured with {stats.source}")
+    if samples is not None:
+        tokens = stats.tokens_for(samples)
+        print(f"  {format_count(samples)} samples ~ {format_count(tokens)} tokens ({tokens})")
     return 0
 
 
@@ -234,6 +278,14 @@ def _parser() -> argparse.ArgumentParser:
         help="blend the parts given even if some input shards of their --num-shards are missing",
     )
     j.set_defaults(func=_join)
+    t = sub.add_parser(
+        "stats", help="measured tokens and tiles per sample of a prepared folder or blend (prepared with --recipe)"
+    )
+    t.add_argument("path", metavar="PATH", help="a folder sail-data prepare wrote, or a blend YAML of such folders")
+    t.add_argument("--split", choices=("train", "val", "test"), default="train", help="the split read (default train)")
+    t.add_argument("--samples", help="also give the tokens this many samples hold, e.g. 21M")
+    t.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    t.set_defaults(func=_stats)
     d = sub.add_parser("demo", help="build the embedded demo dataset from scikit-image's sample photos")
     d.add_argument("--out", required=True)
     d.add_argument("--overwrite", action="store_true", help="replace an earlier demo folder")

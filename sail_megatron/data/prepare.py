@@ -24,6 +24,9 @@ any 64-megapixel photo, but a valid JPEG followed by hundreds of MB of junk neve
 skipped as `text_too_long` before anything tokenizes it: training would tokenize all of it on every pass only
 to cut or skip it. With a recipe the bound is lowered to what `seq_length` tokens of the recipe's tokenizer
 can hold at most (`TrainerRules.max_text_chars`).
+
+Measured: with a recipe, every written record's tokens and tiles as the trainer encodes them are summed per
+split into the report's `token_statistics` (`statistics.py`; `sail-data stats` reads them back).
 """
 
 import errno
@@ -40,12 +43,12 @@ from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar, Union
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, TypeVar, Union
 
 from tqdm import tqdm
 
 from sail_megatron.config.data import DEFAULT_MAX_PIXELS
-from sail_megatron.data.blend import split_samples
+from sail_megatron.data.blend import split_samples, split_shards
 from sail_megatron.data.image_io import ImageError, decode_rgb, read_image_size
 from sail_megatron.data.input_files import FileTooLarge, NotRegularFile, check_folder, check_regular, read_regular
 from sail_megatron.data.out_dir import OutputError, check_out, check_separate, layout_matches, staged
@@ -58,6 +61,7 @@ from sail_megatron.data.records import (
     read_records,
 )
 from sail_megatron.data.sample import IMAGE_PLACEHOLDER
+from sail_megatron.data.statistics import SECTION, SampleMeasure, TokenTally, report_section
 from sail_megatron.data.trainer_rules import TrainerRules
 
 logger = logging.getLogger(__name__)
@@ -101,6 +105,7 @@ class PrepareReport:
     converted: Counter = field(default_factory=Counter)
     split_samples: Dict[str, int] = field(default_factory=dict)  # samples per split, when a split was asked for
     split_note: str = ""  # how far the whole-shard split is from the share asked for
+    token_statistics: Optional[dict] = None  # the report's section, when a recipe measured the samples
 
     def by_reason(self) -> Counter:
         return Counter(s.reason for s in self.skipped)
@@ -112,6 +117,12 @@ class PrepareReport:
             lines.append(f"  splits (whole shards): {parts}")
         if self.split_note:
             lines.append(f"  note: {self.split_note}")
+        if self.token_statistics:
+            t = self.token_statistics
+            lines.append(
+                f"  measured: {t['mean_tokens_per_sample']:.1f} tokens and {t['mean_tiles_per_sample']:.2f} tiles "
+                f"per sample ({t['tokens']} tokens in {t['samples']} samples)"
+            )
         lines += [f"  skipped {n:6d} x {reason}" for reason, n in sorted(self.by_reason().items())]
         lines += [f"  converted {n:6d} x {what}" for what, n in sorted(self.converted.items())]
         return "\n".join(lines)
@@ -275,6 +286,15 @@ def text_chars(meta: dict) -> int:
     return sum(len(t["text"]) for t in meta["turns"])
 
 
+class _Entry(NamedTuple):
+    """A record ready for the shard writer."""
+
+    meta_json: bytes
+    images: List[Tuple[bytes, str]]
+    conversions: List[str]
+    measure: Optional[SampleMeasure]  # with a recipe: what the trainer will make of it
+
+
 @dataclass(frozen=True)
 class _Reader:
     """Everything a worker thread needs to turn one record into a shard entry."""
@@ -310,8 +330,8 @@ class _Reader:
             raise _Skip(f"image_{e.reason}", f"{path}: {e}")
         return data, width, height
 
-    def __call__(self, rec: Record) -> Union[SkippedRecord, Tuple[bytes, List[Tuple[bytes, str]], List[str]]]:
-        """(shard json, [(image bytes, extension)], conversions), or why the record is skipped."""
+    def __call__(self, rec: Record) -> Union[SkippedRecord, _Entry]:
+        """The shard entry (json, [(image bytes, extension)]), or why the record is skipped."""
         record = rec.value
         try:
             meta, paths, conversions = _normalize(record, self.fmt)
@@ -331,13 +351,13 @@ class _Reader:
             )
             meta_json = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()
             images = [(d, _extension(p)) for (d, _, _), p in zip(loaded, paths)]
-            rejected = self.rules.rejection(meta_json, images)
-            if rejected is not None:
-                raise _Skip(*rejected)
+            verdict = self.rules.assess(meta_json, images)
+            if verdict.rejection is not None:
+                raise _Skip(*verdict.rejection)
         except _Skip as s:
             rid = record.get("id") if isinstance(record, dict) else None
             return SkippedRecord(rec.source, None if rid is None else str(rid), s.reason, s.detail)
-        return meta_json, images, conversions
+        return _Entry(meta_json, images, conversions, verdict.measure)
 
 
 def _extension(path: str) -> str:
@@ -363,13 +383,17 @@ def bounded_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[
             f.cancel()
 
 
+def _shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
 class _ShardWriter:
     """Deterministic tar shards of `shard_size` samples (fixed mtimes and ownership)."""
 
     def __init__(self, out_dir: Path, shard_size: int):
         self.out_dir, self.shard_size = out_dir, shard_size
         self.count, self.shards, self._tar = 0, 0, None
-        self.current = out_dir / "shard-000000.tar"  # the file being written, for error messages
+        self.current = out_dir / _shard_name(0)  # the file being written, for error messages
 
     def _add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -379,7 +403,7 @@ class _ShardWriter:
     def write(self, meta: Union[dict, bytes], images: List[Tuple[bytes, str]]) -> None:
         if self.count % self.shard_size == 0:
             self.close()
-            self.current = self.out_dir / f"shard-{self.shards:06d}.tar"
+            self.current = self.out_dir / _shard_name(self.shards)
             self._tar = tarfile.open(self.current, "w", format=tarfile.USTAR_FORMAT)
             self.shards += 1
         key = f"{self.count:09d}"  # sortable and dot-free: WebDataset splits keys at the first dot
@@ -488,6 +512,7 @@ def _write_report(out_dir: Path, report: PrepareReport, shard: Tuple[int, int], 
         "skipped": [asdict(s) for s in report.skipped],
         "input_shard": {"num_shards": shard[0], "shard_index": shard[1]},
         "trainer_rules": rules.source,
+        SECTION: report.token_statistics,
     }
     (out_dir / REPORT_NAME).write_text(json.dumps(doc, indent=1, sort_keys=True))
 
@@ -501,8 +526,10 @@ def _write_shards(
     window: int,
     progress: bool,
     out_name: Path,
-) -> PrepareReport:
+) -> Tuple[PrepareReport, List[TokenTally]]:
+    """The report, and per shard written the sums over its measured samples (none without a recipe)."""
     report = PrepareReport()
+    tallies: List[TokenTally] = []
     writer = _ShardWriter(stage, shard_size)
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
@@ -512,9 +539,12 @@ def _write_shards(
                 report.skipped.append(result)
                 logger.warning("skipped %s (id %s): %s: %s", result.source, result.id, result.reason, result.detail)
                 continue
-            meta_json, images, conversions = result
-            report.converted.update(conversions)
-            writer.write(meta_json, images)
+            report.converted.update(result.conversions)
+            writer.write(result.meta_json, result.images)
+            if result.measure is not None:  # with a recipe: every record
+                while len(tallies) < writer.shards:
+                    tallies.append(TokenTally())
+                tallies[-1].add(result.measure)
         writer.close()
         pool.shutdown(wait=True)
     except OSError as e:
@@ -530,7 +560,18 @@ def _write_shards(
         writer.abandon()
         raise
     report.written, report.shards = writer.count, writer.shards
-    return report
+    return report, tallies
+
+
+def _split_tallies(folder: Path, tallies: List[TokenTally]) -> Dict[str, TokenTally]:
+    """The shards' sums added up per split, as energon assigned the shards."""
+    of_shard = {_shard_name(i): tally for i, tally in enumerate(tallies)}
+    by_split = {}
+    for part in ("train", "val", "test"):
+        by_split[part] = TokenTally()
+        for name in split_shards(folder, part):
+            by_split[part].merge(of_shard[name])
+    return by_split
 
 
 def prepare(
@@ -601,7 +642,7 @@ def prepare(
     count = RecordCount()
     with staged(out_dir) as stage:
         records = read_records(input_path, num_shards, shard_index, max_record_bytes, count)
-        report = _write_shards(stage, records, reader, shard_size, workers, window, progress, out_dir)
+        report, tallies = _write_shards(stage, records, reader, shard_size, workers, window, progress, out_dir)
         if report.written == 0:
             raise _no_records_error(input_path, report, num_shards, shard_index, count.total)
         _check_splits(ratio, report.shards, shard_size, report.written, split_ratio, valid_fraction)
@@ -609,6 +650,8 @@ def prepare(
         if ratio[1] + ratio[2] > 0:
             flag = _split_flag(split_ratio, valid_fraction)
             report.split_samples, report.split_note = _split_report(stage, ratio, report.written, shard_size, flag)
+        if tallies:
+            report.token_statistics = report_section(_split_tallies(stage, tallies), rules.source)
         try:
             _write_report(stage, report, (num_shards, shard_index), rules)
         except OSError as e:

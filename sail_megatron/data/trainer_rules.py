@@ -14,6 +14,11 @@ token of the tokenizer spans more than its longest vocabulary entry (in UTF-8 by
 character), and Unicode normalization merges at most 3 characters into one (Hangul jamo), so a record with
 more than `4 * seq_length * longest` characters of text cannot fit (`max_text_chars`). `sail-data prepare`
 skips such records before the probe would spend seconds tokenizing them.
+
+The probe's encoding of an entry it accepts is also its measurement (`assess`): with a recipe, its tokens
+(image blocks expanded) and tiles are exactly what training will see, and prepare sums them into the
+report's token statistics (`statistics.py`). Without a recipe the text is not tokenized and nothing is
+measured.
 """
 
 from dataclasses import dataclass
@@ -23,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from sail_megatron.config.data import DEFAULT_MAX_PIXELS, DataConfig
 from sail_megatron.data.input_files import check_files_in, check_regular
 from sail_megatron.data.sample import cook_vl_sample
+from sail_megatron.data.statistics import SampleMeasure
 from sail_megatron.data.task_encoder import PaddedTaskEncoder
 from sail_megatron.data.tokenizer import TokenIds
 
@@ -61,11 +67,20 @@ def longest_token_bytes(tokenizer) -> int:
 
 
 @dataclass(frozen=True)
+class Assessment:
+    """What the trainer makes of one shard entry: why it would skip it, or (with a recipe) its measure."""
+
+    rejection: Optional[Tuple[str, str]] = None  # (reason, detail)
+    measure: Optional[SampleMeasure] = None  # None when rejected, or when the rules do not tokenize text
+
+
+@dataclass(frozen=True)
 class TrainerRules:
     probe: _Probe
     source: str  # what the budgets come from, for the report
     max_text_chars: Optional[int] = None  # more characters of text than this can never fit (module docstring)
     text_bound: str = ""  # what max_text_chars comes from, for skip details
+    measures: bool = False  # the probe tokenizes text as training will, so its lengths are worth recording
 
     @classmethod
     def structural(cls, max_pixels: int = DEFAULT_MAX_PIXELS) -> "TrainerRules":
@@ -111,14 +126,22 @@ class TrainerRules:
             f"max_tiles_per_pack {cfg.data.max_tiles_per_pack})",
             max_text_chars=4 * cfg.data.seq_length * longest_token_bytes(tokenizer),
             text_bound=f"more than seq_length {cfg.data.seq_length} tokens of the recipe's tokenizer can hold",
+            measures=True,
         )
 
-    def rejection(self, meta_json: bytes, images: Sequence[Tuple[bytes, str]]) -> Optional[Tuple[str, str]]:
-        """(reason, detail) if the trainer would skip this shard entry, else None."""
+    def assess(self, meta_json: bytes, images: Sequence[Tuple[bytes, str]]) -> Assessment:
+        """The rejection if the trainer would skip this shard entry; else, with a recipe, its measure."""
         raw: Dict[str, object] = {"__key__": "prepare", "__restore_key__": (), "json": meta_json}
         raw.update({f"img{i}.{ext}": data for i, (data, ext) in enumerate(images)})
         try:
-            self.probe.encode_sample(cook_vl_sample(raw))
+            encoded = self.probe.encode_sample(cook_vl_sample(raw))
         except Rejected as r:
-            return ("malformed_sample" if r.reason == "malformed" else r.reason), r.detail
-        return None
+            return Assessment(rejection=("malformed_sample" if r.reason == "malformed" else r.reason, r.detail))
+        if not self.measures:
+            return Assessment()
+        tiles = encoded.num_tiles
+        return Assessment(measure=SampleMeasure(encoded.num_tokens, tiles * self.probe.template.tokens_per_tile, tiles))
+
+    def rejection(self, meta_json: bytes, images: Sequence[Tuple[bytes, str]]) -> Optional[Tuple[str, str]]:
+        """(reason, detail) if the trainer would skip this shard entry, else None."""
+        return self.assess(meta_json, images).rejection

@@ -290,10 +290,8 @@ def test_recipe_skips_text_its_sequence_can_never_hold_without_tokenizing(tmp_pa
     records = [llava("ok", "good.jpg"), llava("long", "good.jpg", text="<image>\n" + "what is this " * 20_000)]
     src = write_jsonl(tmp_path / "in.jsonl", records)
     probed = []
-    real = trainer_rules.TrainerRules.rejection
-    monkeypatch.setattr(
-        trainer_rules.TrainerRules, "rejection", lambda self, m, i: probed.append(m) or real(self, m, i)
-    )
+    real = trainer_rules.TrainerRules.assess
+    monkeypatch.setattr(trainer_rules.TrainerRules, "assess", lambda self, m, i: probed.append(m) or real(self, m, i))
     args = [
         "prepare",
         "--input",

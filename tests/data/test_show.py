@@ -82,7 +82,7 @@ def test_json_is_what_the_task_encoder_makes_of_the_prepared_entry(raw, tok, cap
     # The entry `sail-data prepare` writes for this record, cooked and encoded by the trainer's encoder.
     rec = next(r for r in read_records(raw.sft_jsonl) if r.index == index)
     reader = _Reader("llava", raw.images_dir, 64_000_000, False, False, TrainerRules.structural(), _read_file)
-    meta_json, images, _ = reader(rec)
+    meta_json, images, *_ = reader(rec)
     entry = {"__key__": "k", "__restore_key__": (), "json": meta_json}
     entry.update({f"img{i}.{ext}": data for i, (data, ext) in enumerate(images)})
     cfg = DataConfig(
