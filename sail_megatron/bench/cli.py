@@ -11,6 +11,9 @@ in the same run on the same machine:
   layers    Transformer Engine vs megatron-core local layers (needs CUDA and TE; with sequence
             parallelism only the TE layers run)
 On the CPU the figures are only good for ratios between variants of one run.
+
+`sail-bench plan --config RECIPE.yaml --gpus N ...` plans a cluster run instead (no GPU, nothing built):
+`sail-bench plan --help`.
 """
 
 import argparse
@@ -19,28 +22,33 @@ import dataclasses
 import datetime
 import logging
 import os
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import torch
-
-from sail_megatron.bench.measure import BenchSettings, measure
 from sail_megatron.bench.report import plot, table, write_json
 from sail_megatron.config import ConfigError
 from sail_megatron.config.train import TrainConfig
-from sail_megatron.kernels._common import prefer
-from sail_megatron.platform import destroy_distributed, detect_backends, init_distributed
-from sail_megatron.training.monitor import device_peak_flops
-from sail_megatron.training.startup import start
+
+# torch, megatron-core and the training stack are imported when a benchmark runs, not at import: `sail-bench
+# plan` shares this entry point and must start in a second or two.
 
 logger = logging.getLogger("sail_megatron.bench")
 
 COMPARISONS = ("packing", "decoder", "kernels", "layers")
 
 
+def detect_backends():
+    from sail_megatron.platform import detect_backends as detect
+
+    return detect()
+
+
 def _variants(cfg: TrainConfig, compare: List[str], data: str) -> List[Tuple[str, TrainConfig, object, str]]:
     """(name, config, context, why skipped or '') per variant."""
+    from sail_megatron.kernels._common import prefer
+
     backends = detect_backends()
     out = []
     for what in compare:
@@ -102,6 +110,11 @@ def _output_problem(path: Optional[str]) -> Optional[str]:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plan"]:
+        from sail_megatron.bench.plan import main as plan_main
+
+        return plan_main(argv[1:])
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[1].splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -128,6 +141,13 @@ def main(argv=None) -> None:
             p.error(f"{flag} {out}: {problem}")  # before minutes of measuring, not after
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         p.error("--peak-tflops must be > 0")
+    import torch
+
+    from sail_megatron.bench.measure import BenchSettings, measure
+    from sail_megatron.platform import destroy_distributed, init_distributed
+    from sail_megatron.training.monitor import device_peak_flops
+    from sail_megatron.training.startup import start
+
     env, cfg, tokenizer = start(args, needs_data=args.data == "real", loads_checkpoints=False)  # random weights
     init_distributed(cfg.parallel, seed=cfg.run.seed)
     try:

@@ -11,7 +11,7 @@ import torch
 from megatron.core import parallel_state
 
 from sail_megatron.bench.breakdown import StepTimers
-from sail_megatron.bench.synthetic_rows import SyntheticRows, SyntheticRowsConfig
+from sail_megatron.bench.synthetic_rows import SyntheticRows, rows_config
 from sail_megatron.config.train import TrainConfig
 from sail_megatron.platform import read_dist_env
 from sail_megatron.training.collectives import max_over_world, sum_over_data_parallel
@@ -33,24 +33,9 @@ class BenchSettings:
 
 
 def _source(cfg: TrainConfig, tokenizer, settings: BenchSettings, device):
-    model = cfg.model
     if settings.data == "synthetic":
         dp_rank = parallel_state.get_data_parallel_rank()
-        rows = SyntheticRowsConfig(
-            seq_length=cfg.data.seq_length,
-            packed=cfg.data.packing,
-            tile_size=model.vision.image_size,
-            tokens_per_tile=model.tokens_per_tile,
-            vocab_size=model.language.vocab_size,
-            image_token_id=model.image_context_token_id,
-            max_tiles_per_pack=cfg.data.max_tiles_per_pack,
-            max_tiles_per_sample=cfg.data.max_tiles + int(cfg.data.use_thumbnail),
-            seed=cfg.run.seed + dp_rank,
-            # Samples of 1/8 to 1/2 row (512-2048 tokens at 4096): several per packed row.
-            min_sample_tokens=max(cfg.data.seq_length // 8, 32),
-            max_sample_tokens=cfg.data.seq_length // 2,
-        )
-        return iter(SyntheticRows(rows, device))
+        return iter(SyntheticRows(rows_config(cfg, seed=cfg.run.seed + dp_rank), device))
     return from_loader(*build_loader(cfg, tokenizer, device))
 
 

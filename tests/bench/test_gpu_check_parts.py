@@ -21,6 +21,7 @@ PARTS = [
     "fp8-vision",
     "train-bf16",
     "train-fp8",
+    "memory-model",
     "kernels-bench",
     "decode",
     "init-from",
@@ -38,7 +39,9 @@ def test_registry_order_limits_and_budget():
     assert DEFAULT_BUDGET_S <= 8 * 60  # the check ends within 8 minutes
     assert all(p.timeout_s < DEFAULT_BUDGET_S / 2 for p in parts)  # no part can take most of the budget
     # Every worker a part starts is registered under its name.
-    assert {"env", "write-cpu-checkpoint", "layers", "fp8-vision", "init-from", "restart"} <= set(WORKERS)
+    assert {"env", "write-cpu-checkpoint", "layers", "fp8-vision", "memory-model", "init-from", "restart"} <= set(
+        WORKERS
+    )
 
 
 def test_only_and_skip_keep_the_registry_order():
@@ -249,3 +252,31 @@ def test_docs_list_every_part_with_its_limit():
     table = dict(re.findall(r"^\| `([a-z0-9-]+)` \| (\d+) s \|", docs, re.M))
     assert table == {p.name: str(int(p.timeout_s)) for p in default_parts()}
     assert f"budget of {DEFAULT_BUDGET_S} s" in docs
+
+
+# --- memory-model -----------------------------------------------------------------------------------------------
+
+
+def test_memory_model_part_compares_with_the_planner(tmp_path):
+    import torch
+
+    from sail_megatron.bench.gpu_check import memory_check
+
+    # Registered like the others: accepted by --only, then refused for want of a GPU; its worker too.
+    run = _check("--only", "memory-model", "--out", str(tmp_path / "r"))
+    assert run.returncode == 2 and "gpu-check needs a CUDA GPU" in run.stderr
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+            memory_check.worker(None, ROOT)
+
+    # What the part plans for (no GPU needed): the SFT recipe at micro-batch 1 on one GPU.
+    cfg = memory_check.load_recipe(ROOT)
+    assert (cfg.data.micro_batch_size, cfg.num_microbatches(1), cfg.model_preset) == (1, 2, "sail-vl-2b")
+    seen, worst = memory_check.planned(cfg, 12), memory_check.planned(cfg)
+    assert seen["state"] == worst["state"] > 20  # 2.05B parameters, all trained: 16 bytes each and more
+    assert worst["activations"] > seen["activations"] > 0 and worst["total"] > seen["total"]
+    figures = memory_check.compare({"state": seen["state"] * 1.01, "peak": seen["total"] * 0.9}, seen, worst)
+    assert figures["model state error (%)"] == pytest.approx(1.0)
+    assert figures["peak error (%)"] == pytest.approx(-10.0)
+    summary = memory_check.summarize(figures)
+    assert summary.startswith("peak ") and "(-10.0%)" in summary and "(+1.0%)" in summary

@@ -1,6 +1,7 @@
 """Pack planning: budgets, coverage, determinism, and the issue's utilization / tile-balance targets.
 
-Two synthetic distributions stand in for real data (256 language tokens per 448 px tile, as SAIL-VL):
+Two synthetic distributions stand in for real data (256 language tokens per 448 px tile, as SAIL-VL; the
+generators live in sail_megatron/bench/synthetic_rows.py, which `sail-bench plan` also uses):
 
 * SFT-like (`sft_like`): 40% text-only, lognormal length (median 300, sigma 0.9) clipped to 50-3000
   tokens; 40% single-image, InternVL tiling with up to 6 tiles (grid 1-6, uniform) plus a thumbnail
@@ -31,44 +32,12 @@ import time
 import numpy as np
 import pytest
 
+from sail_megatron.bench.synthetic_rows import _lognormal, caption_like, sft_like
 from sail_megatron.data.packing import PackPlan, _plan_with_cap, balance_across_ranks, plan_packs
 
 TOKENS_PER_TILE = 256
 SEQ_LENGTH = 4096
 MAX_TILES = 40
-
-
-def _internvl_tiles(rng: np.random.Generator, max_grid: int, size: int) -> np.ndarray:
-    grid = rng.integers(1, max_grid + 1, size)
-    return grid + (grid > 1)  # thumbnail only when the image was split
-
-
-def _lognormal(rng: np.random.Generator, median: float, sigma: float, lo: int, hi: int, size: int) -> np.ndarray:
-    return np.clip(np.round(rng.lognormal(math.log(median), sigma, size)), lo, hi).astype(np.int64)
-
-
-def sft_like(n: int, seed: int = 0, text_median: int = 300) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, tiles) for n SFT-like samples; see the module docstring."""
-    rng = np.random.default_rng(seed)
-    kind = rng.choice(3, size=n, p=[0.4, 0.4, 0.2])
-    tiles = np.zeros(n, dtype=np.int64)
-    images = np.zeros(n, dtype=np.int64)
-    single = kind == 1
-    tiles[single] = _internvl_tiles(rng, 6, int(single.sum()))
-    images[single] = 1
-    for i in np.flatnonzero(kind == 2):
-        count = int(rng.integers(2, 5))
-        tiles[i] = _internvl_tiles(rng, max(1, 6 // count), count).sum()
-        images[i] = count
-    text = np.where(kind == 0, _lognormal(rng, text_median, 0.9, 50, 3000, n), _lognormal(rng, 250, 0.8, 20, 1500, n))
-    return text + tiles * TOKENS_PER_TILE + 2 * images, tiles
-
-
-def caption_like(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, tiles) for n caption-pretraining samples; see the module docstring."""
-    rng = np.random.default_rng(seed)
-    tiles = _internvl_tiles(rng, 6, n)
-    return _lognormal(rng, 40, 0.6, 5, 200, n) + tiles * TOKENS_PER_TILE + 2, tiles
 
 
 def first_fit_decreasing(tokens: np.ndarray, tiles: np.ndarray, seq_length: int, max_tiles: int) -> PackPlan:

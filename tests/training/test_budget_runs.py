@@ -16,7 +16,7 @@ from tests.helpers.train_cli import ENV, run_train
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
 
-FIRST, SECOND = 4000, 7000  # tokens: about 2 and 4 steps of 4 rows x 512 tokens
+FIRST, SECOND = 4000, 12000  # tokens: about 2 and 6 steps of 4 rows x 512 tokens
 TOKENS_BUDGET = (
     "parallel.tensor_model_parallel_size=1",
     "parallel.pipeline_model_parallel_size=1",

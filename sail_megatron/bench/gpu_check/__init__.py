@@ -6,7 +6,8 @@ The modules: `cli` (the command and its flags), `runner` (parts in subprocesses 
 `parts` (the registry: which parts, in which order, with which limits), `report`, `probe` (the environment),
 `worker` (how a part runs our code in its subprocess), `helpers` (what the workers share), and one module per
 part: `pytest_parts` (pytest-gpu, kernel-tests), `layers`, `fp8_vision`, `train_bench` (train-bf16,
-train-fp8), `kernels_bench`, `decode`, `init_from`, `restart`. One part alone: `--only NAME`.
+train-fp8), `memory_check` (memory-model), `kernels_bench`, `decode`, `init_from`, `restart`. One part
+alone: `--only NAME`.
 """
 
 from sail_megatron.bench.gpu_check.cli import main

@@ -12,6 +12,7 @@ from sail_megatron.bench.gpu_check import (
     init_from,
     kernels_bench,
     layers,
+    memory_check,
     probe,
     pytest_parts,
     restart,
@@ -27,14 +28,15 @@ DEFAULT_BUDGET_S = 470
 
 # Each part's limit is about twice the time it should take on one H100, so a part that hangs costs the others
 # at most that much of the budget. The expected seconds are estimates until a report measures them; with
-# ~15 s for the probe they add up to ~435 s. On a slower machine the last parts are cut or skipped first:
-# run them alone with --only.
+# ~15 s for the probe they add up to ~470 s, the whole budget: on a slower machine the last parts are cut or
+# skipped first; run them alone with --only.
 #   part            expected  limit
 #   pytest-gpu         35 s    90 s   2 trainings of the tiny model (bf16, FP8), each in a fresh process
 #   layers             40 s    90 s   4 models built twice (local, TE) and moved over through a checkpoint
 #   fp8-vision         30 s    90 s   4 models x 6 micro-batches, forward + backward
 #   train-bf16         50 s   120 s   building SAIL-VL-2B, 3 warm-up + 5 measured steps + 1 breakdown step
 #   train-fp8          50 s   120 s   the same in FP8
+#   memory-model       35 s    90 s   building SAIL-VL-2B, 3 steps of 2 rows: measured memory vs `sail-bench plan`
 #   kernels-bench      30 s    60 s   compiling and timing 4 Triton kernels
 #   decode             20 s    45 s   DALI's pipeline build, 3 PIL and 10 DALI passes over 28 JPEGs
 #   init-from          75 s   150 s   the CPU writer (5 models, fp32 reference logits; 2 min on 2 cores), then TE
@@ -50,6 +52,7 @@ def default_parts() -> List[Part]:
         fp8_vision.part(90),
         train_bench.train_bf16(120),
         train_bench.train_fp8(120),
+        memory_check.part(90),
         kernels_bench.part(60),
         decode.part(45),
         init_from.part(150),
@@ -62,6 +65,7 @@ def default_parts() -> List[Part]:
 WORKERS: Dict[str, Callable[[Figures, Path], None]] = {
     "env": probe.worker,
     layers.NAME: layers.worker,
+    memory_check.NAME: memory_check.worker,
     fp8_vision.NAME: fp8_vision.worker,
     kernels_bench.NAME: kernels_bench.worker,
     decode.NAME: decode.worker,
