@@ -291,6 +291,7 @@ def main(argv=None) -> None:
     if args.check:
         for change in override_changes(args.config, args.overrides):
             print(f"override: {change}")
+        print(f"budget: {cfg.run.budget().describe()}; lr schedule: {cfg.lr_schedule().describe(cfg.optim.schedule)}")
         print(f"{args.config}: ready for {env.world_size} processes")
         return
     rendezvous = restart_rendezvous_problem()
