@@ -6,6 +6,8 @@ from typing import Optional
 from sail_megatron.config.errors import ConfigError
 from sail_megatron.config.model import ModelConfig
 
+VISION_LAYOUTS = ("tensor", "data")
+
 
 @dataclass
 class ParallelConfig:
@@ -29,6 +31,12 @@ class ParallelConfig:
     """full only: "uniform" checkpoints groups of recompute_num_layers layers; "block" recomputes the
     first recompute_num_layers layers of each pipeline stage and keeps the rest."""
     recompute_num_layers: int = 1
+    vision_parallel: str = "tensor"
+    """Where the vision encoder and projector run. "tensor": split over the tensor-parallel ranks like the
+    language model (an all-reduce after every ViT attention and MLP block). "data": whole on every
+    tensor-parallel rank, each encoding (and decoding) its own share of the micro-batch's images, balanced
+    by tiles; the projector outputs are then exchanged and the vision gradients summed over the
+    tensor-parallel ranks. Checkpoints are the same either way."""
     recompute_vision: bool = False
     """Recompute every ViT layer in the backward pass (many tiles per micro-batch make the ViT's
     activations the largest; only useful when the ViT trains)."""
@@ -36,6 +44,11 @@ class ParallelConfig:
     @property
     def model_parallel_size(self) -> int:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+
+    @property
+    def vision_tensor_parallel_size(self) -> int:
+        """How many ranks split each vision layer: TP under "tensor", 1 under "data"."""
+        return self.tensor_model_parallel_size if self.vision_parallel == "tensor" else 1
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.model_parallel_size
@@ -54,14 +67,23 @@ class ParallelConfig:
                 f"world size {world_size} is not divisible by TP*PP = {tp}*{pp}",
                 f"launch a multiple of {tp * pp} processes or change TP/PP",
             )
+        if self.vision_parallel not in VISION_LAYOUTS:
+            raise ConfigError(
+                "parallel.vision_parallel",
+                f"unknown layout {self.vision_parallel!r}",
+                f"use one of {', '.join(VISION_LAYOUTS)}",
+            )
         lang, vision = model.language, model.vision
         checks = [
             ("model.language.num_attention_heads", lang.num_attention_heads),
             ("model.language.num_query_groups", lang.num_query_groups),
             ("model.language.ffn_hidden_size", lang.ffn_hidden_size),
-            ("model.vision.num_attention_heads", vision.num_attention_heads),
-            ("model.vision.ffn_hidden_size", vision.ffn_hidden_size),
         ]
+        if self.vision_tensor_parallel_size > 1:
+            checks += [
+                ("model.vision.num_attention_heads", vision.num_attention_heads),
+                ("model.vision.ffn_hidden_size", vision.ffn_hidden_size),
+            ]
         for name, value in checks:
             if value % tp:
                 raise ConfigError(

@@ -5,6 +5,8 @@ from typing import Optional
 
 import torch
 
+from sail_megatron.data.vision_share import VisionShare
+
 
 @dataclass
 class Batch:
@@ -20,6 +22,10 @@ class Batch:
     tile_count: Optional[int] = None
     """Tiles of the micro-batch when pixel_values is left out (pipeline stages after the first), so FLOP
     and throughput counts stay the same on every stage."""
+
+    vision_share: Optional[VisionShare] = None
+    """parallel.vision_parallel=data: which tensor-parallel rank encodes which image; pixel_values then hold
+    this rank's images only."""
 
     def __post_init__(self) -> None:
         if self.pixel_values is None and self.tile_count is None:
@@ -38,7 +44,8 @@ class Batch:
 
     @property
     def num_tiles(self) -> int:
-        return self.pixel_values.shape[0] if self.pixel_values is not None else self.tile_count
+        """Tiles of the whole micro-batch (under a vision share, pixel_values hold only this rank's)."""
+        return self.tile_count if self.tile_count is not None else self.pixel_values.shape[0]
 
     @staticmethod
     def collate(batches: "list[Batch]") -> "Batch":
@@ -51,7 +58,7 @@ class Batch:
             **{
                 f.name: torch.cat([getattr(b, f.name) for b in batches])
                 for f in fields(Batch)
-                if f.name not in ("cu_seqlens", "max_seqlen", "tile_count")
+                if f.name not in ("cu_seqlens", "max_seqlen", "tile_count", "vision_share")
             }
         )
 

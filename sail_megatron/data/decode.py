@@ -13,7 +13,7 @@ it trains against zero tiles, and only the first stage counts and logs the failu
 import importlib.util
 import logging
 from collections import Counter
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -23,6 +23,7 @@ from sail_megatron.data.decode_pil import PilTileDecoder
 from sail_megatron.data.image_io import ImageError
 from sail_megatron.data.task_encoder import RawBatch
 from sail_megatron.data.tiling import TilePlan
+from sail_megatron.data.vision_share import VisionShare
 
 logger = logging.getLogger(__name__)
 
@@ -56,17 +57,22 @@ class BatchMaterializer:
         tokens_per_tile: Optional[int] = None,
         image_token_id: Optional[int] = None,
         decode_images: bool = True,
+        vision_rank: Optional[Tuple[int, int]] = None,
     ):
+        """vision_rank: (rank, ranks) of this process among the tensor-parallel ranks that share the
+        micro-batch's images (parallel.vision_parallel=data): it decodes only its own share."""
         self.decoder, self.tile_size, self.device = decoder, tile_size, torch.device(device)
+        self.vision_rank = vision_rank
         self.tokens_per_tile, self.image_token_id = tokens_per_tile, image_token_id
         self.decode_images = decode_images
         self.skipped: Counter = Counter()
         self.conversions: Counter = Counter()
 
-    def _decode_each(self, raw: RawBatch, loss_mask: torch.Tensor) -> torch.Tensor:
+    def _decode_each(self, raw: RawBatch, loss_mask: torch.Tensor, images: List[int]) -> torch.Tensor:
         """Slow path after a batch-level failure: decode image by image to isolate the bad ones."""
         parts = []
-        for image, plan, owner in zip(raw.images, raw.plans, raw.image_sample):
+        for i in images:
+            image, plan, owner = raw.images[i], raw.plans[i], raw.image_sample[i]
             try:
                 parts.append(self.decoder([image], [plan], self.tile_size))
             except (ImageError, RuntimeError, OSError, ValueError) as e:
@@ -111,7 +117,11 @@ class BatchMaterializer:
         # A copy (decode failures zero their spans), page-locked when the loader pinned the original.
         src = raw.loss_mask
         loss_mask = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_pinned()).copy_(src)
-        pixels = self._decode(raw, loss_mask) if self.decode_images else None
+        share = None
+        if self.vision_rank is not None and raw.plans:
+            share = VisionShare.of([plan.num_tiles for plan in raw.plans], self.vision_rank[1])
+        images = share.images_of(self.vision_rank[0]) if share is not None else list(range(len(raw.plans)))
+        pixels = self._decode(raw, loss_mask, images) if self.decode_images else None
         return Batch(
             tokens=raw.tokens,
             labels=raw.labels,
@@ -121,10 +131,13 @@ class BatchMaterializer:
             cu_seqlens=raw.cu_seqlens,
             max_seqlen=raw.max_seqlen,
             tile_count=raw.num_tiles,
+            vision_share=share,
         ).to(self.device)
 
-    def _decode(self, raw: RawBatch, loss_mask: torch.Tensor) -> torch.Tensor:
+    def _decode(self, raw: RawBatch, loss_mask: torch.Tensor, images: List[int]) -> torch.Tensor:
+        if not images:
+            return torch.zeros(0, 3, self.tile_size, self.tile_size, device=self.device)
         try:
-            return self.decoder(raw.images, raw.plans, self.tile_size)
+            return self.decoder([raw.images[i] for i in images], [raw.plans[i] for i in images], self.tile_size)
         except (ImageError, RuntimeError, OSError, ValueError):
-            return self._decode_each(raw, loss_mask)
+            return self._decode_each(raw, loss_mask, images)

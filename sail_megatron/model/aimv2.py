@@ -6,8 +6,11 @@ own output (`select_layer` -1). No CLS token: every patch feature goes to pixel 
 The layers are megatron-core's TransformerLayer as the spec names them; the norms come from the spec.
 """
 
+from typing import Optional
+
 import torch
 from megatron.core.models.common.vision_module.vision_module import VisionModule
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -20,7 +23,14 @@ from sail_megatron.model.tile_layout import TileLayout
 class AIMv2Model(VisionModule):
     """Input [tiles, 3, S, S]; output the `select_layer` hidden state [tiles, num_patches, hidden]."""
 
-    def __init__(self, config: TransformerConfig, vision: VisionConfig, layer_spec: ModuleSpec, norm_spec: ModuleSpec):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        vision: VisionConfig,
+        layer_spec: ModuleSpec,
+        norm_spec: ModuleSpec,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+    ):
         super().__init__(config=config)
         self.vision = vision
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
@@ -34,7 +44,9 @@ class AIMv2Model(VisionModule):
         if config.perform_initialization:
             config.init_method(self.position_embedding)
         # All built layers live on this stage: the vision config says pipeline size 1.
-        self.decoder = TransformerBlock(config=config, spec=layer_spec, pre_process=True, post_process=False)
+        self.decoder = TransformerBlock(
+            config=config, spec=layer_spec, pre_process=True, post_process=False, pg_collection=pg_collection
+        )
         self.final_layernorm = (
             build_module(norm_spec, config=config, hidden_size=hidden, eps=config.layernorm_epsilon)
             if vision.applies_final_norm

@@ -9,6 +9,7 @@ from sail_megatron.config import ConfigError, ModelConfig, ParallelConfig, Preci
 from sail_megatron.model.sail_vl import SailVLModel
 from sail_megatron.model.specs import build_specs
 from sail_megatron.model.transformer_configs import build_part_configs
+from sail_megatron.model.vision_layout import vision_layout
 from sail_megatron.platform.backends import log_backends_once
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, precision: Precisi
         specs,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
+        vision_layout=vision_layout(parallel.vision_parallel, model.tokens_per_tile),
     )
     # Every weight in the training dtype, as Megatron-LM's Float16Module does: torch-backed norms ignore
     # params_dtype, and megatron's distributed optimizer assumes one dtype per buffer (mixed fp32/bf16

@@ -5,9 +5,11 @@ select_layer truncation, and whose local ViT spec uses a causal mask.
 """
 
 import dataclasses
+from typing import Optional
 
 import torch
 from megatron.core.models.common.vision_module.vision_module import VisionModule
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -26,7 +28,14 @@ class InternViTModel(VisionModule):
     [tiles, num_patches, hidden].
     """
 
-    def __init__(self, config: TransformerConfig, vision: VisionConfig, layer_spec: ModuleSpec):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        vision: VisionConfig,
+        layer_spec: ModuleSpec,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+    ):
+        """pg_collection: the process groups its layers use (model/vision_layout.py); None: megatron's."""
         super().__init__(config=config)
         self.vision = vision
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
@@ -51,7 +60,9 @@ class InternViTModel(VisionModule):
             },
         )
         # All built layers live on this stage: the vision config says pipeline size 1.
-        self.decoder = TransformerBlock(config=config, spec=layer_spec, pre_process=True, post_process=False)
+        self.decoder = TransformerBlock(
+            config=config, spec=layer_spec, pre_process=True, post_process=False, pg_collection=pg_collection
+        )
         self.layout = TileLayout(vision.num_positions, token_multiple(config))
 
     def set_input_tensor(self, input_tensor: torch.Tensor) -> None:

@@ -1,5 +1,7 @@
 """SAIL-VL projector (InternVL `mlp1`): LayerNorm -> Linear -> GELU -> Linear, all with biases."""
 
+from typing import Optional
+
 import torch
 from megatron.core.dist_checkpointing.utils import apply_prefix_mapping
 from megatron.core.fp8_utils import get_fp8_context
@@ -19,10 +21,17 @@ class VisionProjector(MegatronModule):
     (IdentityOp where Transformer Engine folds it into fc1).
     """
 
-    def __init__(self, config: TransformerConfig, norm_spec: ModuleSpec, mlp: MLPSubmodules, input_size: int):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        norm_spec: ModuleSpec,
+        mlp: MLPSubmodules,
+        input_size: int,
+        tp_group: Optional[torch.distributed.ProcessGroup] = None,
+    ):
         super().__init__(config=config)
         self.layer_norm = build_module(norm_spec, config=config, hidden_size=input_size, eps=config.layernorm_epsilon)
-        self.mlp = MultimodalProjector(config, mlp, projector_type="mlp", input_size=input_size)
+        self.mlp = MultimodalProjector(config, mlp, projector_type="mlp", input_size=input_size, tp_group=tp_group)
         self.token_multiple = token_multiple(config)
         """FP8 GEMM rule (fp8_shapes): 256 tokens per tile always meet it; smaller tiles get zero rows."""
 

@@ -17,12 +17,14 @@ from megatron.core.transformer.spec_utils import build_module
 
 from sail_megatron.config import ModelConfig
 from sail_megatron.config.model import padded_vocab_size  # noqa: F401  (re-exported: its home is the config)
+from sail_megatron.data.vision_share import VisionShare
 from sail_megatron.kernels.merge_vision import merge_vision
 from sail_megatron.kernels.packed_metadata import packed_metadata
 from sail_megatron.kernels.pixel_shuffle import pixel_shuffle
 from sail_megatron.model.projector import VisionProjector
 from sail_megatron.model.specs import ModelSpecs
 from sail_megatron.model.transformer_configs import PartConfigs
+from sail_megatron.model.vision_layout import TensorParallelVision
 
 
 @functools.lru_cache(maxsize=16)
@@ -67,19 +69,31 @@ class SailVLModel(MegatronModule):
         specs: ModelSpecs,
         pre_process: bool = True,
         post_process: bool = True,
+        vision_layout=None,
     ):
+        """vision_layout: where the vision side runs over the tensor-parallel ranks (model/vision_layout.py);
+        None: split like the language model."""
         super().__init__(config=configs.language)
         self.model_config = model
         self.model_type = ModelType.encoder_or_decoder  # read by the pipeline schedules
         self.pre_process = pre_process
         self.post_process = post_process
         self.sequence_parallel = configs.language.sequence_parallel
+        self.vision_layout = vision_layout or TensorParallelVision()
         if pre_process:
-            self.vision_model = build_module(specs.vision_encoder, config=configs.vision, vision=model.vision)
+            groups = self.vision_layout.groups()
+            self.vision_model = build_module(
+                specs.vision_encoder, config=configs.vision, vision=model.vision, pg_collection=groups
+            )
             shuffled_width = model.vision.hidden_size * model.projector.merge_factor**2
             self.projector = VisionProjector(
-                configs.projector, specs.projector_norm, specs.projector_mlp, shuffled_width
+                configs.projector,
+                specs.projector_norm,
+                specs.projector_mlp,
+                shuffled_width,
+                tp_group=groups.tp if groups is not None else None,
             )
+            self.vision_layout.prepare(self.vision_model, self.projector)
         lang = model.language
         self.language_model = GPTModel(
             config=configs.language,
@@ -96,6 +110,11 @@ class SailVLModel(MegatronModule):
         )
         # Pipeline schedules read these from the model they drive.
         self.share_embeddings_and_output_weights = self.language_model.share_embeddings_and_output_weights
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        self.vision_layout.mark_replicas(sd, (f"{prefix}vision_model.", f"{prefix}projector."))
+        return sd
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
@@ -136,6 +155,7 @@ class SailVLModel(MegatronModule):
         pixel_values: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         packed_seq_params: Optional[PackedSeqParams] = None,
+        vision_share: Optional[VisionShare] = None,
     ):
         """Returns per-token losses [b, s] on the last stage when `labels` is given, logits otherwise,
         and the hidden states for the next stage elsewhere."""
@@ -143,16 +163,19 @@ class SailVLModel(MegatronModule):
         if self.pre_process:
             # Vision first: parameters are registered (and, with overlap_param_gather, all-gathered) in
             # that order, vision encoder before the token embedding.
-            if pixel_values is not None and pixel_values.shape[0] > 0:
-                vision, blank = self.encode_images(pixel_values), None
-            else:
-                vision, blank = None, self._blank_vision_term()
+            # vision_share: this rank encodes its share of the images and receives the others' tokens.
+            own = pixel_values is not None and pixel_values.shape[0] > 0
+            vision = self.encode_images(pixel_values) if own else None
+            blank = None if own else self._blank_vision_term()
+            if vision_share is not None:
+                local = vision if own else blank.new_zeros(0, self.config.hidden_size).to(blank.dtype)
+                vision = self.vision_layout.exchange(local, vision_share)
             embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
             if vision is not None:
                 embeddings = merge_vision_embeddings(
                     embeddings, vision, input_ids, self.model_config.image_context_token_id
                 )
-            else:
+            if blank is not None:
                 embeddings = embeddings + blank.to(embeddings.dtype)
             if self.sequence_parallel:
                 embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)

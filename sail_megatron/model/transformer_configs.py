@@ -87,7 +87,12 @@ def build_part_configs(
     v, lang = model.vision, model.language
     # The ViT lives whole on stage 0. InternViT and `mlp1` use exact (erf) GELU; megatron's fused
     # bias-GELU is the tanh approximation, so GELU parts never take it (its fused SwiGLU is exact).
-    vision_common = {**common, "pipeline_model_parallel_size": 1, "bias_activation_fusion": False}
+    vision_common = {
+        **common,
+        "pipeline_model_parallel_size": 1,
+        "tensor_model_parallel_size": parallel.vision_tensor_parallel_size,
+        "bias_activation_fusion": False,
+    }
     # TE's linears accumulate weight gradients into DDP's fp32 main_grad by themselves (no apex needed);
     # only megatron's own linears (the LM's output layer, local layers) need apex's extension for it. The
     # vision side is all TE linears when TE layers are chosen.
@@ -118,7 +123,7 @@ def build_part_configs(
         num_layers=1,
         hidden_size=lang.hidden_size,
         ffn_hidden_size=lang.hidden_size,
-        num_attention_heads=parallel.tensor_model_parallel_size,
+        num_attention_heads=parallel.vision_tensor_parallel_size,
         normalization="LayerNorm",
         layernorm_epsilon=model.projector.layernorm_epsilon,
         add_bias_linear=True,

@@ -120,15 +120,17 @@ def _sharded_state(chunks, optimizer, is_loading: bool, optimizer_format: str) -
     return sd
 
 
-def _layout() -> Dict[str, int]:
+def _layout(chunks: List[torch.nn.Module]) -> Dict[str, Any]:
     """The parallel layout a checkpoint is written under (recorded with it)."""
     from megatron.core import parallel_state
 
+    vision = getattr(_unwrap(chunks[0]), "vision_layout", None)
     return {
         "world_size": dist.get_world_size(),
         "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
         "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
         "data_parallel": parallel_state.get_data_parallel_world_size(),
+        "vision_parallel": vision.name if vision is not None else "tensor",
     }
 
 
@@ -190,7 +192,7 @@ def save_checkpoint(
     sd["rank_state"] = _rank_state_object({"rng": rng_state(), **(rank_state or {})})
     if data_state is not None:
         sd["data_state"] = _data_state_object(data_state)
-    metadata = _layout()
+    metadata = _layout(chunks)
     if async_queue is None:
         dist_checkpointing.save(sd, str(tmp), content_metadata=metadata)
         _commit(save_dir, tmp, final, keep_last, keep)
@@ -287,7 +289,7 @@ def load_checkpoint(path, chunks: List[torch.nn.Module], optimizer=None, schedul
     saved = common.get("content_metadata", {})
     optimizer_format = (common.get("optimizer") or {}).get("param_state_sharding_type", DEFAULT_OPTIMIZER_FORMAT)
     if optimizer is not None and optimizer_format == "dp_reshardable":
-        _check_dp_reshardable(directory, saved, _layout())
+        _check_dp_reshardable(directory, saved, _layout(chunks))
     sd = _sharded_state(chunks, optimizer, is_loading=True, optimizer_format=optimizer_format)
     same_world = saved.get("world_size") == dist.get_world_size()
     if same_world:
@@ -317,13 +319,18 @@ def load_checkpoint(path, chunks: List[torch.nn.Module], optimizer=None, schedul
 
 def _check_dp_reshardable(directory: Path, saved: Dict[str, int], now: Dict[str, int]) -> None:
     """Optimizer state saved as each rank's flat buffers loads under another DP size only."""
-    changed = [k for k in ("tensor_parallel", "pipeline_parallel") if k in saved and saved[k] != now[k]]
+    saved = {"vision_parallel": "tensor", **saved}  # checkpoints from before the vision layouts
+    changed = [
+        k for k in ("tensor_parallel", "pipeline_parallel", "vision_parallel") if k in saved and saved[k] != now[k]
+    ]
     if changed:
         raise CheckpointError(
             directory,
             [", ".join(f"{k} {saved[k]} there vs {now[k]} here" for k in changed)],
             "its optimizer state was saved as 'dp_reshardable', which loads under another data-parallel size "
-            "but not another TP/PP: resume at the saved TP/PP, or start from its weights alone (run.init_from)",
+            "but not another TP/PP or parallel.vision_parallel: resume with the saved layout, save with "
+            "run.optimizer_checkpoint=fully_reshardable to change it, or start from its weights alone "
+            "(run.init_from)",
         )
 
 

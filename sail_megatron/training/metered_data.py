@@ -65,7 +65,16 @@ def build_materializer(cfg, tokenizer, device):
         cfg.model.tokens_per_tile,
         tokenizer.ids.img_context,
         decode_images=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+        vision_rank=_vision_rank(cfg.parallel),
     )
+
+
+def _vision_rank(parallel):
+    """(rank, ranks) among the tensor-parallel ranks sharing each micro-batch's images, or None."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if parallel.vision_parallel != "data" or tp == 1:
+        return None
+    return parallel_state.get_tensor_model_parallel_rank(), tp
 
 
 def from_loader(loader: Iterable, materialize: Callable) -> Iterator[Measured]:

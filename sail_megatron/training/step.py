@@ -51,8 +51,19 @@ def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
         pixel_values=batch.pixel_values,
         labels=batch.labels,
         packed_seq_params=packed_seq_params(batch),
+        vision_share=batch.vision_share,
     )
-    return output, partial(masked_token_loss, batch.loss_mask)
+    return output, partial(masked_token_loss, _agreed_loss_mask(batch))
+
+
+def _agreed_loss_mask(batch: Batch) -> torch.Tensor:
+    """The loss mask every tensor-parallel rank uses. Under a vision share each rank decodes only its own
+    images and masks the samples whose images fail to decode; the ranks take the union of those masks."""
+    if batch.vision_share is None or parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return batch.loss_mask
+    mask = batch.loss_mask.clone()
+    dist.all_reduce(mask, op=dist.ReduceOp.MIN, group=parallel_state.get_tensor_model_parallel_group())
+    return mask
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
