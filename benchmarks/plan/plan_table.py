@@ -1,5 +1,6 @@
 """The docs table of `sail-bench plan`: every SAIL-VL recipe stage with a budget, planned on 64 and 256 GPUs
-(H100 by default, 40% utilization with the ViT counted), as markdown (docs/benchmarks.md, "Cluster plans").
+(H100 by default, 40% utilization with the ViT counted, the GPU's default link bandwidths), with the picked
+layout's communication share of the step, as markdown (docs/benchmarks.md, "Cluster plans").
 
     python benchmarks/plan/plan_table.py [--gpus 64 256] [--gpu h100] [--mfu 0.4]
 """
@@ -34,8 +35,8 @@ def main() -> None:
     head = "| recipe | stage | budget | tokens |"
     rule = "| --- | --- | --- | --- |"
     for n in args.gpus:
-        head += f" {n} GPUs: picked layout | GPU-hours | days |"
-        rule += " --- | --- | --- |"
+        head += f" {n} GPUs: picked layout | comm | GPU-hours | days |"
+        rule += " --- | --- | --- | --- |"
     print(head)
     print(rule)
     for family in FAMILIES:
@@ -47,7 +48,11 @@ def main() -> None:
                     budget = doc["budget"].split(" (run.")[0]
                     row = f"| {family} | {recipe.stem} | {budget} | {format_count(doc['budget_tokens'])} |"
                 p = doc["picked"]
-                row += f" {_layout(p)} | {p['gpu_hours']:,.0f} | {p['days']:.2f} |" if p else " none fits | - | - |"
+                row += (
+                    f" {_layout(p)} | {100 * p['comm_fraction']:.1f}% | {p['gpu_hours']:,.0f} | {p['days']:.2f} |"
+                    if p
+                    else " none fits | - | - | - |"
+                )
             print(row, flush=True)
 
 

@@ -1,5 +1,6 @@
 """`sail-bench plan`: the command line (a subprocess on a real recipe, seconds), the JSON document, the pick,
-the budgets it converts, a measured report carried over, and its errors (exit 2, naming the flag)."""
+the budgets it converts, a measured report carried over, and its errors (exit 2, naming the flag). The data
+it measures: test_plan_data.py; its communication model: test_plan_communication.py."""
 
 import json
 import subprocess
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from sail_megatron.bench import cli
-from sail_megatron.bench.plan import GPUS, plan
+from sail_megatron.bench.plan import plan
+from sail_megatron.bench.plan.gpus import GPUS
 from sail_megatron.config.train import load_train_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,6 +27,8 @@ LAYOUT_KEYS = {
     "memory_split_gib",
     "fits",
     "tokens_per_s_per_gpu",
+    "comm_fraction",
+    "step_s",
     "gpu_hours",
     "days",
     "recompute_granularity",
@@ -58,7 +62,13 @@ def test_table_on_a_real_recipe_in_seconds():
     assert run.returncode == 0, run.stderr
     out = run.stdout
     assert out.startswith(f"sail-bench plan: {ADVANCE_2B} on 256 x H100")
-    for line in ("budget: ", "data (assumed): caption-like samples", "throughput: 40% of the H100", "picked (*): "):
+    for line in (
+        "budget: ",
+        "data (assumed: data.path /data/sail-vl/pretrain-advance/blend.yaml not found here): caption-like samples",
+        "throughput: 40% of the H100",
+        "communication: NVLink 450 GB/s inside a node, 50 GB/s per GPU between nodes",
+        "picked (*): ",
+    ):
         assert line in out, line
     header = next(line for line in out.splitlines() if "tok/s/GPU" in line)
     for column in (
@@ -72,6 +82,8 @@ def test_table_on_a_real_recipe_in_seconds():
         "activ",
         "loader",
         "fits",
+        "MFU",
+        "comm",
         "GPU-hours",
         "days",
     ):
@@ -94,6 +106,7 @@ def test_json_document(advance_2b_json):
         assert r["micro_batch_size"] == 1  # packing on: one packed row per micro-batch
         assert r["memory_gib_per_gpu"] == pytest.approx(sum(r["memory_split_gib"].values()))
         assert r["fits"] == (r["memory_gib_per_gpu"] <= doc["usable_memory_gib"])
+        assert 0 <= r["comm_fraction"] < 1 and (r["comm_fraction"] > 0) == (r["tp"] > 1 or r["pp"] > 1)
         assert r["gpu_hours"] == pytest.approx(doc["budget_tokens"] / r["tokens_per_s_per_gpu"] / 3600)
         assert r["days"] == pytest.approx(r["gpu_hours"] / 256 / 24)
     picked = [r for r in layouts if r["picked"]]
@@ -175,6 +188,8 @@ def test_a_measured_report_is_carried_over(tmp_path):
         (["--gpus", "8", "--mfu", "1.5"], "--mfu"),
         (["--gpus", "8", "--measured", "/no/such/report.json"], "--measured"),
         (["--gpus", "8", "--measured", str(ROOT / ADVANCE_2B)], "--measured"),  # not JSON
+        (["--gpus", "8", "--inter-node-gbytes-per-s", "0"], "--inter-node-gbytes-per-s"),
+        (["--gpus", "8", "--intra-node-gbytes-per-s", "-450"], "--intra-node-gbytes-per-s"),
     ],
 )
 def test_errors_name_the_flag(capsys, args, flag):

@@ -1,4 +1,4 @@
-"""The planner's model state (sail_megatron/bench/memory_model.py) against built models: weights, gradient
+"""The planner's model state (sail_megatron/bench/plan/model_state.py) against built models: weights, gradient
 buffers and optimizer state of the tiny presets, built and stepped through the project's own builders
 (`build_training`) on the CPU, summed from the tensors megatron-core actually allocated, equal to the byte.
 
@@ -12,7 +12,7 @@ from typing import Dict, List, Tuple
 import pytest
 import torch
 
-from sail_megatron.bench.memory_model import (
+from sail_megatron.bench.plan.model_state import (
     ddp_bucket_size,
     stage_parameters,
     state_bytes_per_rank,
@@ -64,7 +64,7 @@ def measured_state(chunks, optimizer) -> Dict[str, int]:
             for name in ("exp_avg", "exp_avg_sq"):
                 if name in state:
                     add("optimizer", state[name])
-    # Nothing else lives in the optimizer state: its step counters are left out on purpose (memory_model.py).
+    # Nothing else lives in the optimizer state: its step counters are left out on purpose (bench/plan/model_state.py).
     assert keys <= {"exp_avg", "exp_avg_sq", "step"}, keys
     return out
 
@@ -105,7 +105,7 @@ def build_and_measure(preset, dtype, distributed_optimizer, trainable, tp=1, pp=
     """Build through build_training on this rank's layout, step once, and compare with the planner."""
     from megatron.core import parallel_state
 
-    from sail_megatron.bench.memory_model import buffer_layout
+    from sail_megatron.bench.plan.model_state import buffer_layout
     from sail_megatron.training.startup import build_training
 
     cfg = _config(preset, dtype, distributed_optimizer, trainable, tp, pp)
@@ -185,7 +185,7 @@ def _small_buckets() -> Dict:
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from sail_megatron.bench.memory_model import buffer_layout
+    from sail_megatron.bench.plan.model_state import buffer_layout
     from sail_megatron.model.build import build_model
     from sail_megatron.training.freezing import apply_freezing
     from sail_megatron.training.optimizer import build_optimizer

@@ -1,4 +1,4 @@
-"""`memory-model`: the memory `sail-bench plan` plans (bench/memory_model.py) against what torch allocates on
+"""`memory-model`: the memory `sail-bench plan` plans (bench/plan/model_state.py) against what torch allocates on
 the GPU, for SAIL-VL-2B with every part trained at micro-batch 1 (the SFT recipe's layout on one GPU),
 training on synthetic packed rows.
 
@@ -37,7 +37,9 @@ def load_recipe(root: Path):
 
 def planned(cfg, tiles_per_row: Optional[int] = None) -> Dict[str, float]:
     """The planner's memory for the recipe's own layout on one GPU, in GiB (no GPU needed)."""
-    from sail_megatron.bench.plan import MemoryModel, data_assumption, recipe_layout
+    from sail_megatron.bench.plan.data import data_assumption
+    from sail_megatron.bench.plan.layouts import recipe_layout
+    from sail_megatron.bench.plan.memory import MemoryModel
 
     memory = MemoryModel(cfg, data_assumption(cfg)).of(recipe_layout(cfg, 1), tiles_per_row)
     split = memory.split_gib()
