@@ -153,6 +153,7 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
         run.log_interval,
         device_peak_flops(cfg.precision, run.peak_tflops),
         tensorboard=run.tensorboard,
+        pipeline_stages=cfg.parallel.pipeline_model_parallel_size,
     )
     logger.info(
         "training %s (%s) from step %d to %s: world %d = TP %d x PP %d x DP %d, %d micro-batches per step",

@@ -23,6 +23,11 @@ class Batch:
     """Tiles of the micro-batch when pixel_values is left out (pipeline stages after the first), so FLOP
     and throughput counts stay the same on every stage."""
 
+    image_count: Optional[int] = None
+    """Images of the whole micro-batch (None: not known, e.g. synthetic rows)."""
+    decoded_images: Optional[int] = None
+    """Images this rank decoded for its vision encoder: its share under parallel.vision_parallel=data, all
+    of them otherwise, none on later pipeline stages (None: not known)."""
     vision_share: Optional[VisionShare] = None
     """parallel.vision_parallel=data: which tensor-parallel rank encodes which image; pixel_values then hold
     this rank's images only."""
@@ -58,7 +63,8 @@ class Batch:
             **{
                 f.name: torch.cat([getattr(b, f.name) for b in batches])
                 for f in fields(Batch)
-                if f.name not in ("cu_seqlens", "max_seqlen", "tile_count", "vision_share")
+                if f.name
+                not in ("cu_seqlens", "max_seqlen", "tile_count", "image_count", "decoded_images", "vision_share")
             }
         )
 

@@ -131,6 +131,8 @@ class BatchMaterializer:
             cu_seqlens=raw.cu_seqlens,
             max_seqlen=raw.max_seqlen,
             tile_count=raw.num_tiles,
+            image_count=len(raw.plans),
+            decoded_images=len(images) if self.decode_images else 0,
             vision_share=share,
         ).to(self.device)
 

@@ -41,6 +41,13 @@ def gather_ints_over_data_parallel(values: Sequence[int]) -> List[List[int]]:
     )  # one device-to-host copy for all ranks' values, not one per rank
 
 
+def sum_over_world(values: Sequence[float]) -> List[float]:
+    """Element-wise sums over all ranks."""
+    t = _tensor(values)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def max_over_world(values: Sequence[float]) -> List[float]:
     """Element-wise maxima over all ranks."""
     t = _tensor(values)

@@ -95,6 +95,10 @@ class DataTally:
     slots: int = 0
     """Token positions, padding included (rows x seq_length)."""
     tiles: int = 0
+    images: int = 0
+    decoded_images: int = 0
+    """Images this rank decoded and encoded (its share under parallel.vision_parallel=data)."""
+    decoded_tiles: int = 0
     flops: float = 0.0
     """Training FLOPs of the consumed micro-batches (docs/design.md, Counting FLOPs)."""
 
@@ -128,6 +132,9 @@ class MeteredData:
         t.tokens += sum(lengths)
         t.slots += batch.tokens.numel()
         t.tiles += batch.num_tiles
+        t.images += batch.image_count or 0
+        t.decoded_images += batch.decoded_images or 0
+        t.decoded_tiles += batch.pixel_values.shape[0] if batch.pixel_values is not None else 0
         t.flops += training_flops(self._model, lengths, batch.num_tiles, self._trains, self._tp).total
         self.samples_consumed += len(lengths)
         return batch

@@ -17,7 +17,12 @@ import torch
 
 from sail_megatron.config.counts import format_count
 from sail_megatron.platform import read_dist_env
-from sail_megatron.training.collectives import max_over_world, sum_counts_over_data_parallel, sum_over_data_parallel
+from sail_megatron.training.collectives import (
+    max_over_world,
+    sum_counts_over_data_parallel,
+    sum_over_data_parallel,
+    sum_over_world,
+)
 from sail_megatron.training.flops import PeakFlops, mfu_figures, peak_flops
 from sail_megatron.training.metered_data import DataTally
 from sail_megatron.training.progress import Progress
@@ -86,10 +91,12 @@ class TrainingMonitor:
         log_interval: int,
         peak_flops: Union[PeakFlops, float, None],
         tensorboard: bool = True,
+        pipeline_stages: int = 1,
     ):
         """peak_flops: device_peak_flops(...); a bare number is taken as the 16-bit peak."""
         self.env = read_dist_env()
         self.run_dir, self.progress, self.log_interval = Path(run_dir), progress, log_interval
+        self.pipeline_stages = pipeline_stages
         self.peaks = peak_flops if isinstance(peak_flops, PeakFlops) else PeakFlops(bf16=peak_flops)
         start_step = progress.consumed.steps
         self.interval = _Interval()
@@ -120,7 +127,18 @@ class TrainingMonitor:
             self.nonfinite_steps += 1
         self.overflow_steps += bool(getattr(result, "overflow", False))
         self.loss_scale = getattr(result, "loss_scale", None)
-        for name in ("wait_s", "micro_batches", "samples", "tokens", "slots", "tiles", "flops"):
+        for name in (
+            "wait_s",
+            "micro_batches",
+            "samples",
+            "tokens",
+            "slots",
+            "tiles",
+            "images",
+            "decoded_images",
+            "decoded_tiles",
+            "flops",
+        ):
             setattr(iv.data, name, getattr(iv.data, name) + getattr(tally, name))
         self.step_times.append(step_time_s)
         self.step_units.append(self.progress.last_step.of(self.progress.budget.unit))
@@ -130,9 +148,41 @@ class TrainingMonitor:
 
     def _reduce(self, iv: _Interval) -> Dict[str, float]:
         d = iv.data
-        samples, tokens, slots, tiles, flops = sum_over_data_parallel([d.samples, d.tokens, d.slots, d.tiles, d.flops])
-        wait_s, mem = max_over_world([d.wait_s, peak_memory_gib()])
-        return dict(samples=samples, tokens=tokens, slots=slots, tiles=tiles, flops=flops, wait_s=wait_s, mem=mem)
+        samples, tokens, slots, tiles, images, flops = sum_over_data_parallel(
+            [d.samples, d.tokens, d.slots, d.tiles, d.images, d.flops]
+        )
+        wait_s, mem, dec_images_max, dec_tiles_max = max_over_world(
+            [d.wait_s, peak_memory_gib(), d.decoded_images, d.decoded_tiles]
+        )
+        dec_images, dec_tiles = sum_over_world([d.decoded_images, d.decoded_tiles])
+        return dict(
+            samples=samples,
+            tokens=tokens,
+            slots=slots,
+            tiles=tiles,
+            images=images,
+            flops=flops,
+            wait_s=wait_s,
+            mem=mem,
+            dec_images=dec_images,
+            dec_tiles=dec_tiles,
+            dec_images_max=dec_images_max,
+            dec_tiles_max=dec_tiles_max,
+        )
+
+    def _vision_work(self, r: Dict[str, float], steps: int) -> Dict[str, Optional[float]]:
+        """Per step: the images of the whole job, and what each rank holding the vision encoder decoded
+        and encoded (max and mean over those ranks); decode_copies: how many ranks decoded each image
+        (1 under parallel.vision_parallel=data, the tensor-parallel size otherwise)."""
+        vision_ranks = self.env.world_size // self.pipeline_stages
+        return {
+            "images_per_step": r["images"] / steps,
+            "decoded_images_per_rank_max": r["dec_images_max"] / steps,
+            "decoded_images_per_rank_mean": r["dec_images"] / vision_ranks / steps,
+            "decoded_tiles_per_rank_max": r["dec_tiles_max"] / steps,
+            "decoded_tiles_per_rank_mean": r["dec_tiles"] / vision_ranks / steps,
+            "decode_copies": r["dec_images"] / r["images"] if r["images"] else None,
+        }
 
     def _log(self, step: int, result, lrs: Dict[str, float], skipped_samples: Counter) -> None:
         iv = self.interval
@@ -165,6 +215,7 @@ class TrainingMonitor:
             "tflops_per_s": flops_per_device / 1e12,
             **mfu_figures(flops_per_device, self.peaks),
             "packing_utilization": r["tokens"] / r["slots"] if r["slots"] else None,
+            **self._vision_work(r, iv.steps),
             "data_wait_frac": r["wait_s"] / t,
             "memory_gib": r["mem"],
             "nonfinite_steps": self.nonfinite_steps,
@@ -219,6 +270,11 @@ class TrainingMonitor:
             "throughput/tflops_per_s_per_device": r["tflops_per_s"],
             "throughput/step_time_s": r["step_time_s"],
             "data/packing_utilization": r["packing_utilization"],
+            "vision/decoded_images_per_rank_max": r["decoded_images_per_rank_max"],
+            "vision/decoded_images_per_rank_mean": r["decoded_images_per_rank_mean"],
+            "vision/decoded_tiles_per_rank_max": r["decoded_tiles_per_rank_max"],
+            "vision/decoded_tiles_per_rank_mean": r["decoded_tiles_per_rank_mean"],
+            "vision/decode_copies": r["decode_copies"],
             "data/wait_fraction": r["data_wait_frac"],
             "data/skipped_samples": r["skipped_samples"],
             "faults/nonfinite_steps": r["nonfinite_steps"],

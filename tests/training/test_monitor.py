@@ -25,6 +25,7 @@ def one_process(monkeypatch):
     # The monitor's reductions are collectives; alone they are the identity.
     monkeypatch.setattr(monitor, "sum_over_data_parallel", list)
     monkeypatch.setattr(monitor, "max_over_world", list)
+    monkeypatch.setattr(monitor, "sum_over_world", list)
     monkeypatch.setattr(monitor, "sum_counts_over_data_parallel", Counter)
 
 

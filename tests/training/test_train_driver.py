@@ -300,6 +300,33 @@ def test_micro_batches_without_tiles_train_every_part(demo, mostly_text, tmp_pat
     assert "update skipped" not in log
 
 
+def test_vision_data_layout_decodes_each_image_once_per_replica(demo, mostly_text, tmp_path):
+    # TP=2 with the vision encoder whole on both ranks: each image is decoded and encoded by one of them
+    # (text-only micro-batches run the blank tile on both), under the GPU recipes' precision and overlaps.
+    losses, log = _train(
+        SFT,
+        demo,
+        tmp_path,
+        "run.train_steps=3",
+        "data.packing=false",
+        FRESH,
+        *GPU_RECIPE_PRECISION,
+        "parallel.tensor_model_parallel_size=2",
+        "parallel.vision_parallel=data",
+        "run.global_batch_size=4",
+        nproc=2,
+        data=mostly_text,
+    )
+    assert len(losses) == 3 and all(loss == loss for loss in losses), log[-3000:]
+    assert "update skipped" not in log
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert any(r["images_per_step"] for r in steps), steps
+    for r in steps:
+        assert r["decoded_images_per_rank_mean"] * 2 == pytest.approx(r["images_per_step"])
+        assert r["decode_copies"] in (None, 1.0) and r["decoded_images_per_rank_max"] <= r["images_per_step"]
+
+
 def test_fp16_backs_off_the_loss_scale_and_trains(demo, tmp_path):
     # 2**14 overflows this model's fp16 gradients at first (the per-token loss is a sum until the
     # gradients are reduced); the scaler halves it until they fit, then the run trains.
