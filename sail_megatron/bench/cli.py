@@ -10,6 +10,9 @@ in the same run on the same machine:
   kernels   Triton kernels vs their PyTorch references (needs CUDA)
   layers    Transformer Engine vs megatron-core local layers (needs CUDA and TE; with sequence
             parallelism only the TE layers run)
+  vision    the vision encoder whole on every tensor-parallel rank, each encoding its share of the
+            images (parallel.vision_parallel=data), vs split over them (tensor); needs TP > 1. Both
+            report the bytes each rank hands to collectives per micro-batch, by process group
 On the CPU the figures are only good for ratios between variants of one run.
 
 `sail-bench plan --config RECIPE.yaml --gpus N ...` plans a cluster run instead (no GPU, nothing built):
@@ -36,7 +39,7 @@ from sail_megatron.config.train import TrainConfig
 
 logger = logging.getLogger("sail_megatron.bench")
 
-COMPARISONS = ("packing", "decoder", "kernels", "layers")
+COMPARISONS = ("packing", "decoder", "kernels", "layers", "vision")
 
 
 def detect_backends():
@@ -67,6 +70,10 @@ def _variants(cfg: TrainConfig, compare: List[str], data: str) -> List[Tuple[str
             a.precision.layers, b.precision.layers = "te", "local"
             why = "" if backends.cuda and backends.transformer_engine else "needs CUDA and Transformer Engine"
             out += [("te-layers", a, nullcontext(), why), ("local-layers", b, nullcontext(), why)]
+        elif what == "vision":
+            a.parallel.vision_parallel, b.parallel.vision_parallel = "data", "tensor"
+            why = "" if cfg.parallel.tensor_model_parallel_size > 1 else "needs parallel.tensor_model_parallel_size > 1"
+            out += [("vision-data", a, nullcontext(), why), ("vision-tensor", b, nullcontext(), why)]
     out = out or [("baseline", cfg, nullcontext(), "")]
     return [(name, c, context, why or _layout_problem(c, backends)) for name, c, context, why in out]
 
@@ -86,6 +93,7 @@ def _ratios(results: Dict[str, Dict]) -> Dict[str, float]:
         ("dali", "pil"),
         ("triton-kernels", "reference-kernels"),
         ("te-layers", "local-layers"),
+        ("vision-data", "vision-tensor"),
     ]
     out = {}
     for a, b in pairs:

@@ -11,10 +11,11 @@ import torch
 from megatron.core import parallel_state
 
 from sail_megatron.bench.breakdown import StepTimers
+from sail_megatron.bench.comm_count import CommCounter
 from sail_megatron.bench.synthetic_rows import SyntheticRows, rows_config
 from sail_megatron.config.train import TrainConfig
 from sail_megatron.platform import read_dist_env
-from sail_megatron.training.collectives import max_over_world, sum_over_data_parallel
+from sail_megatron.training.collectives import max_over_world, sum_over_data_parallel, sum_over_world
 from sail_megatron.training.flops import PeakFlops, Trains, mfu_figures
 from sail_megatron.training.metered_data import MeteredData, build_loader, from_loader
 from sail_megatron.training.monitor import peak_memory_gib
@@ -64,13 +65,14 @@ def measure(cfg: TrainConfig, tokenizer, settings: BenchSettings) -> Dict:
     for _ in range(settings.warmup):
         step()
     data.take_tally()
-    times, losses = [], []
-    for _ in range(settings.steps):
-        _sync()
-        began = time.perf_counter()
-        losses.append(step().loss)
-        _sync()
-        times.append(time.perf_counter() - began)
+    times, losses, comm = [], [], CommCounter()
+    with comm.counting():
+        for _ in range(settings.steps):
+            _sync()
+            began = time.perf_counter()
+            losses.append(step().loss)
+            _sync()
+            times.append(time.perf_counter() - began)
     tally = data.take_tally()
     timers = StepTimers(chunks, optimizer)
     breakdown = {}
@@ -81,10 +83,11 @@ def measure(cfg: TrainConfig, tokenizer, settings: BenchSettings) -> Dict:
             step()
         breakdown = timers.read(settings.breakdown_steps, data_wait_s=data.take_tally().wait_s)
         timers.disable()
-    samples, tokens, slots, tiles, flops = sum_over_data_parallel(
-        [tally.samples, tally.tokens, tally.slots, tally.tiles, tally.flops]
+    samples, tokens, slots, tiles, flops, vision_flops = sum_over_data_parallel(
+        [tally.samples, tally.tokens, tally.slots, tally.tiles, tally.flops, tally.vision_flops]
     )
-    wait, memory = max_over_world([tally.wait_s, peak_memory_gib()])
+    wait, memory, decoded_max = max_over_world([tally.wait_s, peak_memory_gib(), tally.decoded_tiles])
+    (decoded,) = sum_over_world([tally.decoded_tiles])
     total = sum(times)
     per_device = flops / total / env.world_size
     result = {
@@ -106,6 +109,16 @@ def measure(cfg: TrainConfig, tokenizer, settings: BenchSettings) -> Dict:
         "data_wait_frac": wait / total,
         "peak_memory_gib": memory,
         "breakdown_s_per_step": breakdown,
+        "vision_flops_share": vision_flops / flops if flops else None,
+        "vision_forward_s_per_step": breakdown.get("vision_forward"),
+        "vision_parallel": cfg.parallel.vision_parallel,
+        # What this rank handed to collectives, per micro-batch (rank 0's view; every rank of a layout
+        # moves the same amounts): the layouts' communication side by side.
+        "comm_bytes_per_micro_batch": comm.per(settings.steps * num_micro),
+        "decoded_tiles_per_rank_per_step": {
+            "max": decoded_max / settings.steps,
+            "mean": decoded / (env.world_size // cfg.parallel.pipeline_model_parallel_size) / settings.steps,
+        },
         "final_loss": losses[-1] if losses else None,
     }
     chunks = optimizer = scheduler = data = None  # drop the model before the next variant builds its own

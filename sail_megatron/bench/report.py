@@ -38,7 +38,29 @@ def table(results: Dict[str, Dict]) -> str:
         if r["breakdown_s_per_step"]:
             parts = ", ".join(f"{k} {1000 * r['breakdown_s_per_step'].get(k, 0):.1f}" for k in BREAKDOWN_ORDER)
             lines.append(f"{'':<16}breakdown ms/step: {parts}")
+        lines.append(f"{'':<16}{_vision_line(r)}")
     return "\n".join(lines)
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _vision_line(r: Dict) -> str:
+    """The ViT's share of the FLOPs and of the forward time, the tiles each rank encoded and what each rank
+    handed to collectives per micro-batch, by process group."""
+    share = r.get("vision_flops_share")
+    forward = r.get("vision_forward_s_per_step")
+    tiles = r.get("decoded_tiles_per_rank_per_step") or {}
+    comm = ", ".join(f"{k} {_mib(v)}" for k, v in (r.get("comm_bytes_per_micro_batch") or {}).items()) or "none"
+    return (
+        f"vision ({r.get('vision_parallel', 'tensor')}): {100 * share:.0f}% of FLOPs"
+        + (f", forward {1000 * forward:.1f} ms/step" if forward is not None else "")
+        + f", tiles/rank/step max {tiles.get('max', 0):.1f} mean {tiles.get('mean', 0):.1f}"
+        + f"; comm per micro-batch: {comm}"
+        if share is not None
+        else f"comm per micro-batch: {comm}"
+    )
 
 
 def write_json(doc: Dict, path: Path) -> None:

@@ -20,12 +20,14 @@ as in SAIL-VL unless told otherwise:
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from sail_megatron.data.batch import Batch
+from sail_megatron.data.vision_share import VisionShare
+from sail_megatron.training.metered_data import vision_rank
 
 FIRST_TEXT_ID = 16
 
@@ -45,6 +47,8 @@ class SyntheticRowsConfig:
     """Sample lengths are uniform in [min, max] (tokens, image tokens included)."""
     max_sample_tokens: int = 2048
     seed: int = 0
+    vision_rank: Optional[Tuple[int, int]] = None
+    """(rank, ranks) under parallel.vision_parallel=data: each row's pixels are this rank's share only."""
 
 
 def rows_config(cfg, seed: int) -> SyntheticRowsConfig:
@@ -63,6 +67,7 @@ def rows_config(cfg, seed: int) -> SyntheticRowsConfig:
         seed=seed,
         min_sample_tokens=max(cfg.data.seq_length // 8, 32),
         max_sample_tokens=cfg.data.seq_length // 2,
+        vision_rank=vision_rank(cfg.parallel),
     )
 
 
@@ -117,7 +122,12 @@ class SyntheticRows:
             cu = torch.tensor(bounds, dtype=torch.int32)
         else:
             position_ids = torch.arange(s)
-        pixels = torch.randn(sum(tiles), 3, c.tile_size, c.tile_size, device=self.device)
+        images = [n for n in tiles if n > 0]  # one image per sample
+        share, own = None, images
+        if c.vision_rank is not None and images:
+            share = VisionShare.of(images, c.vision_rank[1])
+            own = [images[i] for i in share.images_of(c.vision_rank[0])]
+        pixels = torch.randn(sum(own), 3, c.tile_size, c.tile_size, device=self.device)
         batch = Batch(
             tokens=tokens[None, :-1],
             labels=tokens[None, 1:],
@@ -126,6 +136,10 @@ class SyntheticRows:
             pixel_values=pixels,
             cu_seqlens=cu,
             max_seqlen=int((cu[1:] - cu[:-1]).max()) if c.packed else 0,
+            tile_count=sum(tiles),
+            image_count=len(images),
+            decoded_images=len(own),
+            vision_share=share,
         )
         return batch.to(self.device)
 

@@ -65,16 +65,15 @@ def build_materializer(cfg, tokenizer, device):
         cfg.model.tokens_per_tile,
         tokenizer.ids.img_context,
         decode_images=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
-        vision_rank=_vision_rank(cfg.parallel),
+        vision_rank=vision_rank(cfg.parallel),
     )
 
 
-def _vision_rank(parallel):
+def vision_rank(parallel):
     """(rank, ranks) among the tensor-parallel ranks sharing each micro-batch's images, or None."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    if parallel.vision_parallel != "data" or tp == 1:
+    if parallel.vision_parallel != "data" or parallel.tensor_model_parallel_size == 1:
         return None
-    return parallel_state.get_tensor_model_parallel_rank(), tp
+    return parallel_state.get_tensor_model_parallel_rank(), parallel.tensor_model_parallel_size
 
 
 def from_loader(loader: Iterable, materialize: Callable) -> Iterator[Measured]:
@@ -101,6 +100,8 @@ class DataTally:
     decoded_tiles: int = 0
     flops: float = 0.0
     """Training FLOPs of the consumed micro-batches (docs/design.md, Counting FLOPs)."""
+    vision_flops: float = 0.0
+    """The part of `flops` in the vision encoder and projector."""
 
 
 class MeteredData:
@@ -135,7 +136,9 @@ class MeteredData:
         t.images += batch.image_count or 0
         t.decoded_images += batch.decoded_images or 0
         t.decoded_tiles += batch.pixel_values.shape[0] if batch.pixel_values is not None else 0
-        t.flops += training_flops(self._model, lengths, batch.num_tiles, self._trains, self._tp).total
+        flops = training_flops(self._model, lengths, batch.num_tiles, self._trains, self._tp)
+        t.flops += flops.total
+        t.vision_flops += flops.vision + flops.projector
         self.samples_consumed += len(lengths)
         return batch
 

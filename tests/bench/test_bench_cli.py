@@ -139,3 +139,30 @@ def test_unwritable_outputs_are_refused_before_measuring(tmp_path, flag):
         cwd=ROOT,
     )
     assert run.returncode == 2 and "is a folder" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_vision_layouts_side_by_side_with_their_communication(tmp_path, demo):
+    doc, stdout = _bench(
+        tmp_path,
+        2,
+        "--config",
+        "examples/configs/tiny/demo.yaml",
+        "--compare",
+        "vision",
+        "parallel.tensor_model_parallel_size=2",
+        "parallel.pipeline_model_parallel_size=1",
+        f"data.tokenizer={demo / 'raw' / 'tokenizer'}",
+    )
+    data, tensor = doc["results"]["vision-data"], doc["results"]["vision-tensor"]
+    for r in (data, tensor):
+        _check(r)
+        assert 0 < r["vision_flops_share"] < 1 and r["vision_forward_s_per_step"] > 0
+    # The same synthetic rows: each rank encodes about half the tiles under "data", all of them under "tensor".
+    assert data["decoded_tiles_per_rank_per_step"]["mean"] * 2 == tensor["decoded_tiles_per_rank_per_step"]["mean"]
+    # Counted, not estimated: the ViT's per-block all-reduces outweigh one all-gather of projector outputs
+    # plus the vision gradients' all-reduce once per step.
+    tp_bytes = {
+        name: r["comm_bytes_per_micro_batch"]["tensor_parallel"] for name, r in (("data", data), ("tensor", tensor))
+    }
+    assert 0 < tp_bytes["data"] < tp_bytes["tensor"], tp_bytes
+    assert "vision-data/vision-tensor tokens_per_s" in doc["ratios"] and "comm per micro-batch" in stdout
