@@ -112,7 +112,29 @@ def test_build_loader_decodes_only_on_the_first_pipeline_stage(monkeypatch, firs
         model=SimpleNamespace(vision=SimpleNamespace(image_size=TILE), tokens_per_tile=PER_TILE),
         data=SimpleNamespace(decoder="pil", max_pixels=DEFAULT_MAX_PIXELS),
         run=SimpleNamespace(seed=0),
+        parallel=SimpleNamespace(vision_parallel="tensor", tensor_model_parallel_size=1),
     )
     tokenizer = SimpleNamespace(ids=SimpleNamespace(img_context=IMG))
     _, materialize = build_loader(cfg, tokenizer, torch.device("cpu"))
     assert materialize.decode_images is first_stage
+
+
+class RecordingDecoder(CountingDecoder):
+    def __call__(self, images, plans, tile_size):
+        self.seen = list(images)
+        return super().__call__(images, plans, tile_size)
+
+
+def test_each_tensor_parallel_rank_decodes_only_its_share_of_the_images():
+    """parallel.vision_parallel=data: the 3-tile image goes to one rank, the 1-tile image to the other;
+    both ranks know the whole micro-batch's tiles and images, and the share."""
+    batches, seen = [], []
+    for rank in range(2):
+        decoder = RecordingDecoder()
+        materialize = BatchMaterializer(decoder, TILE, torch.device("cpu"), PER_TILE, IMG, vision_rank=(rank, 2))
+        batches.append(materialize(_packed_raw()))
+        seen.append(decoder.seen)
+    assert seen == [[b"first"], [b"second"]]
+    assert [b.pixel_values.shape[0] for b in batches] == [3, 1] and [b.decoded_images for b in batches] == [1, 1]
+    for b in batches:
+        assert b.num_tiles == 4 and b.image_count == 2 and b.vision_share.owners == (0, 1)
