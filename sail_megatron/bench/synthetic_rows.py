@@ -125,7 +125,7 @@ class SyntheticRows:
         images = [n for n in tiles if n > 0]  # one image per sample
         share, own = None, images
         if c.vision_rank is not None and images:
-            share = VisionShare.of(images, c.vision_rank[1])
+            share = VisionShare.of(images, c.vision_rank[1], c.tokens_per_tile)
             own = [images[i] for i in share.images_of(c.vision_rank[0])]
         pixels = torch.randn(sum(own), 3, c.tile_size, c.tile_size, device=self.device)
         batch = Batch(

@@ -39,8 +39,10 @@ class Batch:
     def to(self, device: torch.device) -> "Batch":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in moved.items():
-            if isinstance(value, torch.Tensor):
-                moved[name] = value.to(device, non_blocking=True)
+            if isinstance(value, (torch.Tensor, VisionShare)):
+                moved[name] = (
+                    value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value.to(device)
+                )
         return Batch(**moved)
 
     @property

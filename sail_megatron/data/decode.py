@@ -119,7 +119,8 @@ class BatchMaterializer:
         loss_mask = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_pinned()).copy_(src)
         share = None
         if self.vision_rank is not None and raw.plans:
-            share = VisionShare.of([plan.num_tiles for plan in raw.plans], self.vision_rank[1])
+            tiles = [plan.num_tiles for plan in raw.plans]
+            share = VisionShare.of(tiles, self.vision_rank[1], self.tokens_per_tile, pin=self.device.type == "cuda")
         images = share.images_of(self.vision_rank[0]) if share is not None else list(range(len(raw.plans)))
         pixels = self._decode(raw, loss_mask, images) if self.decode_images else None
         return Batch(

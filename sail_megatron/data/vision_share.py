@@ -2,8 +2,11 @@
 data`): whole images, balanced by tiles, decided from the tile plans alone so that every rank of a model
 replica computes the same answer without talking to the others."""
 
+import dataclasses
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
+
+import torch
 
 
 def assign_images(tiles: Sequence[int], ranks: int) -> Tuple[int, ...]:
@@ -18,16 +21,38 @@ def assign_images(tiles: Sequence[int], ranks: int) -> Tuple[int, ...]:
     return tuple(owners)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class VisionShare:
-    """The images of one micro-batch (tiles per image, in order) and the rank that owns each."""
+    """The images of one micro-batch (tiles per image, in order) and the rank that owns each, with the
+    row order that puts the ranks' gathered vision tokens back in image order (built on the host with the
+    batch and moved with it, so the model never waits for the host)."""
 
     tiles: Tuple[int, ...]
     owners: Tuple[int, ...]
+    ranks: int = 1
+    index: Optional[torch.Tensor] = None
+    """gather_order(...) as int64 rows: the tokens of every image, in order, within the ranks' gathered
+    outputs ([ranks * rows_per_rank(tokens_per_tile)] rows)."""
 
     @classmethod
-    def of(cls, tiles: Sequence[int], ranks: int) -> "VisionShare":
-        return cls(tuple(tiles), assign_images(tiles, ranks))
+    def of(
+        cls, tiles: Sequence[int], ranks: int, tokens_per_tile: Optional[int] = None, pin: bool = False
+    ) -> "VisionShare":
+        """pin: page-lock the index, so its copy to a GPU does not block the host."""
+        share = cls(tuple(tiles), assign_images(tiles, ranks), ranks)
+        if tokens_per_tile is None:
+            return share
+        index = torch.tensor(share.gather_order(ranks, tokens_per_tile, share.rows_per_rank(tokens_per_tile)))
+        return dataclasses.replace(share, index=index.pin_memory() if pin else index)
+
+    def rows_per_rank(self, tokens_per_tile: int) -> int:
+        """Rows each rank contributes to the gather: the largest share, padded to by the others."""
+        return max(self.tiles_per_rank(self.ranks)) * tokens_per_tile
+
+    def to(self, device) -> "VisionShare":
+        if self.index is None:
+            return self
+        return dataclasses.replace(self, index=self.index.to(device, non_blocking=True))
 
     def images_of(self, rank: int) -> List[int]:
         """The images `rank` decodes and encodes, in micro-batch order."""

@@ -48,13 +48,12 @@ class _GatherShares(torch.autograd.Function):
     def forward(ctx, tokens: torch.Tensor, share: VisionShare, tokens_per_tile: int, group) -> torch.Tensor:
         ranks, rank = dist.get_world_size(group), dist.get_rank(group)
         rows = [n * tokens_per_tile for n in share.tiles_per_rank(ranks)]
-        longest = max(rows)
+        longest = share.rows_per_rank(tokens_per_tile)
         padded = tokens.new_zeros(longest, tokens.shape[1])
         padded[: rows[rank]] = tokens
         gathered = tokens.new_empty(ranks * longest, tokens.shape[1])
         dist.all_gather_into_tensor(gathered, padded.contiguous(), group=group)
-        order = share.gather_order(ranks, tokens_per_tile, longest)
-        index = torch.as_tensor(order, device=tokens.device)
+        index = share.index  # built with the batch, already on this device
         ctx.save_for_backward(index)
         ctx.rank_rows, ctx.rank, ctx.ranks, ctx.longest = rows[rank], rank, ranks, longest
         return gathered.index_select(0, index)
@@ -102,6 +101,8 @@ class DataParallelVision:
         group = parallel_state.get_tensor_model_parallel_group()
         if share is None or dist.get_world_size(group) == 1:
             return tokens
+        if share.index is None or share.ranks != dist.get_world_size(group):
+            raise ValueError("a vision share must be built for this tensor-parallel size with tokens_per_tile")
         return _GatherShares.apply(tokens, share, self.tokens_per_tile, group)
 
     def mark_replicas(self, sharded_state_dict: dict, prefixes) -> None:

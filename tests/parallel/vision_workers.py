@@ -42,7 +42,7 @@ def _as_layout(batch: Batch, layout: str, tokens_per_tile: int, text_only: bool)
     if layout == "tensor":
         return batch
     ranks = parallel_state.get_tensor_model_parallel_world_size()
-    share = VisionShare.of(tiles, ranks)
+    share = VisionShare.of(tiles, ranks, tokens_per_tile)
     starts = [sum(tiles[:i]) for i in range(len(tiles))]
     mine = share.images_of(parallel_state.get_tensor_model_parallel_rank())
     pixels = [batch.pixel_values[starts[i] : starts[i] + tiles[i]] for i in mine]
