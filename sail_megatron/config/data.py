@@ -1,13 +1,18 @@
 """Data pipeline config: where the shards are, how images are tiled, how sequences are built."""
 
+import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, List, Optional, Union
 
 from sail_megatron.config.errors import ConfigError
 
 DECODERS = ("auto", "dali", "pil")
 TEMPLATES = ("chatml", "sailvl-chat", "univl-chat", "internvl2_5")
 """Chat template names; their definitions are in sail_megatron/data/templates.py (a layer above)."""
+
+
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_.+-]+(/[A-Za-z0-9_.+-]+)*\Z")
+"""A validation source's name, as it appears in metric keys (`valid_loss/<name>`, `loss/valid/<name>`)."""
 
 
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -19,9 +24,13 @@ counted. 64 MP keeps a decode well under a second and a few hundred MB."""
 class DataConfig:
     path: str = ""
     """A folder prepared by `sail-data prepare`, or an energon metadataset YAML blending several."""
-    valid_path: Optional[str] = None
-    """Where validation reads (with `run.eval_interval`): the `val` split of a prepared folder or blend
-    YAML. None: the `val` split of `path` (`sail-data prepare --valid-fraction` holds one out)."""
+    valid_path: Union[str, List[str], Dict[str, str], None] = None
+    """Where validation reads (with `run.eval_interval`), one loss per source plus their total: the `val`
+    split of a prepared folder or blend YAML, a list of them, or a mapping name -> folder or blend.
+    A folder is one source named by its folder name; a blend's val split gives one source per dataset
+    (a list's entries likewise); a mapping's entry is one source of that name, a blend under a name
+    scored as a whole. None: the `val` split of `path`, its datasets as the sources
+    (`sail-data prepare --valid-fraction` holds one out)."""
     tokenizer: str = ""
     """A local Hugging Face tokenizer folder with <img>, </img> and <IMG_CONTEXT> tokens."""
     seq_length: int = 4096
@@ -105,3 +114,30 @@ class DataConfig:
             )
         if self.decoder not in DECODERS:
             raise ConfigError("data.decoder", f"unknown decoder {self.decoder!r}", f"use one of {DECODERS}")
+        self._validate_valid_path()
+
+    def _validate_valid_path(self) -> None:
+        """The shape of valid_path; what its paths hold is checked before training (data/valid_sources.py)."""
+        paths = self.valid_path
+        if isinstance(paths, list):
+            if not paths:
+                raise ConfigError(
+                    "data.valid_path", "is an empty list", "list prepared folders or blends, or leave it unset (null)"
+                )
+            for i, path in enumerate(paths):
+                if not path:
+                    raise ConfigError(f"data.valid_path[{i}]", "is empty", "give a prepared folder or a blend YAML")
+        elif isinstance(paths, dict):
+            if not paths:
+                raise ConfigError(
+                    "data.valid_path", "is an empty mapping", "map names to prepared folders or blends, or set null"
+                )
+            for name, path in paths.items():
+                if not SOURCE_NAME.match(name):
+                    raise ConfigError(
+                        f"data.valid_path.{name}",
+                        f"{name!r} is not a usable source name (it becomes the metric key valid_loss/{name})",
+                        "use letters, digits and _ . + - (a / between parts)",
+                    )
+                if not path:
+                    raise ConfigError(f"data.valid_path.{name}", "is empty", "give a prepared folder or a blend YAML")

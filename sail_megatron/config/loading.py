@@ -4,11 +4,12 @@ Unknown keys and values of the wrong type are errors that name the dotted key; n
 (values are parsed with yaml.safe_load only).
 """
 
+import collections.abc
 import copy
 import dataclasses
 import typing
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Type, TypeVar
+from typing import Any, Dict, List, Mapping, Sequence, Type, TypeVar
 
 import yaml
 
@@ -22,14 +23,29 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
+def _shape(tp) -> str:
+    """'list', 'mapping' or 'scalar': what a YAML value of type `tp` looks like."""
+    origin = typing.get_origin(tp)
+    if origin in (list, List, Sequence):
+        return "list"
+    if origin in (dict, Dict, Mapping, collections.abc.Mapping) or dataclasses.is_dataclass(tp):
+        return "mapping"
+    return "scalar"
+
+
+def _shape_of(value: Any) -> str:
+    return "list" if isinstance(value, list) else "mapping" if isinstance(value, dict) else "scalar"
+
+
 def _coerce(value: Any, tp, key: str):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Union:  # Optional[X]
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        if len(inner) > 1:  # Union[A, B]: the first option of the value's shape (a list for List[...])
-            shaped = [o for o in inner if (typing.get_origin(o) in (list, List, Sequence)) == isinstance(value, list)]
+        # Union[A, B]: the options of the value's shape (a list for List[...], a mapping for Dict[...]).
+        if len(inner) > 1:
+            shaped = [o for o in inner if _shape(o) == _shape_of(value)]
             inner = shaped or inner
         for option in inner[:-1]:
             try:
@@ -47,6 +63,14 @@ def _coerce(value: Any, tp, key: str):
         if not isinstance(value, list):
             raise ConfigError(key, f"expected a list, got {value!r}", "write a YAML list, e.g. [a, b]")
         return [_coerce(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict, Mapping, collections.abc.Mapping):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {value!r}", "write a YAML mapping, e.g. {a: x, b: y}")
+        key_type, value_type = args if args else (Any, Any)
+        for k in value:
+            if key_type is str and not isinstance(k, str):
+                raise ConfigError(f"{key}.{k}", f"the key {k!r} is not a string", f"quote it: '{k}'")
+        return {_coerce(k, key_type, f"{key}.{k}"): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):

@@ -95,10 +95,10 @@ class RunConfig:
     """Checkpoint of the previous stage (or a converted Hugging Face model) to start from."""
     eval_interval: int = 0
     """Validate every this many steps, at the end of the run and, on a run's first start, before the first
-    step (0: never). What it reads: data.valid_path."""
+    step (0: never). What it reads: data.valid_path (one loss per source and their total)."""
     eval_steps: int = 10
-    """Validation batches, each of global_batch_size rows like a training step; the same rows every time.
-    0: the whole validation split."""
+    """Validation batches per validation source (data.valid_path), each of global_batch_size rows like a
+    training step; the same rows every time. 0: the whole validation split of every source."""
     max_nonfinite_steps: int = 5
     """A step whose loss or gradients are NaN/Inf is skipped and counted; this many in a row stop the run."""
     peak_tflops: Optional[float] = None

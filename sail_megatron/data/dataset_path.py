@@ -30,7 +30,10 @@ def _check_meta_files(p: Path, field: str, fix: str) -> None:
 def check_dataset_path(path: str, field: str = "data.path") -> None:
     """An energon dataset folder (prepared: `.nv-meta/`) or a blend YAML (an energon metadataset)."""
     p = Path(path)
-    fix = f"point {field} at a folder made by `sail-data prepare` or at a blend YAML of such folders"
+    fix = (
+        f"point {field} at a folder made by `sail-data prepare` or indexed by `sail-data index`, or at a blend YAML "
+        "of such folders"
+    )
     if not p.exists():
         raise ConfigError(field, f"{p} does not exist", fix)
     if p.is_dir():
@@ -53,29 +56,36 @@ VALID_SPLIT_FIX = (
 )
 
 
-def check_valid_split(path: str, field: str) -> None:
+def check_valid_split(path: str, field: str, source: str = "") -> None:
     """The `val` split that validation reads from `path` (a prepared folder or a blend YAML written by
-    sail-data) holds samples. Other metadatasets are left to energon."""
+    sail-data) holds samples. Other metadatasets are left to energon. `source`: what the path is to
+    validation (e.g. "validation source 'ocr' (...)"), put before the problem."""
     from sail_megatron.data.blend import split_samples
 
     fix = VALID_SPLIT_FIX
     p = Path(path)
+    said = f"{source}: " if source else ""
+    if not p.exists():
+        raise ConfigError(field, f"{said}{p} does not exist", fix)
     if p.is_dir():
         _check_meta_files(p, field, fix)
         if not split_samples(p, "val"):
-            raise ConfigError(field, f"{p} has no samples in its val split", fix)
+            raise ConfigError(field, f"{said}{p} has no samples in its val split", fix)
         return
     try:
         blend = yaml.safe_load(_read_blend(p))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(field, f"{p} is not a readable blend YAML ({reason})", fix) from None
-    val = (blend.get("splits") or {}).get("val")
+        raise ConfigError(field, f"{said}{p} is not a readable blend YAML ({reason})", fix) from None
+    if not isinstance(blend, dict) or not isinstance(blend.get("splits"), dict):
+        raise ConfigError(field, f"{said}{p} is not a blend: an energon metadataset YAML has a 'splits' section", fix)
+    val = blend["splits"].get("val")
     if val is None:
-        raise ConfigError(field, f"{p} has no val split", fix)
-    folders = [p.parent / entry["path"] for entry in (val.get("blend") or []) if isinstance(entry, dict)]
+        raise ConfigError(field, f"{said}{p} has no val split", fix)
+    entries = (val.get("blend") if isinstance(val, dict) else None) or []
+    folders = [p.parent / entry["path"] for entry in entries if isinstance(entry, dict) and "path" in entry]
     local = [f for f in folders if f.is_dir()]
     for f in local:
         _check_meta_files(f, field, fix)
     if local and len(local) == len(folders) and not sum(split_samples(f, "val") for f in local):
-        raise ConfigError(field, f"the datasets of {p}'s val split hold no val samples", fix)
+        raise ConfigError(field, f"{said}the datasets of {p}'s val split hold no val samples", fix)

@@ -64,9 +64,11 @@ def build_valid_loader(
     data_parallel_size: int = 1,
     seed: int = 0,
     limit: Optional[int] = None,
+    path: Optional[str] = None,
 ):
-    """This rank's share of the validation split (`data.valid_path`, else the `val` split of
-    `data.path`): read once, in order, packed like training; at most `limit` rows."""
+    """This rank's share of the `val` split of `path` (a prepared folder or blend: one validation source,
+    see data/valid_sources.py; None: `data.path`): read once, in order, packed like training; at most
+    `limit` rows."""
     cfg.validate()
     # Read in this process: the rows are read once, and worker processes would outlive the read (energon's
     # are persistent), holding memory for the whole run. It also keeps the split's cut among ranks
@@ -75,7 +77,7 @@ def build_valid_loader(
         rank=data_parallel_rank, world_size=data_parallel_size, num_workers=0, seed_offset=seed
     )
     dataset = get_val_dataset(
-        cfg.valid_path or cfg.path,
+        path or cfg.path,
         split_part="val",
         worker_config=worker_config,
         batch_size=cfg.micro_batch_size,

@@ -292,14 +292,22 @@ class TrainingMonitor:
         self.writer.flush()
 
     def log_validation(self, step: int, result) -> None:
-        """One validation result (a ValidResult, the same on every rank): console, metrics.jsonl, TensorBoard."""
+        """One validation result (a ValidResult, the same on every rank): console, metrics.jsonl, TensorBoard.
+        The total under `valid_loss` / `loss/valid`, each source's loss under `valid_loss/<source>` /
+        `loss/valid/<source>` (and its trained tokens under `valid_tokens/<source>`)."""
         if not self.env.is_main:
             return
+        sources = getattr(result, "sources", None) or {}
         print(
             f"validation at step {step:6d} | loss {result.loss:.4f} | {result.trained_tokens:,} tokens "
             f"| {result.seconds:.1f} s",
             flush=True,
         )
+        if len(sources) > 1:  # with one source the total is its loss
+            width = max(len(name) for name in sources)
+            for name, s in sources.items():
+                loss = f"{s.loss:.4f}" if s.loss is not None else "n/a"
+                print(f"    {name:<{width}} | loss {loss} | {s.trained_tokens:,} tokens", flush=True)
         consumed = self.progress.consumed
         record = {
             "step": step,
@@ -308,10 +316,16 @@ class TrainingMonitor:
             "valid_loss": result.loss,
             "valid_tokens": result.trained_tokens,
         }
+        for name, s in sources.items():
+            record[f"valid_loss/{name}"] = s.loss
+            record[f"valid_tokens/{name}"] = s.trained_tokens
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         if self.writer is not None:
             self.writer.add_scalar("loss/valid", result.loss, step)
+            for name, s in sources.items():
+                if s.loss is not None:
+                    self.writer.add_scalar(f"loss/valid/{name}", s.loss, step)
             self.writer.flush()
 
     def close(self) -> None:

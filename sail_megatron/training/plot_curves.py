@@ -18,6 +18,22 @@ LOSS_KEYS = ("loss", "valid_loss")
 """A record carries the training loss of a logged step, a validation loss, or both."""
 
 
+VALID_SOURCE_PREFIX = "valid_loss/"
+"""Each validation source's loss: `valid_loss/<source>` (the total stays `valid_loss`)."""
+SOURCE_COLORS = ("tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+SOURCE_STYLES = ("--", ":", "-.")
+
+
+def valid_sources(records: Sequence[Dict]) -> List[str]:
+    """The validation sources the records name, in the order they first appear."""
+    seen: Dict[str, None] = {}
+    for r in records:
+        for key in r:
+            if key.startswith(VALID_SOURCE_PREFIX):
+                seen.setdefault(key[len(VALID_SOURCE_PREFIX) :], None)
+    return list(seen)
+
+
 class MetricsError(ValueError):
     """The metrics file is missing or holds no usable record."""
 
@@ -88,7 +104,7 @@ def _smooth(values: Sequence[float], weight: float = 0.9) -> List[float]:
 
 
 def plot_curves(run_dir_or_metrics_path: Union[str, Path], out_png: Optional[Union[str, Path]] = None) -> Path:
-    """Draw loss (raw + smoothed, validation), tokens/s (with TFLOP/s or MFU on a twin axis) and lr against step."""
+    """Draw loss (raw + smoothed, validation: the total and each source's), tokens/s (with TFLOP/s or MFU on a twin axis) and lr against step."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: no display on cluster nodes
@@ -106,10 +122,17 @@ def plot_curves(run_dir_or_metrics_path: Union[str, Path], out_png: Optional[Uni
     if loss:
         ax_loss.plot(steps, _smooth(loss), color="tab:blue", linewidth=2, label="smoothed (EMA 0.9)")
     steps, valid = _series(records, "valid_loss")
+    sources = valid_sources(records)
     if valid:
-        ax_loss.plot(steps, valid, color="tab:red", marker="o", linewidth=2, label="validation")
+        label = "validation (all sources)" if len(sources) > 1 else "validation"
+        ax_loss.plot(steps, valid, color="tab:red", marker="o", linewidth=2, label=label)
+    if len(sources) > 1:  # with one source the total is its loss
+        for i, name in enumerate(sources):
+            steps, values = _series(records, f"{VALID_SOURCE_PREFIX}{name}")
+            color, style = SOURCE_COLORS[i % len(SOURCE_COLORS)], SOURCE_STYLES[i // len(SOURCE_COLORS) % 3]
+            ax_loss.plot(steps, values, color=color, linestyle=style, marker=".", linewidth=1.2, label=f"valid {name}")
     ax_loss.set_ylabel("loss")
-    ax_loss.legend(loc="upper right")
+    ax_loss.legend(loc="upper right", fontsize="small", ncol=1 + len(sources) // 8)
 
     steps, tput = _series(records, "tokens_per_s")
     ax_tput.plot(steps, tput, color="tab:green", label="tokens/s")

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from sail_megatron.config import ConfigError
 from sail_megatron.config.train import TrainConfig, load_train_config
-from sail_megatron.data.dataset_path import check_dataset_path, check_valid_split
+from sail_megatron.data.dataset_path import check_dataset_path
 from sail_megatron.data.tokenizer import load_tokenizer
+from sail_megatron.data.valid_sources import check_valid_sources
 from sail_megatron.model.build import build_model
 from sail_megatron.platform import detect_backends, read_dist_env
 from sail_megatron.training.checkpoint_files import CheckpointError
@@ -44,9 +45,7 @@ def prepare_config(args, world_size: int, needs_data: bool = True, loads_checkpo
     if needs_data:
         check_dataset_path(cfg.data.path)
         if cfg.run.eval_interval:
-            field = "data.valid_path" if cfg.data.valid_path else "data.path"
-            check_dataset_path(cfg.data.valid_path or cfg.data.path, field)
-            check_valid_split(cfg.data.valid_path or cfg.data.path, field)
+            check_valid_sources(cfg.data)
     # The checkpoint this run will load, complete and readable (the run's own newest good one, else
     # init_from); train() takes the same decision again once the process group exists, and logs it.
     if loads_checkpoints:

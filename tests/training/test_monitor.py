@@ -93,3 +93,39 @@ def test_device_peaks_on_an_h100(monkeypatch, fp8, dtype, want):
 
 def test_peak_override_is_the_bf16_peak():
     assert monitor.device_peak_flops(PrecisionConfig(fp8="hybrid"), 500.0) == PeakFlops(bf16=500e12)
+
+
+def test_validation_reports_the_total_and_each_source(tmp_path, capsys):
+    from sail_megatron.training.validation import SourceLoss, ValidResult
+
+    progress = Progress(Budget("steps", 1), ScalePoints(), Consumed())
+    mon = monitor.TrainingMonitor(tmp_path, progress, log_interval=1, peak_flops=None)
+    sources = {"captions": SourceLoss(2.0, 300), "ocr/en": SourceLoss(3.0, 100), "empty": SourceLoss(None, 0)}
+    mon.log_validation(4, ValidResult(loss=2.25, trained_tokens=400, seconds=1.5, sources=sources))
+    mon.close()
+    (record,) = [json.loads(line) for line in (tmp_path / monitor.METRICS_FILE).read_text().splitlines()]
+    assert record["valid_loss"] == 2.25 and record["valid_tokens"] == 400
+    assert record["valid_loss/captions"] == 2.0 and record["valid_tokens/captions"] == 300
+    assert record["valid_loss/ocr/en"] == 3.0 and record["valid_loss/empty"] is None
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("validation at step      4 | loss 2.2500 | 400 tokens")
+    assert lines[1:] == [
+        "    captions | loss 2.0000 | 300 tokens",
+        "    ocr/en   | loss 3.0000 | 100 tokens",
+        "    empty    | loss n/a | 0 tokens",
+    ]
+    scalars = _scalars(tmp_path)
+    assert scalars["loss/valid"] == 2.25 and scalars["loss/valid/captions"] == 2.0
+    assert scalars["loss/valid/ocr/en"] == 3.0 and "loss/valid/empty" not in scalars
+
+
+def test_one_validation_source_prints_one_line(tmp_path, capsys):
+    from sail_megatron.training.validation import SourceLoss, ValidResult
+
+    progress = Progress(Budget("steps", 1), ScalePoints(), Consumed())
+    mon = monitor.TrainingMonitor(tmp_path, progress, log_interval=1, peak_flops=None, tensorboard=False)
+    mon.log_validation(0, ValidResult(loss=2.0, trained_tokens=10, seconds=0.1, sources={"sft": SourceLoss(2.0, 10)}))
+    mon.close()
+    (record,) = [json.loads(line) for line in (tmp_path / monitor.METRICS_FILE).read_text().splitlines()]
+    assert record["valid_loss/sft"] == record["valid_loss"] == 2.0  # the keys do not depend on the count
+    assert len(capsys.readouterr().out.splitlines()) == 1

@@ -94,3 +94,35 @@ def test_bad_input_names_the_file(tmp_path, capsys):
         load_metrics(empty)
     assert main([str(tmp_path / "nowhere")]) == 1
     assert "no such metrics file" in capsys.readouterr().err
+
+
+def test_each_validation_source_gets_a_line(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    lines = [_rec(1, 5.0), _rec(2, 4.0)]
+    for step, total in ((0, 6.0), (2, 4.5)):
+        lines.append(
+            {"step": step, "valid_loss": total, "valid_loss/captions": total - 0.5, "valid_loss/ocr/en": total + 0.5}
+        )
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    assert plot_curves(tmp_path).read_bytes().startswith(PNG_MAGIC)
+    (fig,) = figures
+    drawn = {line.get_label(): list(line.get_ydata()) for line in fig.axes[0].get_lines()}
+    assert drawn["validation (all sources)"] == [6.0, 4.5]
+    assert drawn["valid captions"] == [5.5, 4.0] and drawn["valid ocr/en"] == [6.5, 5.0]
+
+
+def test_one_validation_source_is_the_total(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    lines = [_rec(1, 5.0), {"step": 1, "valid_loss": 4.0, "valid_loss/sft": 4.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    plot_curves(tmp_path)
+    labels = [line.get_label() for line in figures[0].axes[0].get_lines()]
+    assert "validation" in labels and not any(label.startswith("valid ") for label in labels)
