@@ -68,16 +68,18 @@ def _split_shard_infos(folder: Path, part: str) -> list:
     return meta.shards
 
 
-def _input_shard(folder: Path) -> Optional[Tuple[int, int]]:
-    """(num_shards, shard_index) recorded by `sail-data prepare`, if any."""
+def _input_shard(folder: Path) -> Optional[Tuple[Optional[str], int, int]]:
+    """(input file, num_shards, shard_index) recorded by `sail-data prepare`, if any (the input file is None in
+    reports older than its recording)."""
     report = Path(folder) / "prepare_report.json"
     if not report.exists():
         return None
     try:
         doc = json.loads(read_regular(report, _REPORT_LIMIT))
         shard = doc["input_shard"]
-        return int(shard["num_shards"]), int(shard["shard_index"])
-    except (ValueError, KeyError, TypeError, RecursionError):
+        source = shard.get("input")
+        return (source if isinstance(source, str) else None), int(shard["num_shards"]), int(shard["shard_index"])
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
 
 
@@ -93,29 +95,32 @@ def check_part(part: Path) -> None:
 
 def check_parts_cover(parts: Sequence[Path], allow_missing: bool = False) -> List[str]:
     """Errors for parts that repeat an input shard, and (unless `allow_missing`) for input shards no part
-    holds; returns warnings for those missing shards."""
-    seen: Dict[Tuple[int, int], Path] = {}
+    holds; returns warnings for those missing shards. Parts of different input files (e.g. the parquet files
+    of one set, each prepared on its own) are checked per file."""
+    seen: Dict[Tuple[Optional[str], int, int], Path] = {}
     for part in parts:
         shard = _input_shard(part)
         if shard is None:
             continue
         if shard in seen:
             raise ValueError(
-                f"{part} and {seen[shard]} both hold input shard {shard[1]} of {shard[0]}; join each shard once"
+                f"{part} and {seen[shard]} both hold input shard {shard[2]} of {shard[1]}; join each shard once"
             )
         seen[shard] = part
     warnings = []
-    for n in sorted({n for n, _ in seen}):
-        held = sorted(i for m, i in seen if m == n)
+    inputs = sorted({(src, n) for src, n, _ in seen}, key=lambda k: (k[0] or "", k[1]))
+    for source, n in inputs:
+        held = sorted(i for src, m, i in seen if src == source and m == n)
         missing = sorted(set(range(n)) - set(held))
+        of = f" of {source}" if source and len(inputs) > 1 else ""  # which input, when there are several
         if missing and not allow_missing:
             raise ValueError(
-                f"the parts hold input shards {held} of {n}; shards {missing} are missing: prepare them with "
+                f"the parts hold input shards {held} of {n}{of}; shards {missing} are missing: prepare them with "
                 f"--num-shards {n} --shard-index I and list them in --parts, or pass --allow-missing-parts to "
                 "blend without them"
             )
         if missing:
-            warnings.append(f"the parts hold input shards {held} of {n}; missing {missing}")
+            warnings.append(f"the parts hold input shards {held} of {n}{of}; missing {missing}")
     return warnings
 
 

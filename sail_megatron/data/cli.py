@@ -2,6 +2,11 @@
 
   sail-data prepare --input FILE.jsonl --images DIR --out DIR [--format llava|caption]
                     [--num-shards N --shard-index I]    one part of the input per machine
+  sail-data prepare --input FILE.parquet --out DIR [--image-column C] [--text-column C | --caption-column C]
+                                 parquet rows with embedded image bytes (columns detected when not given)
+  sail-data index SRC [--meta DIR] [--caption txt|json:KEY] [--check N|all] [--valid-fraction F]
+                                 WebDataset shards in img2dataset's layout made trainable in place (or with
+                                 their metadata in DIR, for read-only data), after checking a sample of records
   sail-data join --parts DIR [DIR ...] --out BLEND.yaml  a blend over the parts, weighted by sample count
   sail-data stats PATH [--samples N] [--json]    measured tokens and tiles per sample of a prepared folder
                                  or blend (prepared with --recipe), e.g. to turn a budget in samples into tokens
@@ -48,16 +53,16 @@ _DEMO_RAW_LAYOUT = ("images", "captions.jsonl", "sft.jsonl", "tokenizer")
 
 
 def _prepare(args) -> int:
-    rules = None
-    if args.recipe:
-        from sail_megatron.data.trainer_rules import TrainerRules
+    rules = _rules(args)
+    flags = (args.image_column, args.text_column, args.caption_column, args.id_column)
+    columns = None
+    if any(f is not None for f in flags):
+        from sail_megatron.data.parquet_input import ParquetColumns
 
-        rules = TrainerRules.from_recipe(Path(args.recipe), args.set)
-    elif args.set:
-        raise ValueError("--set changes the --recipe; pass --recipe too")
+        columns = ParquetColumns(*flags)
     report = prepare(
         Path(args.input),
-        Path(args.images),
+        Path(args.images) if args.images else None,
         Path(args.out),
         fmt=args.format,
         shard_size=args.shard_size,
@@ -74,11 +79,50 @@ def _prepare(args) -> int:
         shard_index=args.shard_index,
         allow_outside_images=args.allow_outside_images,
         rules=rules,
+        columns=columns,
     )
     print(report.summary())
     for s in report.skipped:
         print(f"  skipped {s.source} (id {s.id}): {s.reason}: {s.detail}")
     print(f"report: {Path(args.out) / 'prepare_report.json'}")
+    return 0
+
+
+def _rules(args):
+    if args.recipe:
+        from sail_megatron.data.trainer_rules import TrainerRules
+
+        return TrainerRules.from_recipe(Path(args.recipe), args.set)
+    if args.set:
+        raise ValueError("--set changes the --recipe; pass --recipe too")
+    return None
+
+
+def _index(args) -> int:
+    from sail_megatron.data.index import INDEX_REPORT, index, parse_check
+
+    report = index(
+        Path(args.source),
+        meta=Path(args.meta) if args.meta else None,
+        caption=args.caption,
+        check=parse_check(args.check),
+        split_ratio=args.split_ratio,
+        valid_fraction=args.valid_fraction,
+        max_pixels=args.max_pixels,
+        verify_decode=args.verify_decode,
+        rules=_rules(args),
+        overwrite=args.overwrite,
+        workers=args.workers,
+        seed=args.seed,
+        max_image_bytes=args.max_image_bytes,
+        max_text_chars=args.max_text_chars,
+    )
+    print(report.summary())
+    for s in report.skipped[:20]:
+        print(f"  skipped {s.source}: {s.reason}: {s.detail}")
+    if len(report.skipped) > 20:
+        print(f"  ... and {len(report.skipped) - 20} more")
+    print(f"report: {Path(report.dataset) / INDEX_REPORT}")
     return 0
 
 
@@ -203,11 +247,24 @@ def _show(args) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sail-data", description="Prepare image-text data for sail-megatron.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="JSON/JSONL + image folder -> energon WebDataset shards")
-    p.add_argument("--input", required=True, help="LLaVA JSON/JSONL or caption JSONL (UTF-8)")
-    p.add_argument("--images", required=True, help="folder the records' image paths are relative to")
+    p = sub.add_parser("prepare", help="JSON/JSONL + image folder, or parquet with images -> energon WebDataset shards")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="LLaVA/OpenAI-style JSON/JSONL or caption JSONL (UTF-8), or a .parquet file whose rows carry the images",
+    )
+    p.add_argument("--images", help="folder the records' image paths are relative to (JSON input)")
     p.add_argument("--out", required=True, help="folder to write; must not hold or lie inside --images")
-    p.add_argument("--format", choices=FORMATS, default="llava")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=None,
+        help="llava (conversations) or caption; default llava, or for parquet what its columns hold",
+    )
+    p.add_argument("--image-column", help="parquet: the column of image bytes or image structs (none: text only)")
+    p.add_argument("--text-column", help="parquet: the column of conversations (a list of turns or JSON of one)")
+    p.add_argument("--caption-column", help="parquet: the column of captions (with --format caption)")
+    p.add_argument("--id-column", help="parquet: the column of record ids (default: id, when there is one)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
     p.add_argument("--split-ratio", help="train,val,test shares of the shards (default 1,0,0)")
     p.add_argument(
@@ -268,6 +325,40 @@ def _parser() -> argparse.ArgumentParser:
         "also those longer than its seq_length could ever hold",
     )
     p.set_defaults(func=_prepare)
+    x = sub.add_parser(
+        "index",
+        help="make WebDataset shards in img2dataset's layout (KEY.jpg + KEY.txt/KEY.json) trainable where they lie",
+    )
+    x.add_argument("source", metavar="SRC", help="folder holding the .tar shards (nested folders too)")
+    x.add_argument(
+        "--meta",
+        help="write energon's metadata here (with links to the shards) instead of into SRC, which is then not "
+        "touched: for read-only data; this folder is then the dataset path",
+    )
+    x.add_argument(
+        "--caption",
+        default="auto",
+        help="where the caption is: txt (KEY.txt) or json:KEY (a key of KEY.json); auto (default): txt when the "
+        "records have a .txt part, else json:caption (the choice is printed)",
+    )
+    x.add_argument("--check", help="records to check, spread over all shards (default 300), or all")
+    x.add_argument("--seed", type=int, default=0, help="which records --check N picks")
+    x.add_argument("--split-ratio", help="train,val,test shares of the shards (default 1,0,0)")
+    x.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=None,
+        help="hold this share of the shards (the last ones, sorted by name) out as the val split",
+    )
+    x.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    x.add_argument("--verify-decode", action="store_true", help="fully decode every checked image (slower)")
+    x.add_argument("--workers", type=int, default=8, help="threads checking shards")
+    x.add_argument("--overwrite", action="store_true", help="index again what sail-data index indexed before")
+    x.add_argument("--recipe", help="training recipe whose rules the checked records must meet (as for prepare)")
+    x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a --recipe key")
+    x.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES, help="as for prepare")
+    x.add_argument("--max-text-chars", type=int, default=DEFAULT_MAX_TEXT_CHARS, help="as for prepare")
+    x.set_defaults(func=_index)
     j = sub.add_parser("join", help="blend prepared parts (e.g. --shard-index 0..N-1) into one energon metadataset")
     j.add_argument("--parts", nargs="+", required=True, help="prepared folders")
     j.add_argument("--out", required=True, help="blend YAML to write (use it as data.path)")
@@ -318,7 +409,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _interrupted(command: str, e: Interrupted) -> str:
-    left = "; --out was left as it was" if command in ("prepare", "join", "demo") else ""
+    left = {"prepare": "; --out", "join": "; --out", "demo": "; --out", "index": "; SRC (or --meta)"}.get(command, "")
+    left = f"{left} was left as it was" if left else ""
     return f"sail-data {command}: interrupted by {e.name}{left}"
 
 

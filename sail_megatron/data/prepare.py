@@ -1,4 +1,8 @@
-"""LLaVA-style conversations or caption JSONL + an image folder -> energon-ready WebDataset shards.
+"""LLaVA-style conversations or caption JSONL + an image folder -> energon-ready WebDataset shards; or the
+same from a parquet file whose rows carry the image bytes (`parquet_input.py`).
+
+Conversations are LLaVA's turns `{from, value}` or OpenAI's messages `{role, content}` (under `conversations`
+or `messages`; a content may be a list of text and image parts, each image part an <image> placeholder).
 
 Every input record is either written or reported with the reason it was skipped (missing file,
 unreadable image, malformed line, placeholder mismatch, a sample the trainer would reject); nothing is
@@ -52,8 +56,10 @@ from sail_megatron.data.blend import split_samples, split_shards
 from sail_megatron.data.image_io import ImageError, decode_rgb, read_image_size
 from sail_megatron.data.input_files import FileTooLarge, NotRegularFile, check_folder, check_regular, read_regular
 from sail_megatron.data.out_dir import OutputError, check_out, check_separate, layout_matches, staged
+from sail_megatron.data.parquet_input import ParquetColumns, ParquetRecords, is_parquet, open_parquet
 from sail_megatron.data.records import (
     DEFAULT_MAX_RECORD_BYTES,
+    EmbeddedImage,
     Record,
     RecordCount,
     RecordProblem,
@@ -106,12 +112,15 @@ class PrepareReport:
     split_samples: Dict[str, int] = field(default_factory=dict)  # samples per split, when a split was asked for
     split_note: str = ""  # how far the whole-shard split is from the share asked for
     token_statistics: Optional[dict] = None  # the report's section, when a recipe measured the samples
+    input_note: str = ""  # what was read, when that was detected (a parquet file's columns)
+    input_columns: Optional[dict] = None  # a parquet file's columns, as read
 
     def by_reason(self) -> Counter:
         return Counter(s.reason for s in self.skipped)
 
     def summary(self) -> str:
-        lines = [f"wrote {self.written} samples in {self.shards} shards; skipped {len(self.skipped)}"]
+        lines = [self.input_note] if self.input_note else []
+        lines.append(f"wrote {self.written} samples in {self.shards} shards; skipped {len(self.skipped)}")
         if self.split_samples and self.written:
             parts = ", ".join(f"{part} {n} ({100 * n / self.written:.1f} %)" for part, n in self.split_samples.items())
             lines.append(f"  splits (whole shards): {parts}")
@@ -212,7 +221,41 @@ def _split_report(
     return counts, note
 
 
-def _normalize(record: object, fmt: str) -> Tuple[dict, List[str], List[str]]:
+_IMAGE_PART_TYPES = frozenset({"image", "image_url", "input_image"})
+
+
+def _content(content: object) -> Optional[str]:
+    """An OpenAI-style message content as text: a string, or a list of parts where text parts give their text
+    and image parts an <image> placeholder, one part per line. None when it is neither."""
+    if isinstance(content, str) or content is None:
+        return content
+    if not isinstance(content, list):
+        return None
+    pieces = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            pieces.append(part["text"])
+        elif kind in _IMAGE_PART_TYPES:
+            pieces.append(IMAGE_PLACEHOLDER)
+        elif isinstance(part, str):
+            pieces.append(part)
+        else:
+            return None
+    return "\n".join(pieces)
+
+
+def _turn(turn: object) -> Tuple[object, object]:
+    """(role, text) of a LLaVA turn {from, value} or an OpenAI message {role, content}; parquet rows carry
+    both key pairs, the unused ones None."""
+    if not isinstance(turn, dict):
+        return None, None
+    if turn.get("from") is not None or turn.get("value") is not None:
+        return turn.get("from"), turn.get("value")
+    return turn.get("role"), _content(turn.get("content"))
+
+
+def _normalize(record: object, fmt: str) -> Tuple[dict, List[Union[str, EmbeddedImage]], List[str]]:
     """Record -> (shard json without image info, image paths, conversions applied). Raises _Skip."""
     if isinstance(record, RecordProblem):
         raise _Skip(record.reason, record.detail)
@@ -231,7 +274,7 @@ def _normalize(record: object, fmt: str) -> Tuple[dict, List[str], List[str]]:
         images = [images]
     elif not isinstance(images, list):
         raise _Skip("malformed_line", f"'image' must be a path or a list of paths, got {type(images).__name__}")
-    if not all(isinstance(p, str) for p in images):
+    if not all(isinstance(p, (str, EmbeddedImage)) for p in images):
         raise _Skip("malformed_line", "image paths must be strings")
     if fmt == "caption":
         caption = record.get("caption", record.get("text"))
@@ -240,15 +283,16 @@ def _normalize(record: object, fmt: str) -> Tuple[dict, List[str], List[str]]:
         if not images:
             raise _Skip("malformed_line", "a caption record needs an image")
         return {"kind": "caption", "turns": [{"role": "caption", "text": caption.strip()}]}, images, []
-    conversations = record.get("conversations")
+    conversations = record.get("conversations", record.get("messages"))
     if not isinstance(conversations, list) or not conversations:
         keys = ", ".join(map(str, list(record)[:6])) or "none"
         raise _Skip("malformed_line", f"no conversations list (the record's keys: {keys})")
     turns = []
     for turn in conversations:
-        if not isinstance(turn, dict) or turn.get("from") not in _ROLES or not isinstance(turn.get("value"), str):
+        role, text = _turn(turn)
+        if role not in _ROLES or not isinstance(text, str):
             raise _Skip("malformed_line", f"bad turn {turn!r:.80}")
-        turns.append({"role": _ROLES[turn["from"]], "text": turn["value"]})
+        turns.append({"role": _ROLES[role], "text": text})
     if not any(t["role"] == "assistant" for t in turns):
         raise _Skip("malformed_line", "no assistant turn to train on")
     placeholders = sum(t["text"].count(IMAGE_PLACEHOLDER) for t in turns)
@@ -263,6 +307,18 @@ def _normalize(record: object, fmt: str) -> Tuple[dict, List[str], List[str]]:
     elif placeholders != len(images):
         raise _Skip("placeholder_mismatch", f"{placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(images)} images")
     return {"kind": "conversation", "turns": turns}, images, conversions
+
+
+def check_image(data: bytes, where: object, max_pixels: int, verify_decode: bool) -> Tuple[int, int]:
+    """(width, height) of an image's bytes from its header (and a full decode with `verify_decode`);
+    raises _Skip with reason image_<why> (`image_io.ImageError`) naming `where`."""
+    try:
+        width, height = read_image_size(data, max_pixels=max_pixels)
+        if verify_decode:
+            decode_rgb(data, max_pixels=max_pixels)
+    except ImageError as e:
+        raise _Skip(f"image_{e.reason}", f"{where}: {e}") from None
+    return width, height
 
 
 def _image_path(images_dir: Path, name: str, allow_outside: bool) -> Path:
@@ -308,6 +364,18 @@ class _Reader:
     read_file: Callable[[Path], bytes]
     max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
     text_bound: str = "--max-text-chars"  # what the text bound comes from, for the skip detail
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # for images carried in the record (files: read_file's bound)
+
+    def _load(self, image: Union[str, EmbeddedImage]) -> Tuple[bytes, int, int]:
+        if not isinstance(image, EmbeddedImage):
+            return self._image(_image_path(self.images_dir, image, self.allow_outside))
+        if len(image.data) > self.max_image_bytes:
+            raise _Skip(
+                "image_file_too_big",
+                f"{image.name} holds {len(image.data)} bytes, over the limit of {self.max_image_bytes} (--max-image-bytes)",
+            )
+        width, height = check_image(image.data, image.name, self.max_pixels, self.verify_decode)
+        return image.data, width, height
 
     def _image(self, path: Path) -> Tuple[bytes, int, int]:
         try:
@@ -322,12 +390,7 @@ class _Reader:
             raise _Skip("missing_image", str(path)) from None
         except OSError as e:  # permissions, I/O errors: this image only, not the whole run
             raise _Skip("unreadable_image", f"{path}: {e.strerror or e}") from None
-        try:
-            width, height = read_image_size(data, max_pixels=self.max_pixels)
-            if self.verify_decode:
-                decode_rgb(data, max_pixels=self.max_pixels)
-        except ImageError as e:
-            raise _Skip(f"image_{e.reason}", f"{path}: {e}")
+        width, height = check_image(data, path, self.max_pixels, self.verify_decode)
         return data, width, height
 
     def __call__(self, rec: Record) -> Union[SkippedRecord, _Entry]:
@@ -341,7 +404,7 @@ class _Reader:
                     "text_too_long",
                     f"{chars} characters of text, more than {self.max_text_chars} ({self.text_bound})",
                 )
-            loaded = [self._image(_image_path(self.images_dir, p, self.allow_outside)) for p in paths]
+            loaded = [self._load(p) for p in paths]
             meta.update(
                 conversions=conversions,
                 source=rec.source,
@@ -355,12 +418,26 @@ class _Reader:
             if verdict.rejection is not None:
                 raise _Skip(*verdict.rejection)
         except _Skip as s:
-            rid = record.get("id") if isinstance(record, dict) else None
+            rid = record.get("id") if isinstance(record, dict) else getattr(record, "id", None)
             return SkippedRecord(rec.source, None if rid is None else str(rid), s.reason, s.detail)
         return _Entry(meta_json, images, conversions, verdict.measure)
 
 
-def _extension(path: str) -> str:
+_MAGIC = (
+    (b"\xff\xd8", "jpg"),
+    (b"\x89PNG", "png"),
+    (b"GIF8", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\0", "tif"),
+    (b"MM\0*", "tif"),
+)
+
+
+def _extension(path: Union[str, EmbeddedImage]) -> str:
+    if isinstance(path, EmbeddedImage):  # what its first bytes say, else the name it came with
+        if path.data[:4] == b"RIFF" and path.data[8:12] == b"WEBP":
+            return "webp"
+        return next((e for magic, e in _MAGIC if path.data.startswith(magic)), None) or _extension(path.name)
     ext = Path(path).suffix.lower().lstrip(".")
     return {"jpeg": "jpg"}.get(ext, ext) or "img"
 
@@ -427,10 +504,14 @@ class _ShardWriter:
             pass
 
 
-def run_energon_prepare(out_dir: Path, split_ratio: str, name: Optional[Path] = None) -> None:
+def run_energon_prepare(
+    out_dir: Path, split_ratio: str, name: Optional[Path] = None, dataset_yaml: Optional[dict] = None
+) -> None:
     """energon's own preparation (index + split + dataset.yaml for cooked crude samples).
 
-    name: the folder to name in errors (the final path when `out_dir` is a staging folder)."""
+    name: the folder to name in errors (the final path when `out_dir` is a staging folder).
+    dataset_yaml: written as `.nv-meta/dataset.yaml` instead of energon's plain CrudeWebdataset one (e.g. with
+      the subflavors that pick a cooker: `img2dataset.dataset_yaml`)."""
     cmd = [
         sys.executable,
         "-m",
@@ -450,13 +531,18 @@ def run_energon_prepare(out_dir: Path, split_ratio: str, name: Optional[Path] = 
     if result.returncode != 0:
         raise PrepareError(f"energon prepare failed for {name} (exit code {result.returncode}):\n{output}")
     # energon reports some problems (an invalid split) on stdout and still exits 0.
-    if not (Path(out_dir) / ".nv-meta" / "dataset.yaml").is_file():
+    dataset_yaml_path = Path(out_dir) / ".nv-meta" / "dataset.yaml"
+    if not dataset_yaml_path.is_file():
         raise PrepareError(f"energon prepare wrote no .nv-meta/dataset.yaml for {name}:\n{output}")
+    if dataset_yaml is not None:
+        import yaml
+
+        dataset_yaml_path.write_text(yaml.safe_dump(dataset_yaml, sort_keys=False))
 
 
-def _check_arguments(fmt: str, num_shards: int, shard_index: int, **at_least_one: int) -> None:
+def _check_arguments(fmt: Optional[str], num_shards: int, shard_index: int, **at_least_one: int) -> None:
     """at_least_one: {flag name with _ for -: value}."""
-    if fmt not in FORMATS:
+    if fmt is not None and fmt not in FORMATS:
         raise PrepareError(f"--format must be one of {FORMATS}, got {fmt!r}")
     for name, value in at_least_one.items():
         if value < 1:
@@ -476,14 +562,17 @@ def _split_arguments(split_ratio: Optional[str], valid_fraction: Optional[float]
     return valid_fraction_split(valid_fraction)
 
 
-def _check_inputs(input_path: Path, images_dir: Path) -> None:
+def _check_inputs(input_path: Path, images_dir: Optional[Path]) -> None:
     try:
         check_regular(input_path, "--input")
     except FileNotFoundError:
         raise FileNotFoundError(f"--input {input_path} does not exist") from None
     except PermissionError:
         raise PrepareError(f"--input {input_path} is not readable (permissions)") from None
-    check_folder(images_dir, "--images")
+    if images_dir is not None:
+        check_folder(images_dir, "--images")
+    elif not is_parquet(input_path):
+        raise PrepareError(f"--images is needed for {input_path}: the folder its records' image paths are relative to")
 
 
 def _no_records_error(
@@ -502,7 +591,14 @@ def _no_records_error(
     return PrepareError(f"no valid records in {where}; skipped {reasons}. The first:\n{first}")
 
 
-def _write_report(out_dir: Path, report: PrepareReport, shard: Tuple[int, int], rules: TrainerRules) -> None:
+def _input_identity(path: Path) -> str:
+    """What tells input files apart in `sail-data join` (blend.check_parts_cover): name and size."""
+    return f"{Path(path).name} ({os.stat(path).st_size} bytes)"
+
+
+def _write_report(
+    out_dir: Path, report: PrepareReport, shard: Tuple[int, int], rules: TrainerRules, input_path: Path
+) -> None:
     doc = {
         "written": report.written,
         "shards": report.shards,
@@ -510,7 +606,9 @@ def _write_report(out_dir: Path, report: PrepareReport, shard: Tuple[int, int], 
         "converted": dict(report.converted),
         "skipped_by_reason": dict(report.by_reason()),
         "skipped": [asdict(s) for s in report.skipped],
-        "input_shard": {"num_shards": shard[0], "shard_index": shard[1]},
+        # The input by name and size, not path: the machines that prepare the parts of one file may mount it apart.
+        "input_shard": {"num_shards": shard[0], "shard_index": shard[1], "input": _input_identity(input_path)},
+        "input_columns": report.input_columns,
         "trainer_rules": rules.source,
         SECTION: report.token_statistics,
     }
@@ -576,9 +674,9 @@ def _split_tallies(folder: Path, tallies: List[TokenTally]) -> Dict[str, TokenTa
 
 def prepare(
     input_path: Path,
-    images_dir: Path,
+    images_dir: Optional[Path],
     out_dir: Path,
-    fmt: str = "llava",
+    fmt: Optional[str] = None,
     shard_size: int = 1000,
     split_ratio: Optional[str] = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -596,8 +694,14 @@ def prepare(
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
     max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+    columns: Optional[ParquetColumns] = None,
 ) -> PrepareReport:
     """Write `input_path`'s records (shard `shard_index` of `num_shards`) as shards into `out_dir`.
+
+    input_path: JSON/JSONL records with image paths under `images_dir`, or a parquet file (`.parquet`) whose rows
+      carry the images (`parquet_input.py`; `images_dir` None).
+    fmt: llava or caption; None: llava for JSON input, detected from a parquet file's columns.
+    columns: a parquet file's columns (default: detected).
 
     split_ratio: train,val,test shares of the shards (default 1,0,0); valid_fraction F is 1-F,F,0 (not both).
     rules: the trainer checks to apply (default: those that hold for every recipe).
@@ -619,9 +723,17 @@ def prepare(
     )
     split_ratio = _split_arguments(split_ratio, valid_fraction)
     ratio = parse_split_ratio(split_ratio)
-    input_path, images_dir, out_dir = Path(input_path), Path(images_dir), Path(out_dir)
+    input_path, out_dir = Path(input_path), Path(out_dir)
+    images_dir = None if images_dir is None else Path(images_dir)
     _check_inputs(input_path, images_dir)
-    check_separate(out_dir, input_files=[input_path], input_dirs=[images_dir])
+    check_separate(out_dir, input_files=[input_path], input_dirs=[images_dir] if images_dir is not None else [])
+    parquet = None
+    if is_parquet(input_path):
+        parquet, note = open_parquet(input_path, columns or ParquetColumns(), fmt)
+        fmt = parquet.fmt
+    elif columns is not None:
+        raise PrepareError(f"column flags are for parquet input; {input_path} is read as JSON records")
+    fmt = fmt or "llava"
     check_out(out_dir, overwrite, is_prepared_output, "a sail-data prepare output")
     rules = rules or TrainerRules.structural(max_pixels)
     text_bound = "--max-text-chars"
@@ -629,7 +741,7 @@ def prepare(
         max_text_chars, text_bound = rules.max_text_chars, rules.text_bound
     reader = _Reader(
         fmt,
-        images_dir,
+        images_dir or Path("."),
         max_pixels,
         verify_decode,
         allow_outside_images,
@@ -637,12 +749,18 @@ def prepare(
         read_file or functools.partial(_read_file, max_bytes=max_image_bytes),
         max_text_chars,
         text_bound,
+        max_image_bytes,
     )
     window = max_in_flight or 4 * workers
     count = RecordCount()
     with staged(out_dir) as stage:
-        records = read_records(input_path, num_shards, shard_index, max_record_bytes, count)
+        if parquet is not None:
+            records = ParquetRecords(input_path, parquet, num_shards, shard_index, count)
+        else:
+            records = read_records(input_path, num_shards, shard_index, max_record_bytes, count)
         report, tallies = _write_shards(stage, records, reader, shard_size, workers, window, progress, out_dir)
+        if parquet is not None:
+            report.input_note, report.input_columns = note, parquet.describe()
         if report.written == 0:
             raise _no_records_error(input_path, report, num_shards, shard_index, count.total)
         _check_splits(ratio, report.shards, shard_size, report.written, split_ratio, valid_fraction)
@@ -653,7 +771,7 @@ def prepare(
         if tallies:
             report.token_statistics = report_section(_split_tallies(stage, tallies), rules.source)
         try:
-            _write_report(stage, report, (num_shards, shard_index), rules)
+            _write_report(stage, report, (num_shards, shard_index), rules, input_path)
         except OSError as e:
             raise OutputError(f"cannot write {out_dir / REPORT_NAME}: {e.strerror}") from None
     return report

@@ -16,7 +16,7 @@ than `MAX_JSON_DEPTH` levels is a `RecordProblem` too, so no later code can recu
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Union
 
@@ -43,9 +43,17 @@ class InputError(ValueError):
 class RecordProblem(Exception):
     """A record that is not parsed at all (too large, too deeply nested); `reason` is its counter name."""
 
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, id: Optional[str] = None):
         super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
+        self.reason, self.detail, self.id = reason, detail, id  # id: the record's, when it was read
+
+
+@dataclass(frozen=True)
+class EmbeddedImage:
+    """An image carried inside its record (a parquet row's bytes) instead of a path under --images."""
+
+    data: bytes = field(repr=False)
+    name: str  # where it came from, for messages: the file name the row gives, or column[row][i]
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,18 @@ class MalformedSample(ValueError):
 class VLSample(Sample):
     """A cooked shard entry: text turns plus the raw bytes of its images."""
 
-    kind: str  # "caption", "conversation", or "malformed" (turns then hold the error)
+    kind: str  # "caption", "conversation", or "malformed" (turns then hold one (reason, detail))
     turns: List[Tuple[str, str]]  # (role, text); roles: caption | user | assistant | system
     images: List[bytes]  # encoded bytes, in placeholder order
+
+
+MALFORMED = "malformed"
+"""The skip reason of an entry that does not follow its layout, when its cooker names no finer one."""
+
+
+def malformed_sample(raw: dict, reason: str, detail: str) -> VLSample:
+    """The VLSample standing for an entry that cannot be used: the task encoder skips it and counts `reason`."""
+    return VLSample(**basic_sample_keys(raw), kind="malformed", turns=[(reason, detail)], images=[])
 
 
 @stateless
@@ -44,9 +53,7 @@ def cook_vl_sample(raw: dict) -> VLSample:
         turns = [(t["role"], t["text"]) for t in meta["turns"]]
         kind = meta["kind"]
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
-        return VLSample(
-            **basic_sample_keys(raw), kind="malformed", turns=[("error", f"{type(e).__name__}: {e}")], images=[]
-        )
+        return malformed_sample(raw, MALFORMED, f"{type(e).__name__}: {e}")
     return VLSample(**basic_sample_keys(raw), kind=kind, turns=turns, images=[raw[k] for k in image_keys])
 
 

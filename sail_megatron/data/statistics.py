@@ -7,7 +7,9 @@ and image tokens, image blocks expanded, after the over-length policy), the imag
 tokens per tile) and their tiles. The sums go to the `token_statistics` section of prepare_report.json. They
 are running sums, one small tally per shard until energon has assigned the shards to splits: memory does not
 grow with the number of records. Without a recipe the text is not tokenized and nothing is measured (the
-section is null).
+section is null). `sail-data index --recipe R` writes the same section into index_report.json, summed over the
+records it checked (all of them with `--check all`): their means estimate those of the whole set, which is
+what the readers below use.
 
 `token_statistics(path)` reads them back for a prepared folder (its train split: what training draws) or a
 blend YAML. For a blend it is the mean over its datasets weighted by the chance that a drawn sample comes
@@ -30,6 +32,7 @@ from sail_megatron.data.input_files import read_regular
 
 SECTION = "token_statistics"
 REPORT_NAME = "prepare_report.json"  # prepare.py's report (prepare imports this module, not the reverse)
+INDEX_REPORT_NAME = "index_report.json"  # index.py's: its sums are over the records it checked (their means hold)
 _REPORT_LIMIT = 1 << 30  # as blend.py: the report lists every skipped record, never this many
 _MAX_NESTING = 16
 NO_RECIPE_FIX = (
@@ -134,6 +137,8 @@ def folder_tally(folder: Union[str, Path], split: str = "train") -> Optional[Tup
     prepared without a recipe (or has no report). ValueError for a report that cannot be read, or a split
     that holds no samples."""
     report = Path(folder) / REPORT_NAME
+    if not report.exists():
+        report = Path(folder) / INDEX_REPORT_NAME  # shards indexed where they lie (`sail-data index`)
     if not report.exists():
         return None
     try:

@@ -21,6 +21,7 @@ from megatron.energon import Cooker, SkipSample, TaskEncoder, stateless
 from sail_megatron.config.data import DataConfig
 from sail_megatron.data.chat_template import ChatTemplate, SkipReason
 from sail_megatron.data.image_io import ImageError, read_image_size
+from sail_megatron.data.img2dataset import LAYOUT, LAYOUT_KEY, cook_img2dataset_sample
 from sail_megatron.data.packing import plan_packs
 from sail_megatron.data.sample import EncodedSample, MalformedSample, VLSample, cook_vl_sample
 from sail_megatron.data.tiling import TilePlan, plan_tiles
@@ -81,7 +82,9 @@ class PackedRow:
 class _SailVLEncoding(TaskEncoder[VLSample, EncodedSample, RawBatch, RawBatch]):
     """What both encoders share: cooking, tokenizing from headers, counted skips."""
 
-    cookers = [Cooker(cook_vl_sample)]
+    # energon takes the first cooker whose subflavors match the dataset's: shards indexed in img2dataset's
+    # layout (`sail-data index`) say so in their dataset.yaml; everything else is `sail-data prepare`'s layout.
+    cookers = [Cooker(cook_img2dataset_sample, has_subflavors={LAYOUT_KEY: LAYOUT}), Cooker(cook_vl_sample)]
     decoder = None  # keep image bytes encoded: decoding happens per micro-batch on the device
 
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, tile_size: int, tokens_per_tile: int):
@@ -99,8 +102,8 @@ class _SailVLEncoding(TaskEncoder[VLSample, EncodedSample, RawBatch, RawBatch]):
 
     def _encode(self, sample: VLSample) -> EncodedSample:
         cfg = self.cfg
-        if sample.kind == "malformed":
-            self._skip(sample, "malformed", sample.turns[0][1])
+        if sample.kind == "malformed":  # the cooker's (reason, detail)
+            self._skip(sample, *sample.turns[0])
         try:
             sizes = [read_image_size(b, max_pixels=cfg.max_pixels) for b in sample.images]
             plans = [

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from sail_megatron.config.data import DEFAULT_MAX_PIXELS, DataConfig
 from sail_megatron.data.input_files import check_files_in, check_regular
-from sail_megatron.data.sample import cook_vl_sample
+from sail_megatron.data.sample import VLSample, cook_vl_sample
 from sail_megatron.data.statistics import SampleMeasure
 from sail_megatron.data.task_encoder import PaddedTaskEncoder
 from sail_megatron.data.tokenizer import TokenIds
@@ -133,8 +133,12 @@ class TrainerRules:
         """The rejection if the trainer would skip this shard entry; else, with a recipe, its measure."""
         raw: Dict[str, object] = {"__key__": "prepare", "__restore_key__": (), "json": meta_json}
         raw.update({f"img{i}.{ext}": data for i, (data, ext) in enumerate(images)})
+        return self.assess_sample(cook_vl_sample(raw))
+
+    def assess_sample(self, sample: VLSample) -> Assessment:
+        """`assess` for an entry already cooked (by whichever cooker its layout takes)."""
         try:
-            encoded = self.probe.encode_sample(cook_vl_sample(raw))
+            encoded = self.probe.encode_sample(sample)
         except Rejected as r:
             return Assessment(rejection=("malformed_sample" if r.reason == "malformed" else r.reason, r.detail))
         if not self.measures:
