@@ -1,7 +1,9 @@
 """A cheap look at `data.path` before any process group or model exists, so a wrong path costs seconds.
 
 Blend YAMLs are read only if they are regular files of at most 16 MiB, and a prepared folder's `.nv-meta`
-files must be regular files (`input_files.py`): a FIFO or a device there would block the loader forever."""
+files must be regular files (`input_files.py`): a FIFO or a device there would block the loader forever.
+An `msc://PROFILE/path` URL (an object store, through energon's EPath) is asked the same questions of the
+store (`object_store.py`)."""
 
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import yaml
 
 from sail_megatron.config import ConfigError
 from sail_megatron.data.input_files import check_files_in, read_regular
+from sail_megatron.data.object_store import check_store_path, check_store_valid_split, is_store_url
 
 _BLEND_LIMIT = 16 << 20
 
@@ -28,12 +31,16 @@ def _check_meta_files(p: Path, field: str, fix: str) -> None:
 
 
 def check_dataset_path(path: str, field: str = "data.path") -> None:
-    """An energon dataset folder (prepared: `.nv-meta/`) or a blend YAML (an energon metadataset)."""
+    """An energon dataset folder (prepared: `.nv-meta/`) or a blend YAML (an energon metadataset), local or
+    in an object store (`msc://PROFILE/path`)."""
     p = Path(path)
     fix = (
         f"point {field} at a folder made by `sail-data prepare` or indexed by `sail-data index`, or at a blend YAML "
         "of such folders"
     )
+    if is_store_url(path):
+        check_store_path(path, field, fix)
+        return
     if not p.exists():
         raise ConfigError(field, f"{p} does not exist", fix)
     if p.is_dir():
@@ -65,6 +72,9 @@ def check_valid_split(path: str, field: str, source: str = "") -> None:
     fix = VALID_SPLIT_FIX
     p = Path(path)
     said = f"{source}: " if source else ""
+    if is_store_url(path):
+        check_store_valid_split(path, field, said, fix)
+        return
     if not p.exists():
         raise ConfigError(field, f"{said}{p} does not exist", fix)
     if p.is_dir():

@@ -13,6 +13,7 @@ from megatron.energon import (
 )
 
 from sail_megatron.config.data import DataConfig
+from sail_megatron.data.object_store import is_store_url, read_error, store_errors
 from sail_megatron.data.task_encoder import build_task_encoder
 from sail_megatron.data.tokenizer import Tokenizer
 
@@ -52,7 +53,31 @@ def build_train_loader(
     loader = get_savable_loader(dataset)
     if state is not None:
         loader.restore_state_rank(state)
-    return loader
+    return StoreErrorsNamed(loader, cfg.path) if is_store_url(cfg.path) else loader
+
+
+class StoreErrorsNamed:
+    """The training loader of an object-store dataset (`msc://`), unchanged but for its iteration: a read
+    that fails for good, after MSC's retries, raises DataReadError naming the URL (energon raises it too,
+    not skipping the shard, but from deep inside a worker's traceback). Everything else (state saving and
+    restoring) is the wrapped loader's."""
+
+    def __init__(self, loader: SavableDataLoader, store_url: str):
+        self.loader, self.store_url = loader, store_url
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        inner = iter(self.loader)
+        while True:
+            try:
+                batch = next(inner)
+            except StopIteration:
+                return
+            except store_errors() as e:
+                raise read_error(self.store_url, "data.path", e) from e
+            yield batch
 
 
 def build_valid_loader(

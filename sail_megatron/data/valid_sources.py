@@ -7,7 +7,9 @@ datasets, each read into rows of its own so that each gets a loss of its own.
   val split (subflavors, subsets, joins, ...) is one source, named by the YAML's file name;
 - a list gives each entry's sources, in order;
 - a mapping gives one source per name, a blend under a name scored as a whole (its val split read as
-  energon reads it, so e.g. `{ocr: ocr_blend.yaml}` is one loss over all of its OCR datasets).
+  energon reads it, so e.g. `{ocr: ocr_blend.yaml}` is one loss over all of its OCR datasets);
+- an object-store URL (`msc://PROFILE/path`) is one source, named by its last part (a blend there is scored
+  as a whole).
 
 Names taken from paths are made unique by adding parent folders (`a/data`, `b/data`); one dataset listed
 twice is an error."""
@@ -23,6 +25,7 @@ import yaml
 from sail_megatron.config import ConfigError
 from sail_megatron.config.data import DataConfig
 from sail_megatron.data.dataset_path import _read_blend, check_dataset_path, check_valid_split
+from sail_megatron.data.object_store import is_store_url, store_name
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +145,15 @@ def valid_sources(data: DataConfig) -> List[ValidSource]:
         if name is not None:
             sources.append(ValidSource(name, path, field))
             continue
+        if is_store_url(path):
+            taken = {s.name for s in sources if s is not None}
+            base = candidate = store_name(path)
+            k = 1
+            while candidate in taken:
+                k += 1
+                candidate = f"{base}-{k}"
+            sources.append(ValidSource(candidate, path, field))
+            continue
         for dataset, blend in _datasets_of(Path(path)):
             unnamed.append((len(sources), dataset, field, blend))
             sources.append(None)
@@ -165,7 +177,7 @@ def check_valid_sources(data: DataConfig) -> List[ValidSource]:
 def datasets_left_unvalidated(data: DataConfig, sources: Sequence[ValidSource]) -> List[str]:
     """With data.valid_path unset: the datasets data.path's plain blend trains on that no source
     validates (`sail-data blend` leaves a dataset without held-out data out of the val split)."""
-    if data.valid_path or not Path(data.path).is_file():
+    if data.valid_path or is_store_url(data.path) or not Path(data.path).is_file():
         return []
     try:
         doc = yaml.safe_load(_read_blend(Path(data.path)))
