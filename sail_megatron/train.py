@@ -48,6 +48,7 @@ from sail_megatron.training.faults import FaultInjector
 from sail_megatron.training.flops import Trains
 from sail_megatron.training.graceful_stop import GracefulStop
 from sail_megatron.training.metered_data import MeteredData, build_loader, from_loader
+from sail_megatron.training.moe_metrics import moe_routing
 from sail_megatron.training.monitor import TrainingMonitor, device_peak_flops
 from sail_megatron.training.optimizer import part_learning_rates, schedule_changes
 from sail_megatron.training.progress import SCHEDULE_UNIT_KEY, Consumed, Progress, check_schedule_unit
@@ -154,6 +155,7 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
         device_peak_flops(cfg.precision, run.peak_tflops),
         tensorboard=run.tensorboard,
         pipeline_stages=cfg.parallel.pipeline_model_parallel_size,
+        moe=moe_routing(chunks, cfg.parallel),
     )
     logger.info(
         "training %s (%s) from step %d to %s: world %d = TP %d x PP %d x DP %d, %d micro-batches per step",

@@ -41,7 +41,7 @@ VISION_ARCHS: Dict[str, VisionArch] = {
 
 @dataclass(frozen=True)
 class LanguageArch:
-    """What a decoder family is, apart from its sizes (both: RMSNorm, SwiGLU, RoPE, GQA)."""
+    """What a decoder family is, apart from its sizes (all: RMSNorm, SwiGLU, RoPE, GQA)."""
 
     qkv_bias: bool
     qk_layernorm: bool
@@ -49,11 +49,16 @@ class LanguageArch:
     hf_architecture: str
     """The transformers class of a standalone checkpoint."""
     hf_model_type: str
+    moe: bool = False
+    """Every decoder layer's MLP is a mixture of experts (a router picks the top-k of `num_experts` SwiGLU
+    experts per token and sums their outputs weighted by the routing probabilities); no shared expert."""
 
 
 LANGUAGE_ARCHS: Dict[str, LanguageArch] = {
     "qwen2": LanguageArch(True, False, "Qwen2ForCausalLM", "qwen2"),  # Qwen2 and Qwen2.5
     "qwen3": LanguageArch(False, True, "Qwen3ForCausalLM", "qwen3"),  # dense Qwen3
+    # Qwen3-MoE (Qwen3-30B-A3B, SAIL-VL2's MoE model): Qwen3's attention, every MLP a mixture of experts.
+    "qwen3_moe": LanguageArch(False, True, "Qwen3MoeForCausalLM", "qwen3_moe", moe=True),
 }
 
 
@@ -200,16 +205,18 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: 
 
 @dataclass
 class LanguageConfig:
-    """Decoder: Qwen2/Qwen2.5 or dense Qwen3 (`arch`)."""
+    """Decoder: Qwen2/Qwen2.5, dense Qwen3 or Qwen3-MoE (`arch`)."""
 
     arch: str = "qwen2"
-    """Decoder family: 'qwen2' (also Qwen2.5) or 'qwen3'; see LANGUAGE_ARCHS."""
+    """Decoder family: 'qwen2' (also Qwen2.5), 'qwen3' (dense) or 'qwen3_moe'; see LANGUAGE_ARCHS."""
     hidden_size: int = 1536
     num_layers: int = 28
     num_attention_heads: int = 12
     num_query_groups: int = 2
     """Key/value heads (GQA)."""
     ffn_hidden_size: int = 8960
+    """Width of the dense SwiGLU MLP (Qwen3-MoE: its config's `intermediate_size`, which no layer uses when
+    every layer is an MoE layer; kept so the Hugging Face config travels unchanged)."""
     vocab_size: int = 151936
     """Rows of the released embedding (Megatron may pad it for TP; export strips the padding)."""
     rope_theta: float = 1_000_000.0
@@ -220,10 +227,28 @@ class LanguageConfig:
     make_vocab_size_divisible_by: int = 128
     head_dim: Optional[int] = None
     """Width of one attention head when it is not hidden_size / num_attention_heads (Qwen3 states it)."""
+    num_experts: Optional[int] = None
+    """Mixture-of-experts families only: routed experts per layer (Qwen3-MoE `num_experts`); null when dense."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """FFN width of one expert (Qwen3-MoE `moe_intermediate_size`)."""
+    moe_router_topk: Optional[int] = None
+    """Experts each token is routed to (Qwen3-MoE `num_experts_per_tok`)."""
+    moe_norm_topk_prob: bool = True
+    """Renormalize the top-k routing probabilities to sum to one (Qwen3-MoE `norm_topk_prob`); false keeps
+    the softmax over all experts at the chosen ones."""
+    moe_aux_loss_coeff: float = 0.0
+    """Load-balancing (Switch) loss weight, added per MoE layer over each micro-batch's tokens (Qwen3-MoE
+    `router_aux_loss_coef`, 0.001); 0 turns it off."""
+    moe_z_loss_coeff: Optional[float] = None
+    """Router z-loss weight (ST-MoE: the squared log-sum-exp of the router logits); null turns it off."""
 
     @property
     def spec(self) -> LanguageArch:
         return LANGUAGE_ARCHS[self.arch]
+
+    @property
+    def is_moe(self) -> bool:
+        return self.arch in LANGUAGE_ARCHS and self.spec.moe
 
     @property
     def kv_channels(self) -> int:
@@ -259,6 +284,47 @@ class LanguageConfig:
                 f"{prefix}.num_query_groups",
                 f"{self.num_attention_heads} heads do not split into {self.num_query_groups} groups",
                 "use a divisor of num_attention_heads",
+            )
+        self._validate_moe(prefix)
+
+    def _validate_moe(self, prefix: str) -> None:
+        if not self.is_moe:
+            if self.num_experts is not None:
+                raise ConfigError(
+                    f"{prefix}.num_experts",
+                    f"is {self.num_experts} but arch {self.arch!r} is a dense decoder",
+                    "use arch qwen3_moe for a mixture-of-experts model, or set num_experts to null",
+                )
+            return
+        for name, what in (
+            ("num_experts", "the routed experts per layer"),
+            ("moe_ffn_hidden_size", "the FFN width of one expert"),
+            ("moe_router_topk", "the experts per token"),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(
+                    f"{prefix}.{name}",
+                    f"must be a positive integer for arch {self.arch!r}, got {value!r}",
+                    f"set it to {what} (Qwen3-30B-A3B: num_experts 128, moe_ffn_hidden_size 768, moe_router_topk 8)",
+                )
+        if self.moe_router_topk > self.num_experts:
+            raise ConfigError(
+                f"{prefix}.moe_router_topk",
+                f"{self.moe_router_topk} experts per token out of {self.num_experts}",
+                "use at most num_experts",
+            )
+        if isinstance(self.moe_aux_loss_coeff, bool) or not self.moe_aux_loss_coeff >= 0:
+            raise ConfigError(
+                f"{prefix}.moe_aux_loss_coeff",
+                f"must be a number >= 0, got {self.moe_aux_loss_coeff!r}",
+                "use 0.001 (Qwen3-MoE's router_aux_loss_coef) or 0 to turn the load-balancing loss off",
+            )
+        if self.moe_z_loss_coeff is not None and not self.moe_z_loss_coeff > 0:
+            raise ConfigError(
+                f"{prefix}.moe_z_loss_coeff",
+                f"must be > 0 or null, got {self.moe_z_loss_coeff!r}",
+                "use a small weight such as 0.001, or null to turn the z-loss off",
             )
 
 

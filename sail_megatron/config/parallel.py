@@ -1,4 +1,4 @@
-"""How a model is laid out over processes: tensor, pipeline and data parallelism."""
+"""How a model is laid out over processes: tensor, pipeline, expert and data parallelism."""
 
 from dataclasses import dataclass
 from typing import Optional
@@ -40,6 +40,13 @@ class ParallelConfig:
     recompute_vision: bool = False
     """Recompute every ViT layer in the backward pass (many tiles per micro-batch make the ViT's
     activations the largest; only useful when the ViT trains)."""
+    expert_model_parallel_size: int = 1
+    """Mixture-of-experts language models: ranks the experts of every MoE layer are split over (each holds
+    num_experts / EP whole experts; tokens travel to their experts by all-to-all). The expert ranks are
+    taken from the data-parallel ranks (with TP, from TP x DP), so the world size stays TP x PP x DP and
+    megatron-core reduces expert gradients over the ranks that hold the same experts."""
+    expert_tensor_parallel_size: Optional[int] = None
+    """Ranks each expert's FFN is split over; null: the tensor-parallel size (megatron-core's default)."""
 
     @property
     def model_parallel_size(self) -> int:
@@ -52,6 +59,18 @@ class ParallelConfig:
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.model_parallel_size
+
+    @property
+    def expert_tensor_size(self) -> int:
+        """Ranks one expert is split over (the tensor-parallel size unless stated)."""
+        etp = self.expert_tensor_parallel_size
+        return self.tensor_model_parallel_size if etp is None else etp
+
+    def expert_data_parallel_size(self, world_size: int) -> int:
+        """Ranks that hold the same experts (their gradients are reduced over these)."""
+        return world_size // (
+            self.expert_tensor_size * self.expert_model_parallel_size * self.pipeline_model_parallel_size
+        )
 
     def validate(self, model: ModelConfig, world_size: int) -> None:
         """Check the layout against the model and the number of processes; raises ConfigError."""
@@ -77,8 +96,9 @@ class ParallelConfig:
         checks = [
             ("model.language.num_attention_heads", lang.num_attention_heads),
             ("model.language.num_query_groups", lang.num_query_groups),
-            ("model.language.ffn_hidden_size", lang.ffn_hidden_size),
         ]
+        if not lang.is_moe:  # a mixture of experts has no dense MLP (its experts are checked against ETP)
+            checks.append(("model.language.ffn_hidden_size", lang.ffn_hidden_size))
         if self.vision_tensor_parallel_size > 1:
             checks += [
                 ("model.vision.num_attention_heads", vision.num_attention_heads),
@@ -101,6 +121,7 @@ class ParallelConfig:
             raise ConfigError(
                 "parallel.sequence_parallel", "needs tensor_model_parallel_size > 1", "turn it off or raise TP"
             )
+        self._validate_experts(model, world_size)
         if self.recompute_granularity not in (None, "selective", "full"):
             raise ConfigError(
                 "parallel.recompute_granularity",
@@ -117,6 +138,55 @@ class ParallelConfig:
                 "parallel.recompute_num_layers",
                 f"{self.recompute_num_layers} with {per_stage} language layers per pipeline stage",
                 f"use 1..{per_stage}",
+            )
+
+    def _validate_experts(self, model: ModelConfig, world_size: int) -> None:
+        """Expert parallelism against the model and the world size, as megatron-core's
+        initialize_model_parallel and MoE layers require it."""
+        ep, etp, lang = self.expert_model_parallel_size, self.expert_tensor_parallel_size, model.language
+        for name, value in (("expert_model_parallel_size", ep), ("expert_tensor_parallel_size", etp)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(
+                    f"parallel.{name}", f"must be a positive integer, got {value!r}", "set it to 1 or more"
+                )
+        if not lang.is_moe:
+            if ep > 1 or etp is not None:
+                name = "expert_model_parallel_size" if ep > 1 else "expert_tensor_parallel_size"
+                raise ConfigError(
+                    f"parallel.{name}",
+                    f"is {getattr(self, name)} but the language model ({lang.arch}) has no experts",
+                    "remove it (expert_model_parallel_size 1, expert_tensor_parallel_size null), or use a "
+                    "mixture-of-experts model (model_preset sail-vl2-moe)",
+                )
+            return
+        if lang.num_experts % ep:
+            raise ConfigError(
+                "parallel.expert_model_parallel_size",
+                f"{lang.num_experts} experts (model.language.num_experts) do not split over {ep} expert ranks",
+                "choose an expert-parallel size that divides the number of experts",
+            )
+        experts_layout = self.expert_tensor_size * ep * self.pipeline_model_parallel_size
+        if world_size % experts_layout:
+            raise ConfigError(
+                "parallel.expert_model_parallel_size",
+                f"world size {world_size} is not divisible by expert TP x EP x PP = "
+                f"{self.expert_tensor_size}*{ep}*{self.pipeline_model_parallel_size}",
+                f"launch a multiple of {experts_layout} processes or change the expert-parallel size",
+            )
+        if lang.moe_ffn_hidden_size % self.expert_tensor_size:
+            raise ConfigError(
+                "model.language.moe_ffn_hidden_size",
+                f"{lang.moe_ffn_hidden_size} is not divisible by the expert tensor-parallel size "
+                f"{self.expert_tensor_size}",
+                "choose parallel.expert_tensor_parallel_size (default: the TP size) that divides it",
+            )
+        if self.tensor_model_parallel_size > 1 and not self.sequence_parallel:
+            raise ConfigError(
+                "parallel.sequence_parallel",
+                "is off, but megatron-core trains mixture-of-experts layers under tensor parallelism only with "
+                "sequence parallelism (its MoE layer refuses the training step otherwise)",
+                "set parallel.sequence_parallel=true (Transformer Engine layers), or use TP 1 and "
+                "parallel.expert_model_parallel_size to split the experts",
             )
 
     def check_layer_backend(self, layer_backend: str) -> None:

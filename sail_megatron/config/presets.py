@@ -50,6 +50,24 @@ QWEN3_8B = replace(
     ffn_hidden_size=12288,
     tie_word_embeddings=False,
 )
+# Qwen3-30B-A3B (SAIL-VL2's MoE model): every layer routes each token to 8 of 128 SwiGLU experts of width 768
+# (softmax over all experts, top 8 renormalized), no shared expert; `intermediate_size` 6144 is in its config
+# but no layer is dense. 30,532,122,624 parameters, about 3.3B active per token.
+QWEN3_30B_A3B = replace(
+    QWEN3_17B,
+    arch="qwen3_moe",
+    hidden_size=2048,
+    num_layers=48,
+    num_attention_heads=32,
+    num_query_groups=4,
+    ffn_hidden_size=6144,
+    tie_word_embeddings=False,
+    num_experts=128,
+    moe_ffn_hidden_size=768,
+    moe_router_topk=8,
+    moe_norm_topk_prob=True,
+    moe_aux_loss_coeff=0.001,
+)
 
 VISION_PRESETS = {
     "internvit-300m": INTERNVIT_300M,
@@ -77,12 +95,24 @@ _TINY_QWEN2 = LanguageConfig(
 )
 # head_dim 32 x 4 heads is wider than hidden 64, as in Qwen3-0.6B: exercises an explicit head_dim.
 _TINY_QWEN3 = replace(_TINY_QWEN2, arch="qwen3", head_dim=32, tie_word_embeddings=True)
+# Qwen3-MoE in miniature: 4 experts of width 48, top 2 (EP 2 and 4 split them), untied as Qwen3-30B-A3B.
+_TINY_QWEN3_MOE = replace(
+    _TINY_QWEN3,
+    arch="qwen3_moe",
+    tie_word_embeddings=False,
+    num_experts=4,
+    moe_ffn_hidden_size=48,
+    moe_router_topk=2,
+    moe_norm_topk_prob=True,
+    moe_aux_loss_coeff=0.001,
+)
 
 PRESETS = {
     "tiny": ModelConfig(vision=_TINY_INTERNVIT, projector=_TINY_PROJECTOR, language=_TINY_QWEN2),
     # SAIL-VL-1.5/1.6 layout (AIMv2 + Qwen2.5) and SAIL-VL2 layout (AIMv2 + Qwen3), tiny.
     "tiny-aimv2": ModelConfig(vision=_TINY_AIMV2, projector=_TINY_PROJECTOR, language=_TINY_QWEN2),
     "tiny-sail-vl2": ModelConfig(vision=_TINY_AIMV2, projector=_TINY_PROJECTOR, language=_TINY_QWEN3),
+    "tiny-sail-vl2-moe": ModelConfig(vision=_TINY_AIMV2, projector=_TINY_PROJECTOR, language=_TINY_QWEN3_MOE),
     "sail-vl-2b": ModelConfig(
         vision=replace(INTERNVIT_300M, select_layer=-4, drop_path_rate=0.1),
         projector=ProjectorConfig(),
@@ -97,6 +127,8 @@ PRESETS = {
     "sail-vl-1.6-8b": ModelConfig(vision=AIMV2_HUGE, projector=ProjectorConfig(), language=QWEN25_7B),
     "sail-vl2-2b": ModelConfig(vision=AIMV2_HUGE, projector=ProjectorConfig(), language=QWEN3_17B),
     "sail-vl2-8b": ModelConfig(vision=AIMV2_HUGE, projector=ProjectorConfig(), language=QWEN3_8B),
+    # SAIL-VL2's mixture-of-experts model (the paper's 31.1B, ~3B active): SAILViT-Huge + Qwen3-30B-A3B.
+    "sail-vl2-moe": ModelConfig(vision=AIMV2_HUGE, projector=ProjectorConfig(), language=QWEN3_30B_A3B),
 }
 
 

@@ -49,19 +49,20 @@ def check_tensors(
     )
 
 
-def layout_problems(cfg: ModelConfig, tp: int, pp: int) -> List[str]:
-    """Every way the model does not split over TP x PP."""
+def layout_problems(cfg: ModelConfig, tp: int, pp: int, ep: int = 1) -> List[str]:
+    """Every way the model does not split over TP x PP (x EP: its experts over expert-parallel ranks)."""
     problems = []
-    for name, value in (("tp", tp), ("pp", pp)):
+    for name, value in (("tp", tp), ("pp", pp), ("ep", ep)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             problems.append(f"--{name} must be a positive integer, got {value!r}")
     if problems:
         return problems
     lang, vision = cfg.language, cfg.vision
+    ffn = ("language moe_intermediate_size", lang.moe_ffn_hidden_size) if lang.is_moe else None
     for name, value in (
         ("language num_attention_heads", lang.num_attention_heads),
         ("language num_key_value_heads (query groups)", lang.num_query_groups),
-        ("language intermediate_size", lang.ffn_hidden_size),
+        ffn or ("language intermediate_size", lang.ffn_hidden_size),
         ("language hidden_size (projector output)", lang.hidden_size),
         ("vision num_attention_heads", vision.num_attention_heads),
         ("vision intermediate_size", vision.ffn_hidden_size),
@@ -70,19 +71,30 @@ def layout_problems(cfg: ModelConfig, tp: int, pp: int) -> List[str]:
             problems.append(f"TP {tp} does not divide the {name} ({value})")
     if lang.num_layers % pp:
         problems.append(f"PP {pp} does not divide the {lang.num_layers} language layers")
+    if ep > 1 and not lang.is_moe:
+        problems.append(f"EP {ep} needs a mixture-of-experts language model ({lang.arch} has no experts)")
+    elif lang.is_moe and lang.num_experts % ep:
+        problems.append(f"EP {ep} does not divide the {lang.num_experts} experts")
     if not problems:
-        try:  # whatever else the trainer would refuse for this layout
-            ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp).validate(cfg, tp * pp)
+        try:  # whatever else the trainer would refuse for this layout (MoE under TP trains with SP)
+            ParallelConfig(
+                tensor_model_parallel_size=tp,
+                pipeline_model_parallel_size=pp,
+                expert_model_parallel_size=ep,
+                sequence_parallel=tp > 1 and lang.is_moe,
+            ).validate(cfg, tp * pp * ep)
         except ConfigError as e:
             problems.append(str(e))
     return problems
 
 
-def check_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
+def check_layout(cfg: ModelConfig, tp: int, pp: int, ep: int = 1) -> None:
+    layout = f"TP {tp} x PP {pp}" + (f" x EP {ep}" if ep != 1 else "")
     raise_if(
-        layout_problems(cfg, tp, pp),
-        f"the model cannot be laid out as TP {tp} x PP {pp}",
-        "choose --tp dividing the head, query-group and FFN sizes and --pp dividing the layer count",
+        layout_problems(cfg, tp, pp, ep),
+        f"the model cannot be laid out as {layout}",
+        "choose --tp dividing the head, query-group and FFN sizes, --pp dividing the layer count and --ep "
+        "dividing the experts",
     )
 
 

@@ -1,7 +1,7 @@
 """`sail-convert`: Hugging Face (SAIL-VL / InternVL-chat) <-> megatron checkpoints, stage-1 init, verify.
 
-Families: InternViT or AIMv2 / SAILViT vision encoders with Qwen2 / Qwen2.5 or dense Qwen3 language models
-(SAIL-VL, SAIL-VL-1.5/1.6, dense SAIL-VL2; InternVL-chat models of those parts).
+Families: InternViT or AIMv2 / SAILViT vision encoders with Qwen2 / Qwen2.5, dense Qwen3 or Qwen3-MoE language
+models (SAIL-VL, SAIL-VL-1.5/1.6, SAIL-VL2 dense and MoE; InternVL-chat models of those parts).
 
     sail-convert hf-to-mcore --hf SAIL-VL-2B --out ckpt/sail-vl-2b --tp 2 --pp 1
     sail-convert mcore-to-hf --ckpt runs/sft --out export/sail-vl-2b-sft [--tokenizer DIR] [--base-hf DIR]
@@ -12,7 +12,7 @@ Families: InternViT or AIMv2 / SAILViT vision encoders with Qwen2 / Qwen2.5 or d
 
 Exit status: 0 done (verify: passed), 1 verify failed, 2 bad input or a damaged checkpoint (the message
 lists every problem).
-Conversion runs as one CPU process; the checkpoint it writes loads under any TP/PP.
+Conversion runs as one CPU process; the checkpoint it writes loads under any TP/PP/EP.
 """
 
 import argparse
@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="new folder for the checkpoint (must not exist or be empty)")
     a.add_argument("--tp", type=int, default=1, help="tensor-parallel size it will train at (checks, vocab padding)")
     a.add_argument("--pp", type=int, default=1, help="pipeline-parallel size it will train at (checks)")
+    a.add_argument("--ep", type=int, default=1, help="expert-parallel size it will train at (MoE models; checks)")
     a.add_argument("--dtype", default="auto", help="auto (as stored), bf16, fp32 or fp16")
     a.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     a.add_argument("--image-token-id", type=int, default=None, help="<IMG_CONTEXT> id (default: from the tokenizer)")
@@ -104,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     c = sub.add_parser("init", help="fresh stage-1 checkpoint: Qwen2/Qwen3 + InternViT/AIMv2 + a new projector")
-    c.add_argument("--llm", required=True, help="Qwen2 / Qwen2.5 or dense Qwen3 Hugging Face folder")
+    c.add_argument("--llm", required=True, help="Qwen2 / Qwen2.5, dense Qwen3 or Qwen3-MoE Hugging Face folder")
     c.add_argument(
         "--vision",
         required=True,
@@ -155,6 +156,7 @@ def _run(args) -> int:
             args.out,
             tp=args.tp,
             pp=args.pp,
+            ep=args.ep,
             dtype=args.dtype,
             make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
             image_token_id=args.image_token_id,

@@ -2,11 +2,11 @@
 
 Families: `model_type` `internvl_chat` (InternVL, SAIL-VL, SAIL-VL-1.5/1.6) or `sailvl` (SAIL-VL2);
 `vision_config` InternViT-300M style or AIMv2 / SAILViT (`model_type` `aimv2`, `sailvit`, or transformers'
-`aimv2_vision_model`); `llm_config` Qwen2 / Qwen2.5 or dense Qwen3.
+`aimv2_vision_model`); `llm_config` Qwen2 / Qwen2.5, dense Qwen3 or Qwen3-MoE (SAIL-VL2's MoE model).
 
 Reading checks every field our model depends on and collects *all* problems (unknown model type,
-unsupported features such as qk-normalization, biased AIMv2 layers or mixture-of-experts language models,
-missing sizes) into one ConversionError. Writing starts from a template (the config.json the weights came
+unsupported features such as qk-normalization, biased AIMv2 layers, other mixture-of-experts families or
+Qwen3-MoE with dense layers, missing sizes) into one ConversionError. Writing starts from a template (the config.json the weights came
 from) and sets only the fields we own, leaving a value untouched when it already equals ours (so
 `1000000` stays an int): HF -> Megatron -> HF gives back the identical dict. Missing optional keys take
 the defaults of the original config classes (InternVL/InternViT, SAIL-VL, AIMv2, Qwen2/Qwen3).
@@ -26,6 +26,7 @@ SAILVL_MODEL_TYPE = "sailvl"  # SAIL-VL2's top-level model_type (SAIL-VL-1.5/1.6
 MODEL_TYPES = (MODEL_TYPE, SAILVL_MODEL_TYPE)
 QWEN2_ARCHITECTURE = "Qwen2ForCausalLM"
 QWEN3_ARCHITECTURE = "Qwen3ForCausalLM"
+QWEN3_MOE_ARCHITECTURE = "Qwen3MoeForCausalLM"
 # AIMv2 vision configs: apple/ml-aim's AIMv2Config (SAIL-VL-1.5/1.6), its copy SAILViTConfig (SAIL-VL2),
 # transformers' Aimv2VisionConfig (HF-native apple releases).
 AIMV2_MODEL_TYPES = ("aimv2", "sailvit", "aimv2_vision_model")
@@ -74,6 +75,20 @@ AIMV2_DEFAULTS = {
     "is_native": False,
 }
 QWEN3_DEFAULTS = {**LLM_DEFAULTS, "head_dim": 128, "attention_bias": False}  # transformers' Qwen3Config
+# transformers' Qwen3MoeConfig: no head_dim field (hidden / heads when absent), norm_topk_prob off by default;
+# transformers 5 names `num_experts` `num_local_experts` in what it writes (the releases write num_experts).
+QWEN3_MOE_DEFAULTS = {
+    **LLM_DEFAULTS,
+    "attention_bias": False,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "moe_intermediate_size": 768,
+    "norm_topk_prob": False,
+    "router_aux_loss_coef": 0.001,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+}
+NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts")
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
@@ -211,12 +226,14 @@ def rope_theta_of(lcfg: Dict[str, Any]) -> Optional[float]:
 
 
 def language_arch_of(lcfg: Dict[str, Any]) -> Optional[str]:
-    """'qwen2' or 'qwen3' (dense) by architecture or model_type; None for anything else."""
+    """'qwen2', 'qwen3' (dense) or 'qwen3_moe' by architecture or model_type; None for anything else."""
     archs = lcfg.get("architectures") or []
     if QWEN2_ARCHITECTURE in archs or lcfg.get("model_type") == "qwen2":
         return "qwen2"
     if QWEN3_ARCHITECTURE in archs or lcfg.get("model_type") == "qwen3":
         return "qwen3"
+    if QWEN3_MOE_ARCHITECTURE in archs or lcfg.get("model_type") == "qwen3_moe":
+        return "qwen3_moe"
     return None
 
 
@@ -235,19 +252,15 @@ def language_from_hf(
     """A Qwen2 or dense Qwen3 config dict -> LanguageConfig; appends what is unsupported."""
     archs = lcfg.get("architectures") or []
     arch = language_arch_of(lcfg)
-    if _is_moe(lcfg):
-        problems.append(
-            f"{prefix} describes {archs or lcfg.get('model_type')!r}, a mixture-of-experts language model: "
-            "mixture-of-experts SAIL-VL2 models are not supported (dense Qwen2 / Qwen3 only)"
-        )
-        arch = "qwen3"
-    elif arch is None:
-        problems.append(
-            f"{prefix} describes {archs or lcfg.get('model_type')!r}: only {QWEN2_ARCHITECTURE} "
-            f"(Qwen2 / Qwen2.5) and {QWEN3_ARCHITECTURE} (dense Qwen3) language models are supported"
-        )
-        arch = "qwen2"
-    defaults = QWEN3_DEFAULTS if arch == "qwen3" else LLM_DEFAULTS
+    supported = (
+        f"only {QWEN2_ARCHITECTURE} (Qwen2 / Qwen2.5), {QWEN3_ARCHITECTURE} (dense Qwen3) and "
+        f"{QWEN3_MOE_ARCHITECTURE} (Qwen3-MoE) language models are supported"
+    )
+    if arch is None or (arch != "qwen3_moe" and _is_moe(lcfg)):
+        kind = ", a mixture-of-experts language model" if _is_moe(lcfg) else ""
+        problems.append(f"{prefix} describes {archs or lcfg.get('model_type')!r}{kind}: {supported}")
+        arch = "qwen3" if kind else "qwen2"  # read the rest as the nearest family (MoE releases are Qwen3-like)
+    defaults = {"qwen3": QWEN3_DEFAULTS, "qwen3_moe": QWEN3_MOE_DEFAULTS}.get(arch, LLM_DEFAULTS)
     g = lambda key: _get(lcfg, key, defaults, prefix, problems)  # noqa: E731
     if g("hidden_act") != "silu":
         problems.append(f"{prefix}.hidden_act is {g('hidden_act')!r}: only 'silu' (SwiGLU) is supported")
@@ -260,10 +273,16 @@ def language_from_hf(
         problems.append(f"{prefix}.rope_parameters.rope_type is {params['rope_type']!r}: only 'default' is supported")
     hidden = _int(g("hidden_size"), f"{prefix}.hidden_size", problems)
     heads = _int(g("num_attention_heads"), f"{prefix}.num_attention_heads", problems)
-    if arch == "qwen3":  # q/k norms, no biases, an explicit head width
+    moe: Dict[str, Any] = {}
+    if arch in ("qwen3", "qwen3_moe"):  # q/k norms, no biases, an explicit head width
         if g("attention_bias"):
             problems.append(f"{prefix}.attention_bias is true: only Qwen3 without q/k/v/o biases is supported")
-        head_dim: Optional[int] = _int(g("head_dim"), f"{prefix}.head_dim", problems)
+        if arch == "qwen3_moe" and lcfg.get("head_dim") is None:  # Qwen3MoeConfig: hidden / heads
+            head_dim: Optional[int] = hidden // heads if heads else None
+        else:
+            head_dim = _int(g("head_dim"), f"{prefix}.head_dim", problems)
+        if arch == "qwen3_moe":
+            moe = _moe_from_hf(lcfg, g, prefix, problems)
     else:
         head_dim = lcfg.get("head_dim")
         if head_dim is not None and heads and head_dim * heads != hidden:
@@ -284,6 +303,39 @@ def language_from_hf(
         tie_word_embeddings=bool(g("tie_word_embeddings")),
         max_position_embeddings=_int(g("max_position_embeddings"), f"{prefix}.max_position_embeddings", problems),
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        **moe,
+    )
+
+
+def num_experts_key(lcfg: Dict[str, Any]) -> str:
+    """Where a Qwen3-MoE config keeps its expert count: `num_experts` (the releases) or `num_local_experts`
+    (transformers 5's own writing)."""
+    return next((k for k in NUM_EXPERTS_KEYS if lcfg.get(k) is not None), NUM_EXPERTS_KEYS[0])
+
+
+def _moe_from_hf(lcfg: Dict[str, Any], g, prefix: str, problems: List[str]) -> Dict[str, Any]:
+    """Qwen3-MoE's expert fields -> LanguageConfig's; every layer must be an MoE layer (as Qwen3-30B-A3B)."""
+    sparse_step, dense_layers = g("decoder_sparse_step"), g("mlp_only_layers") or []
+    if sparse_step != 1 or dense_layers:
+        problems.append(
+            f"{prefix} has dense MLP layers (decoder_sparse_step {sparse_step!r}, mlp_only_layers {dense_layers!r}): "
+            "only Qwen3-MoE models whose every layer is a mixture of experts (decoder_sparse_step 1, "
+            "mlp_only_layers []) are supported"
+        )
+    if lcfg.get("shared_expert_intermediate_size"):
+        problems.append(f"{prefix}.shared_expert_intermediate_size is set: shared experts are not supported")
+    key = num_experts_key(lcfg)
+    experts = lcfg[key] if lcfg.get(key) is not None else QWEN3_MOE_DEFAULTS["num_experts"]
+    coeff = g("router_aux_loss_coef")
+    if isinstance(coeff, bool) or not isinstance(coeff, (int, float)) or coeff < 0:
+        problems.append(f"{prefix}.router_aux_loss_coef must be a number >= 0, got {coeff!r}")
+        coeff = 0.0
+    return dict(
+        num_experts=_int(experts, f"{prefix}.{key}", problems),
+        moe_ffn_hidden_size=_int(g("moe_intermediate_size"), f"{prefix}.moe_intermediate_size", problems),
+        moe_router_topk=_int(g("num_experts_per_tok"), f"{prefix}.num_experts_per_tok", problems),
+        moe_norm_topk_prob=bool(g("norm_topk_prob")),
+        moe_aux_loss_coeff=float(coeff),
     )
 
 
@@ -330,7 +382,7 @@ def model_config_from_hf(
         problems,
         f"unsupported model in {source}",
         "convert a SAIL-VL / InternVL-chat model with an InternViT-300M style or AIMv2 / SAILViT "
-        "vision encoder and a Qwen2 or dense Qwen3 language model",
+        "vision encoder and a Qwen2, dense Qwen3 or Qwen3-MoE language model",
     )
     return model
 
@@ -423,17 +475,34 @@ def put_language(lcfg: Dict[str, Any], lang: LanguageConfig) -> None:
     if lang.arch == "qwen3":
         _put(lcfg, "head_dim", lang.kv_channels, _MISSING if fresh else QWEN3_DEFAULTS["head_dim"])
         _put(lcfg, "attention_bias", False, _MISSING if fresh else QWEN3_DEFAULTS["attention_bias"])
+    if lang.is_moe:
+        _put_moe(lcfg, lang, fresh)
     if not lcfg.get("architectures"):
         lcfg["architectures"] = [lang.spec.hf_architecture]
     lcfg.setdefault("model_type", lang.spec.hf_model_type)
+
+
+def _put_moe(lcfg: Dict[str, Any], lang: LanguageConfig, fresh: bool) -> None:
+    """Qwen3-MoE's fields (a fresh config gets every one explicit: Qwen3MoeConfig's defaults are not ours)."""
+    default = (lambda key: _MISSING) if fresh else (lambda key: QWEN3_MOE_DEFAULTS[key])  # noqa: E731
+    head_default = _MISSING if fresh else lang.hidden_size // lang.num_attention_heads
+    _put(lcfg, "head_dim", lang.kv_channels, head_default)
+    _put(lcfg, "attention_bias", False, default("attention_bias"))
+    _put(lcfg, num_experts_key(lcfg), lang.num_experts, default("num_experts"))
+    _put(lcfg, "num_experts_per_tok", lang.moe_router_topk, default("num_experts_per_tok"))
+    _put(lcfg, "moe_intermediate_size", lang.moe_ffn_hidden_size, default("moe_intermediate_size"))
+    _put(lcfg, "norm_topk_prob", lang.moe_norm_topk_prob, default("norm_topk_prob"))
+    _put(lcfg, "router_aux_loss_coef", lang.moe_aux_loss_coeff, default("router_aux_loss_coef"))
+    _put(lcfg, "decoder_sparse_step", 1, default("decoder_sparse_step"))
+    _put(lcfg, "mlp_only_layers", [], default("mlp_only_layers"))
 
 
 def _fresh_identity(model: ModelConfig) -> Tuple[str, str]:
     """(model_type, architecture) of a config written from scratch, as the family's releases name them."""
     if model.vision.arch != "aimv2":
         return MODEL_TYPE, "InternVLChatModel"
-    if model.language.arch == "qwen3":
-        return SAILVL_MODEL_TYPE, "SAILVLModel"  # SAIL-VL2
+    if model.language.arch in ("qwen3", "qwen3_moe"):
+        return SAILVL_MODEL_TYPE, "SAILVLModel"  # SAIL-VL2 (dense or mixture of experts)
     return MODEL_TYPE, "SailVLModel"  # SAIL-VL-1.5 / 1.6
 
 

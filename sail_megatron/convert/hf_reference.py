@@ -7,11 +7,15 @@ Vision, by family:
   loaded from the ml-aim names through `mapping.aimv2_to_transformers`; SAIL-VL's features: the encoder's
   own `last_hidden_state` (after its final RMSNorm) when `select_layer` is -1, else `hidden_states[select_layer]`
   (before it); every patch is kept (no CLS).
-Language: `Qwen2ForCausalLM` or `Qwen3ForCausalLM` on the `language_model.` weights. The glue is written
+Language: `Qwen2ForCausalLM`, `Qwen3ForCausalLM` or `Qwen3MoeForCausalLM` on the `language_model.` weights
+(Qwen3-MoE's per-expert tensors `mlp.experts.E.{gate,up,down}_proj` go into the E-th slice of transformers 5's
+fused `mlp.experts.gate_up_proj` [experts, 2 x ffn, hidden] (gate rows, then up) and `down_proj`; its experts
+run the eager per-expert loop). The glue is written
 here from InternVL's / SAIL-VL's description, independently of our model code: pixel shuffle (v1 leaves
 the grid transposed), `mlp1`, write the vision tokens into the `<IMG_CONTEXT>` positions.
 """
 
+import re
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -85,16 +89,46 @@ def _aimv2_vision(v) -> nn.Module:
 
 
 def _language(llm_config: Dict, arch: str) -> nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
 
-    config_class, model_class = (Qwen3Config, Qwen3ForCausalLM) if arch == "qwen3" else (Qwen2Config, Qwen2ForCausalLM)
+    classes = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM)}
+    config_class, model_class = classes.get(arch, (Qwen2Config, Qwen2ForCausalLM))
     config = config_class(**{k: val for k, val in llm_config.items() if k != "auto_map"})
     config._attn_implementation = "eager"
+    if arch == "qwen3_moe":
+        config._experts_implementation = "eager"
     return model_class(config)
 
 
+_EXPERT = re.compile(
+    r"^(?P<experts>model\.layers\.\d+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.weight$"
+)
+
+
+def _expert_slice(params: Dict[str, torch.Tensor], name: str, tensor: torch.Tensor) -> Optional[torch.Tensor]:
+    """Where one Qwen3-MoE expert tensor (name without `language_model.`) lives in transformers 5's fused expert
+    parameters: a view of `gate_up_proj[E]` (gate rows, then up) or `down_proj[E]`; None for other names."""
+    m = _EXPERT.match(name)
+    if m is None:
+        return None
+    e, experts = int(m["e"]), f"language.{m['experts']}"
+    if m["proj"] == "down":
+        return params[f"{experts}.down_proj"][e]
+    rows = tensor.shape[0]
+    fused = params[f"{experts}.gate_up_proj"][e]
+    return fused[:rows] if m["proj"] == "gate" else fused[rows:]
+
+
 class InternVLChatReference(nn.Module):
-    """InternViT or AIMv2 + mlp1 + Qwen2 or Qwen3 assembled from transformers modules; `forward` returns logits."""
+    """InternViT or AIMv2 + mlp1 + Qwen2, Qwen3 or Qwen3-MoE assembled from transformers modules; `forward`
+    returns logits."""
 
     def __init__(self, hf_config: Dict, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -133,6 +167,10 @@ class InternVLChatReference(nn.Module):
                 elif name.startswith(PROJECTOR_PREFIX):
                     targets = {f"mlp1.{name[len(PROJECTOR_PREFIX) :]}": tensor}
                 elif name.startswith(LLM_PREFIX):
+                    expert = _expert_slice(params, name[len(LLM_PREFIX) :], tensor)
+                    if expert is not None:
+                        expert.copy_(tensor)
+                        continue
                     targets = {f"language.{name[len(LLM_PREFIX) :]}": tensor}
                 else:
                     raise KeyError(f"{name} is not an InternVL-chat tensor name")

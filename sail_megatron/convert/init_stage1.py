@@ -175,7 +175,7 @@ def _stage1_config(
     raise_if(
         problems,
         what,
-        "pass a Qwen2/Qwen2.5 or dense Qwen3 folder as --llm and an InternViT-300M style or AIMv2 / SAILViT "
+        "pass a Qwen2/Qwen2.5, dense Qwen3 or Qwen3-MoE folder as --llm and an InternViT-300M style or AIMv2 / SAILViT "
         "folder as --vision",
     )
     try:

@@ -11,7 +11,9 @@ HF names (docs/design.md, Weight names), by family:
   `vision_model.trunk.blocks.N.*`, `vision_model.trunk.post_trunk_norm`; transformers' own
   `Aimv2VisionModel` names (`embeddings.*`, `encoder.layers.N.*`, `rms_norm`) are translated by
   `AIMV2_TRANSFORMERS_NAMES` (standalone folders for `init`, and the reference forward);
-- `mlp1.{0,1,3}`; Qwen2 / Qwen3: `language_model.model.*`, `language_model.lm_head`.
+- `mlp1.{0,1,3}`; Qwen2 / Qwen3 / Qwen3-MoE: `language_model.model.*`, `language_model.lm_head` (Qwen3-MoE's
+  layers hold `mlp.gate` (the router) and `mlp.experts.E.{gate,up,down}_proj` instead of a dense MLP, as its
+  releases store them and transformers 5 saves them; its in-memory fused expert tensors are never on disk).
 Standalone vision and language folders (stage-1 `init`) use the same names without the `vision_model.` /
 `language_model.` prefixes.
 """
@@ -129,10 +131,30 @@ def projector_shapes(cfg: ModelConfig, prefix: str = PROJECTOR_PREFIX) -> Dict[s
     }
 
 
-def language_shapes(cfg: ModelConfig, prefix: str = LLM_PREFIX, lm_head: bool = True) -> Dict[str, Shape]:
-    """Qwen2ForCausalLM's / Qwen3ForCausalLM's tensors; `lm_head` says whether `lm_head.weight` is stored."""
+def _mlp_shapes(cfg: ModelConfig, p: str) -> Dict[str, Shape]:
+    """One decoder layer's MLP tensors: dense SwiGLU, or Qwen3-MoE's router and experts."""
     lang = cfg.language
-    h, f, d = lang.hidden_size, lang.ffn_hidden_size, lang.kv_channels
+    h = lang.hidden_size
+    if not lang.is_moe:
+        f = lang.ffn_hidden_size
+        return {
+            p + "mlp.gate_proj.weight": (f, h),
+            p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f),
+        }
+    f = lang.moe_ffn_hidden_size
+    shapes = {p + "mlp.gate.weight": (lang.num_experts, h)}
+    for e in range(lang.num_experts):
+        x = f"{p}mlp.experts.{e}."
+        shapes.update({x + "gate_proj.weight": (f, h), x + "up_proj.weight": (f, h), x + "down_proj.weight": (h, f)})
+    return shapes
+
+
+def language_shapes(cfg: ModelConfig, prefix: str = LLM_PREFIX, lm_head: bool = True) -> Dict[str, Shape]:
+    """Qwen2ForCausalLM's / Qwen3ForCausalLM's / Qwen3MoeForCausalLM's tensors; `lm_head` says whether
+    `lm_head.weight` is stored."""
+    lang = cfg.language
+    h, d = lang.hidden_size, lang.kv_channels
     q, kv = lang.num_attention_heads * d, lang.num_query_groups * d
     shapes = {f"{prefix}model.embed_tokens.weight": (lang.vocab_size, h)}
     for i in range(lang.num_layers):
@@ -147,11 +169,9 @@ def language_shapes(cfg: ModelConfig, prefix: str = LLM_PREFIX, lm_head: bool = 
             p + "self_attn.v_proj.weight": (kv, h),
             p + "self_attn.v_proj.bias": (kv,),
             p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (f, h),
-            p + "mlp.up_proj.weight": (f, h),
-            p + "mlp.down_proj.weight": (h, f),
+            **_mlp_shapes(cfg, p),
         }
-        if not lang.spec.qkv_bias:  # Qwen3
+        if not lang.spec.qkv_bias:  # Qwen3, Qwen3-MoE
             layer = {n: s for n, s in layer.items() if not n.endswith("_proj.bias")}
         if lang.spec.qk_layernorm:
             layer.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
@@ -238,6 +258,26 @@ def projector_rules(prefix: str = PROJECTOR_PREFIX) -> List[TensorRule]:
     return rules
 
 
+def _mlp_rules(cfg: ModelConfig, m: str, h: str) -> List[TensorRule]:
+    """One layer's MLP. Dense: fc1 = [gate; up], fc2 = down. Qwen3-MoE: the router `mlp.gate` [experts,
+    hidden] is megatron's `mlp.router.weight`; expert E is `mlp.experts.local_experts.E` of the single-process
+    (EP 1) model, whose fc1/fc2 megatron checkpoints as the E-th slice of `mlp.experts.experts.linear_fc{1,2}`
+    (so any EP, and TE's grouped experts, read the same tensors)."""
+    if not cfg.language.is_moe:
+        return [
+            TensorRule(m + "mlp.linear_fc1.weight", (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"), FC1),
+            TensorRule(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",)),
+        ]
+    rules = [TensorRule(m + "mlp.router.weight", (h + "mlp.gate.weight",))]
+    for e in range(cfg.language.num_experts):
+        me, he = f"{m}mlp.experts.local_experts.{e}.", f"{h}mlp.experts.{e}."
+        rules += [
+            TensorRule(me + "linear_fc1.weight", (he + "gate_proj.weight", he + "up_proj.weight"), FC1),
+            TensorRule(me + "linear_fc2.weight", (he + "down_proj.weight",)),
+        ]
+    return rules
+
+
 def language_rules(cfg: ModelConfig, prefix: str = LLM_PREFIX, lm_head_stored: bool = False) -> List[TensorRule]:
     rules = [
         TensorRule("language_model.embedding.word_embeddings.weight", (f"{prefix}model.embed_tokens.weight",), VOCAB)
@@ -269,8 +309,7 @@ def language_rules(cfg: ModelConfig, prefix: str = LLM_PREFIX, lm_head_stored: b
         rules += [
             TensorRule(m + "self_attention.linear_proj.weight", (a + "o_proj.weight",)),
             TensorRule(m + "pre_mlp_layernorm.weight", (h + "post_attention_layernorm.weight",)),
-            TensorRule(m + "mlp.linear_fc1.weight", (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"), FC1),
-            TensorRule(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",)),
+            *_mlp_rules(cfg, m, h),
         ]
     rules.append(TensorRule("language_model.decoder.final_layernorm.weight", (f"{prefix}model.norm.weight",)))
     if not cfg.language.tie_word_embeddings:

@@ -110,6 +110,7 @@ def provenance(
     files: List[str],
     source: str,
     tool: str,
+    ep: int = 1,
 ) -> Dict:
     """What a later export or verify needs to rebuild the model and the HF folder without guessing."""
     return {
@@ -121,6 +122,7 @@ def provenance(
         "dtype": dtype,
         "target_tp": tp,
         "target_pp": pp,
+        "target_ep": ep,
         "vocab_rows": vocab_rows,
         "lm_head_stored": lm_head_stored,
         "unused_tensors": unused,
@@ -136,11 +138,13 @@ def hf_to_mcore(
     dtype: str = "auto",
     make_vocab_size_divisible_by: int = 128,
     image_token_id: Optional[int] = None,
+    ep: int = 1,
 ) -> Path:
     """Convert an InternVL-chat / SAIL-VL Hugging Face folder into a megatron checkpoint folder.
 
-    `tp`/`pp` name the layout it will train under: the model must split that way, and the vocabulary
-    is padded for that TP (megatron loads it under other layouts too). `dtype` 'auto' keeps the stored
+    `tp`/`pp`/`ep` name the layout it will train under: the model must split that way (`ep`: its experts over
+    expert-parallel ranks), and the vocabulary is padded for that TP (megatron loads it under other layouts
+    too). `dtype` 'auto' keeps the stored
     dtype (bitwise). Raises ConversionError, listing every problem, before writing anything.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
@@ -152,7 +156,7 @@ def hf_to_mcore(
     lm_head_stored = cfg.language.tie_word_embeddings and head in folder.tensors
     dtypes = {n: i.dtype for n, i in folder.tensors.items()}
     check_tensors(folder.shapes, mapping.expected_hf_shapes(cfg, lm_head_stored), dtypes, str(hf_dir))
-    check_layout(cfg, tp, pp)
+    check_layout(cfg, tp, pp, ep)
     dtype = resolve_dtype(dtype, list(dtypes.values()), source=str(hf_dir))
     cfg.image_context_token_id = image_token_id if image_token_id is not None else find_token_id(hf_dir)
     if cfg.image_context_token_id is None:
@@ -167,7 +171,7 @@ def hf_to_mcore(
         unused = carry_unused(folder, mapping.unused_hf_names(cfg), tmp / HF_SOURCE_DIR)
         files = copy_files(side_files(hf_dir), tmp / HF_SOURCE_DIR)
         record = provenance(
-            cfg, hf_config, dtype, tp, pp, rows, lm_head_stored, unused, files, str(hf_dir.resolve()), "hf-to-mcore"
+            cfg, hf_config, dtype, tp, pp, rows, lm_head_stored, unused, files, str(hf_dir.resolve()), "hf-to-mcore", ep
         )
         with single_process():
             model = build_empty_model(cfg, dtype, rows)

@@ -11,7 +11,8 @@ InternVL computes, and so what it can represent (transformers 5.x, models/intern
   `downsample_ratio`;
 - projector `InternVLMultiModalProjector`: LayerNorm with PyTorch's default eps 1e-5 (not configurable),
   Linear, `projector_hidden_act` ('gelu': the exact erf form), Linear, all with bias (InternVL's `mlp1`);
-- language model: any `text_config` AutoModel builds (Qwen2 / Qwen2.5 and Qwen3 here); with tied
+- language model: any `text_config` AutoModel builds (Qwen2 / Qwen2.5, Qwen3 and Qwen3-MoE here: its experts
+  stored per expert, `mlp.experts.E.{gate,up,down}_proj`, which transformers 5 fuses on load); with tied
   embeddings transformers ties `lm_head` to them (top-level `tie_word_embeddings`).
 AIMv2 / SAILViT encoders (SAIL-VL-1.5/1.6, SAIL-VL2), `ps_version` v1 and another projector LayerNorm eps are
 refused (`unsupported`).
@@ -146,7 +147,7 @@ def transformers_config(cfg: ModelConfig, dtype: str, image_token_id: int) -> Di
     """config.json of `InternVLForConditionalGeneration` for `cfg` (every field our model depends on explicit)."""
     v, lang = cfg.vision, cfg.language
     text: Dict = {}
-    put_language(text, lang)  # Qwen2 / Qwen3 fields, architectures and model_type
+    put_language(text, lang)  # Qwen2 / Qwen3 / Qwen3-MoE fields, architectures and model_type
     text.update(
         rms_norm_eps=lang.norm_epsilon,
         tie_word_embeddings=lang.tie_word_embeddings,

@@ -14,6 +14,9 @@ class ParameterCount:
     projector: int
     language: int
     """Unpadded vocabulary, as in the Hugging Face checkpoint."""
+    language_active: int = 0
+    """Language parameters one token uses: `language` for a dense model, the router and top-k experts of
+    each layer (not all experts) for a mixture of experts."""
 
     @property
     def total_built(self) -> int:
@@ -58,14 +61,25 @@ def vision_final_norm_parameters(v: VisionConfig, built: bool) -> int:
     return stored if not built or v.applies_final_norm else 0
 
 
-def language_parameters(lang: LanguageConfig) -> int:
+def language_mlp_parameters(lang: LanguageConfig, active: bool = False) -> int:
+    """One decoder layer's MLP: the dense SwiGLU (gate, up, down; no biases), or a mixture of experts: the
+    router [experts, hidden] and every expert's SwiGLU (`active`: only the top-k experts a token runs)."""
+    h = lang.hidden_size
+    if not lang.is_moe:
+        return 3 * h * lang.ffn_hidden_size
+    experts = lang.moe_router_topk if active else lang.num_experts
+    return lang.num_experts * h + experts * 3 * h * lang.moe_ffn_hidden_size
+
+
+def language_parameters(lang: LanguageConfig, active: bool = False) -> int:
+    """The decoder's parameters (unpadded vocabulary); `active`: those one token uses (for a mixture of
+    experts the router and the top-k experts of each layer; the same as all for a dense model)."""
     h, d = lang.hidden_size, lang.kv_channels
     q, kv = lang.num_attention_heads * d, lang.num_query_groups * d
     bias = lang.spec.qkv_bias
     attention = _linear(h, q, bias) + 2 * _linear(h, kv, bias) + _linear(q, h, False)
     qk_norms = 2 * d if lang.spec.qk_layernorm else 0
-    mlp = 3 * h * lang.ffn_hidden_size  # gate, up, down; no biases
-    layer = attention + qk_norms + mlp + 2 * h  # two RMSNorms
+    layer = attention + qk_norms + language_mlp_parameters(lang, active) + 2 * h  # two RMSNorms
     embeddings = lang.vocab_size * h * (1 if lang.tie_word_embeddings else 2)
     return lang.num_layers * layer + h + embeddings
 
@@ -85,4 +99,5 @@ def count_parameters(model: ModelConfig) -> ParameterCount:
         vision_checkpoint=embed + v.num_layers * layer + vision_final_norm_parameters(v, built=False),
         projector=projector_parameters(model),
         language=language_parameters(model.language),
+        language_active=language_parameters(model.language, active=True),
     )

@@ -120,14 +120,21 @@ def vision_encoder_spec(provider: BackendSpecProvider, vision: VisionConfig) -> 
 
 
 def language_layer_spec(backend: str, language: LanguageConfig) -> ModuleSpec:
-    """Qwen decoder layer: RMSNorm, GQA (qkv bias on Qwen2, per-head q/k RMSNorm on Qwen3), SwiGLU;
-    packed (THD) attention either way: TE's attention takes THD natively, the local spec gets our packed
-    core attention."""
+    """Qwen decoder layer: RMSNorm, GQA (qkv bias on Qwen2, per-head q/k RMSNorm on Qwen3), SwiGLU, or
+    megatron-core's MoELayer for mixture-of-experts families (router, token dispatcher, experts: TE's
+    grouped GEMM under `te`, a SequentialMLP of local linears under `local`); packed (THD) attention
+    either way: TE's attention takes THD natively, the local spec gets our packed core attention."""
     qk_layernorm = language.spec.qk_layernorm
+    moe = dict(num_experts=language.num_experts, moe_grouped_gemm=backend == "te") if language.is_moe else {}
     if backend == "te":
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm, **moe)
+    spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm", **moe)
     spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    if language.is_moe:
+        # TE keeps an MoE layer's pre-MLP norm standalone (`pre_mlp_layernorm.weight`: no fc1 to fold it
+        # into), so the local layer keeps that name too; only the input norm takes TE's fused name.
+        keys = spec.submodules.sharded_state_dict_keys_map
+        spec.submodules.sharded_state_dict_keys_map = {k: v for k, v in keys.items() if k != "pre_mlp_layernorm."}
     return spec
 
 

@@ -80,6 +80,37 @@ def _recompute_vision(parallel: ParallelConfig) -> dict:
     return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
 
 
+def _moe_language(model: ModelConfig, parallel: ParallelConfig, te_layers: bool, gpu: bool) -> dict:
+    """Mixture-of-experts fields of the language config (none for a dense decoder).
+
+    Routing as Qwen3-MoE's `Qwen3MoeTopKRouter`: softmax over all experts' logits, the top k, renormalized to
+    sum to one when `norm_topk_prob` (megatron's softmax over the top-k logits, `moe_router_pre_softmax`
+    False: the same numbers), else the full softmax's values (`pre_softmax` True). Dropless: no capacity
+    factor, every token reaches its k experts, so a sample's routing does not depend on what else is in the
+    micro-batch (packing invariance). Experts: megatron's SequentialMLP of local linears on the CPU / local
+    layers, TE's grouped GEMM (TEGroupedMLP) with Transformer Engine layers; both write the same checkpoint
+    keys (`mlp.experts.experts.linear_fc{1,2}.weight`, one slice per expert)."""
+    lang = model.language
+    if not lang.is_moe:
+        return {}
+    return dict(
+        num_moe_experts=lang.num_experts,
+        moe_ffn_hidden_size=lang.moe_ffn_hidden_size,
+        moe_router_topk=lang.moe_router_topk,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not lang.moe_norm_topk_prob,
+        moe_router_dtype="fp32",  # router GEMM and softmax in fp32 under bf16 training
+        moe_router_load_balancing_type="aux_loss" if lang.moe_aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=lang.moe_aux_loss_coeff,
+        moe_z_loss_coeff=lang.moe_z_loss_coeff,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=te_layers and gpu,
+        moe_permute_fusion=te_layers and gpu,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+    )
+
+
 def build_part_configs(
     model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, backends: Backends
 ) -> PartConfigs:
@@ -152,5 +183,6 @@ def build_part_configs(
         **common,
         **_fp8(precision, True),
         **_recompute_language(parallel),
+        **_moe_language(model, parallel, te_layers, backends.cuda),
     )
     return PartConfigs(vision=vision, projector=projector, language=language)

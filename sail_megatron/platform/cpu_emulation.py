@@ -10,6 +10,9 @@ hide inside the GPU path. What it redirects, and why (measured with megatron-cor
   TorchFunctionMode.
 - `Tensor.type()` on CPU float tensors reports the CUDA name, for asserts in `clip_grads`.
 - `torch.cuda.synchronize` / `empty_cache` / memory queries: harmless no-ops.
+- `torch.cuda.Stream`, `current_stream`, `stream(...)` and the events a stream records (megatron's MoE
+  all-to-all token dispatcher copies its split sizes to the host on a side stream): host stand-ins whose
+  waits do nothing, since everything runs in order on the calling thread.
 """
 
 import contextlib
@@ -66,9 +69,61 @@ def _own_noop(name: str):
     return noop
 
 
+class _HostEvent:
+    """A CUDA event on the host: the work before it is done when it is recorded."""
+
+    def record(self, stream=None) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+    def wait(self, stream=None) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+
+class _HostStream:
+    """A CUDA stream on the host: all work runs in order on the calling thread, so waits are no-ops."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream) -> None:
+        return None
+
+    def wait_event(self, event) -> None:
+        return None
+
+    def record_event(self, event=None) -> _HostEvent:
+        return event if event is not None else _HostEvent()
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+
+_HOST_STREAM = _HostStream()
+
+
+def _current_stream(device=None) -> _HostStream:
+    return _HOST_STREAM
+
+
+def _use_stream(stream=None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext(stream)
+
+
 def _torch_cuda_patches() -> List[Patch]:
     cuda = torch.cuda
     return [
+        (cuda, "Stream", _HostStream),
+        (cuda, "current_stream", _current_stream),
+        (cuda, "stream", _use_stream),
         (cuda, "current_device", lambda: _CPU),
         (cuda, "set_device", _own_noop("set_device")),
         (cuda, "synchronize", _own_noop("synchronize")),

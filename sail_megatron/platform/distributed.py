@@ -14,6 +14,7 @@ from megatron.core import parallel_state, tensor_parallel
 from sail_megatron.config import ParallelConfig
 from sail_megatron.platform.backends import detect_backends
 from sail_megatron.platform.cpu_emulation import enter_cpu_emulation, exit_cpu_emulation
+from sail_megatron.platform.megatron_compat import define_missing_te_names
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
     """
     env = read_dist_env()
     _quiet_megatron_deprecations()
+    define_missing_te_names()
     if _launch_attempt() > 0 and env.is_main:
         logger.warning(
             "launch attempt %d of at most %s (torchrun restarted the job after a failure)",
@@ -138,6 +140,10 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        # Mixture-of-experts layers: experts split over EP ranks (taken from TP x DP), each expert over ETP;
+        # megatron-core builds the expert data-parallel groups its DDP and distributed optimizer use.
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

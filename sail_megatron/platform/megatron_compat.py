@@ -11,6 +11,15 @@ For the CPU (installed with the CPU layer, `cpu_emulation.py`; never with CUDA):
 - `transformer.utils.get_default_causal_mask` (and its import in `fusions.fused_softmax`): builds the
   mask on the CPU. It uses the literal `device="cuda"`, and recomputation in the backward pass calls it
   outside the CPU layer's device redirection.
+- `transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu`: the MoE all-to-all dispatcher copies its
+  split sizes "to the host" with it, as numpy arrays on a GPU; it leaves CPU tensors as tensors, which
+  torch's `all_to_all_single` does not take as split sizes. The CPU tensors here stand for device tensors, so
+  they take the GPU path's form (numpy when asked).
+
+Without Transformer Engine (any machine; `define_missing_te_names`, called by `init_distributed`):
+- `transformer.moe.moe_utils.te_general_gemm`: imported only when TE imports, yet the MoE router's GEMM
+  (`RouterGatingLinearFunction`) tests `te_general_gemm is not None` either way, so every MoE forward raised
+  NameError. The name is defined as None, megatron's own "use torch.mm" (not a patch: nothing is replaced).
 
 For torch's Adam (no Transformer Engine or apex fused Adam; applied around checkpoint saves and loads):
 - `DistributedOptimizer._set_main_param_and_optimizer_states`: loading a `fully_reshardable` checkpoint
@@ -74,6 +83,7 @@ def _cpu_patches() -> List[Patch]:
     from megatron.core.fusions import fused_softmax
     from megatron.core.tensor_parallel import random as mpu_random
     from megatron.core.transformer import utils
+    from megatron.core.transformer.moe import token_dispatcher
 
     cpu = torch.device("cpu")
 
@@ -81,7 +91,13 @@ def _cpu_patches() -> List[Patch]:
     def causal_mask(sq: int) -> torch.Tensor:
         return torch.triu(torch.ones(sq, sq, device=cpu), diagonal=1).bool()
 
+    def to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if torch.is_tensor(tensor) and as_numpy:
+            return tensor.detach().numpy()
+        return tensor
+
     return [
+        (token_dispatcher, "maybe_move_tensor_to_cpu", to_host),
         (mpu_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state()),
         (mpu_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state)),
         (utils, "get_default_causal_mask", causal_mask),
@@ -90,6 +106,17 @@ def _cpu_patches() -> List[Patch]:
 
 
 megatron_on_cpu = Patches(_cpu_patches)
+
+
+# ------------------------------------------------------------------------------------------ without TE
+
+
+def define_missing_te_names() -> None:
+    """Define `moe_utils.te_general_gemm` as None where Transformer Engine does not import (see above)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 # ----------------------------------------------------------------------------------------- torch Adam
@@ -189,9 +216,15 @@ def patched_originals() -> List[Tuple[str, Callable]]:
     from megatron.core.optimizer import distrib_optimizer
     from megatron.core.tensor_parallel import random as mpu_random
     from megatron.core.transformer import utils
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
     cls = distrib_optimizer.DistributedOptimizer
+    gating = moe_utils.RouterGatingLinearFunction
     return [
+        ("transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu", token_dispatcher.maybe_move_tensor_to_cpu),
+        # Not replaced: they read the name `define_missing_te_names` defines.
+        ("moe_utils.RouterGatingLinearFunction.forward", gating.forward),
+        ("moe_utils.RouterGatingLinearFunction.backward", gating.backward),
         ("dist_checkpointing.filesystem_async._get_write_results_queue", filesystem_async._get_write_results_queue),
         ("tensor_parallel.random._get_cuda_rng_state", mpu_random._get_cuda_rng_state),
         ("tensor_parallel.random._set_cuda_rng_state", mpu_random._set_cuda_rng_state),

@@ -131,6 +131,8 @@ def _layout(chunks: List[torch.nn.Module]) -> Dict[str, Any]:
         "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
         "data_parallel": parallel_state.get_data_parallel_world_size(),
         "vision_parallel": vision.name if vision is not None else "tensor",
+        "expert_parallel": parallel_state.get_expert_model_parallel_world_size(),
+        "expert_tensor_parallel": parallel_state.get_expert_tensor_parallel_world_size(),
     }
 
 
@@ -319,16 +321,17 @@ def load_checkpoint(path, chunks: List[torch.nn.Module], optimizer=None, schedul
 
 def _check_dp_reshardable(directory: Path, saved: Dict[str, int], now: Dict[str, int]) -> None:
     """Optimizer state saved as each rank's flat buffers loads under another DP size only."""
-    saved = {"vision_parallel": "tensor", **saved}  # checkpoints from before the vision layouts
-    changed = [
-        k for k in ("tensor_parallel", "pipeline_parallel", "vision_parallel") if k in saved and saved[k] != now[k]
-    ]
+    # Checkpoints from before the vision layouts and expert parallelism.
+    saved = {"vision_parallel": "tensor", "expert_parallel": 1, **saved}
+    saved.setdefault("expert_tensor_parallel", saved.get("tensor_parallel"))
+    kinds = ("tensor_parallel", "pipeline_parallel", "vision_parallel", "expert_parallel", "expert_tensor_parallel")
+    changed = [k for k in kinds if k in saved and saved[k] != now[k]]
     if changed:
         raise CheckpointError(
             directory,
             [", ".join(f"{k} {saved[k]} there vs {now[k]} here" for k in changed)],
             "its optimizer state was saved as 'dp_reshardable', which loads under another data-parallel size "
-            "but not another TP/PP or parallel.vision_parallel: resume with the saved layout, save with "
+            "but not another TP/PP/EP or parallel.vision_parallel: resume with the saved layout, save with "
             "run.optimizer_checkpoint=fully_reshardable to change it, or start from its weights alone "
             "(run.init_from)",
         )

@@ -75,12 +75,22 @@ def projector_forward_flops_per_tile(model: ModelConfig) -> int:
     return 2 * model.tokens_per_tile * (width_in * h + h * h)
 
 
+def llm_mlp_forward_flops_per_token(lang: LanguageConfig) -> int:
+    """One decoder layer's MLP for one token: the dense SwiGLU (gate, up, down), or for a mixture of experts
+    the router GEMM (hidden x experts) and the SwiGLU of the top-k experts the token is routed to (the
+    active parameters: the other experts do no work for it; dropless routing, no padding)."""
+    h = lang.hidden_size
+    if not lang.is_moe:
+        return 2 * 3 * h * lang.ffn_hidden_size
+    return 2 * h * lang.num_experts + lang.moe_router_topk * 2 * 3 * h * lang.moe_ffn_hidden_size
+
+
 def llm_linear_forward_flops_per_token(lang: LanguageConfig, tensor_parallel_size: int = 1) -> int:
     """All decoder layers' projections plus the output layer, for one token."""
     h = lang.hidden_size
     q = lang.num_attention_heads * lang.kv_channels  # = h unless head_dim is stated (Qwen3)
     kv = lang.num_query_groups * lang.kv_channels  # GQA: k and v are narrower than q
-    per_layer = 2 * (h * q + 2 * h * kv + q * h + 3 * h * lang.ffn_hidden_size)  # q, k+v, o, SwiGLU
+    per_layer = 2 * (h * q + 2 * h * kv + q * h) + llm_mlp_forward_flops_per_token(lang)  # q, k+v, o; MLP
     return lang.num_layers * per_layer + 2 * h * lang.padded_vocab_size(tensor_parallel_size)
 
 

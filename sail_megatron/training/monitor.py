@@ -25,6 +25,7 @@ from sail_megatron.training.collectives import (
 )
 from sail_megatron.training.flops import PeakFlops, mfu_figures, peak_flops
 from sail_megatron.training.metered_data import DataTally
+from sail_megatron.training.moe_metrics import MoeRouting
 from sail_megatron.training.progress import Progress
 from sail_megatron.training.run_logs import METRICS_FILE, TENSORBOARD_DIR
 
@@ -55,6 +56,18 @@ def _loss_scale_text(r: Dict) -> str:
     if r["loss_scale"] is None:
         return ""
     return f" | loss scale {r['loss_scale']:g} (overflows {r['overflow_steps']})"
+
+
+def _moe_text(r: Dict) -> str:
+    """Mixture-of-experts routing: the load-balancing loss, the worst layer's max/mean expert load and the
+    router's entropy."""
+    if "moe_router_entropy" not in r:
+        return ""
+    aux = f" aux {r['moe_aux_loss']:.3g}" if r.get("moe_aux_loss") is not None else ""
+    return (
+        f" | moe{aux} load max/mean {r['moe_load_max_over_mean_worst']:.2f} "
+        f"router entropy {r['moe_router_entropy']:.3f}"
+    )
 
 
 def _format_eta(seconds: float) -> str:
@@ -92,11 +105,14 @@ class TrainingMonitor:
         peak_flops: Union[PeakFlops, float, None],
         tensorboard: bool = True,
         pipeline_stages: int = 1,
+        moe: Optional[MoeRouting] = None,
     ):
+        """moe: the routing statistics of a mixture-of-experts language model (training/moe_metrics.py)."""
         """peak_flops: device_peak_flops(...); a bare number is taken as the 16-bit peak."""
         self.env = read_dist_env()
         self.run_dir, self.progress, self.log_interval = Path(run_dir), progress, log_interval
         self.pipeline_stages = pipeline_stages
+        self.moe = moe
         self.peaks = peak_flops if isinstance(peak_flops, PeakFlops) else PeakFlops(bf16=peak_flops)
         start_step = progress.consumed.steps
         self.interval = _Interval()
@@ -189,6 +205,7 @@ class TrainingMonitor:
         r = self._reduce(iv)
         # Each data-parallel rank's loader reads (and skips) its own slice of the data.
         skipped_samples = sum_counts_over_data_parallel(skipped_samples)
+        moe = self.moe.collect() if self.moe is not None else {}  # collective: every rank, every log
         if not self.env.is_main:
             return
         t = max(iv.time_s, 1e-9)
@@ -223,6 +240,7 @@ class TrainingMonitor:
             "loss_scale": self.loss_scale,
             "skipped_samples": sum(skipped_samples.values()),
             "eta_s": eta,
+            **moe,
         }
         self._console(record, skipped_samples)
         self._jsonl.write(json.dumps(record) + "\n")
@@ -238,7 +256,7 @@ class TrainingMonitor:
             f"| lr {r['lr']:.2e} | {1000 * r['step_time_s']:.0f} ms/step | {r['tokens_per_s']:,.0f} tok/s "
             f"| {r['tflops_per_s']:.3g} TFLOP/s/dev{mfu} | pack {100 * (r['packing_utilization'] or 0):.0f}% "
             f"| data wait {100 * r['data_wait_frac']:.0f}% | mem {r['memory_gib']:.2f} GiB "
-            f"| nonfinite {r['nonfinite_steps']}{_loss_scale_text(r)} | skipped samples {skipped_text} "
+            f"| nonfinite {r['nonfinite_steps']}{_loss_scale_text(r)}{_moe_text(r)} | skipped samples {skipped_text} "
             f"| ETA {_format_eta(r['eta_s'])}",
             flush=True,
         )
@@ -283,6 +301,11 @@ class TrainingMonitor:
             "optim/loss_scale": r["loss_scale"],
         }
         scalars["throughput/mfu"], scalars["throughput/mfu_fp8"] = r["mfu"], r["mfu_fp8"]  # None: not written
+        for key in ("moe_aux_loss", "moe_router_entropy", "moe_load_max_over_mean_worst", "moe_dead_experts"):
+            if key in r:
+                scalars[f"moe/{key[4:]}"] = r[key]
+        for i, value in enumerate(r.get("moe_load_max_over_mean") or []):
+            scalars[f"moe/load_max_over_mean/layer_{i}"] = value
         for key, value in r.items():
             if key.startswith("lr_"):
                 scalars[f"optim/{key}"] = value

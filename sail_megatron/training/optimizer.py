@@ -14,6 +14,23 @@ from sail_megatron.config.optim import OptimConfig
 from sail_megatron.training.freezing import PART_MODULES
 
 
+def keep_experts_apart(model: torch.nn.Module) -> int:
+    """Mark every mixture-of-experts expert parameter as expert-parallel (`allreduce` False), as megatron-core
+    marks them only when EP > 1. DDP then reduces their gradients over the expert data-parallel group (at
+    EP 1 the data-parallel group itself: the same sums) and megatron's optimizer keeps them in an optimizer
+    of their own at every EP size, so the optimizer state in a checkpoint has one structure (dense + expert)
+    and moves between EP sizes. Returns how many parameters were marked."""
+    from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP, TEGroupedMLP
+
+    marked = 0
+    for module in model.modules():
+        if isinstance(module, (SequentialMLP, TEGroupedMLP, GroupedMLP)):
+            for param in module.parameters():
+                param.allreduce = False
+                marked += 1
+    return marked
+
+
 def wrap_ddp(model: torch.nn.Module, parallel: ParallelConfig) -> DistributedDataParallel:
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -137,6 +154,7 @@ def setup_training(
     schedule: LrSchedule,
 ):
     """DDP-wrapped model chunks, their optimizer and its schedule (freeze the model before this)."""
+    keep_experts_apart(model)
     chunks = [wrap_ddp(model, parallel)]
     optimizer = build_optimizer(chunks, optim, parallel, precision)
     return chunks, optimizer, build_scheduler(optimizer, optim, schedule)

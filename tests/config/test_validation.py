@@ -343,3 +343,74 @@ def test_duplicate_trainable_part():
     with pytest.raises(ConfigError) as e:
         FreezeConfig(trainable=["projector", "projector"]).validate()
     assert e.value.field == "freeze.trainable"
+
+
+# ------------------------------------------------------------------------------------ mixture of experts
+
+
+@pytest.mark.parametrize(
+    "changes,field",
+    [
+        (dict(num_experts=None), "model.language.num_experts"),
+        (dict(num_experts=0), "model.language.num_experts"),
+        (dict(moe_ffn_hidden_size=None), "model.language.moe_ffn_hidden_size"),
+        (dict(moe_router_topk=True), "model.language.moe_router_topk"),
+        (dict(moe_router_topk=129), "model.language.moe_router_topk"),
+        (dict(moe_aux_loss_coeff=-0.1), "model.language.moe_aux_loss_coeff"),
+        (dict(moe_z_loss_coeff=0.0), "model.language.moe_z_loss_coeff"),
+    ],
+    ids=["no-experts", "zero-experts", "no-expert-ffn", "bool-topk", "topk-over-experts", "aux-negative", "z-zero"],
+)
+def test_moe_language_errors(changes, field):
+    exc = assert_config_error(with_language("sail-vl2-moe", **changes).validate, field)
+    assert "qwen3_moe" in str(exc) or "Fix: use" in str(exc)
+
+
+def test_dense_language_with_experts_is_refused():
+    exc = assert_config_error(with_language("sail-vl2-8b", num_experts=8).validate, "model.language.num_experts")
+    assert "arch qwen3_moe" in str(exc)
+
+
+@pytest.mark.parametrize(
+    "preset,parallel,world,field",
+    [
+        # 128 experts over 3 expert ranks
+        ("sail-vl2-moe", dict(expert_model_parallel_size=3), 3, "parallel.expert_model_parallel_size"),
+        # expert TP x EP x PP = 1 x 4 x 1 does not divide 6 ranks
+        ("sail-vl2-moe", dict(expert_model_parallel_size=4), 6, "parallel.expert_model_parallel_size"),
+        ("tiny-sail-vl2-moe", dict(expert_model_parallel_size=0), 2, "parallel.expert_model_parallel_size"),
+        # expert parallelism on a dense model
+        ("sail-vl2-8b", dict(expert_model_parallel_size=2), 2, "parallel.expert_model_parallel_size"),
+        ("sail-vl2-8b", dict(expert_tensor_parallel_size=1), 1, "parallel.expert_tensor_parallel_size"),
+        # expert FFN 48 over 5 expert-TP ranks
+        ("tiny-sail-vl2-moe", dict(expert_tensor_parallel_size=5), 5, "model.language.moe_ffn_hidden_size"),
+        # megatron's MoE layer trains under TP only with sequence parallelism
+        ("sail-vl2-moe", dict(tensor_model_parallel_size=2), 2, "parallel.sequence_parallel"),
+    ],
+    ids=["experts-over-ep", "world-over-ep", "ep-zero", "ep-dense", "etp-dense", "etp-expert-ffn", "tp-needs-sp"],
+)
+def test_expert_parallel_errors(preset, parallel, world, field):
+    cfg = get_preset(preset)
+    cfg.validate()
+    exc = assert_config_error(lambda: ParallelConfig(**parallel).validate(cfg, world), field)
+    if parallel.get("expert_model_parallel_size") == 2:
+        assert "sail-vl2-moe" in str(exc)  # the fix names a preset with experts
+
+
+def test_valid_expert_layouts():
+    moe = get_preset("sail-vl2-moe")
+    ParallelConfig(expert_model_parallel_size=8).validate(moe, 8)  # 16 experts per rank
+    ParallelConfig(expert_model_parallel_size=8).validate(moe, 64)  # DP 64, expert DP 8
+    ParallelConfig(pipeline_model_parallel_size=2, expert_model_parallel_size=4).validate(moe, 8)
+    sp = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True, expert_model_parallel_size=4)
+    sp.validate(moe, 8)  # expert TP 2 x EP 4 = the world
+    assert sp.expert_data_parallel_size(8) == 1 and sp.data_parallel_size(8) == 4
+    ParallelConfig(
+        tensor_model_parallel_size=2,
+        sequence_parallel=True,
+        expert_model_parallel_size=8,
+        expert_tensor_parallel_size=1,
+    ).validate(moe, 8)
+    # The dense FFN (Qwen3-30B-A3B's unused intermediate_size) is not checked against TP for an MoE model.
+    tiny = with_language("tiny-sail-vl2-moe", ffn_hidden_size=161)
+    ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True).validate(tiny, 2)

@@ -9,8 +9,10 @@ InternVL's / SAIL-VL's glue (pixel shuffle in InternVL's own view/permute form),
 converted megatron model with third-party code, not with our own reference.
 
 Layouts (`Spec.vision_arch`, `Spec.llm_arch`): InternViT + Qwen2 (SAIL-VL-2B, InternVL-chat), AIMv2 +
-Qwen2 (SAIL-VL-1.5/1.6: `model_type` internvl_chat, `SailVLModel`), AIMv2 + Qwen3 (SAIL-VL2: `sailvl`,
-vision `sailvit`).
+Qwen2 (SAIL-VL-1.5/1.6: `model_type` internvl_chat, `SailVLModel`), AIMv2 + Qwen3 or Qwen3-MoE (SAIL-VL2:
+`sailvl`, vision `sailvit`). Qwen3-MoE's experts are written per expert (`mlp.experts.E.{gate,up,down}_proj`,
+as its releases and transformers' save_pretrained store them), split here from transformers 5's fused
+in-memory tensors.
 """
 
 import json
@@ -50,7 +52,12 @@ class Spec:
     vision_head: bool = False
     """AIMv2: build transformers' attention-pooling head too (standalone HF-native releases may carry one)."""
     llm_arch: str = "qwen2"
-    """'qwen2' or 'qwen3'."""
+    """'qwen2', 'qwen3' or 'qwen3_moe'."""
+    experts: int = 4
+    """Qwen3-MoE: routed experts per layer (`num_experts`), top `topk`, each of FFN width `moe_ffn`."""
+    topk: int = 2
+    moe_ffn: int = 32
+    norm_topk: bool = True
     head_dim: Optional[int] = None
     """Qwen3's explicit head width (may differ from hidden / heads)."""
     ps_version: str = "v2"
@@ -89,7 +96,8 @@ def _randomize(module: nn.Module, gen: torch.Generator) -> None:
                 or ".0.weight" in name
                 and p.dim() == 1
             )
-            p.copy_(1.0 + 0.1 * noise if is_scale else 0.08 * noise)
+            # Routers get wider logits: top-k choices then stand clear of float noise between implementations.
+            p.copy_(1.0 + 0.1 * noise if is_scale else (0.5 if name.endswith("mlp.gate.weight") else 0.08) * noise)
 
 
 def _build_qwen(spec: Spec) -> nn.Module:
@@ -112,6 +120,24 @@ def _build_qwen(spec: Spec) -> nn.Module:
         return Qwen3ForCausalLM(
             Qwen3Config(**common, head_dim=spec.head_dim, attention_bias=False, architectures=["Qwen3ForCausalLM"])
         )
+    if spec.llm_arch == "qwen3_moe":
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        config = Qwen3MoeConfig(
+            **common,
+            head_dim=spec.head_dim,
+            attention_bias=False,
+            num_experts=spec.experts,
+            num_experts_per_tok=spec.topk,
+            moe_intermediate_size=spec.moe_ffn,
+            norm_topk_prob=spec.norm_topk,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            router_aux_loss_coef=0.001,
+            architectures=["Qwen3MoeForCausalLM"],
+        )
+        config._experts_implementation = "eager"  # the per-expert loop: the plainest reference
+        return Qwen3MoeForCausalLM(config)
     return Qwen2ForCausalLM(Qwen2Config(**common, architectures=["Qwen2ForCausalLM"]))
 
 
@@ -232,8 +258,26 @@ def vision_tensors(modules: "Modules", prefix: str) -> Dict[str, torch.Tensor]:
     return internvit_tensors(modules.vit, prefix)
 
 
+def _split_experts(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """transformers 5's fused Qwen3-MoE experts -> the per-expert names releases store: `gate_up_proj[E]` is
+    [gate; up] (its forward chunks the product in two, gate first), `down_proj[E]` the expert's down."""
+    out = {}
+    for n, t in sd.items():
+        if n.endswith("mlp.experts.gate_up_proj"):
+            base = n[: -len("gate_up_proj")]
+            for e in range(t.shape[0]):
+                gate, up = t[e].chunk(2, dim=0)
+                out[f"{base}{e}.gate_proj.weight"], out[f"{base}{e}.up_proj.weight"] = gate, up
+        elif n.endswith("mlp.experts.down_proj"):
+            base = n[: -len("down_proj")]
+            out.update({f"{base}{e}.down_proj.weight": t[e] for e in range(t.shape[0])})
+        else:
+            out[n] = t
+    return out
+
+
 def qwen_tensors(qwen: nn.Module, prefix: str, lm_head_stored: bool) -> Dict[str, torch.Tensor]:
-    out = {prefix + n: t.clone() for n, t in qwen.state_dict().items()}
+    out = {prefix + n: t.clone() for n, t in _split_experts(qwen.state_dict()).items()}
     if qwen.config.tie_word_embeddings and not lm_head_stored:
         out.pop(prefix + "lm_head.weight", None)
     return out
@@ -295,7 +339,10 @@ def aimv2_config(spec: Spec, sail2: bool = False) -> Dict:
 
 def llm_config(spec: Spec, qwen: nn.Module) -> Dict:
     llm = qwen.config.to_dict()
-    llm["architectures"] = ["Qwen3ForCausalLM" if spec.llm_arch == "qwen3" else "Qwen2ForCausalLM"]
+    names = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+    llm["architectures"] = [names.get(spec.llm_arch, "Qwen2ForCausalLM")]
+    if "num_local_experts" in llm:  # transformers 5's name; Qwen3-30B-A3B's config.json says num_experts
+        llm["num_experts"] = llm.pop("num_local_experts")
     return llm
 
 
@@ -330,7 +377,7 @@ def chat_config(spec: Spec, qwen: nn.Module) -> Dict:
 
 def sail_config(spec: Spec, qwen: nn.Module) -> Dict:
     """SAIL-VL-1.6's config.json layout (AIMv2 + Qwen2), or SAIL-VL2's (AIMv2 + Qwen3)."""
-    sail2 = spec.llm_arch == "qwen3"
+    sail2 = spec.llm_arch in ("qwen3", "qwen3_moe")
     cls = "SAILVL" if sail2 else "SailVL"
     return {
         "architectures": [f"{cls}Model"],

@@ -134,7 +134,7 @@ def test_sail_vl_defaults_select_layer_to_minus_4(sail_configs):
     assert hf_config_from_model(cfg, config) == config
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-aimv2", "tiny-sail-vl2"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-aimv2", "tiny-sail-vl2", "tiny-sail-vl2-moe", "sail-vl2-moe"])
 def test_fresh_config_describes_the_model(preset):
     # A trainer checkpoint exported without any template: every field the reader needs is written.
     from sail_megatron.config.presets import get_preset
@@ -144,14 +144,17 @@ def test_fresh_config_describes_the_model(preset):
     config = hf_config_from_model(cfg, stage1_template({}, {}, "internvl2_5", "fp32"), "fp32")
     back = model_config_from_hf(config, make_vocab_size_divisible_by=cfg.language.make_vocab_size_divisible_by)
     assert back == cfg
-    expected = {"tiny": "internvl_chat", "tiny-aimv2": "internvl_chat", "tiny-sail-vl2": "sailvl"}[preset]
+    expected = {"tiny": "internvl_chat", "tiny-aimv2": "internvl_chat"}.get(preset, "sailvl")
     assert config["model_type"] == expected
 
 
 def test_every_unsupported_sail_feature_is_listed(sail_configs):
     bad = copy.deepcopy(sail_configs["sail2"])
     bad["vision_config"].update(qkv_bias=True, use_bias=True)
-    bad["llm_config"].update(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], num_experts=128)
+    # Qwen3-MoE converts, but only when every layer is a mixture of experts.
+    bad["llm_config"].update(
+        model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], num_experts=128, mlp_only_layers=[0]
+    )
     with pytest.raises(ConversionError) as err:
         model_config_from_hf(bad)
     message = str(err.value)
@@ -159,7 +162,7 @@ def test_every_unsupported_sail_feature_is_listed(sail_configs):
     for part in (
         "vision_config.qkv_bias is true",
         "vision_config.use_bias is true",
-        "mixture-of-experts SAIL-VL2 models are not supported",
+        "only Qwen3-MoE models whose every layer is a mixture of experts",
     ):
         assert part in message
 

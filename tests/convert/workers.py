@@ -94,9 +94,12 @@ def _forward(model, tokens: torch.Tensor, pixels: torch.Tensor) -> Optional[torc
     return captured.get("logits")
 
 
-def layout_logits(ckpt: str, tp: int, pp: int, tokens: torch.Tensor, pixels: torch.Tensor) -> Optional[Dict]:
-    """Load a converted checkpoint with the trainer's loader under TP x PP; logits (and, on the first
-    stage, the vision encoder's output) from the rank that holds them."""
+def layout_logits(
+    ckpt: str, tp: int, pp: int, tokens: torch.Tensor, pixels: torch.Tensor, ep: int = 1
+) -> Optional[Dict]:
+    """Load a converted checkpoint with the trainer's loader under TP x PP (x EP for a mixture of experts,
+    its expert ranks taken from data-parallel ranks); logits (and, on the first stage, the vision encoder's
+    output) from the rank that holds them (data-parallel rank 0)."""
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import dataclasses
 
@@ -111,7 +114,9 @@ def layout_logits(ckpt: str, tp: int, pp: int, tokens: torch.Tensor, pixels: tor
 
     record = read_provenance(Path(ckpt))
     cfg = dataclasses.replace(from_dict(ModelConfig, record["model"]), image_context_token_id=F.IMG_CONTEXT_ID)
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
+    )
     init_distributed(parallel, seed=99)
     try:
         model = build_model(cfg, parallel, PrecisionConfig(dtype="fp32")).eval()
@@ -122,7 +127,8 @@ def layout_logits(ckpt: str, tp: int, pp: int, tokens: torch.Tensor, pixels: tor
         out = {"vision": vision, "padded_vocab": None}
         if logits is not None:
             out.update(logits=logits[..., : cfg.language.vocab_size], padded_vocab=logits.shape[-1])
-        return out if parallel_state.get_tensor_model_parallel_rank() == 0 else None
+        first = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+        return out if first else None
     finally:
         destroy_distributed()
 

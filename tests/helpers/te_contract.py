@@ -10,6 +10,10 @@ against TE 2.9-2.11 and megatron-core 0.16:
   norms, the projector's norm) are checkpointed under the fused names by both builds (the specs' key
   maps), so they are left alone. Linears keep an extra state in both builds; TE's attention drops its own
   from the sharded state dict.
+- A mixture-of-experts layer has no fc1 to fold its pre-MLP norm into: TE's MoE spec builds it as a
+  standalone TENorm (`pre_mlp_layernorm.weight` plus an extra state; the local spec keeps that name too).
+  Its experts (TE's grouped linears, megatron's SequentialMLP of local linears) and router write the same
+  keys in both builds (`mlp.experts.experts.linear_fc{1,2}.{weight,_extra_state}`, one slice per expert).
 
 Which norms stay standalone is read off the model: every torch norm not in FOLDED_INTO_LINEAR. When TE
 builds another module differently, say so here (a rule or a position) and every contract test covers it.
@@ -45,12 +49,22 @@ def _folded(name: str) -> bool:
     return any(name == f or name.endswith("." + f) for f in FOLDED_INTO_LINEAR)
 
 
+def _before_experts(modules: dict, name: str) -> bool:
+    """A layer's pre-MLP norm whose MLP is megatron's MoELayer (TE keeps it standalone)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    parent, _, last = name.rpartition(".")
+    return last == "pre_mlp_layernorm" and isinstance(getattr(modules.get(parent), "mlp", None), MoELayer)
+
+
 def te_standalone_norms(model: torch.nn.Module) -> List[str]:
     """Names of the norms that the TE build of `model` makes as standalone TENorm modules."""
+    modules = dict(model.named_modules())
     return [
         name
-        for name, m in model.named_modules()
-        if isinstance(m, (torch.nn.RMSNorm, torch.nn.LayerNorm)) and not _folded(name)
+        for name, m in modules.items()
+        if isinstance(m, (torch.nn.RMSNorm, torch.nn.LayerNorm))
+        and (not _folded(name) or _before_experts(modules, name))
     ]
 
 

@@ -34,6 +34,7 @@ INTERNVIT_300M = 304_012_288  # InternViT-300M-448px, all 24 layers
 SAILVIT_HUGE = 682_031_616  # AIMv2-Huge-448 / SAILViT-Huge (the vision tower of SAIL-VL-1.5/1.6, SAIL-VL2)
 SAILVIT_LARGE = 309_984_256  # AIMv2-Large-448 / SAILViT-Large
 SAIL_VL_16_8B = 8_332_532_736  # SAIL-VL-1.6-8B's index: 16,665,065,472 bf16 bytes
+QWEN3_30B_A3B = 30_532_122_624  # published Qwen3-30B-A3B (its model card: 30.5B in total, 3.3B activated)
 
 
 def unique_numel(module: nn.Module) -> int:
@@ -117,6 +118,57 @@ def test_language_count_matches_transformers_qwen3(preset):
     reference = hf_qwen3_parameters(lang)
     assert_count(param_count.language_parameters(lang), reference, f"{preset} language")
     assert_count(count_parameters(get_preset(preset)).language, reference, f"{preset} ParameterCount.language")
+
+
+def hf_qwen3_moe_parameters(lang: LanguageConfig) -> int:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        hidden_size=lang.hidden_size,
+        intermediate_size=lang.ffn_hidden_size,
+        moe_intermediate_size=lang.moe_ffn_hidden_size,
+        num_hidden_layers=lang.num_layers,
+        num_attention_heads=lang.num_attention_heads,
+        num_key_value_heads=lang.num_query_groups,
+        head_dim=lang.kv_channels,
+        vocab_size=lang.vocab_size,
+        num_experts=lang.num_experts,
+        num_experts_per_tok=lang.moe_router_topk,
+        norm_topk_prob=lang.moe_norm_topk_prob,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        tie_word_embeddings=lang.tie_word_embeddings,
+    )
+    with torch.device("meta"):
+        model = Qwen3MoeForCausalLM(config)
+    assert all(layer.mlp.__class__.__name__ == "Qwen3MoeSparseMoeBlock" for layer in model.model.layers)
+    return unique_numel(model)
+
+
+def test_qwen3_moe_count_matches_transformers_and_the_release():
+    lang = get_preset("sail-vl2-moe").language
+    assert (lang.arch, lang.num_experts, lang.moe_router_topk, lang.moe_ffn_hidden_size) == ("qwen3_moe", 128, 8, 768)
+    assert hf_qwen3_moe_parameters(lang) == QWEN3_30B_A3B
+    assert_count(param_count.language_parameters(lang), QWEN3_30B_A3B, "sail-vl2-moe language")
+    # Active per token: attention, norms, embeddings, the router and 8 of the 128 experts of every layer.
+    experts = lang.num_layers * (lang.num_experts - lang.moe_router_topk) * 3 * lang.hidden_size * 768
+    active = param_count.language_parameters(lang, active=True)
+    assert active == QWEN3_30B_A3B - experts
+    assert 3.3e9 < active < 3.4e9  # the model card's "3.3B activated"
+    tiny = get_preset("tiny-sail-vl2-moe").language
+    assert_count(param_count.language_parameters(tiny), hf_qwen3_moe_parameters(tiny), "tiny-sail-vl2-moe language")
+
+
+def test_sail_vl2_moe_total_is_sailvit_huge_projector_and_qwen3_30b_a3b():
+    cfg = get_preset("sail-vl2-moe")
+    counts = count_parameters(cfg)
+    width = cfg.vision.hidden_size * cfg.projector.merge_factor**2
+    h = cfg.language.hidden_size
+    with torch.device("meta"):
+        mlp1 = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, h), nn.GELU(), nn.Linear(h, h))
+    reference = hf_aimv2_parameters(cfg.vision) + unique_numel(mlp1) + hf_qwen3_moe_parameters(cfg.language)
+    assert reference == SAILVIT_HUGE + unique_numel(mlp1) + QWEN3_30B_A3B
+    assert counts.total_checkpoint == counts.total_built == reference == 31_230_947_840
 
 
 # ------------------------------------------------------------------------------------------------ vision
@@ -274,7 +326,13 @@ def built_tiny():
             cut = get_preset("tiny")
             cut.image_context_token_id = 3
             cut.vision.select_layer = -2
-            yield {"tiny": (cfg, _build_counts(cfg)), "cut": (cut, _build_counts(cut))}
+            moe = get_preset("tiny-sail-vl2-moe")
+            moe.image_context_token_id = 3
+            yield {
+                "tiny": (cfg, _build_counts(cfg)),
+                "cut": (cut, _build_counts(cut)),
+                "moe": (moe, _build_counts(moe)),
+            }
         finally:
             destroy_distributed()
 
@@ -296,6 +354,15 @@ def test_tiny_count_equals_built_megatron_model(built_tiny):
         "language_model": counts.language,
     }
     assert total == counts.total_built
+
+
+def test_tiny_moe_count_equals_built_megatron_model(built_tiny):
+    # megatron's MoELayer: a router [experts, hidden] and every expert's fc1/fc2 (SequentialMLP at EP 1).
+    cfg, (total, parts, rows) = built_tiny["moe"]
+    counts = count_parameters(cfg)
+    assert rows == cfg.language.vocab_size
+    assert parts["language_model"] == counts.language and total == counts.total_built
+    assert counts.language_active < counts.language
 
 
 def test_built_vision_stops_at_select_layer(built_tiny):

@@ -54,3 +54,61 @@ def test_cpu_takes_no_fusions():
     parts = _parts(Backends(cuda=False, transformer_engine=False, apex=False))
     for p in (parts.vision, parts.projector, parts.language):
         assert not p.bias_activation_fusion and not p.gradient_accumulation_fusion
+
+
+def test_moe_language_config_routes_as_qwen3_moe():
+    cpu = Backends(cuda=False, transformer_engine=False, apex=False)
+    parallel = ParallelConfig(expert_model_parallel_size=2)
+    parts = build_part_configs(get_preset("tiny-sail-vl2-moe"), parallel, PrecisionConfig(dtype="fp32"), cpu)
+    lang = parts.language
+    assert (lang.num_moe_experts, lang.moe_router_topk, lang.moe_ffn_hidden_size) == (4, 2, 48)
+    # softmax over all experts, top k, renormalized: megatron's softmax over the top-k logits
+    assert lang.moe_router_score_function == "softmax" and lang.moe_router_pre_softmax is False
+    assert lang.moe_router_load_balancing_type == "aux_loss" and lang.moe_aux_loss_coeff == 0.001
+    assert lang.moe_expert_capacity_factor is None  # dropless
+    assert lang.moe_token_dispatcher_type == "alltoall" and lang.calculate_per_token_loss
+    assert lang.expert_model_parallel_size == 2 and lang.expert_tensor_parallel_size == 1
+    assert not lang.moe_grouped_gemm and not lang.moe_permute_fusion  # local experts (SequentialMLP)
+    # The vision side has no experts (megatron refuses EP > 1 without them).
+    assert parts.vision.num_moe_experts is None and parts.vision.expert_model_parallel_size == 1
+    dense = build_part_configs(get_preset("tiny-sail-vl2"), ParallelConfig(), PrecisionConfig(dtype="fp32"), cpu)
+    assert dense.language.num_moe_experts is None
+
+
+def test_moe_without_renormalization_or_aux_loss():
+    from dataclasses import replace
+
+    cfg = get_preset("tiny-sail-vl2-moe")
+    cfg.language = replace(cfg.language, moe_norm_topk_prob=False, moe_aux_loss_coeff=0.0, moe_z_loss_coeff=1e-3)
+    cpu = Backends(cuda=False, transformer_engine=False, apex=False)
+    lang = build_part_configs(cfg, ParallelConfig(), PrecisionConfig(dtype="fp32"), cpu).language
+    assert lang.moe_router_pre_softmax is True  # the full softmax's values at the chosen experts
+    assert lang.moe_router_load_balancing_type == "none" and lang.moe_z_loss_coeff == 1e-3
+
+
+def test_moe_takes_grouped_gemm_with_te_layers(monkeypatch):
+    monkeypatch.setattr("megatron.core.models.common.embeddings.rope_utils.fused_apply_rotary_pos_emb", object())
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+
+    for name in ("fused_permute", "fused_permute_with_probs", "fused_sort_chunks_by_index"):
+        monkeypatch.setattr(moe_utils, name, object(), raising=False)
+    for name in ("fused_sort_chunks_by_index_with_probs", "fused_unpermute"):
+        monkeypatch.setattr(moe_utils, name, object(), raising=False)
+    te = Backends(cuda=True, transformer_engine=True, apex=False)
+    lang = build_part_configs(get_preset("tiny-sail-vl2-moe"), ParallelConfig(), PrecisionConfig(dtype="bf16"), te)
+    assert lang.language.moe_grouped_gemm and lang.language.moe_permute_fusion
+
+
+def test_moe_layer_spec_keeps_the_pre_mlp_norm_under_its_own_name():
+    """TE's MoE layer keeps the pre-MLP norm standalone (`pre_mlp_layernorm.weight`: no fc1 to fuse it into);
+    the local spec must not rename it to the fused `mlp.linear_fc1.layer_norm_weight` as it does for dense."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from sail_megatron.model.specs import language_layer_spec
+
+    moe = language_layer_spec("local", get_preset("tiny-sail-vl2-moe").language).submodules
+    assert moe.mlp.module is MoELayer and moe.mlp.submodules.experts.module is SequentialMLP
+    assert moe.sharded_state_dict_keys_map == {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
+    dense = language_layer_spec("local", get_preset("tiny-sail-vl2").language).submodules
+    assert "pre_mlp_layernorm." in dense.sharded_state_dict_keys_map

@@ -17,6 +17,9 @@ from sail_megatron.platform.megatron_compat import (
 # The source of each megatron function replaced in megatron_compat.py, as written against MEGATRON_VERSION.
 # A change here means megatron changed that function: read the new one, adapt the patch, update the hash.
 SOURCE_HASHES = {
+    "transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu": "8fc5847a887d7319",
+    "moe_utils.RouterGatingLinearFunction.forward": "dcba4f9f02b30a36",
+    "moe_utils.RouterGatingLinearFunction.backward": "222f6d592730bd28",
     "dist_checkpointing.filesystem_async._get_write_results_queue": "349269cbdd569d41",
     "tensor_parallel.random._get_cuda_rng_state": "aa26caaa069c5c4f",
     "tensor_parallel.random._set_cuda_rng_state": "b179c9d95438b61c",

@@ -6,7 +6,8 @@ import pytest
 from tests.helpers.multiprocess import run_on_ranks
 from tests.training import backend_workers
 
-FAMILIES = ["tiny", "tiny-aimv2", "tiny-sail-vl2"]  # InternViT+Qwen2.5, AIMv2+Qwen2.5, AIMv2+Qwen3
+# InternViT+Qwen2.5, AIMv2+Qwen2.5, AIMv2+Qwen3, AIMv2+Qwen3-MoE
+FAMILIES = ["tiny", "tiny-aimv2", "tiny-sail-vl2", "tiny-sail-vl2-moe"]
 
 
 @pytest.mark.parametrize("preset", FAMILIES)
@@ -15,8 +16,11 @@ def test_local_and_te_checkpoints_load_into_each_other(preset, tmp_path):
     assert "language_model.decoder.final_layernorm" in out["te_norms"]
     if preset != "tiny":  # AIMv2's patch and final norms
         assert "vision_model.patch_norm" in out["te_norms"]
-    if preset == "tiny-sail-vl2":  # Qwen3's per-head norms
+    if preset.startswith("tiny-sail-vl2"):  # Qwen3's per-head norms
         assert any(n.endswith("self_attention.q_layernorm") for n in out["te_norms"])
+    if preset == "tiny-sail-vl2-moe":  # an MoE layer's pre-MLP norm stands alone under TE
+        assert "language_model.decoder.layers.0.pre_mlp_layernorm" in out["te_norms"]
+        assert "language_model.decoder.layers.0.input_layernorm" not in out["te_norms"]
     assert out["te_extra_states_written"] >= 1
     for direction in ("local_into_te", "local_into_te_converter", "te_into_local", "te_into_local_converter"):
         assert out[direction] == [], direction
@@ -27,7 +31,7 @@ def test_a_missing_weight_is_still_an_error(tmp_path):
     assert "language_model.decoder.final_layernorm.gain" in message, message
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-sail-vl2"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sail-vl2", "tiny-sail-vl2-moe"])
 def test_local_build_holds_no_module_of_the_importable_backend(preset):
     (out,) = run_on_ranks(backend_workers.module_tree_of_local_build, 1, preset)
     assert out["defaults"] == [] and out["te_modules"] == []

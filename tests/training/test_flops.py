@@ -52,6 +52,26 @@ def test_llm_linear_per_token(preset, token):
     assert llm_linear_forward_flops_per_token(get_preset(preset).language) == token
 
 
+# Qwen3-30B-A3B (sail-vl2-moe): hidden 2048, 48 layers, 32 heads of 128, 4 KV heads; per layer a router GEMM
+# over 128 experts and 8 routed experts' SwiGLU of width 768 (not all 128); vocab 151936, untied.
+MOE_ATTENTION = 2 * (2048 * 4096 + 2 * 2048 * 512 + 4096 * 2048)
+MOE_MLP = 2 * 2048 * 128 + 8 * 2 * 3 * 2048 * 768
+LLM_30B_A3B_TOKEN = 48 * (MOE_ATTENTION + MOE_MLP) + 2 * 2048 * 151936
+
+
+def test_moe_counts_active_experts_only():
+    lang = get_preset("sail-vl2-moe").language
+    assert llm_linear_forward_flops_per_token(lang) == LLM_30B_A3B_TOKEN
+    assert 6.08e9 < LLM_30B_A3B_TOKEN < 6.09e9  # about 2 x the 3.3B active weights less the embedding lookup
+    # All 128 experts would be 16x the expert FLOPs: the count follows top-k, not the expert count.
+    from dataclasses import replace
+
+    more_experts = replace(lang, num_experts=256)
+    assert llm_linear_forward_flops_per_token(more_experts) - LLM_30B_A3B_TOKEN == 48 * 2 * 2048 * 128  # router only
+    wider_topk = replace(lang, moe_router_topk=16)
+    assert llm_linear_forward_flops_per_token(wider_topk) - LLM_30B_A3B_TOKEN == 48 * 8 * 2 * 3 * 2048 * 768
+
+
 def test_output_layer_counts_padded_vocab():
     lang = get_preset("sail-vl-2b").language
     # TP=2 pads 151936 up to a multiple of 256: 152064.
@@ -143,7 +163,7 @@ def test_mfu_figures_against_both_peaks():
     assert mfu_figures(1e12, PeakFlops()) == {"mfu": None, "mfu_fp8": None}
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-aimv2", "tiny-sail-vl2"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-aimv2", "tiny-sail-vl2", "tiny-sail-vl2-moe"])
 def test_counts_equal_torch_flop_counter_on_the_built_model(preset):
     """The formulas against torch's FLOP counter over the real model: the ViT on one tile, the projector
     and the decoder's linear layers per token (the counter sees matmuls and convolutions, as we count)."""
