@@ -6,7 +6,9 @@ state, and a server that goes away mid-epoch stops reading with an error naming 
 import json
 import os
 import socket
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +149,33 @@ def test_store_going_away_is_a_clear_error(store, tokenizer_dir):  # noqa: F811
     assert url in message and "reading from the object store failed" in message, message
     assert "MSC_CONFIG=" in message and "resume from the last checkpoint" in message, message
     assert took < 30, f"the error took {took:.0f} s"
+
+
+def test_the_trainer_trains_from_the_store(store, tokenizer_dir, tmp_path):  # noqa: F811
+    """sail-train on an msc:// blend, credentials and the MSC config from the environment only."""
+    from tests.helpers.train_cli import printed_losses, train_command
+
+    recipe = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny" / "demo.yaml"
+    overrides = [
+        "data.path=msc://s3-data/sail/mix.yaml",
+        f"data.tokenizer={tokenizer_dir}",
+        "parallel.tensor_model_parallel_size=1",
+        "parallel.pipeline_model_parallel_size=1",
+        "run.global_batch_size=2",
+        "run.train_steps=2",
+        "run.eval_interval=0",
+        "run.plot=false",
+        "data.num_workers=1",
+        f"run.save_dir={tmp_path / 'run'}",
+    ]
+    out = subprocess.run(
+        train_command(recipe, overrides),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    losses = printed_losses(out.stdout)
+    assert len(losses) == 2 and all(loss == loss for loss in losses)
+    assert "test-secret" not in (tmp_path / "run" / "config.yaml").read_text()
