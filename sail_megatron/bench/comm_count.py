@@ -2,7 +2,8 @@
 communicates, counted on whatever backend runs (gloo on the CPU moves the same tensors NCCL would).
 
 Bytes are the message sizes in nccl-tests' sense: the tensor reduced for an all-reduce, the whole output
-of an all-gather, the whole input of a reduce-scatter, the tensor of a broadcast or a send. megatron-core
+of an all-gather, the whole input of a reduce-scatter, the tensor of a broadcast or of a pipeline send
+(counted in batch_isend_irecv: megatron's default; sends issued one by one are not counted). megatron-core
 binds some collectives to module globals at import, so those globals are wrapped as well as
 torch.distributed's own functions; wrapping is undone when the context ends.
 """
@@ -24,8 +25,6 @@ _WRAPPED: List[Tuple[str, str, int, str]] = [
     ("torch.distributed", "reduce_scatter_tensor", 1, "input"),
     ("torch.distributed", "_all_gather_base", 0, "output_tensor"),
     ("torch.distributed", "_reduce_scatter_base", 1, "input"),
-    ("torch.distributed", "isend", 0, "tensor"),
-    ("torch.distributed", "send", 0, "tensor"),
     ("megatron.core.tensor_parallel.mappings", "dist_all_gather_func", 0, "output_tensor"),
     ("megatron.core.tensor_parallel.mappings", "dist_reduce_scatter_func", 1, "input"),
     ("megatron.core.distributed.param_and_grad_buffer", "dist_all_gather_func", 0, "output_tensor"),
@@ -71,6 +70,19 @@ class CommCounter:
         counted.__wrapped__ = fn
         return counted
 
+    def _wrap_batch(self, fn: Callable) -> Callable:
+        """Pipeline sends: P2POp insists on torch's own isend, so the batch is counted, not the op."""
+
+        def counted(p2p_ops, *args, **kwargs):
+            for op in p2p_ops:
+                if op.op is dist.isend:
+                    self.bytes["pipeline_parallel"] += op.tensor.numel() * op.tensor.element_size()
+                    self.calls["pipeline_parallel"] += 1
+            return fn(p2p_ops, *args, **kwargs)
+
+        counted.__wrapped__ = fn
+        return counted
+
     @contextlib.contextmanager
     def counting(self) -> Iterator["CommCounter"]:
         saved = []
@@ -82,6 +94,8 @@ class CommCounter:
                     continue
                 saved.append((module, attr, fn))
                 setattr(module, attr, self._wrap(fn, position, keyword))
+            saved.append((dist, "batch_isend_irecv", dist.batch_isend_irecv))
+            dist.batch_isend_irecv = self._wrap_batch(dist.batch_isend_irecv)
             yield self
         finally:
             for module, attr, fn in reversed(saved):

@@ -117,6 +117,11 @@ class MeteredData:
         self._source: Iterator[Measured] = iter(source)
         self._model, self._trains, self._tp = model, trains, tensor_parallel_size
         self.tally = DataTally()
+        # Only the first pipeline stage runs the vision encoder (later stages may be handed pixels too).
+        self._vision_stage = (
+            not parallel_state.model_parallel_is_initialized()
+            or parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+        )
         self.samples_consumed = 0
         """This rank's samples since the loader started (for the checkpoint's consumed-samples count)."""
 
@@ -134,8 +139,9 @@ class MeteredData:
         t.slots += batch.tokens.numel()
         t.tiles += batch.num_tiles
         t.images += batch.image_count or 0
-        t.decoded_images += batch.decoded_images or 0
-        t.decoded_tiles += batch.pixel_values.shape[0] if batch.pixel_values is not None else 0
+        if self._vision_stage:
+            t.decoded_images += batch.decoded_images or 0
+            t.decoded_tiles += batch.pixel_values.shape[0] if batch.pixel_values is not None else 0
         flops = training_flops(self._model, lengths, batch.num_tiles, self._trains, self._tp)
         t.flops += flops.total
         t.vision_flops += flops.vision + flops.projector
