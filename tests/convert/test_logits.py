@@ -52,7 +52,9 @@ def case(tmp_path_factory):
     # Each SAIL layout under both: a checkpoint converted for one layout loads under the other.
     cases += [run("sail16", 2, 1), run("sail16", 1, 2), run("sail2", 1, 2), run("sail2", 2, 1)]
     began = time.perf_counter()
-    tp2, pp2, sail16_tp2, sail16_pp2, sail2_pp2, sail2_tp2 = zip(*run_on_ranks(workers.layout_logits_many, 2, cases))
+    tp2, pp2, sail16_tp2, sail16_pp2, sail2_pp2, sail2_tp2 = zip(
+        *run_on_ranks(workers.layout_logits_many, 2, workers.with_ports(cases))
+    )
     print(f"6 evaluations at TP2 / PP2: {time.perf_counter() - began:.1f} s")
     expected = {name: F.expected_logits(modules[name], *inputs[name]) for name in SPECS}
     return {

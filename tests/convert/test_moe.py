@@ -73,7 +73,9 @@ def case(tmp_path_factory):
     base = dict(ckpt=mcore, tokens=ids, pixels=pixels)
     layouts = {"ep2": dict(tp=1, pp=1, ep=2), "tp2": dict(tp=2, pp=1), "pp2": dict(tp=1, pp=2)}
     began = time.perf_counter()
-    ranks = run_on_ranks(workers.layout_logits_many, 2, [dict(**base, **v) for v in layouts.values()])
+    ranks = run_on_ranks(
+        workers.layout_logits_many, 2, workers.with_ports([dict(**base, **v) for v in layouts.values()])
+    )
     print(f"3 evaluations at EP2 / TP2 / PP2: {time.perf_counter() - began:.1f} s")
     reports = {name: [r[i] for r in ranks if r[i] is not None] for i, name in enumerate(layouts)}
     reports["tp1"] = [results[3]]

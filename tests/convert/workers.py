@@ -135,13 +135,26 @@ def layout_logits(
 
 def layout_logits_many(cases: List[Dict]) -> List[Optional[Dict]]:
     """Several `layout_logits` runs one after the other in the same processes (saves process start-ups).
-    Each run gets its own rendezvous port: the previous store's port may linger after destroy."""
-    base = int(os.environ["MASTER_PORT"])
+    Each run gets its own rendezvous port, found free by the parent (`with_ports`): the previous store's
+    port may linger after destroy, and a neighbouring number may belong to anyone."""
     out = []
-    for i, c in enumerate(cases):
-        os.environ["MASTER_PORT"] = str(base + 1 + i) if i else str(base)
+    for c in cases:
+        c = dict(c)
+        os.environ["MASTER_PORT"] = str(c.pop("port"))
         out.append(layout_logits(**c))
     return out
+
+
+def with_ports(cases: List[Dict]) -> List[Dict]:
+    """The cases of `layout_logits_many`, each with a port free now (distinct from each other)."""
+    from tests.helpers.multiprocess import free_port
+
+    ports: List[int] = []
+    while len(ports) < len(cases):
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return [{**c, "port": port} for c, port in zip(cases, ports)]
 
 
 def as_trainer_run(ckpt: str, run_dir: str) -> Dict:
