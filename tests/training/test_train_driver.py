@@ -108,17 +108,18 @@ def _leftover_processes(run_dir) -> str:
 
 
 def test_a_killed_and_then_a_hung_rank_restart_the_job_which_resumes_by_itself(demo, straight, tmp_path):
-    # One drill, two faults. Rank 1 is SIGKILLed as it starts step 4: torchrun restarts both ranks, which meet
-    # again and resume from the step-2 checkpoint (written in the background). Then rank 1 stops at step 6 (as
-    # in a dead collective): both ranks' watchdogs dump their stacks (the first to fire waits for the other's
-    # dump) and exit, torchrun restarts the job again, and it resumes from its newest complete checkpoint. It
-    # finishes with the uninterrupted run's losses, bitwise.
+    # One drill, two faults. A checkpoint every step, written in the background: a save first completes the
+    # previous one, so when rank 1 is SIGKILLed as it starts step 4, step 2's checkpoint is complete and step
+    # 3's is not, whatever the machine's speed. torchrun restarts both ranks, which meet again and resume from
+    # step 2. Then rank 1 stops at step 6 (as in a dead collective): both ranks' watchdogs dump their stacks
+    # (the first to fire waits for the other's dump) and exit, torchrun restarts the job again, and it resumes
+    # from its newest complete checkpoint, step 4's. It finishes with the uninterrupted run's losses, bitwise.
     _, log = _train(
         SFT,
         demo,
         tmp_path,
         "run.train_steps=6",
-        "run.save_interval=2",
+        "run.save_interval=1",
         "run.inject_fault=kill@4:1,hang@6:1",
         "run.step_timeout_s=15",
         FRESH,
