@@ -125,20 +125,13 @@ def aux_loss_gradient(coeff: float) -> Dict[str, torch.Tensor]:
 
 def packed_vs_alone_ep(ep: int, weights_dir: str) -> Optional[Dict]:
     """Per-sample logits and losses, packed and alone, under EP (tests/parallel/workers.py's case)."""
-    from tests.parallel.workers import _packing_case
+    from tests.parallel.workers import packing_outputs
 
     cfg, _, model = _setup(ep)
     try:
         model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), weights_dir))
         model.eval()
-        packed, alone, cu = _packing_case(cfg)
-        out = {
-            "cu": cu,
-            "packed_logits": _run_schedule(model, packed, True, False),
-            "packed_losses": _run_schedule(model, packed, True, True),
-            "alone_logits": [_run_schedule(model, b, True, False) for b in alone],
-            "alone_losses": [_run_schedule(model, b, True, True) for b in alone],
-        }
+        out = packing_outputs(model, cfg)
         return out if parallel_state.get_data_parallel_rank() == 0 else None
     finally:
         destroy_distributed()

@@ -182,6 +182,18 @@ def train_steps(
         destroy_distributed()
 
 
+def packing_outputs(model, cfg) -> Dict:
+    """Logits and losses of the packed row and of its samples run alone (the packing invariant's inputs)."""
+    packed, alone, cu = _packing_case(cfg)
+    return {
+        "cu": cu,
+        "packed_logits": _run_schedule(model, packed, True, False),
+        "packed_losses": _run_schedule(model, packed, True, True),
+        "alone_logits": [_run_schedule(model, b, True, False) for b in alone],
+        "alone_losses": [_run_schedule(model, b, True, True) for b in alone],
+    }
+
+
 def _packing_case(cfg):
     """Three samples (one or two images each) as one packed row and as rows of their own, padded to the
     packed length (causal attention: padding after a sample cannot change it)."""
@@ -214,14 +226,7 @@ def packed_vs_alone(tp: int, pp: int, weights_dir: Optional[str], preset: str = 
         if weights_dir is not None:
             _load(model, weights_dir)
         model.eval()
-        packed, alone, cu = _packing_case(cfg)
-        out = {
-            "cu": cu,
-            "packed_logits": _run_schedule(model, packed, True, False),
-            "packed_losses": _run_schedule(model, packed, True, True),
-            "alone_logits": [_run_schedule(model, b, True, False) for b in alone],
-            "alone_losses": [_run_schedule(model, b, True, True) for b in alone],
-        }
+        out = packing_outputs(model, cfg)
         last = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
         return out if last else None
     finally:
