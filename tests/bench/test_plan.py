@@ -13,6 +13,7 @@ import pytest
 from sail_megatron.bench import cli
 from sail_megatron.bench.plan import plan
 from sail_megatron.bench.plan.gpus import GPUS
+from sail_megatron.bench.plan.render import render
 from sail_megatron.config.train import load_train_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,6 +36,8 @@ LAYOUT_KEYS = {
     "recompute_vision",
     "distributed_optimizer",
     "picked",
+    "ep",
+    "vision_parallel",
 }
 
 
@@ -139,6 +142,41 @@ def test_a_layout_that_cannot_fit_is_marked_so():
     assert set(GPUS) == {"h100", "h200", "a100"}
 
 
+def test_the_moe_recipe_is_planned_with_its_experts_split():
+    cfg = load_train_config(ROOT / "examples/configs/sail-vl2-moe/3-sft-knowledge.yaml")
+    doc = plan(cfg, 64)
+    assert doc["moe"] and doc["picked"] is not None
+
+    def row(ep: int):
+        (r,) = [
+            r
+            for r in doc["layouts"]
+            if (
+                r["tp"],
+                r["pp"],
+                r["ep"],
+                r["recompute_granularity"],
+                r["recompute_vision"],
+                r["distributed_optimizer"],
+            )
+            == (1, 1, ep, "full", True, True)
+        ]
+        return r
+
+    eps = sorted({r["ep"] for r in doc["layouts"]})
+    assert eps == [1, 2, 4, 8, 16, 32, 64]
+    # Experts hold ~97% of the language model: split 8 ways, a GPU's weights and gradients shrink ~6x; the
+    # optimizer state is sharded over all 64 ranks either way (the experts' over the ranks sharing them).
+    one, eight = row(1)["memory_split_gib"], row(8)["memory_split_gib"]
+    assert 5 < one["weights"] / eight["weights"] < 8 and 5 < one["grads"] / eight["grads"] < 8
+    assert eight["optimizer"] == pytest.approx(one["optimizer"], rel=0.05)
+    assert not row(1)["fits"] and row(8)["fits"]  # the recipe's layout fits; without EP the weights alone do not
+    # The expert all-to-alls are the price: EP=16 leaves the node and slows down.
+    assert row(16)["tokens_per_s_per_gpu"] < row(8)["tokens_per_s_per_gpu"]
+    header = next(line for line in render(doc).splitlines() if line.lstrip().startswith("TP"))
+    assert header.split()[:4] == ["TP", "PP", "EP", "DP"] and f"EP={doc['picked']['ep']} DP" in render(doc)
+
+
 def test_budgets_in_samples_and_steps():
     cfg = load_train_config(ROOT / SFT_8B)  # run.train_samples: 21M
     assumed = plan(cfg, 64)
@@ -173,7 +211,8 @@ def test_a_measured_report_is_carried_over(tmp_path):
     same = [
         r
         for r in doc["layouts"]
-        if (r["tp"], r["pp"], r["recompute_granularity"], r["recompute_vision"]) == (2, 1, "selective", False)
+        if (r["tp"], r["pp"], r["recompute_granularity"], r["recompute_vision"], r["vision_parallel"])
+        == (2, 1, "selective", False, "tensor")
     ]
     assert same and all(r["mfu"] == pytest.approx(0.3) for r in same)  # the measured layout gets its MFU back
 

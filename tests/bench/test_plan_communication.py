@@ -39,12 +39,13 @@ def _layout(tp: int, dp: int, distributed_optimizer: bool = True, **kw) -> Layou
     )
 
 
-def _row(doc, tp, pp=1, recompute="selective", vision=False, distributed_optimizer=True):
+def _row(doc, tp, pp=1, recompute="selective", vision=False, distributed_optimizer=True, vit="tensor"):
     (row,) = [
         r
         for r in doc["layouts"]
         if (r["tp"], r["pp"], r["recompute_granularity"], r["recompute_vision"], r["distributed_optimizer"])
         == (tp, pp, recompute, vision, distributed_optimizer)
+        and r["vision_parallel"] == vit
     ]
     return row
 
@@ -68,7 +69,7 @@ def test_one_layout_by_hand():
     assert again.tensor_parallel_bytes == pytest.approx(language + vision * 6 / 4)
     # DP=4 x TP=2 is one node: the distributed optimizer's reduce-scatter (fp32 gradients of the rank's half
     # of the model) and all-gather (bf16 weights) run over NVLink.
-    assert tp2.gradient_bytes == 4 * model.trainable_parameters(2, 1, 0)
+    assert tp2.gradient_bytes == 4 * sum(model.trainable_parameters(_layout(2, 4), 0))
     assert tp2.gradient_s == pytest.approx(3 / 4 * tp2.gradient_bytes / NVLINK)
     assert tp2.parameter_s == pytest.approx(3 / 4 * tp2.gradient_bytes / 2 / NVLINK)
 
@@ -143,3 +144,52 @@ def test_bandwidth_flags_and_defaults():
     assert slow["picked"]["comm_fraction"] > 0.3 > fast["picked"]["comm_fraction"]
     a100 = plan(load_train_config(SFT_2B), 256, gpu="a100")["communication"]
     assert (a100["intra_node_gbytes_per_s"], a100["inter_node_gbytes_per_s"]) == (300, 25)
+
+
+# --- experts and where the ViT runs ------------------------------------------------------------------------------
+
+MOE_SFT = ROOT / "examples/configs/sail-vl2-moe/3-sft-knowledge.yaml"  # full recomputation, every part trains
+
+
+def test_expert_all_to_alls_and_expert_gradients_by_hand():
+    # Qwen3-30B-A3B: 48 layers, hidden 2048, 8 of 128 experts per token, expert FFN 768; bf16 rows of 4096.
+    cfg = load_train_config(MOE_SFT)
+    data = data_assumption(cfg)
+    model = CommunicationModel(cfg, data, Links(NVLINK, NETWORK))
+
+    def moe_layout(ep: int, dp: int) -> Layout:
+        return Layout(**{**_layout(1, dp, recompute="full").__dict__, "ep": ep, "etp": 1})
+
+    (ep8,) = model.of(moe_layout(8, 64))
+    # Forward, backward and the recomputed forward: 6 all-to-alls per layer, each of 4096 x 8 copies x 2048 x 2 B.
+    per_micro_batch = 48 * 6 * 4096 * 8 * 2048 * 2
+    assert ep8.expert_parallel_bytes == per_micro_batch
+    assert ep8.expert_parallel_s == pytest.approx(7 / 8 * per_micro_batch / NVLINK)  # EP=8: inside a node
+    (ep16,) = model.of(moe_layout(16, 64))
+    assert ep16.expert_parallel_s == pytest.approx(15 / 16 * per_micro_batch / NETWORK)  # spans two nodes
+    (ep1,) = model.of(moe_layout(1, 64))
+    assert ep1.expert_parallel_bytes == 0 and ep1.expert_parallel_s == 0
+    # Gradients: the dense part over the 64 DP ranks, the experts over the 8 ranks holding the same ones
+    # (one per node: each ring channel on its own NIC, so the network's bandwidth).
+    dense, experts = model.trainable_parameters(moe_layout(8, 64), 0)
+    assert experts == 48 * 16 * 3 * 2048 * 768  # 16 of every layer's experts: fc1 (gate, up) and fc2
+    assert ep8.gradient_bytes == 4 * (dense + experts)
+    expected = 63 / 64 * 4 * dense / min(NVLINK, 8 * NETWORK) + 7 / 8 * 4 * experts / NETWORK
+    assert ep8.gradient_s == pytest.approx(expected)
+
+
+def test_a_vit_data_parallel_across_tp_gathers_image_tokens_instead_of_vit_collectives():
+    cfg = load_train_config(SFT_2B)
+    data = data_assumption(cfg)
+    model = CommunicationModel(cfg, data, Links(NVLINK, NETWORK))
+    (tensor,) = model.of(_layout(2, 4))
+    (vit_data,) = model.of(Layout(**{**_layout(2, 4).__dict__, "vision_parallel": "data"}))
+    language = LAYERS * 4 * SEQ * HIDDEN * 2
+    vision = VIT_LAYERS * 4 * data.mean_tiles_per_row * VIT_TOKENS * VIT_HIDDEN * 2
+    gather = 0.5 * 2 * data.mean_tiles_per_row * 256 * HIDDEN * 2  # the projector's outputs, forward and back
+    assert tensor.tensor_parallel_bytes == pytest.approx(language + vision)
+    assert vit_data.tensor_parallel_bytes == pytest.approx(language + gather)
+    # The whole ViT on each rank: its gradients are the TP rank's to reduce over DP, so DP sends more.
+    assert sum(model.trainable_parameters(Layout(**{**_layout(2, 4).__dict__, "vision_parallel": "data"}), 0)) > sum(
+        model.trainable_parameters(_layout(2, 4), 0)
+    )

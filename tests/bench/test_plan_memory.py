@@ -2,9 +2,10 @@
 buffers and optimizer state of the tiny presets, built and stepped through the project's own builders
 (`build_training`) on the CPU, summed from the tensors megatron-core actually allocated, equal to the byte.
 
-One process: every preset x fp32/bf16/fp16 x distributed optimizer on/off x three freezing stages. Two
-processes (one spawn): TP=2, PP=2 (a tied embedding split over the stages), DP=2 with the distributed
-optimizer (each rank's slice), and DP=2 with small DDP buckets (megatron's bucket padding)."""
+One process: every preset (the mixture-of-experts one included) x fp32/bf16/fp16 x distributed optimizer
+on/off x three freezing stages. Two processes (one spawn): TP=2, PP=2 (a tied embedding split over the
+stages), DP=2 with the distributed optimizer (each rank's slice), DP=2 with small DDP buckets (megatron's
+bucket padding), and expert parallelism EP=2 (experts in buffers of their own, over their own ranks)."""
 
 import itertools
 from typing import Dict, List, Tuple
@@ -15,11 +16,12 @@ import torch
 from sail_megatron.bench.plan.model_state import (
     ddp_bucket_size,
     stage_parameters,
+    state_bytes_of_rank,
     state_bytes_per_rank,
 )
 from tests.helpers.multiprocess import free_port, run_on_ranks
 
-PRESETS = ("tiny", "tiny-aimv2", "tiny-sail-vl2")
+PRESETS = ("tiny", "tiny-aimv2", "tiny-sail-vl2", "tiny-sail-vl2-moe")
 DTYPES = ("fp32", "bf16", "fp16")
 STAGES = (("vision", "projector", "language"), ("projector",), ("vision", "projector"))  # SFT, alignment, advance
 
@@ -69,7 +71,7 @@ def measured_state(chunks, optimizer) -> Dict[str, int]:
     return out
 
 
-def _config(preset: str, dtype: str, distributed_optimizer: bool, trainable, tp: int = 1, pp: int = 1):
+def _config(preset: str, dtype: str, distributed_optimizer: bool, trainable, tp: int = 1, pp: int = 1, ep: int = 1):
     from sail_megatron.config import FreezeConfig, ParallelConfig, PrecisionConfig
     from sail_megatron.config.train import TrainConfig
     from sail_megatron.data.synthetic import IMG_CONTEXT
@@ -83,6 +85,7 @@ def _config(preset: str, dtype: str, distributed_optimizer: bool, trainable, tp:
         parallel=ParallelConfig(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
             use_distributed_optimizer=distributed_optimizer,
             overlap_grad_reduce=True,  # as the GPU recipes: bucketed (one bucket for a tiny model)
         ),
@@ -101,28 +104,46 @@ def _zero_grad_step(chunks, optimizer) -> None:
     optimizer.step()
 
 
-def build_and_measure(preset, dtype, distributed_optimizer, trainable, tp=1, pp=1) -> Dict:
+def build_and_measure(preset, dtype, distributed_optimizer, trainable, tp=1, pp=1, ep=1) -> Dict:
     """Build through build_training on this rank's layout, step once, and compare with the planner."""
     from megatron.core import parallel_state
 
     from sail_megatron.bench.plan.model_state import buffer_layout
     from sail_megatron.training.startup import build_training
 
-    cfg = _config(preset, dtype, distributed_optimizer, trainable, tp, pp)
+    cfg = _config(preset, dtype, distributed_optimizer, trainable, tp, pp, ep)
     chunks, optimizer, _ = build_training(cfg, torch.device("cpu"))
     _zero_grad_step(chunks, optimizer)
     stage = parallel_state.get_pipeline_model_parallel_rank()
     dp = parallel_state.get_data_parallel_world_size()
-    params = stage_parameters(cfg.model, tp, pp, stage)
-    expected = state_bytes_per_rank(
-        params, trainable, dtype, distributed_optimizer, dp, ddp_bucket_size(True, dp, stage)
-    )[parallel_state.get_data_parallel_rank()]
+    edp = parallel_state.get_expert_data_parallel_world_size()
+    bucket = ddp_bucket_size(True, dp, stage)
+    params = stage_parameters(cfg.model, tp, pp, stage, ep)
+    expected = state_bytes_of_rank(
+        params,
+        trainable,
+        dtype,
+        distributed_optimizer,
+        dp,
+        bucket,
+        parallel_state.get_data_parallel_rank(),
+        edp,
+        parallel_state.get_expert_data_parallel_rank(),
+    )
     trained = [p for p in params if p.part in trainable]
-    planned = buffer_layout(trained, distributed_optimizer, dp, ddp_bucket_size(True, dp, stage)).buckets
+    planned = [
+        b
+        for group, size in ((False, dp), (True, edp))
+        for b in buffer_layout(
+            [p for p in trained if p.expert_parallel == group], distributed_optimizer, size, bucket
+        ).buckets
+    ]
+    built = [tuple(b) for buf in chunks[0].buffers + chunks[0].expert_parallel_buffers for b in buf.bucket_indices]
     return {
         "names": [(n, p.numel()) for n, p in chunks[0].module.named_parameters()],
         "planned_names": [(p.name, p.numel) for p in params],
-        "buckets": ([tuple(b) for buf in chunks[0].buffers for b in buf.bucket_indices], list(planned)),
+        "expert_buffers": len(chunks[0].expert_parallel_buffers),
+        "buckets": (built, planned),
         "measured": measured_state(chunks, optimizer),
         "expected": {"weights": expected.weights, "grads": expected.grads, "optimizer": expected.optimizer},
     }
@@ -159,17 +180,21 @@ def test_state_bytes_equal_built_models_in_one_process(one_process, preset):
 # --- two processes ---------------------------------------------------------------------------------------------
 
 TWO_RANK_CASES = {
-    # (tp, pp): [(preset, dtype, distributed optimizer, trainable)]
-    (2, 1): [
+    # (tp, pp, ep): [(preset, dtype, distributed optimizer, trainable)]
+    (2, 1, 1): [
         ("tiny", "bf16", True, STAGES[0]),
         ("tiny-sail-vl2", "fp32", False, STAGES[2]),
         ("tiny-aimv2", "fp16", True, STAGES[1]),
     ],
-    (1, 2): [
+    (1, 2, 1): [
         ("tiny-sail-vl2", "bf16", True, STAGES[0]),  # the tied embedding on both stages, in buckets of its own
         ("tiny", "fp32", False, STAGES[2]),  # the second stage trains nothing
     ],
-    (1, 1): [  # DP=2: each rank keeps optimizer state for its slice of every bucket
+    (1, 1, 2): [  # EP=2 on DP=2: each rank holds half the experts, which no other rank shares
+        ("tiny-sail-vl2-moe", "bf16", True, STAGES[0]),
+        ("tiny-sail-vl2-moe", "fp32", False, STAGES[0]),
+    ],
+    (1, 1, 1): [  # DP=2: each rank keeps optimizer state for its slice of every bucket
         ("tiny", "bf16", True, STAGES[0]),
         ("tiny-aimv2", "fp16", True, STAGES[2]),
         ("tiny-sail-vl2", "fp32", True, STAGES[0]),
@@ -226,13 +251,15 @@ def two_rank_cases() -> List:
     init_distributed(ParallelConfig(), seed=3)
     out = []
     try:
-        for (tp, pp), cases in TWO_RANK_CASES.items():
+        for (tp, pp, ep), cases in TWO_RANK_CASES.items():
             parallel_state.destroy_model_parallel()
-            parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+            parallel_state.initialize_model_parallel(
+                tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
+            )
             tensor_parallel.model_parallel_cuda_manual_seed(3)
             for preset, dtype, distopt, trainable in cases:
-                label = f"TP={tp} PP={pp} {preset} {dtype} distopt={distopt} {'+'.join(trainable)}"
-                out.append((label, build_and_measure(preset, dtype, distopt, trainable, tp, pp)))
+                label = f"TP={tp} PP={pp} EP={ep} {preset} {dtype} distopt={distopt} {'+'.join(trainable)}"
+                out.append((label, build_and_measure(preset, dtype, distopt, trainable, tp, pp, ep)))
         out.append(("DP=2 small buckets", _small_buckets()))
     finally:
         destroy_distributed()
@@ -253,11 +280,13 @@ def test_state_bytes_equal_built_models_under_tp_pp_and_dp():
     assert not wrong, "\n".join(wrong)
     # The cases exercise what they are meant to: ranks hold different slices, stages different parameters.
     by_label = [dict(cases) for cases in ranks]
-    dp2 = "TP=1 PP=1 tiny bf16 distopt=True vision+projector+language"
+    dp2 = "TP=1 PP=1 EP=1 tiny bf16 distopt=True vision+projector+language"
     assert by_label[0][dp2]["measured"]["optimizer"] != by_label[1][dp2]["measured"]["optimizer"]
-    pp2 = "TP=1 PP=2 tiny-sail-vl2 bf16 distopt=True vision+projector+language"
+    pp2 = "TP=1 PP=2 EP=1 tiny-sail-vl2 bf16 distopt=True vision+projector+language"
     assert by_label[0][pp2]["names"] != by_label[1][pp2]["names"]
     # The tied embedding in a bucket of its own on both stages (the first stage's layers before it, the
     # vision side after it, in DDP's reversed order).
     assert [len(by_label[r][pp2]["buckets"][0]) for r in (0, 1)] == [3, 2]
     assert len(by_label[0]["DP=2 small buckets"]["buckets"][0]) > 3
+    ep2 = "TP=1 PP=1 EP=2 tiny-sail-vl2-moe bf16 distopt=True vision+projector+language"
+    assert by_label[0][ep2]["expert_buffers"] == 1  # the experts left the dense buffer

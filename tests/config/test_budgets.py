@@ -29,8 +29,11 @@ PAPER = {
     "sail-vl-1.6-8b/1-pretrain-alignment": ("samples", 8_000_000),
     "sail-vl-1.6-8b/2-pretrain-advance": ("steps", 100_000),
     "sail-vl-1.6-8b/3-sft-knowledge": ("samples", 36_500_000),
+    "sail-vl2-moe/1-pretrain-alignment": ("samples", 8_000_000),
+    "sail-vl2-moe/2-pretrain-advance": ("steps", 100_000),
+    "sail-vl2-moe/3-sft-knowledge": ("samples", 36_500_000),
 }
-for _family in ("sail-vl-2b", "sail-vl-8b", "sail-vl-1.5-2b", "sail-vl-1.6-8b"):
+for _family in ("sail-vl-2b", "sail-vl-8b", "sail-vl-1.5-2b", "sail-vl-1.6-8b", "sail-vl2-moe"):
     PAPER.setdefault(f"{_family}/3-sft-knowledge", ("samples", 21_000_000))
     PAPER[f"{_family}/4-sft-instruction"] = ("samples", 12_000_000)
     PAPER[f"{_family}/5-sft-preference"] = ("samples", 3_500_000)

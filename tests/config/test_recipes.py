@@ -18,6 +18,7 @@ WORLD = {
     "sail-vl-8b": (16, True, True),
     "sail-vl-1.5-2b": (8, True, True),
     "sail-vl-1.6-8b": (16, True, True),
+    "sail-vl2-moe": (16, True, True),
 }
 STAGES = ["1-pretrain-alignment", "2-pretrain-advance", "3-sft-knowledge", "4-sft-instruction", "5-sft-preference"]
 TRAINABLE = {
@@ -62,6 +63,17 @@ def test_sail_vl_15_and_16_use_aimv2_and_their_chat_template():
             cfg = load_train_config(CONFIGS / size / f"{stage}.yaml")
             assert cfg.model.vision.arch == "aimv2" and cfg.model.vision.select_layer == -1
             assert cfg.model.language.hidden_size == hidden and cfg.data.template == "sailvl-chat"
+
+
+def test_the_moe_recipes_keep_each_layers_experts_inside_one_node():
+    for stage in STAGES:
+        cfg = load_train_config(CONFIGS / "sail-vl2-moe" / f"{stage}.yaml")
+        p, lang = cfg.parallel, cfg.model.language
+        assert lang.is_moe and cfg.model.vision.arch == "aimv2"
+        assert p.expert_model_parallel_size * p.expert_tensor_size == 8  # all-to-alls over NVLink
+        assert lang.num_experts % p.expert_model_parallel_size == 0
+        trains_language = "language" in cfg.freeze.trainable
+        assert (p.recompute_granularity == "full") == trains_language  # the expert activations, when they train
 
 
 def test_dotted_overrides(tmp_path):

@@ -3,7 +3,8 @@ does not physically need a GPU (precision, distributed optimizer and its overlap
 lrs, schedules, freezing per stage, packing, chat template) runs on a tiny model of the same family on
 2 processes through a stage chain with `run.init_from`: SAIL-VL-1.6's three refinement stages
 (projector, + vision encoder, everything) on the tiny AIMv2 model, SAIL-VL-2B's last two SFT stages on the
-tiny InternViT model. Every stage left out of a chain sets what a chained stage sets, differing only in
+tiny InternViT model, SAIL-VL2-MoE's stages 2-4 on the tiny mixture-of-experts model with its experts
+split over both processes. Every stage left out of a chain sets what a chained stage sets, differing only in
 learning rates (tested below). A setting added to a recipe is carried here automatically; only the keys
 below are replaced, each for a stated reason."""
 
@@ -27,7 +28,14 @@ STEPS = 2
 # SAIL-VL-1.5 recipes carry the same CPU settings as these (tested below), so they are not run again.
 # SAIL-VL-2B's pretraining stages count tokens (SAIL-VL-1.6's count samples and steps) and its SFT stages
 # set the same as each other but for learning rates (tested below), so its chain is stages 1, 2 and 5.
-CHAINS = {"sail-vl-2b": ("tiny", STAGES[:2] + STAGES[4:]), "sail-vl-1.6-8b": ("tiny-aimv2", STAGES[:3])}
+# The MoE recipes run a frozen language model (the router's balancing loss reaching no trained weight), then a
+# training one with full recomputation, without and with a ViT learning rate of its own (stage 1 sets what
+# stage 2 does, less the ViT; stage 5 what stage 4 does).
+CHAINS = {
+    "sail-vl-2b": ("tiny", STAGES[:2] + STAGES[4:]),
+    "sail-vl-1.6-8b": ("tiny-aimv2", STAGES[:3]),
+    "sail-vl2-moe": ("tiny-sail-vl2-moe", STAGES[1:4]),
+}
 # A budget in tokens or samples a short run reaches at about step STEPS: one step holds at most
 # 2 x NPROC rows of 512 tokens (so 1.1 rows' worth per row and step takes two steps); the demo's SFT rows
 # hold 2-4 samples. The stop rule itself is checked on what the run consumed.
@@ -43,6 +51,7 @@ REPLACED = {
     "model.*": "the tiny model stands in for the 2B/8B shapes",
     "parallel.tensor_model_parallel_size": "2 processes run data parallel, so the optimizer shards over DP=2",
     "parallel.pipeline_model_parallel_size": "2 processes run data parallel, so the optimizer shards over DP=2",
+    "parallel.expert_model_parallel_size": "the tiny MoE model's experts split over the 2 processes (EP=2)",
     "parallel.sequence_parallel": "needs Transformer Engine layers (GPU only; local norms refuse it)",
     "precision.layers": "Transformer Engine layers need a GPU",
     "precision.fp8": "FP8 needs Transformer Engine on a GPU",
@@ -116,6 +125,11 @@ def cpu_recipe(recipe: Path, demo: Path, save_dir: Path, init_from, preset: str 
         "run.init_from": str(init_from) if init_from else None,
         "run.global_batch_size": 2 * NPROC,
         **_budget(raw, schedule),
+        **(
+            {"parallel.expert_model_parallel_size": NPROC}
+            if _flat(raw).get("parallel.expert_model_parallel_size")
+            else {}
+        ),
     }
     for key, value in values.items():
         _set(out, key, value)

@@ -1,8 +1,10 @@
-"""The layouts `sail-bench plan` considers: every tensor/pipeline/data-parallel split, micro-batch size,
-recomputation and optimizer layout the recipe's own checks accept."""
+"""The layouts `sail-bench plan` considers: every tensor/pipeline/data-parallel split (and expert-parallel
+split of a mixture-of-experts model), where the vision encoder runs, micro-batch size, recomputation and
+optimizer layout the recipe's own checks accept."""
 
 import copy
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -12,6 +14,8 @@ from sail_megatron.config.train import TrainConfig
 
 TENSOR_PARALLEL = (1, 2, 4, 8)
 MICRO_BATCH_SIZES = (1, 2, 4)
+EXPERT_PARALLEL = (1, 2, 4, 8, 16, 32, 64)
+VISION_LAYOUTS = ("tensor", "data")
 
 
 @dataclass(frozen=True)
@@ -27,10 +31,25 @@ class Layout:
     recompute_vision: bool
     distributed_optimizer: bool
     sequence_parallel: bool
+    ep: int = 1
+    """Expert-parallel ranks (mixture-of-experts models; 1 otherwise)."""
+    etp: int = 1
+    """Ranks one expert is split over (resolved: the recipe's, else TP)."""
+    vision_parallel: str = "tensor"
+    """parallel.vision_parallel: the ViT split over the TP ranks ('tensor') or whole on each ('data')."""
 
     @property
     def model_parallel(self) -> int:
         return self.tp * self.pp
+
+    @property
+    def vision_tp(self) -> int:
+        return self.tp if self.vision_parallel == "tensor" else 1
+
+    @property
+    def expert_dp(self) -> int:
+        """Ranks that hold the same experts."""
+        return self.tp * self.dp // (self.etp * self.ep)
 
 
 def _recompute_options(cfg: TrainConfig) -> List[Tuple[Optional[str], str, int]]:
@@ -45,13 +64,14 @@ def _recompute_options(cfg: TrainConfig) -> List[Tuple[Optional[str], str, int]]
 def candidate_layouts(cfg: TrainConfig, gpus: int) -> Tuple[List[Layout], List[str]]:
     """Every layout the recipe's checks accept on `gpus` GPUs, and why the others were left out (one line
     per reason, naming the layouts it refused)."""
-    layers = cfg.model.language.num_layers
-    pipeline = [2**k for k in range(int(math.log2(layers)) + 1)]
+    lang = cfg.model.language
+    pipeline = [2**k for k in range(int(math.log2(lang.num_layers)) + 1)]
     vision_options = [False, True] if "vision" in cfg.freeze.trainable else [False]
+    experts = [e for e in EXPERT_PARALLEL if e <= lang.num_experts] if lang.is_moe else [1]
     out: List[Layout] = []
     refused: Dict[str, List[str]] = {}
-    for tp in TENSOR_PARALLEL:
-        for pp in pipeline:
+    for tp, pp, ep in itertools.product(TENSOR_PARALLEL, pipeline, experts):
+        for vit in VISION_LAYOUTS if tp > 1 else (cfg.parallel.vision_parallel,):
             for mbs in MICRO_BATCH_SIZES:
                 for granularity, method, num_layers in _recompute_options(cfg):
                     for vision in vision_options:
@@ -60,6 +80,8 @@ def candidate_layouts(cfg: TrainConfig, gpus: int) -> Tuple[List[Layout], List[s
                                 cfg.parallel,
                                 tensor_model_parallel_size=tp,
                                 pipeline_model_parallel_size=pp,
+                                expert_model_parallel_size=ep,
+                                vision_parallel=vit,
                                 sequence_parallel=cfg.parallel.sequence_parallel and tp > 1,
                                 recompute_granularity=granularity,
                                 recompute_method=method,
@@ -77,7 +99,7 @@ def candidate_layouts(cfg: TrainConfig, gpus: int) -> Tuple[List[Layout], List[s
                                 trial.data.validate(needs_path=False)
                                 micro = trial.num_microbatches(gpus)
                             except ConfigError as e:
-                                where = f"TP={tp} PP={pp} micro-batch {mbs}"
+                                where = f"TP={tp} PP={pp}{f' EP={ep}' if lang.is_moe else ''} micro-batch {mbs}"
                                 if where not in refused.setdefault(str(e), []):
                                     refused[str(e)].append(where)
                                 continue
@@ -94,6 +116,9 @@ def candidate_layouts(cfg: TrainConfig, gpus: int) -> Tuple[List[Layout], List[s
                                     recompute_vision=vision,
                                     distributed_optimizer=distopt,
                                     sequence_parallel=parallel.sequence_parallel,
+                                    ep=ep,
+                                    etp=parallel.expert_tensor_size,
+                                    vision_parallel=vit,
                                 )
                             )
     return out, [f"{reason} ({', '.join(where)})" for reason, where in refused.items()]
@@ -114,4 +139,7 @@ def recipe_layout(cfg: TrainConfig, gpus: int) -> Layout:
         recompute_vision=p.recompute_vision,
         distributed_optimizer=p.use_distributed_optimizer,
         sequence_parallel=p.sequence_parallel,
+        ep=p.expert_model_parallel_size,
+        etp=p.expert_tensor_size,
+        vision_parallel=p.vision_parallel,
     )

@@ -13,6 +13,7 @@ from sail_megatron.bench.plan.model_state import (
     loader_device_bytes,
     stage_parameters,
     state_bytes,
+    vision_tiles_of_rank,
 )
 from sail_megatron.config.train import TrainConfig
 
@@ -43,16 +44,18 @@ class MemoryModel:
         self._state: Dict[Tuple, Any] = {}
 
     def _state_of(self, layout: Layout, stage: int):
-        key = (layout.tp, layout.pp, stage, layout.distributed_optimizer, layout.dp)
+        key = (layout.tp, layout.pp, stage, layout.distributed_optimizer, layout.dp, layout.ep, layout.etp)
+        key += (layout.vision_tp,)
         if key not in self._state:
             cfg = self.cfg
             self._state[key] = state_bytes(
-                stage_parameters(cfg.model, layout.tp, layout.pp, stage),
+                stage_parameters(cfg.model, layout.tp, layout.pp, stage, layout.ep, layout.etp, layout.vision_tp),
                 cfg.freeze.trainable,
                 cfg.precision.dtype,
                 layout.distributed_optimizer,
                 layout.dp,
                 ddp_bucket_size(cfg.parallel.overlap_grad_reduce, layout.dp, stage),
+                layout.expert_dp,
             )
         return self._state[key]
 
@@ -65,25 +68,23 @@ class MemoryModel:
         best = None
         for stage in range(layout.pp):
             state = self._state_of(layout, stage)
-            act = activation_bytes(
-                cfg.model,
-                ActivationSettings(
-                    tp=layout.tp,
-                    pp=layout.pp,
-                    stage=stage,
-                    sequence_parallel=layout.sequence_parallel,
-                    recompute_granularity=layout.recompute_granularity,
-                    recompute_method=layout.recompute_method,
-                    recompute_num_layers=layout.recompute_num_layers,
-                    recompute_vision=layout.recompute_vision,
-                    dtype=cfg.precision.dtype,
-                    trainable=tuple(cfg.freeze.trainable),
-                ),
-                tokens,
-                tiles,
-                layout.num_microbatches,
+            settings = ActivationSettings(
+                tp=layout.tp,
+                pp=layout.pp,
+                etp=layout.etp,
+                vision_parallel=layout.vision_parallel,
+                stage=stage,
+                sequence_parallel=layout.sequence_parallel,
+                recompute_granularity=layout.recompute_granularity,
+                recompute_method=layout.recompute_method,
+                recompute_num_layers=layout.recompute_num_layers,
+                recompute_vision=layout.recompute_vision,
+                dtype=cfg.precision.dtype,
+                trainable=tuple(cfg.freeze.trainable),
             )
-            loader = loader_device_bytes(tokens, tiles, cfg.model.vision.image_size, stage == 0)
+            act = activation_bytes(cfg.model, settings, tokens, tiles, layout.num_microbatches)
+            own_tiles = vision_tiles_of_rank(tiles, settings)
+            loader = loader_device_bytes(tokens, own_tiles, cfg.model.vision.image_size, stage == 0)
             memory = Memory(state.weights, state.grads, state.optimizer, act.total, loader, stage)
             if best is None or memory.total > best.total:
                 best = memory

@@ -64,6 +64,10 @@ class ParamShape:
     """'vision', 'projector' or 'language' (freeze.trainable's names)."""
     shared_embedding: bool = False
     """A tied embedding split over pipeline stages (megatron gives it a bucket of its own)."""
+    expert_parallel: bool = False
+    """An expert's weight: megatron's DDP keeps it in buffers of their own, reduced and (with the
+    distributed optimizer) sharded over the expert-data-parallel ranks, those that hold the same experts.
+    The trainer marks experts so at every EP size (training/optimizer.py `keep_experts_apart`)."""
 
 
 def _vision_parameters(model: ModelConfig, tp: int) -> List[ParamShape]:
@@ -118,7 +122,31 @@ def _projector_parameters(model: ModelConfig, tp: int) -> List[ParamShape]:
     return [ParamShape(f"projector.{name}", n, "projector") for name, n in out]
 
 
-def _language_parameters(model: ModelConfig, tp: int, pp: int, stage: int) -> List[ParamShape]:
+def _mlp_parameters(model: ModelConfig, prefix: str, tp: int, ep: int, etp: int) -> List[ParamShape]:
+    """A decoder layer's MLP: SwiGLU split over TP, or a router (replicated) and this rank's num_experts / EP
+    SwiGLU experts split over ETP (megatron-core's local experts; TE's grouped experts hold the same
+    tensors under other names)."""
+    lang, h = model.language, model.language.hidden_size
+
+    def shape(name: str, n: int, expert: bool = False) -> ParamShape:
+        return ParamShape(f"language_model.{prefix}mlp.{name}", n, "language", expert_parallel=expert)
+
+    if not lang.is_moe:
+        f = lang.ffn_hidden_size // tp
+        return [shape("linear_fc1.weight", 2 * f * h), shape("linear_fc2.weight", h * f)]
+    f = lang.moe_ffn_hidden_size // etp
+    out = [shape("router.weight", lang.num_experts * h)]
+    for j in range(lang.num_experts // ep):  # numbered from 0 on every expert rank
+        out += [
+            shape(f"experts.local_experts.{j}.linear_fc1.weight", 2 * f * h, True),
+            shape(f"experts.local_experts.{j}.linear_fc2.weight", h * f, True),
+        ]
+    return out
+
+
+def _language_parameters(
+    model: ModelConfig, tp: int, pp: int, stage: int, ep: int = 1, etp: Optional[int] = None
+) -> List[ParamShape]:
     lang = model.language
     h, d = lang.hidden_size, lang.kv_channels
     q, kv = lang.num_attention_heads * d, lang.num_query_groups * d
@@ -143,8 +171,7 @@ def _language_parameters(model: ModelConfig, tp: int, pp: int, stage: int) -> Li
             add(p + "self_attention.q_layernorm.weight", d)
             add(p + "self_attention.k_layernorm.weight", d)
         add(p + "pre_mlp_layernorm.weight", h)
-        add(p + "mlp.linear_fc1.weight", 2 * lang.ffn_hidden_size // tp * h)
-        add(p + "mlp.linear_fc2.weight", h * (lang.ffn_hidden_size // tp))
+        out += _mlp_parameters(model, p, tp, ep, tp if etp is None else etp)
     if last:
         add("decoder.final_layernorm.weight", h)
         if not lang.tie_word_embeddings:
@@ -154,15 +181,26 @@ def _language_parameters(model: ModelConfig, tp: int, pp: int, stage: int) -> Li
     return out
 
 
-def stage_parameters(model: ModelConfig, tp: int = 1, pp: int = 1, stage: int = 0) -> List[ParamShape]:
-    """The parameters of pipeline stage `stage` on one TP rank, in registration order (megatron-core's
-    local layer spec; Transformer Engine layers hold the same tensors, their norms fused into the next
-    linear, which changes only where bucket boundaries fall). The vision encoder and projector live on
-    the first stage, the language layers split evenly over the stages."""
+def stage_parameters(
+    model: ModelConfig,
+    tp: int = 1,
+    pp: int = 1,
+    stage: int = 0,
+    ep: int = 1,
+    etp: Optional[int] = None,
+    vision_tp: Optional[int] = None,
+) -> List[ParamShape]:
+    """The parameters of pipeline stage `stage` on one (TP, expert) rank, in registration order
+    (megatron-core's local layer spec; Transformer Engine layers hold the same tensors, their norms fused
+    into the next linear, which changes only where bucket boundaries fall). The vision encoder and
+    projector live on the first stage, split over `vision_tp` ranks (TP, or 1 when
+    `parallel.vision_parallel` is 'data'); the language layers split evenly over the stages; ETP defaults
+    to TP, as in megatron-core."""
     out: List[ParamShape] = []
     if stage == 0:
-        out += _vision_parameters(model, tp) + _projector_parameters(model, tp)
-    return out + _language_parameters(model, tp, pp, stage)
+        v = tp if vision_tp is None else vision_tp
+        out += _vision_parameters(model, v) + _projector_parameters(model, v)
+    return out + _language_parameters(model, tp, pp, stage, ep, etp)
 
 
 # --- megatron's buffers ----------------------------------------------------------------------------------
@@ -272,6 +310,59 @@ class StateBytes:
         return self.weights + self.grads + self.optimizer
 
 
+def _buffer_state(
+    trained: Sequence[ParamShape], dtype: str, distributed_optimizer: bool, group_size: int, bucket_size: Optional[int]
+) -> List[StateBytes]:
+    """One DDP buffer of trained parameters, reduced over `group_size` ranks: each rank's weights in it
+    (with the distributed optimizer; none otherwise: they are counted with the model), gradients and
+    optimizer state."""
+    width = DTYPE_BYTES[dtype]
+    layout = buffer_layout(trained, distributed_optimizer, group_size, bucket_size)
+    per_element = ADAM_MOMENT_BYTES + (MAIN_PARAM_BYTES if dtype != "fp32" else 0)
+    if distributed_optimizer:
+        shards = shard_elements(layout, group_size)
+    else:
+        shards = [sum(p.numel for p in trained)] * group_size
+    weights = layout.numel * width if distributed_optimizer else 0
+    return [StateBytes(weights, layout.numel * GRAD_BYTES, n * per_element) for n in shards]
+
+
+def _split(params: Sequence[ParamShape], trainable: Sequence[str]):
+    trained = [p for p in params if p.part in trainable]
+    frozen = sum(p.numel for p in params if p.part not in trainable)
+    return [p for p in trained if not p.expert_parallel], [p for p in trained if p.expert_parallel], frozen
+
+
+def _combine(params, frozen: int, dtype: str, distributed_optimizer: bool, parts: Sequence[StateBytes]) -> StateBytes:
+    if distributed_optimizer:  # trained weights live in the padded parameter buffers
+        weights = sum(s.weights for s in parts) + frozen * DTYPE_BYTES[dtype]
+    else:
+        weights = sum(p.numel for p in params) * DTYPE_BYTES[dtype]
+    return StateBytes(weights, sum(s.grads for s in parts), sum(s.optimizer for s in parts))
+
+
+def state_bytes_of_rank(
+    params: Sequence[ParamShape],
+    trainable: Sequence[str],
+    dtype: str,
+    distributed_optimizer: bool,
+    data_parallel_size: int = 1,
+    bucket_size: Optional[int] = None,
+    data_parallel_rank: int = 0,
+    expert_data_parallel_size: int = 1,
+    expert_data_parallel_rank: int = 0,
+) -> StateBytes:
+    """Weights, gradients and optimizer state of one rank of a (TP rank, expert rank, stage): its dense
+    buffer over the DP ranks, its expert buffer (EP > 1) over the expert-DP ranks, both with the same
+    bucket size (megatron's DDP sizes buckets by the DP group for both)."""
+    dense, expert, frozen = _split(params, trainable)
+    parts = [_buffer_state(dense, dtype, distributed_optimizer, data_parallel_size, bucket_size)[data_parallel_rank]]
+    if expert:
+        experts = _buffer_state(expert, dtype, distributed_optimizer, expert_data_parallel_size, bucket_size)
+        parts.append(experts[expert_data_parallel_rank])
+    return _combine(params, frozen, dtype, distributed_optimizer, parts)
+
+
 def state_bytes_per_rank(
     params: Sequence[ParamShape],
     trainable: Sequence[str],
@@ -280,19 +371,11 @@ def state_bytes_per_rank(
     data_parallel_size: int = 1,
     bucket_size: Optional[int] = None,
 ) -> List[StateBytes]:
-    """Weights, gradients and optimizer state of each data-parallel rank of one (TP rank, stage)."""
-    width = DTYPE_BYTES[dtype]
-    trained = [p for p in params if p.part in trainable]
-    frozen = sum(p.numel for p in params if p.part not in trainable)
-    layout = buffer_layout(trained, distributed_optimizer, data_parallel_size, bucket_size)
-    per_element = ADAM_MOMENT_BYTES + (MAIN_PARAM_BYTES if dtype != "fp32" else 0)
-    if distributed_optimizer:
-        weights = (layout.numel + frozen) * width  # trained weights live in the padded parameter buffer
-        shards = shard_elements(layout, data_parallel_size)
-    else:
-        weights = sum(p.numel for p in params) * width
-        shards = [sum(p.numel for p in trained)] * data_parallel_size
-    return [StateBytes(weights, layout.numel * GRAD_BYTES, n * per_element) for n in shards]
+    """`state_bytes_of_rank` of each data-parallel rank of one (TP rank, stage) without expert parallelism."""
+    dense, expert, frozen = _split(params, trainable)
+    assert not expert, "expert-parallel parameters: use state_bytes_of_rank"
+    ranks = _buffer_state(dense, dtype, distributed_optimizer, data_parallel_size, bucket_size)
+    return [_combine(params, frozen, dtype, distributed_optimizer, [r]) for r in ranks]
 
 
 def state_bytes(
@@ -302,10 +385,21 @@ def state_bytes(
     distributed_optimizer: bool,
     data_parallel_size: int = 1,
     bucket_size: Optional[int] = None,
+    expert_data_parallel_size: int = 1,
 ) -> StateBytes:
-    """The largest of `state_bytes_per_rank` (ranks differ only by the distributed optimizer's slices)."""
-    ranks = state_bytes_per_rank(params, trainable, dtype, distributed_optimizer, data_parallel_size, bucket_size)
-    return max(ranks, key=lambda s: s.total)
+    """The fullest rank (ranks differ only by the distributed optimizer's slices). With expert buffers, the
+    fullest dense slice plus the fullest expert slice: an upper bound by a few alignment paddings, since
+    a rank's dense and expert slices need not both be the fullest."""
+    dense, expert, frozen = _split(params, trainable)
+    parts = [max(_buffer_state(dense, dtype, distributed_optimizer, data_parallel_size, bucket_size), key=_total)]
+    if expert:
+        experts = _buffer_state(expert, dtype, distributed_optimizer, expert_data_parallel_size, bucket_size)
+        parts.append(max(experts, key=_total))
+    return _combine(params, frozen, dtype, distributed_optimizer, parts)
+
+
+def _total(s: StateBytes) -> int:
+    return s.total
 
 
 # --- activations (estimate) -------------------------------------------------------------------------------
@@ -317,6 +411,8 @@ class ActivationSettings:
 
     tp: int = 1
     pp: int = 1
+    etp: int = 1
+    vision_parallel: str = "tensor"
     stage: int = 0
     sequence_parallel: bool = False
     recompute_granularity: Optional[str] = None
@@ -348,24 +444,43 @@ class ActivationBytes:
 def language_layer_bytes_per_token(model: ModelConfig, s: ActivationSettings) -> float:
     """Kept for backward by one decoder layer, per token: the residual and normed inputs of both
     blocks (sharded only under sequence parallelism), q, k and v after RoPE (and before the q/k norms
-    where there are some), the attention output, SwiGLU's input and output."""
+    where there are some), the attention output, SwiGLU's input and output. A mixture of experts keeps,
+    instead of the one SwiGLU, the router's fp32 logits and probabilities and, for each of the top-k
+    copies of a token, the permuted input, its expert's SwiGLU input and output (split over ETP) and the
+    expert's output before the weighted sum (balanced routing: a rank's experts receive as many token
+    copies as its own tokens send)."""
     lang, b = model.language, DTYPE_BYTES[s.dtype]
     h, d = lang.hidden_size, lang.kv_channels
     q, kv = lang.num_attention_heads * d, lang.num_query_groups * d
     seq_shard = s.tp if s.sequence_parallel else 1
-    sharded = 2 * q + 2 * kv + 3 * lang.ffn_hidden_size + ((q + kv) if lang.spec.qk_layernorm else 0)
-    return b * (4 * h / seq_shard + sharded / s.tp)
+    sharded = 2 * q + 2 * kv + ((q + kv) if lang.spec.qk_layernorm else 0)
+    if not lang.is_moe:
+        return b * (4 * h / seq_shard + (sharded + 3 * lang.ffn_hidden_size) / s.tp)
+    k, f = lang.moe_router_topk, lang.moe_ffn_hidden_size
+    router = 2 * 4 * lang.num_experts / seq_shard
+    experts = b * k * (2 * h / seq_shard + 3 * f / s.etp)
+    return b * (4 * h / seq_shard + sharded / s.tp) + router + experts
 
 
 def vision_layer_bytes_per_token(model: ModelConfig, s: ActivationSettings) -> float:
     """Kept for backward by one ViT layer, per token of a tile: both norms' inputs and outputs (plus the
     branch outputs that layer scale multiplies), q, k, v, the attention output and the MLP's
-    activation input and output."""
+    activation input and output (split over TP, unless the ViT runs whole on each TP rank)."""
     v, b = model.vision, DTYPE_BYTES[s.dtype]
     h, f = v.hidden_size, v.ffn_hidden_size
     replicated = (6 if v.spec.layer_scale else 4) * h
     mlp = 3 * f if v.spec.gated_mlp else 2 * f
-    return b * (replicated + (4 * h + mlp) / s.tp)
+    return b * (replicated + (4 * h + mlp) / vision_tensor_parallel(s))
+
+
+def vision_tensor_parallel(s: ActivationSettings) -> int:
+    return s.tp if s.vision_parallel == "tensor" else 1
+
+
+def vision_tiles_of_rank(tiles: int, s: ActivationSettings) -> int:
+    """The micro-batch's tiles a rank encodes: all of them, or its share (whole images, balanced) when
+    the ViT runs data-parallel across the TP ranks."""
+    return tiles if s.vision_parallel == "tensor" else math.ceil(tiles / s.tp)
 
 
 def activation_bytes(
@@ -385,6 +500,7 @@ def activation_bytes(
     vit_layer = 0.0
     if first:
         v = model.vision
+        tiles = vision_tiles_of_rank(tiles, s)
         vit_tokens = tiles * v.num_positions
         vit_layer = vision_layer_bytes_per_token(model, s) * vit_tokens
         if vision_backward:
@@ -396,7 +512,7 @@ def activation_bytes(
         if projector_backward:
             width = v.hidden_size * model.projector.merge_factor**2
             h = model.language.hidden_size
-            per_token = b * (2 * width + 2 * h / s.tp)  # norm in and out; GELU in and out
+            per_token = b * (2 * width + 2 * h / vision_tensor_parallel(s))  # norm in and out; GELU in and out
             projector = tiles * model.tokens_per_tile * per_token
 
     lang = model.language

@@ -40,6 +40,7 @@ class Planned:
             comm_s={
                 "tensor_parallel": self.step.tensor_parallel,
                 "pipeline": self.step.pipeline,
+                "expert_parallel": self.step.expert_parallel,
                 "data_parallel_exposed": self.step.data_parallel,
                 "data_parallel_before_overlap": self.step.data_parallel_before_overlap,
             },

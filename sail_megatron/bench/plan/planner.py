@@ -3,8 +3,9 @@
 [--all] [key=value ...]`
 
 Plans a recipe's stage on N GPUs without building anything (seconds, no GPU, no torch.distributed): every
-layout the recipe's own checks accept (tensor parallel 1/2/4/8, pipeline parallel 1/2/4/..., the micro-batch
-sizes the data settings allow, recomputation on or off, distributed optimizer on or off), with its memory per
+layout the recipe's own checks accept (tensor parallel 1/2/4/8, pipeline parallel 1/2/4/..., expert parallel
+1/2/4/... for mixture-of-experts models, the ViT split over the TP ranks or data-parallel across them, the
+micro-batch sizes the data settings allow, recomputation on or off, distributed optimizer on or off), with its memory per
 GPU, whether that fits, tokens/s per GPU, communication's share of the step, GPU-hours and days for the
 stage's budget; and the layout it would pick, with why. The data's tokens and tiles per sample are those
 `sail-data prepare --recipe` measured for data.path when it is here, else a synthetic assumption. What is
@@ -120,6 +121,7 @@ def plan(
     return {
         "config": config_path,
         "model_preset": cfg.model_preset,
+        "moe": cfg.model.language.is_moe,
         "gpus": gpus,
         "gpu": spec.name,
         "gpu_memory_gib": spec.memory_bytes / GIB,
@@ -174,8 +176,9 @@ NOTES = [
     "weights, gradients and optimizer state are exact for megatron-core 0.16 (tested against built models); "
     "activations are an estimate for the worst micro-batch (its tokens and data.max_tiles_per_pack tiles)",
     "throughput: one utilization for every layout; recomputation adds executed FLOPs, pipelines wait for their "
-    "slowest stage (the first holds the ViT) and fill and drain once per step; TP collectives and pipeline sends "
-    "add to the step, DP reductions only beyond what overlaps; latency, load imbalance and data loading are left out",
+    "slowest stage (the first holds the ViT) and fill and drain once per step; TP collectives, expert all-to-alls "
+    "and pipeline sends add to the step, DP reductions only beyond what overlaps; latency, load imbalance (experts "
+    "included: routing is taken as balanced) and data loading are left out",
     "loader: the micro-batch on the device (tokens and decoded fp32 tiles); rows waiting their turn are in "
     "pinned host memory, and DALI's own GPU buffers are left to the headroom",
 ]

@@ -5,10 +5,16 @@ from typing import Any, Dict
 from sail_megatron.config.counts import format_count
 
 TABLE_ROWS = 12
+VIT = {"tensor": "TP", "data": "DP"}
+"""Where the ViT runs: split over the TP ranks, or whole on each and data-parallel across them."""
 
 
 def _fmt_hours(h: float) -> str:
     return f"{h:,.0f}" if h >= 10 else f"{h:.1f}"
+
+
+def _ep_cell(row: Dict[str, Any], moe: bool) -> str:
+    return f" {row['ep']:>2}" if moe else ""
 
 
 def render(doc: Dict[str, Any], show_all: bool = False) -> str:
@@ -30,8 +36,9 @@ def render(doc: Dict[str, Any], show_all: bool = False) -> str:
         f"communication: {doc['communication']['description']}",
         "",
     ]
+    moe = doc["moe"]  # an EP column for mixture-of-experts models
     header = (
-        f"  {'TP':>2} {'PP':>2} {'DP':>5} {'mbs':>3} {'recompute':<15}{'dist-opt':<9}"
+        f"  {'TP':>2} {'PP':>2}{' EP' if moe else ''} {'DP':>5} {'ViT':<5}{'mbs':>3} {'recompute':<15}{'dist-opt':<9}"
         f"{'weights':>8}{'grads':>7}{'optim':>7}{'activ':>7}{'loader':>7}{'total':>7} {'fits':<5}"
         f"{'tok/s/GPU':>10}{'MFU':>6}{'comm':>6}{'GPU-hours':>11}{'days':>7}"
     )
@@ -44,7 +51,8 @@ def render(doc: Dict[str, Any], show_all: bool = False) -> str:
         s = r["memory_split_gib"]
         recompute = (r["recompute_granularity"] or "none") + ("+vit" if r["recompute_vision"] else "")
         lines.append(
-            f"{'*' if r['picked'] else ' '} {r['tp']:>2} {r['pp']:>2} {r['dp']:>5} {r['micro_batch_size']:>3} "
+            f"{'*' if r['picked'] else ' '} {r['tp']:>2} {r['pp']:>2}{_ep_cell(r, moe)} {r['dp']:>5} "
+            f"{VIT[r['vision_parallel']]:<5}{r['micro_batch_size']:>3} "
             f"{recompute:<15}{'on' if r['distributed_optimizer'] else 'off':<9}"
             f"{s['weights']:>8.1f}{s['grads']:>7.1f}{s['optimizer']:>7.1f}{s['activations']:>7.1f}{s['loader']:>7.2f}"
             f"{r['memory_gib_per_gpu']:>7.1f} {'yes' if r['fits'] else 'no':<5}"
@@ -62,7 +70,8 @@ def render(doc: Dict[str, Any], show_all: bool = False) -> str:
         lines.append(f"picked: none: {doc['why']}")
     else:
         lines.append(
-            f"picked (*): TP={p['tp']} PP={p['pp']} DP={p['dp']}, micro-batch {p['micro_batch_size']}, recompute "
+            f"picked (*): TP={p['tp']} PP={p['pp']}{' EP=%d' % p['ep'] if moe else ''} DP={p['dp']}, "
+            f"vision_parallel={p['vision_parallel']}, micro-batch {p['micro_batch_size']}, recompute "
             f"{(p['recompute_granularity'] or 'none') + (' + ViT' if p['recompute_vision'] else '')}, distributed "
             f"optimizer {'on' if p['distributed_optimizer'] else 'off'}: {doc['why']}. "
             f"{p['memory_gib_per_gpu']:.1f} GiB per GPU, {p['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU "

@@ -37,6 +37,8 @@ class StepTime:
     """TP collectives of the stage that sets the pace, over the step's slots."""
     pipeline: float
     """Pipeline sends over the step's slots."""
+    expert_parallel: float
+    """Expert all-to-alls of the stage that sets the pace, over the step's slots."""
     data_parallel: float
     """Gradient reduction and parameter gather left exposed (the stage that exposes most)."""
     data_parallel_before_overlap: float
@@ -57,7 +59,7 @@ def step_time(
     stages, model = stage_flops(cfg, flops, layout)
     rate = layout.tp * speed.peak * speed.utilization  # executed FLOP/s of one stage (its TP ranks)
     slots = layout.num_microbatches + layout.pp - 1
-    slot = [w.total / rate + c.tensor_parallel_s + c.pipeline_s for w, c in zip(stages, comm)]
+    slot = [w.total / rate + c.tensor_parallel_s + c.pipeline_s + c.expert_parallel_s for w, c in zip(stages, comm)]
     pace = max(range(layout.pp), key=lambda s: slot[s])
     p = cfg.parallel
     exposed = [
@@ -76,6 +78,7 @@ def step_time(
             compute=slots * max(w.total for w in stages) / rate,
             tensor_parallel=slots * comm[pace].tensor_parallel_s,
             pipeline=slots * comm[pace].pipeline_s,
+            expert_parallel=slots * comm[pace].expert_parallel_s,
             data_parallel=data_parallel,
             data_parallel_before_overlap=max(c.gradient_s + c.parameter_s for c in comm),
             total=slots * slot[pace] + data_parallel,
@@ -105,6 +108,8 @@ def _layout_of_report(doc: Dict[str, Any], cfg: TrainConfig) -> Layout:
     parallel, data, run = resolved.get("parallel", {}), resolved.get("data", {}), resolved.get("run", {})
     tp = int(parallel.get("tensor_model_parallel_size", 1))
     pp = int(parallel.get("pipeline_model_parallel_size", 1))
+    ep = int(parallel.get("expert_model_parallel_size", 1))
+    etp = parallel.get("expert_tensor_parallel_size")
     world = int(doc.get("world_size") or tp * pp)
     dp = max(1, world // (tp * pp))
     mbs = int(data.get("micro_batch_size", 1))
@@ -121,6 +126,9 @@ def _layout_of_report(doc: Dict[str, Any], cfg: TrainConfig) -> Layout:
         recompute_vision=bool(parallel.get("recompute_vision", False)),
         distributed_optimizer=bool(parallel.get("use_distributed_optimizer", True)),
         sequence_parallel=bool(parallel.get("sequence_parallel", False)),
+        ep=ep,
+        etp=tp if etp is None else int(etp),
+        vision_parallel=parallel.get("vision_parallel", "tensor"),
     )
 
 
