@@ -1,6 +1,6 @@
 """The gpu-check parts on the CPU: their registry and command line, and the logic of the parts that needs no
-GPU (the fp8-vision cases with local fp32 layers and no FP8, the restart part's reading of a run, the
-init-from part's models). The parts themselves run on a GPU (docs/gpu.md)."""
+GPU (the fp8-vision cases with local fp32 layers and no FP8, the moe-experts comparison of local experts against
+a local copy, the restart part's reading of a run, the init-from part's models). The parts themselves run on a GPU (docs/gpu.md)."""
 
 import json
 import os
@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from sail_megatron.bench.gpu_check import DEFAULT_BUDGET_S, WORKERS, default_parts, fp8_vision, init_from, restart
+from sail_megatron.bench.gpu_check import (
+    DEFAULT_BUDGET_S,
+    WORKERS,
+    default_parts,
+    fp8_vision,
+    init_from,
+    moe_experts,
+    restart,
+)
 from sail_megatron.bench.gpu_check.cli import chosen_parts, list_parts
 from tests.helpers.multiprocess import run_on_ranks
 
@@ -18,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PARTS = [
     "pytest-gpu",
     "layers",
+    "moe-experts",
     "fp8-vision",
     "train-bf16",
     "train-fp8",
@@ -34,14 +43,13 @@ def test_registry_order_limits_and_budget():
     parts = default_parts()
     assert [p.name for p in parts] == PARTS
     by = {p.name: p for p in parts}
-    assert {p.name for p in parts if p.needs_te} == {"layers", "fp8-vision", "train-fp8", "init-from"}
+    assert {p.name for p in parts if p.needs_te} == {"layers", "moe-experts", "fp8-vision", "train-fp8", "init-from"}
     assert by["restart"].timeout_s <= 150 and restart.TORCHRUN_LIMIT_S < by["restart"].timeout_s
     assert DEFAULT_BUDGET_S <= 8 * 60  # the check ends within 8 minutes
     assert all(p.timeout_s < DEFAULT_BUDGET_S / 2 for p in parts)  # no part can take most of the budget
     # Every worker a part starts is registered under its name.
-    assert {"env", "write-cpu-checkpoint", "layers", "fp8-vision", "memory-model", "init-from", "restart"} <= set(
-        WORKERS
-    )
+    workers = {"env", "write-cpu-checkpoint", "layers", "moe-experts", "fp8-vision", "memory-model", "init-from"}
+    assert workers | {"restart"} <= set(WORKERS)
 
 
 def test_only_and_skip_keep_the_registry_order():
@@ -173,6 +181,96 @@ def test_fp8_vision_cases_run_through_a_model_on_the_cpu(tmp_path):
         assert [r["vision grad norm"] for r in rows if r["case"] == "text only"] == [0.0]
 
 
+# --- moe-experts ------------------------------------------------------------------------------------------------
+
+
+def _moe_experts_on_the_cpu(out):
+    """The part's code on the CPU in fp32, with local experts against a second local copy (TE's are GPU-only):
+    the whole check_model as the worker runs it; then a fresh pair with experts 0 and 1 swapped in the copy's
+    first MoE layer (what a wrong expert mapping in a checkpoint would do), and the class check asked for TE's
+    grouped experts."""
+    from sail_megatron.bench.gpu_check.helpers import Figures, check_batches, check_models, compare_logits, logits
+    from sail_megatron.config import ParallelConfig
+    from sail_megatron.platform import destroy_distributed, init_distributed
+    from sail_megatron.training.optimizer import wrap_ddp
+
+    parallel = ParallelConfig()
+    device = init_distributed(parallel, seed=3).device
+    fig, rows, timings = Figures(out), [], []
+    try:
+        name = "tiny-sail-vl2-moe"
+        cfg = check_models([name])[name]
+        args = dict(other="local", dtype="fp32", tokens=64)
+        moe_experts.check_model(fig, name, cfg, parallel, device, rows, timings, **args, expected="SequentialMLP")
+        local, copy = moe_experts.build_pair(cfg, parallel, device, out.parent / "pair", "local", "fp32")
+        try:
+            moe_experts.check_experts(copy, moe_experts.GROUPED)
+            refused = None
+        except RuntimeError as e:
+            refused = str(e)
+        first = moe_experts.moe_layers(copy)[0].experts
+        for fc in ("linear_fc1", "linear_fc2"):
+            a, b = moe_experts.expert_weights(first, fc)[:2]
+            kept = a.detach().clone()
+            a.data.copy_(b.data)
+            b.data.copy_(kept)
+        batch = check_batches(cfg)["padded"]
+        swapped_logits = compare_logits(logits(local.eval(), batch, device), logits(copy.eval(), batch, device))
+        chunks = [wrap_ddp(local.train(), parallel), wrap_ddp(copy.train(), parallel)]
+        swapped = moe_experts.compare_moe_layers(local, copy, chunks, device, tokens=64)
+    finally:
+        destroy_distributed()
+    return rows, timings, fig.failures, refused, swapped_logits, swapped
+
+
+def test_moe_experts_compares_layers_and_catches_a_swapped_expert(tmp_path):
+    rows, timings, failures, refused, swapped_logits, swapped = run_on_ranks(
+        _moe_experts_on_the_cpu, 1, tmp_path / "moe-experts.json", timeout=300
+    )[0]
+    # Same weights, same layers: the logits and every MoE layer's output and gradients agree exactly.
+    assert failures == []
+    assert [r["compared"] for r in rows] == ["logits"] + [f"MoE layer {i}" for i in range(4)]
+    assert all(r["ok"] for r in rows) and rows[0]["rel_l2"] == 0.0
+    diffs = [v for r in rows[1:] for k, v in r.items() if "rel_l2" in k]
+    assert len(diffs) == 4 * 5 and set(diffs) == {0.0}
+    assert not any(r["zero gradients"] for r in rows[1:])
+    assert [t["timed"] for t in timings] == ["MoE layer 0", "model step"]
+    assert all(t["local ms"] > 0 and t["local copy tokens/s"] > 0 for t in timings)
+    # Local experts where TE's grouped GEMM is expected: refused by name.
+    assert refused.startswith("the model's experts are SequentialMLP, not TEGroupedMLP")
+    # Two experts swapped in the first MoE layer: that layer fails on its output and both experts' gradients,
+    # far beyond the tolerance; the other layers still agree, and the logits move.
+    first, *others = swapped
+    assert not first["ok"]
+    for key in ("output rel_l2", "linear_fc1 grad rel_l2 (worst expert)", "linear_fc2 grad rel_l2 (worst expert)"):
+        assert first[key] > 10 * moe_experts.MAX_LAYER_REL_L2, (key, first)
+    assert all(r["ok"] for r in others)
+    assert swapped_logits["rel_l2"] > 0
+
+
+def test_moe_experts_gradients_and_summary():
+    import torch
+
+    p = torch.nn.Parameter(torch.ones(3))
+    assert moe_experts.grad_of(p).tolist() == [0.0, 0.0, 0.0]  # no gradient: zero norm, judged as missing
+    p.grad, p.main_grad = torch.ones(3), torch.full((3,), 2.0)
+    assert moe_experts.grad_of(p).tolist() == [2.0, 2.0, 2.0]  # megatron's DDP keeps it in main_grad
+    assert moe_experts.rel_l2(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.5])) == pytest.approx(0.1)
+    rows = [{"ok": True}, {"ok": True}, {"ok": False}]
+    timing = {"model": "sail-vl2-moe-small", "timed": "MoE layer 0", "local ms": 12.0, "TE ms": 3.0}
+    assert moe_experts.summarize(rows, [{**timing, "TE speed-up": 4.0}]) == (
+        "2/3 TE-vs-local expert comparisons passed (logits rel L2 <= 0.05, each MoE layer <= 0.02); "
+        "sail-vl2-moe-small MoE layer fwd+bwd: local 12.0 ms, TE 3.0 ms (4.0x)"
+    )
+    from sail_megatron.bench.gpu_check.helpers import check_models
+
+    small = check_models(["sail-vl2-moe-small"])["sail-vl2-moe-small"]
+    lang = small.language
+    assert (lang.hidden_size, lang.num_experts, lang.moe_router_topk, lang.moe_ffn_hidden_size) == (2048, 128, 8, 768)
+    assert lang.num_layers == 2 and small.vision.hidden_size == 64  # real-width experts, few layers, tiny ViT
+    small.validate()
+
+
 # --- restart ----------------------------------------------------------------------------------------------------
 
 
@@ -235,7 +333,7 @@ def test_init_from_covers_every_family():
     assert [init_from.positions_every(n) for n in ("tiny-aimv2", "sail-vl2-2b-small")] == [1, 8]
 
 
-@pytest.mark.parametrize("name", ["layers", "fp8-vision", "init-from"])
+@pytest.mark.parametrize("name", ["layers", "moe-experts", "fp8-vision", "init-from"])
 def test_parts_that_need_te_are_skipped_without_it(tmp_path, name):
     from sail_megatron.bench.gpu_check import Context, run_parts
 

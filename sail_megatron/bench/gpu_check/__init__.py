@@ -5,7 +5,7 @@ one H100/H200, ending in one report (`gpu_check/report.md`, `gpu_check/report.js
 The modules: `cli` (the command and its flags), `runner` (parts in subprocesses under timeouts and one budget),
 `parts` (the registry: which parts, in which order, with which limits), `report`, `probe` (the environment),
 `worker` (how a part runs our code in its subprocess), `helpers` (what the workers share), and one module per
-part: `pytest_parts` (pytest-gpu, kernel-tests), `layers`, `fp8_vision`, `train_bench` (train-bf16,
+part: `pytest_parts` (pytest-gpu, kernel-tests), `layers`, `moe_experts`, `fp8_vision`, `train_bench` (train-bf16,
 train-fp8), `memory_check` (memory-model), `kernels_bench`, `decode`, `init_from`, `restart`. One part
 alone: `--only NAME`.
 """

@@ -44,17 +44,27 @@ def _preset(name: str, vision_layers: int = 0, language_layers: int = 0):
     return cfg
 
 
+def _sail_vl2_moe_small():
+    """sail-vl2-moe's language model at its real widths (hidden 2048, 128 experts of width 768, top 8, the
+    real vocabulary) with 2 layers, behind the tiny AIMv2 ViT: the experts at full size, built in seconds."""
+    cfg = _preset("sail-vl2-moe", language_layers=2)
+    cfg.vision = _preset("tiny-sail-vl2-moe").vision
+    return cfg
+
+
 # The models the workers check, by name. Both architecture pairs: the tiny presets, a small sail-vl-2b-shaped
 # model (every width, head count and the vocabulary of the real one, 2 of 5 ViT layers built as select_layer
 # -4 does, 2 language layers) and a small sail-vl2-2b-shaped one (SAILViT-Huge widths with 3 layers,
 # Qwen3-1.7B widths with 2 layers: TE's fused RMSNorm+linear in the ViT, q/k norms, head_dim 128, tied
-# embeddings).
+# embeddings); and the Qwen3-MoE ones, tiny and with sail-vl2-moe's real-width experts.
 MODELS: Dict[str, Callable[[], Any]] = {
     "tiny": lambda: _preset("tiny"),  # InternViT + Qwen2.5
     "tiny-aimv2": lambda: _preset("tiny-aimv2"),  # AIMv2 + Qwen2.5 (SAIL-VL-1.5/1.6)
     "tiny-sail-vl2": lambda: _preset("tiny-sail-vl2"),  # AIMv2 + Qwen3 (SAIL-VL2)
+    "tiny-sail-vl2-moe": lambda: _preset("tiny-sail-vl2-moe"),  # AIMv2 + Qwen3-MoE
     "sail-vl-2b-small": lambda: _preset("sail-vl-2b", 5, 2),
     "sail-vl2-2b-small": lambda: _preset("sail-vl2-2b", 3, 2),
+    "sail-vl2-moe-small": _sail_vl2_moe_small,
 }
 
 

@@ -13,6 +13,7 @@ from sail_megatron.bench.gpu_check import (
     kernels_bench,
     layers,
     memory_check,
+    moe_experts,
     probe,
     pytest_parts,
     restart,
@@ -28,11 +29,13 @@ DEFAULT_BUDGET_S = 470
 
 # Each part's limit is about twice the time it should take on one H100, so a part that hangs costs the others
 # at most that much of the budget. The expected seconds are estimates until a report measures them; with
-# ~15 s for the probe they add up to ~470 s, the whole budget: on a slower machine the last parts are cut or
-# skipped first; run them alone with --only.
+# ~15 s for the probe they add up to ~505 s, a little over the budget: the last parts are cut or skipped first
+# (kernel-tests, which kernels-bench has partly compiled already); run them alone with --only.
 #   part            expected  limit
 #   pytest-gpu         35 s    90 s   2 trainings of the tiny model (bf16, FP8), each in a fresh process
 #   layers             40 s    90 s   4 models built twice (local, TE) and moved over through a checkpoint
+#   moe-experts        35 s    75 s   2 MoE models the same way (the real-width one: 1.9B parameters, a 3.7 GB
+#                                     checkpoint), each MoE layer compared, 7 timed steps of each kind
 #   fp8-vision         30 s    90 s   4 models x 6 micro-batches, forward + backward
 #   train-bf16         50 s   120 s   building SAIL-VL-2B, 3 warm-up + 5 measured steps + 1 breakdown step
 #   train-fp8          50 s   120 s   the same in FP8
@@ -49,6 +52,7 @@ def default_parts() -> List[Part]:
     return [
         pytest_parts.pytest_gpu(90),
         layers.part(90),
+        moe_experts.part(75),
         fp8_vision.part(90),
         train_bench.train_bf16(120),
         train_bench.train_fp8(120),
@@ -65,6 +69,7 @@ def default_parts() -> List[Part]:
 WORKERS: Dict[str, Callable[[Figures, Path], None]] = {
     "env": probe.worker,
     layers.NAME: layers.worker,
+    moe_experts.NAME: moe_experts.worker,
     memory_check.NAME: memory_check.worker,
     fp8_vision.NAME: fp8_vision.worker,
     kernels_bench.NAME: kernels_bench.worker,
