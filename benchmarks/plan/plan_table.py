@@ -18,12 +18,15 @@ from sail_megatron.bench.plan import plan  # noqa: E402
 from sail_megatron.config.counts import format_count  # noqa: E402
 from sail_megatron.config.train import load_train_config  # noqa: E402
 
-FAMILIES = ("sail-vl-2b", "sail-vl-8b", "sail-vl-1.5-2b", "sail-vl-1.6-8b")
+FAMILIES = ("sail-vl-2b", "sail-vl-8b", "sail-vl-1.5-2b", "sail-vl-1.6-8b", "sail-vl2-moe")
+VIT = {"tensor": "", "data": ", ViT DP across TP"}
 
 
 def _layout(p) -> str:
     recompute = (p["recompute_granularity"] or "none") + (" + ViT" if p["recompute_vision"] else "")
-    return f"TP{p['tp']} PP{p['pp']} DP{p['dp']}, {recompute}"
+    ep = f" EP{p['ep']}" if p["ep"] > 1 else ""
+    vit = VIT[p["vision_parallel"]] if p["tp"] > 1 else ""
+    return f"TP{p['tp']} PP{p['pp']}{ep} DP{p['dp']}, {recompute}{vit}"
 
 
 def main() -> None:

@@ -53,6 +53,8 @@ REPLACED = {
     "parallel.pipeline_model_parallel_size": "2 processes run data parallel, so the optimizer shards over DP=2",
     "parallel.expert_model_parallel_size": "the tiny MoE model's experts split over the 2 processes (EP=2)",
     "parallel.sequence_parallel": "needs Transformer Engine layers (GPU only; local norms refuse it)",
+    "parallel.vision_parallel": "one TP rank here, where the ViT is whole either way (both layouts train at TP=2 in "
+    "tests/parallel/test_vision_layout.py and through the CLI in tests/training/test_train_driver.py)",
     "precision.layers": "Transformer Engine layers need a GPU",
     "precision.fp8": "FP8 needs Transformer Engine on a GPU",
     "precision.fp8_vision": "FP8 needs Transformer Engine on a GPU",
