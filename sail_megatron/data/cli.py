@@ -52,6 +52,18 @@ _DEMO_LAYOUT = ("raw", "captions", "sft", "blend.yaml")
 _DEMO_RAW_LAYOUT = ("images", "captions.jsonl", "sft.jsonl", "tokenizer")
 
 
+def add_split_flags(parser: argparse.ArgumentParser) -> None:
+    """--split-ratio and --valid-fraction, as prepare and index both take them."""
+    parser.add_argument("--split-ratio", help="train,val,test shares of the shards (default 1,0,0)")
+    parser.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=None,
+        help="hold this share of the shards out as the val split that validation reads (e.g. 0.02); splits are "
+        "whole shards, so the share held out is rounded to shards (the summary says how much)",
+    )
+
+
 def _prepare(args) -> int:
     rules = _rules(args)
     flags = (args.image_column, args.text_column, args.caption_column, args.id_column)
@@ -266,14 +278,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-column", help="parquet: the column of captions (with --format caption)")
     p.add_argument("--id-column", help="parquet: the column of record ids (default: id, when there is one)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
-    p.add_argument("--split-ratio", help="train,val,test shares of the shards (default 1,0,0)")
-    p.add_argument(
-        "--valid-fraction",
-        type=float,
-        default=None,
-        help="hold this share of the shards out as the val split that validation reads (e.g. 0.02); splits are "
-        "whole shards, so the share held out is rounded to shards (the summary says how much)",
-    )
+    add_split_flags(p)
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.add_argument("--verify-decode", action="store_true", help="fully decode every image (slower)")
     p.add_argument("--workers", type=int, default=8, help="threads reading images")
@@ -343,13 +348,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--check", help="records to check, spread over all shards (default 300), or all")
     x.add_argument("--seed", type=int, default=0, help="which records --check N picks")
-    x.add_argument("--split-ratio", help="train,val,test shares of the shards (default 1,0,0)")
-    x.add_argument(
-        "--valid-fraction",
-        type=float,
-        default=None,
-        help="hold this share of the shards (the last ones, sorted by name) out as the val split",
-    )
+    add_split_flags(x)
     x.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     x.add_argument("--verify-decode", action="store_true", help="fully decode every checked image (slower)")
     x.add_argument("--workers", type=int, default=8, help="threads checking shards")
