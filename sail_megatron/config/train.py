@@ -222,10 +222,16 @@ class TrainConfig:
         self.parallel.check_layer_backend(self.precision.resolve_layers(has_cuda, has_te))
         self.freeze.validate()
         self.data.validate(needs_path=needs_data)
+        # The ViT's tile buckets and CUDA graphs against the data, the parallel layout and the freezing.
+        self.precision.check_vision_layout(self.parallel, self.vision_max_tiles(), "vision" in self.freeze.trainable)
         self.optim.validate()
         self.run.validate()
         self.lr_schedule()
         self.num_microbatches(world_size)
+
+    def vision_max_tiles(self) -> int:
+        """The most tiles one ViT call gets: a micro-batch's rows, each with up to data.max_tiles_per_pack."""
+        return self.data.micro_batch_size * self.data.max_tiles_per_pack
 
 
 def _read_recipe(path: Path, seen: tuple = ()) -> Dict[str, Any]:

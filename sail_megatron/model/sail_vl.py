@@ -24,6 +24,7 @@ from sail_megatron.kernels.pixel_shuffle import pixel_shuffle
 from sail_megatron.model.projector import VisionProjector
 from sail_megatron.model.specs import ModelSpecs
 from sail_megatron.model.transformer_configs import PartConfigs
+from sail_megatron.model.vision_buckets import DynamicTiles
 from sail_megatron.model.vision_layout import TensorParallelVision
 
 
@@ -70,9 +71,11 @@ class SailVLModel(MegatronModule):
         pre_process: bool = True,
         post_process: bool = True,
         vision_layout=None,
+        tile_runner: Optional[DynamicTiles] = None,
     ):
         """vision_layout: where the vision side runs over the tensor-parallel ranks (model/vision_layout.py);
-        None: split like the language model."""
+        None: split like the language model. tile_runner: how the ViT is called on a micro-batch's tiles
+        (model/vision_buckets.py: static tile buckets, CUDA graphs); None: at their own count."""
         super().__init__(config=configs.language)
         self.model_config = model
         self.model_type = ModelType.encoder_or_decoder  # read by the pipeline schedules
@@ -80,6 +83,7 @@ class SailVLModel(MegatronModule):
         self.post_process = post_process
         self.sequence_parallel = configs.language.sequence_parallel
         self.vision_layout = vision_layout or TensorParallelVision()
+        self.tile_runner = tile_runner or DynamicTiles()
         if pre_process:
             groups = self.vision_layout.groups()
             self.vision_model = build_module(
@@ -125,10 +129,9 @@ class SailVLModel(MegatronModule):
         return self.language_model.shared_embedding_or_output_weight()
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Tiles [T, 3, S, S] -> language-space vision tokens [T * tokens_per_tile, hidden]."""
-        vision_trains = any(p.requires_grad for p in self.vision_model.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and vision_trains):
-            features = self.vision_model(pixel_values)
+        """Tiles [T, 3, S, S] -> language-space vision tokens [T * tokens_per_tile, hidden]. The tile
+        runner pads the ViT's call to a tile bucket (if set) and returns the T tiles' features."""
+        features = self.tile_runner(self.vision_model, pixel_values)
         shuffled = pixel_shuffle(
             features, self.model_config.projector.downsample_ratio, self.model_config.projector.ps_version
         )

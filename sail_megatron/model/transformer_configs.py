@@ -132,7 +132,13 @@ def build_part_configs(
         backends.cuda and te_layers
     )
     arch = v.spec
-    vision_fusion = {"bias_activation_fusion": common["bias_activation_fusion"] and arch.gated_mlp}
+    vision_fusion = {
+        "bias_activation_fusion": common["bias_activation_fusion"] and arch.gated_mlp,
+        # A graphed ViT (model/vision_graphs.py) hands its weight gradients to autograd: fused accumulation
+        # into main_grad would run inside the graph and in the warm-up passes before its capture.
+        "gradient_accumulation_fusion": vision_common["gradient_accumulation_fusion"]
+        and not precision.vision_cuda_graphs,
+    }
     vision = TransformerConfig(
         num_layers=v.num_built_layers,
         hidden_size=v.hidden_size,

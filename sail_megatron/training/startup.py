@@ -75,7 +75,7 @@ def _load_tokenizer(path: str):
 
 def build_training(cfg: TrainConfig, device):
     """This rank's model stage, frozen by stage and DDP-wrapped, with its optimizer and lr schedule."""
-    model = build_model(cfg.model, cfg.parallel, cfg.precision)
+    model = build_model(cfg.model, cfg.parallel, cfg.precision, max_tiles=cfg.vision_max_tiles())
     apply_freezing(model, cfg.freeze)
     model.to(device)
     return setup_training(model, cfg.optim, cfg.parallel, cfg.precision, cfg.lr_schedule())
