@@ -28,6 +28,7 @@ PARTS = [
     "layers",
     "moe-experts",
     "fp8-vision",
+    "vision-graphs",
     "train-bf16",
     "train-fp8",
     "memory-model",
@@ -48,16 +49,20 @@ def test_registry_order_limits_and_budget():
     assert DEFAULT_BUDGET_S <= 8 * 60  # the check ends within 8 minutes
     assert all(p.timeout_s < DEFAULT_BUDGET_S / 2 for p in parts)  # no part can take most of the budget
     # Every worker a part starts is registered under its name.
-    workers = {"env", "write-cpu-checkpoint", "layers", "moe-experts", "fp8-vision", "memory-model", "init-from"}
+    workers = {"env", "write-cpu-checkpoint", "layers", "moe-experts", "fp8-vision", "vision-graphs"}
+    workers |= {"memory-model", "init-from"}
     assert workers | {"restart"} <= set(WORKERS)
 
 
 def test_only_and_skip_keep_the_registry_order():
     parts = default_parts()
     assert [p.name for p in chosen_parts(parts, ["restart", "fp8-vision"], [])] == ["fp8-vision", "restart"]
-    assert [p.name for p in chosen_parts(parts, [], ["restart", "init-from"])] == [
-        n for n in PARTS if n not in ("restart", "init-from")
+    assert [p.name for p in chosen_parts(parts, [], ["init-from"])] == [
+        n
+        for n in PARTS
+        if n not in ("restart", "init-from")  # restart runs only when named
     ]
+    assert "restart" in list_parts(parts) and "(only with --only)" in list_parts(parts)
     listing = list_parts(parts).splitlines()
     assert [line.split()[0] for line in listing] == PARTS
     assert listing[PARTS.index("restart")].split()[1:3] == ["150", "s"]
@@ -348,7 +353,7 @@ def test_docs_list_every_part_with_its_limit():
 
     docs = (ROOT / "docs" / "gpu.md").read_text()
     table = dict(re.findall(r"^\| `([a-z0-9-]+)` \| (\d+) s \|", docs, re.M))
-    assert table == {p.name: str(int(p.timeout_s)) for p in default_parts()}
+    assert table == {p.name: str(int(p.timeout_s)) for p in default_parts()}  # restart too: it runs with --only
     assert f"budget of {DEFAULT_BUDGET_S} s" in docs
 
 

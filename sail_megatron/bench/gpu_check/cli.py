@@ -52,12 +52,15 @@ def parser(parts: Sequence[Part]) -> argparse.ArgumentParser:
 
 
 def chosen_parts(parts: Sequence[Part], only: Sequence[str], skip: Sequence[str]) -> List[Part]:
-    """The parts to run, in the registry's order."""
-    return [p for p in parts if (not only or p.name in only) and p.name not in skip]
+    """The parts to run, in the registry's order: those named with --only, else the default run's."""
+    return [p for p in parts if (p.name in only if only else p.in_default_run) and p.name not in skip]
 
 
 def list_parts(parts: Sequence[Part]) -> str:
-    return "\n".join(f"{p.name:<14} {p.timeout_s:>4.0f} s  {p.title}" for p in parts)
+    return "\n".join(
+        f"{p.name:<14} {p.timeout_s:>4.0f} s  {p.title}{'' if p.in_default_run else ' (only with --only)'}"
+        for p in parts
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None, root: Optional[Path] = None) -> int:

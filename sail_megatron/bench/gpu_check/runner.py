@@ -57,6 +57,8 @@ class Part:
     """(figures, one-line summary) from the part's outputs and log text; runs whatever the status."""
     needs_te: bool = False
     extra_env: Dict[str, str] = field(default_factory=dict)
+    in_default_run: bool = True
+    """False: runs only when named with --only (a part the CPU CI covers, kept for a GPU machine's launcher)."""
 
 
 @dataclass
