@@ -146,6 +146,7 @@ def train(cfg: TrainConfig, tokenizer, config_path: str) -> None:
         cfg.model,
         Trains.from_freeze(cfg.freeze),
         cfg.parallel.tensor_model_parallel_size,
+        cfg.precision.tile_buckets(cfg.vision_max_tiles()),
     )
     validator = Validator(cfg, tokenizer, env.device, num_micro) if run.eval_interval else None
     monitor = TrainingMonitor(

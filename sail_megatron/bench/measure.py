@@ -54,6 +54,7 @@ def measure(cfg: TrainConfig, tokenizer, settings: BenchSettings) -> Dict:
         cfg.model,
         Trains.from_freeze(cfg.freeze),
         cfg.parallel.tensor_model_parallel_size,
+        cfg.precision.tile_buckets(cfg.vision_max_tiles()),
     )
     num_micro = cfg.num_microbatches(env.world_size)
 

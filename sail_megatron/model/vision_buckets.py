@@ -40,6 +40,24 @@ def pad_tiles(pixel_values: torch.Tensor, tiles: int) -> torch.Tensor:
     return torch.cat([pixel_values, pixel_values.new_zeros(extra, *pixel_values.shape[1:])])
 
 
+def bucket_of(buckets: Sequence[int], tiles: int) -> int:
+    """The smallest bucket of at least `tiles` tiles."""
+    i = bisect.bisect_left(buckets, tiles)
+    if i == len(buckets):
+        raise ValueError(
+            f"{tiles} tiles exceed the largest tile bucket ({buckets[-1]}): "
+            "precision.vision_tile_buckets must reach data.max_tiles_per_pack"
+        )
+    return buckets[i]
+
+
+def vit_call_tiles(buckets: Optional[Sequence[int]], tiles: int) -> int:
+    """Tiles the ViT runs for a micro-batch bringing `tiles` of its own: none brings the one blank tile
+    (every rank runs the vision side, so its gradients and reductions match), then up to the bucket."""
+    tiles = max(tiles, 1)
+    return tiles if buckets is None else bucket_of(buckets, tiles)
+
+
 class BucketedTiles(DynamicTiles):
     """Every call padded up to the smallest tile bucket that holds it; the blank tiles' features dropped."""
 
@@ -49,14 +67,7 @@ class BucketedTiles(DynamicTiles):
         self.buckets = tuple(buckets)
 
     def bucket(self, tiles: int) -> int:
-        """The smallest bucket of at least `tiles` tiles."""
-        i = bisect.bisect_left(self.buckets, tiles)
-        if i == len(self.buckets):
-            raise ValueError(
-                f"{tiles} tiles exceed the largest tile bucket ({self.buckets[-1]}): "
-                "precision.vision_tile_buckets must reach data.max_tiles_per_pack"
-            )
-        return self.buckets[i]
+        return bucket_of(self.buckets, tiles)
 
     def __call__(self, vision: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         tiles = pixel_values.shape[0]

@@ -3,13 +3,14 @@
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, List, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from sail_megatron.config import ModelConfig
 from sail_megatron.data.batch import Batch
+from sail_megatron.model.vision_buckets import vit_call_tiles
 from sail_megatron.training.collectives import gather_ints_over_data_parallel
 from sail_megatron.training.flops import training_flops
 
@@ -98,6 +99,8 @@ class DataTally:
     decoded_images: int = 0
     """Images this rank decoded and encoded (its share under parallel.vision_parallel=data)."""
     decoded_tiles: int = 0
+    vit_tiles: int = 0
+    """Tiles the ViT ran on this rank: its decoded ones, or the blank tile, padded to the tile bucket."""
     flops: float = 0.0
     """Training FLOPs of the consumed micro-batches (docs/design.md, Counting FLOPs)."""
     vision_flops: float = 0.0
@@ -113,9 +116,12 @@ class MeteredData:
         model: ModelConfig,
         trains: Tuple[bool, bool, bool],
         tensor_parallel_size: int = 1,
+        tile_buckets: Optional[Sequence[int]] = None,
     ):
+        """tile_buckets: precision.tile_buckets(...), the sizes the ViT's calls are padded to (None: none)."""
         self._source: Iterator[Measured] = iter(source)
         self._model, self._trains, self._tp = model, trains, tensor_parallel_size
+        self._buckets = tile_buckets
         self.tally = DataTally()
         # Only the first pipeline stage runs the vision encoder (later stages may be handed pixels too).
         self._vision_stage = (
@@ -141,7 +147,9 @@ class MeteredData:
         t.images += batch.image_count or 0
         if self._vision_stage:
             t.decoded_images += batch.decoded_images or 0
-            t.decoded_tiles += batch.pixel_values.shape[0] if batch.pixel_values is not None else 0
+            own = batch.pixel_values.shape[0] if batch.pixel_values is not None else 0
+            t.decoded_tiles += own
+            t.vit_tiles += vit_call_tiles(self._buckets, own)
         flops = training_flops(self._model, lengths, batch.num_tiles, self._trains, self._tp)
         t.flops += flops.total
         t.vision_flops += flops.vision + flops.projector

@@ -153,6 +153,7 @@ class TrainingMonitor:
             "images",
             "decoded_images",
             "decoded_tiles",
+            "vit_tiles",
             "flops",
         ):
             setattr(iv.data, name, getattr(iv.data, name) + getattr(tally, name))
@@ -170,7 +171,7 @@ class TrainingMonitor:
         wait_s, mem, dec_images_max, dec_tiles_max = max_over_world(
             [d.wait_s, peak_memory_gib(), d.decoded_images, d.decoded_tiles]
         )
-        dec_images, dec_tiles = sum_over_world([d.decoded_images, d.decoded_tiles])
+        dec_images, dec_tiles, vit_tiles = sum_over_world([d.decoded_images, d.decoded_tiles, d.vit_tiles])
         return dict(
             samples=samples,
             tokens=tokens,
@@ -182,6 +183,7 @@ class TrainingMonitor:
             mem=mem,
             dec_images=dec_images,
             dec_tiles=dec_tiles,
+            vit_tiles=vit_tiles,
             dec_images_max=dec_images_max,
             dec_tiles_max=dec_tiles_max,
         )
@@ -198,6 +200,10 @@ class TrainingMonitor:
             "decoded_tiles_per_rank_max": r["dec_tiles_max"] / steps,
             "decoded_tiles_per_rank_mean": r["dec_tiles"] / vision_ranks / steps,
             "decode_copies": r["dec_images"] / r["images"] if r["images"] else None,
+            # What the ViT ran beyond the decoded tiles: blank tiles of text-only micro-batches, and the
+            # padding up to precision.vision_tile_buckets (work MFU does not count).
+            "vit_tiles_per_rank_mean": r["vit_tiles"] / vision_ranks / steps,
+            "vit_padding_fraction": 1 - r["dec_tiles"] / r["vit_tiles"] if r["vit_tiles"] else None,
         }
 
     def _log(self, step: int, result, lrs: Dict[str, float], skipped_samples: Counter) -> None:
@@ -292,6 +298,7 @@ class TrainingMonitor:
             "vision/decoded_images_per_rank_mean": r["decoded_images_per_rank_mean"],
             "vision/decoded_tiles_per_rank_max": r["decoded_tiles_per_rank_max"],
             "vision/decoded_tiles_per_rank_mean": r["decoded_tiles_per_rank_mean"],
+            "vision/vit_padding_fraction": r["vit_padding_fraction"],
             "vision/decode_copies": r["decode_copies"],
             "data/wait_fraction": r["data_wait_frac"],
             "data/skipped_samples": r["skipped_samples"],

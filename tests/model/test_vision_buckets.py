@@ -222,3 +222,12 @@ def test_padding_changes_no_loss_or_gradient_at_tp2(layout):
         assert results[0]["trainable"]["eager_calls"] != results[1]["trainable"]["eager_calls"]
     else:
         assert results[0]["trainable"]["eager_calls"] == results[1]["trainable"]["eager_calls"]
+
+
+def test_vit_call_tiles_counts_the_blank_tile_and_the_bucket():
+    from sail_megatron.model.vision_buckets import vit_call_tiles
+
+    assert [vit_call_tiles(None, n) for n in (0, 1, 7)] == [1, 1, 7]  # text-only: the blank tile
+    assert [vit_call_tiles((1, 2, 4, 8, 24), n) for n in (0, 1, 3, 5, 9, 24)] == [1, 1, 4, 8, 24, 24]
+    with pytest.raises(ValueError, match="max_tiles_per_pack"):
+        vit_call_tiles((1, 2, 4), 5)

@@ -303,7 +303,8 @@ def test_micro_batches_without_tiles_train_every_part(demo, mostly_text, tmp_pat
 
 def test_vision_data_layout_decodes_each_image_once_per_replica(demo, mostly_text, tmp_path):
     # TP=2 with the vision encoder whole on both ranks: each image is decoded and encoded by one of them
-    # (text-only micro-batches run the blank tile on both), under the GPU recipes' precision and overlaps.
+    # (text-only micro-batches run the blank tile on both), under the GPU recipes' precision and overlaps,
+    # each rank's ViT calls padded to power-of-two tile buckets.
     losses, log = _train(
         SFT,
         demo,
@@ -314,6 +315,7 @@ def test_vision_data_layout_decodes_each_image_once_per_replica(demo, mostly_tex
         *GPU_RECIPE_PRECISION,
         "parallel.tensor_model_parallel_size=2",
         "parallel.vision_parallel=data",
+        "precision.vision_tile_buckets=pow2",
         "run.global_batch_size=4",
         nproc=2,
         data=mostly_text,
@@ -326,6 +328,11 @@ def test_vision_data_layout_decodes_each_image_once_per_replica(demo, mostly_tex
     for r in steps:
         assert r["decoded_images_per_rank_mean"] * 2 == pytest.approx(r["images_per_step"])
         assert r["decode_copies"] in (None, 1.0) and r["decoded_images_per_rank_max"] <= r["images_per_step"]
+        # The ViT ran every decoded tile plus blank and bucket padding: 4 micro-batches per rank and step
+        # (DP=1), each at least one (blank) tile, at most twice its own tiles (power-of-two buckets).
+        own, ran = r["decoded_tiles_per_rank_mean"], r["vit_tiles_per_rank_mean"]
+        assert max(own, 4) <= ran <= 2 * own + 4
+        assert r["vit_padding_fraction"] == pytest.approx(1 - own / ran)  # text-only steps: all blank (1.0)
 
 
 def test_fp16_backs_off_the_loss_scale_and_trains(demo, tmp_path):
