@@ -13,7 +13,6 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: never touch the hub
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -169,41 +168,9 @@ def _moe_config():
 def _export_moe_and_evaluate(root: str, tok: str) -> dict:
     """Spawned: a trainer run of InternViT + Qwen3-MoE -> `--format transformers` (CLI) -> the megatron logits
     on the exported processor's inputs."""
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    from transformers import AutoProcessor
+    from tests.convert.test_to_transformers import export_and_read_back
 
-    from sail_megatron.config import ParallelConfig, PrecisionConfig
-    from sail_megatron.config.data import DataConfig
-    from sail_megatron.config.train import TrainConfig, dump
-    from sail_megatron.convert import cli
-    from sail_megatron.convert.mcore_io import single_process
-    from sail_megatron.data.tokenizer import load_tokenizer
-    from sail_megatron.model.build import build_model
-    from sail_megatron.training.checkpoint import load_checkpoint, save_checkpoint
-    from tests.convert.test_to_transformers import QUESTION, TEMPLATE, _image, _randomize
-
-    run, out = Path(root) / "run", Path(root) / "hf"
-    cfg = _moe_config()
-    cfg.image_context_token_id = load_tokenizer(tok).ids.img_context
-    precision = PrecisionConfig(dtype="fp32")
-    with single_process():
-        model = build_model(cfg, ParallelConfig(), precision)
-        _randomize(model)
-        save_checkpoint(run, 3, [model], common={"model_config": dataclasses.asdict(cfg)})
-    train = TrainConfig(model=cfg, precision=precision, data=DataConfig(tokenizer=tok, template=TEMPLATE))
-    (run / "config.yaml").write_text(dump(train))
-    rc = cli.main(["mcore-to-hf", "--ckpt", str(run), "--out", str(out), "--format", "transformers"])
-
-    processor = AutoProcessor.from_pretrained(out)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = processor(text=[prompt], images=[_image()], return_tensors="pt")
-    with single_process():
-        model = build_model(cfg, ParallelConfig(), precision).eval()
-        load_checkpoint(run, [model])
-        with torch.no_grad():
-            logits = workers._forward(model, inputs["input_ids"], inputs["pixel_values"])
-    return {"rc": rc, "inputs": dict(inputs), "logits": logits[..., : cfg.language.vocab_size]}
+    return export_and_read_back(_moe_config(), Path(root), tok)[0]
 
 
 def test_transformers_export_of_internvit_qwen3_moe(tmp_path):

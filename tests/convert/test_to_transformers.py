@@ -57,9 +57,10 @@ def _randomize(model: torch.nn.Module) -> None:
             p.copy_(1.0 + 0.1 * noise if scale else 0.08 * noise)
 
 
-def _export_and_evaluate(root: str, tok: str) -> dict:
-    """Spawned: a trainer run of the tiny preset -> `--format transformers` export (CLI) -> the exported
-    processor's inputs for one prompt -> the megatron model's logits on them (loaded as the trainer loads)."""
+def export_and_read_back(cfg, root: Path, tok: str):
+    """A trainer run of `cfg` with random weights (in root/run) -> `--format transformers` export (CLI, to
+    root/hf) -> the exported processor's inputs for one prompt -> the megatron model's logits on them (loaded
+    as the trainer loads). Returns ({rc, inputs, logits}, the run's TrainConfig); runs in a spawned process."""
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from transformers import AutoProcessor
 
@@ -72,8 +73,7 @@ def _export_and_evaluate(root: str, tok: str) -> dict:
     from sail_megatron.training.checkpoint import load_checkpoint, save_checkpoint
     from tests.convert.workers import _forward
 
-    root_dir, run, out = Path(root), Path(root) / "run", Path(root) / "hf"
-    cfg = get_preset("tiny")
+    run, out = root / "run", root / "hf"
     cfg.image_context_token_id = load_tokenizer(tok).ids.img_context
     precision = PrecisionConfig(dtype="fp32")
     with single_process():
@@ -93,22 +93,26 @@ def _export_and_evaluate(root: str, tok: str) -> dict:
         load_checkpoint(run, [model])
         with torch.no_grad():
             logits = _forward(model, inputs["input_ids"], inputs["pixel_values"])
+    return {"rc": rc, "inputs": dict(inputs), "logits": logits[..., : cfg.language.vocab_size]}, train
 
-    # Refused in-process before any model is built: the same run described as the tiny AIMv2 model.
+
+def _export_and_evaluate(root: str, tok: str) -> dict:
+    """Spawned: the tiny preset exported and read back, then the same run described as the tiny AIMv2 model,
+    refused in-process before any model is built."""
+    from sail_megatron.config.train import dump
+    from sail_megatron.convert import cli
+
+    root_dir = Path(root)
+    result, train = export_and_read_back(get_preset("tiny"), root_dir, tok)
     aimv2 = root_dir / "run_aimv2"
-    shutil.copytree(run, aimv2)
+    shutil.copytree(root_dir / "run", aimv2)
     (aimv2 / "config.yaml").write_text(dump(dataclasses.replace(train, model=get_preset("tiny-aimv2"))))
     stderr = io.StringIO()
     with redirect_stderr(stderr):
         refused_rc = cli.main(
             ["mcore-to-hf", "--ckpt", str(aimv2), "--out", str(root_dir / "no"), "--format", "transformers"]
         )
-    return {
-        "rc": rc,
-        "inputs": dict(inputs),
-        "logits": logits[..., : cfg.language.vocab_size],
-        "refused": (refused_rc, stderr.getvalue(), (root_dir / "no").exists()),
-    }
+    return {**result, "refused": (refused_rc, stderr.getvalue(), (root_dir / "no").exists())}
 
 
 @pytest.fixture(scope="module")
