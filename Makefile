@@ -57,8 +57,9 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format $(LINTED)
 
 # On a machine with a CUDA GPU (within 8 minutes on one H100/H200): the GPU tests, Transformer Engine vs local
-# layers, the ViT's forward and backward in FP8, bf16 and FP8 training throughput and MFU, compiled Triton
-# kernels, DALI decoding, CPU-written checkpoints loaded into TE layers (`run.init_from`) and a torchrun restart;
+# layers (grouped-GEMM experts included), the ViT's forward and backward in FP8, the ViT as CUDA graphs, bf16 and
+# FP8 training throughput and MFU, compiled Triton kernels, DALI decoding and CPU-written checkpoints loaded into
+# TE layers (`run.init_from`); a torchrun restart with `--only restart`;
 # writes gpu_check/report.md, gpu_check/report.json and gpu_check/summary.txt (a few lines to paste into an
 # issue; docs/gpu.md). `tools/gpu_check.py --list` lists the parts, `--only PART` runs one. Exits 2 on a
 # machine without CUDA. Parts that need Transformer Engine are reported as skipped when it is missing;
