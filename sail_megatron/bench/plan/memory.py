@@ -44,8 +44,16 @@ class MemoryModel:
         self._state: Dict[Tuple, Any] = {}
 
     def _state_of(self, layout: Layout, stage: int):
-        key = (layout.tp, layout.pp, stage, layout.distributed_optimizer, layout.dp, layout.ep, layout.etp)
-        key += (layout.vision_tp,)
+        key = (
+            layout.tp,
+            layout.pp,
+            stage,
+            layout.distributed_optimizer,
+            layout.dp,
+            layout.ep,
+            layout.etp,
+            layout.vision_tp,
+        )
         if key not in self._state:
             cfg = self.cfg
             self._state[key] = state_bytes(

@@ -327,10 +327,26 @@ def _buffer_state(
     return [StateBytes(weights, layout.numel * GRAD_BYTES, n * per_element) for n in shards]
 
 
-def _split(params: Sequence[ParamShape], trainable: Sequence[str]):
+def _rank_states(
+    params: Sequence[ParamShape],
+    trainable: Sequence[str],
+    dtype: str,
+    distributed_optimizer: bool,
+    data_parallel_size: int,
+    bucket_size: Optional[int],
+    expert_data_parallel_size: int,
+) -> Tuple[List[StateBytes], List[StateBytes], int]:
+    """(each DP rank's dense buffer, each expert-DP rank's expert buffer (none without experts), the frozen
+    elements). Both kinds of buffer get the same bucket size: megatron's DDP sizes buckets by the DP group."""
     trained = [p for p in params if p.part in trainable]
     frozen = sum(p.numel for p in params if p.part not in trainable)
-    return [p for p in trained if not p.expert_parallel], [p for p in trained if p.expert_parallel], frozen
+    dense = [p for p in trained if not p.expert_parallel]
+    expert = [p for p in trained if p.expert_parallel]
+    dense_states = _buffer_state(dense, dtype, distributed_optimizer, data_parallel_size, bucket_size)
+    expert_states = (
+        _buffer_state(expert, dtype, distributed_optimizer, expert_data_parallel_size, bucket_size) if expert else []
+    )
+    return dense_states, expert_states, frozen
 
 
 def _combine(params, frozen: int, dtype: str, distributed_optimizer: bool, parts: Sequence[StateBytes]) -> StateBytes:
@@ -352,14 +368,12 @@ def state_bytes_of_rank(
     expert_data_parallel_size: int = 1,
     expert_data_parallel_rank: int = 0,
 ) -> StateBytes:
-    """Weights, gradients and optimizer state of one rank of a (TP rank, expert rank, stage): its dense
-    buffer over the DP ranks, its expert buffer (EP > 1) over the expert-DP ranks, both with the same
-    bucket size (megatron's DDP sizes buckets by the DP group for both)."""
-    dense, expert, frozen = _split(params, trainable)
-    parts = [_buffer_state(dense, dtype, distributed_optimizer, data_parallel_size, bucket_size)[data_parallel_rank]]
-    if expert:
-        experts = _buffer_state(expert, dtype, distributed_optimizer, expert_data_parallel_size, bucket_size)
-        parts.append(experts[expert_data_parallel_rank])
+    """Weights, gradients and optimizer state of one rank of a (TP rank, expert rank, stage): its slice of
+    the dense buffer over the DP ranks and of the expert buffer over the expert-DP ranks."""
+    dense, expert, frozen = _rank_states(
+        params, trainable, dtype, distributed_optimizer, data_parallel_size, bucket_size, expert_data_parallel_size
+    )
+    parts = [dense[data_parallel_rank]] + ([expert[expert_data_parallel_rank]] if expert else [])
     return _combine(params, frozen, dtype, distributed_optimizer, parts)
 
 
@@ -372,10 +386,11 @@ def state_bytes_per_rank(
     bucket_size: Optional[int] = None,
 ) -> List[StateBytes]:
     """`state_bytes_of_rank` of each data-parallel rank of one (TP rank, stage) without expert parallelism."""
-    dense, expert, frozen = _split(params, trainable)
+    dense, expert, frozen = _rank_states(
+        params, trainable, dtype, distributed_optimizer, data_parallel_size, bucket_size, 1
+    )
     assert not expert, "expert-parallel parameters: use state_bytes_of_rank"
-    ranks = _buffer_state(dense, dtype, distributed_optimizer, data_parallel_size, bucket_size)
-    return [_combine(params, frozen, dtype, distributed_optimizer, [r]) for r in ranks]
+    return [_combine(params, frozen, dtype, distributed_optimizer, [r]) for r in dense]
 
 
 def state_bytes(
@@ -390,16 +405,11 @@ def state_bytes(
     """The fullest rank (ranks differ only by the distributed optimizer's slices). With expert buffers, the
     fullest dense slice plus the fullest expert slice: an upper bound by a few alignment paddings, since
     a rank's dense and expert slices need not both be the fullest."""
-    dense, expert, frozen = _split(params, trainable)
-    parts = [max(_buffer_state(dense, dtype, distributed_optimizer, data_parallel_size, bucket_size), key=_total)]
-    if expert:
-        experts = _buffer_state(expert, dtype, distributed_optimizer, expert_data_parallel_size, bucket_size)
-        parts.append(max(experts, key=_total))
+    dense, expert, frozen = _rank_states(
+        params, trainable, dtype, distributed_optimizer, data_parallel_size, bucket_size, expert_data_parallel_size
+    )
+    parts = [max(states, key=lambda s: s.total) for states in (dense, expert) if states]
     return _combine(params, frozen, dtype, distributed_optimizer, parts)
-
-
-def _total(s: StateBytes) -> int:
-    return s.total
 
 
 # --- activations (estimate) -------------------------------------------------------------------------------
