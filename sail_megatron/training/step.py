@@ -42,9 +42,10 @@ def packed_seq_params(batch: Batch) -> Optional[PackedSeqParams]:
     )
 
 
-def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
-    batch = next(data_iterator).to(_device_of(model))
-    output = model(
+def run_model(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """The model on a batch already on its device: per-token losses on the last stage, hidden states for the
+    next stage elsewhere."""
+    return model(
         batch.tokens,
         batch.position_ids,
         None,
@@ -53,7 +54,11 @@ def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
         packed_seq_params=packed_seq_params(batch),
         vision_share=batch.vision_share,
     )
-    return output, partial(masked_token_loss, _agreed_loss_mask(batch))
+
+
+def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
+    batch = next(data_iterator).to(_device_of(model))
+    return run_model(model, batch), partial(masked_token_loss, _agreed_loss_mask(batch))
 
 
 def _agreed_loss_mask(batch: Batch) -> torch.Tensor:

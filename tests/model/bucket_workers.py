@@ -9,7 +9,7 @@ from sail_megatron.model.build import build_model
 from sail_megatron.model.presets import get_preset
 from sail_megatron.model.vision_buckets import BucketedTiles, DynamicTiles
 from sail_megatron.platform import destroy_distributed, init_distributed
-from sail_megatron.training.step import packed_seq_params
+from sail_megatron.training.step import run_model
 from tests.parallel.vision_workers import _as_layout
 from tests.parallel.workers import _data
 
@@ -36,15 +36,7 @@ def _run(model, batches, runner) -> Dict:
     losses = []
     try:
         for b in batches:
-            out = model(
-                b.tokens,
-                b.position_ids,
-                None,
-                pixel_values=b.pixel_values,
-                labels=b.labels,
-                packed_seq_params=packed_seq_params(b),
-                vision_share=b.vision_share,
-            )
+            out = run_model(model, b)
             loss = (out.float() * b.loss_mask).sum()
             loss.backward()
             losses.append(float(loss.detach()))
